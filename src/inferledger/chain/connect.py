@@ -1,0 +1,129 @@
+"""Connect to a chain: the embedded py-evm chain or any JSON-RPC URL.
+
+Dev chains (the embedded one, anvil, hardhat) also get time travel, snapshots
+and a faucet, through one interface whichever kind is behind it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
+from web3.providers.eth_tester import EthereumTesterProvider
+
+from inferledger.chain.errors import ChainError, ChainUnreachable
+from inferledger.chain.tx import TxSender
+
+EMBEDDED = "embedded"
+_DEV_CLIENTS = ("anvil", "hardhat", "ganache")
+
+
+class Chain:
+    """A web3 connection plus what inferledger needs to know about the chain."""
+
+    def __init__(self, w3: Web3, url: str, tester: Any | None = None) -> None:
+        self.w3 = w3
+        self.url = url
+        self._tester = tester
+        self._senders: list[TxSender] = []
+        try:
+            self.chain_id = w3.eth.chain_id
+            client = w3.client_version.lower() if tester is None else "eth-tester"
+        except Exception as exc:
+            raise ChainUnreachable(
+                f"cannot reach the chain at {url}: {exc.__class__.__name__}; is the node "
+                "running? check the chain URL setting (INFERLEDGER_CHAIN_URL)"
+            ) from exc
+        self.client = client
+        self.is_dev = tester is not None or any(name in client for name in _DEV_CLIENTS)
+
+    @property
+    def is_embedded(self) -> bool:
+        return self._tester is not None
+
+    def sender(self, account: LocalAccount | str | bytes, **options: Any) -> TxSender:
+        """A TxSender for ``account`` (an account or a private key) on this chain."""
+        if not isinstance(account, LocalAccount):
+            account = Account.from_key(account)
+        sender = TxSender(self.w3, account, url=self.url, **options)
+        self._senders.append(sender)
+        return sender
+
+    def now(self) -> int:
+        """Timestamp of the latest block."""
+        return int(self.w3.eth.get_block("latest")["timestamp"])
+
+    def block_number(self) -> int:
+        return int(self.w3.eth.block_number)
+
+    # Dev-chain helpers -----------------------------------------------------------
+
+    def _require_dev(self, what: str) -> None:
+        if not self.is_dev:
+            raise ChainError(f"{what} only works on a dev chain; {self.url} is not one")
+
+    def time_travel(self, seconds: int) -> int:
+        """Move chain time forward by ``seconds`` and mine a block; returns the new time."""
+        self._require_dev("time travel")
+        if self._tester is not None:
+            self._tester.time_travel(self.now() + seconds)
+        else:
+            self.w3.provider.make_request("evm_increaseTime", [seconds])
+            self.w3.provider.make_request("evm_mine", [])
+        return self.now()
+
+    def mine(self) -> None:
+        """Mine one empty block."""
+        self._require_dev("mining")
+        if self._tester is not None:
+            self._tester.mine_blocks(1)
+        else:
+            self.w3.provider.make_request("evm_mine", [])
+
+    def snapshot(self) -> Any:
+        """Save the chain state; ``revert(snapshot_id)`` goes back to it."""
+        self._require_dev("snapshots")
+        if self._tester is not None:
+            return self._tester.take_snapshot()
+        return self.w3.provider.make_request("evm_snapshot", [])["result"]
+
+    def revert(self, snapshot_id: Any) -> None:
+        """Return to a snapshot. On anvil a snapshot can be reverted to only once."""
+        self._require_dev("snapshots")
+        if self._tester is not None:
+            self._tester.revert_to_snapshot(snapshot_id)
+        else:
+            result = self.w3.provider.make_request("evm_revert", [snapshot_id])
+            if not result.get("result"):
+                raise ChainError(f"anvil refused to revert to snapshot {snapshot_id}")
+        for sender in self._senders:
+            sender.reset_nonce()
+
+    def fund(self, address: str, wei: int) -> None:
+        """Give ``address`` ``wei`` of gas money from the dev chain's own funds."""
+        self._require_dev("the faucet")
+        if self._tester is not None:
+            rich = self.w3.eth.accounts[0]
+            tx_hash = self.w3.eth.send_transaction({"from": rich, "to": address, "value": wei})
+            self.w3.eth.wait_for_transaction_receipt(tx_hash)
+        else:
+            balance = self.w3.eth.get_balance(address) + wei
+            self.w3.provider.make_request("anvil_setBalance", [address, hex(balance)])
+
+
+def connect(url: str = EMBEDDED, *, timeout: float = 10.0) -> Chain:
+    """Open ``url`` (an http(s) or ws JSON-RPC endpoint) or the embedded chain."""
+    if url == EMBEDDED:
+        from eth_tester import EthereumTester, PyEVMBackend
+
+        tester = EthereumTester(PyEVMBackend())
+        return Chain(Web3(EthereumTesterProvider(tester)), url, tester=tester)
+    if url.startswith(("http://", "https://")):
+        provider: Any = Web3.HTTPProvider(url, request_kwargs={"timeout": timeout})
+    else:
+        raise ChainError(
+            f"unsupported chain URL {url!r}: use 'embedded' or an http(s):// JSON-RPC URL"
+        )
+    return Chain(Web3(provider), url)

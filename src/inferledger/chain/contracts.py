@@ -1,0 +1,368 @@
+"""Typed wrappers around the deployed contracts.
+
+Reads are plain methods; writes take the ``TxSender`` that acts, so tests and
+tools say explicitly who does what. Every revert surfaces as ``ContractRevert``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from web3.contract import Contract
+from web3.logs import DISCARD
+from web3.types import TxReceipt
+
+from inferledger.chain.compile import compile_all
+from inferledger.chain.connect import Chain
+from inferledger.chain.deployment import Deployment
+from inferledger.chain.errors import translate
+from inferledger.chain.receipts import ReceiptDomain
+from inferledger.chain.tx import TxSender
+
+STATUS_OPEN = 1
+STATUS_SETTLED = 2
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A session as stored by JobMarketplace (status 0: no such session)."""
+
+    session_id: int
+    depositor: str
+    host: str
+    signer: str
+    model_id: bytes
+    deposit: int
+    price_per_mtok: int
+    fee_bps: int
+    proof_interval: int
+    created_at: int
+    expires_at: int
+    close_requested_at: int
+    tokens_paid: int
+    proof_hash: bytes
+    checkpoints: int
+    status: int
+
+    @property
+    def exists(self) -> bool:
+        return self.status != 0
+
+    @property
+    def is_open(self) -> bool:
+        return self.status == STATUS_OPEN
+
+    @property
+    def is_settled(self) -> bool:
+        return self.status == STATUS_SETTLED
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    address: str
+    api_url: str
+    stake: int
+    active: bool
+    registered: bool
+    unbonding_ends_at: int
+    open_sessions: int
+
+
+@dataclass(frozen=True)
+class SettlementEvent:
+    """What a settlement paid, read from its SessionSettled event."""
+
+    session_id: int
+    tokens: int
+    host_amount: int
+    fee: int
+    refund: int
+    refund_credited: bool
+    tx_hash: str
+
+
+class _Wrapper:
+    def __init__(self, chain: Chain, contract: Contract) -> None:
+        self.chain = chain
+        self.contract = contract
+
+    @property
+    def address(self) -> str:
+        return self.contract.address
+
+    def _read(self, name: str, *args: Any) -> Any:
+        try:
+            return getattr(self.contract.functions, name)(*args).call()
+        except Exception as exc:
+            raise translate(exc, name, self.chain.url) from exc
+
+    def _write(self, sender: TxSender, name: str, *args: Any) -> TxReceipt:
+        return sender.transact(getattr(self.contract.functions, name)(*args), name)
+
+    def _events(self, name: str, receipt: TxReceipt) -> list[Any]:
+        """This contract's ``name`` events in ``receipt`` (other contracts' logs skipped)."""
+        return list(getattr(self.contract.events, name)().process_receipt(receipt, errors=DISCARD))
+
+
+class Token(_Wrapper):
+    def balance_of(self, account: str) -> int:
+        return self._read("balanceOf", account)
+
+    def allowance(self, owner: str, spender: str) -> int:
+        return self._read("allowance", owner, spender)
+
+    def approve(self, sender: TxSender, spender: str, amount: int) -> TxReceipt:
+        return self._write(sender, "approve", spender, amount)
+
+    def transfer(self, sender: TxSender, to: str, amount: int) -> TxReceipt:
+        return self._write(sender, "transfer", to, amount)
+
+    def mint(self, sender: TxSender, to: str, amount: int) -> TxReceipt:
+        """TestUSDC only."""
+        return self._write(sender, "mint", to, amount)
+
+    def set_blocked(self, sender: TxSender, account: str, blocked: bool) -> TxReceipt:
+        """TestUSDC only: simulate USDC's blacklist."""
+        return self._write(sender, "set_blocked", account, blocked)
+
+
+class ModelRegistry(_Wrapper):
+    def approve_model(self, sender: TxSender, name: str, weights_sha256: bytes) -> bytes:
+        receipt = self._write(sender, "approve_model", name, weights_sha256)
+        (event,) = self._events("ModelApproved", receipt)
+        return bytes(event["args"]["model_id"])
+
+    def revoke_model(self, sender: TxSender, model_id: bytes) -> TxReceipt:
+        return self._write(sender, "revoke_model", model_id)
+
+    def is_approved(self, model_id: bytes) -> bool:
+        return self._read("is_approved", model_id)
+
+    def weights_sha256(self, model_id: bytes) -> bytes:
+        return bytes(self._read("models", model_id)[1])
+
+
+class NodeRegistry(_Wrapper):
+    def register(
+        self,
+        sender: TxSender,
+        api_url: str,
+        prices: dict[bytes, int],
+        stake: int,
+    ) -> TxReceipt:
+        """Register the sender as a host; ``prices`` maps model id -> price per Mtok."""
+        return self._write(sender, "register", api_url, list(prices), list(prices.values()), stake)
+
+    def set_models(self, sender: TxSender, prices: dict[bytes, int]) -> TxReceipt:
+        return self._write(sender, "set_models", list(prices), list(prices.values()))
+
+    def update_url(self, sender: TxSender, api_url: str) -> TxReceipt:
+        return self._write(sender, "update_url", api_url)
+
+    def add_stake(self, sender: TxSender, amount: int) -> TxReceipt:
+        return self._write(sender, "add_stake", amount)
+
+    def request_unstake(self, sender: TxSender) -> TxReceipt:
+        return self._write(sender, "request_unstake")
+
+    def cancel_unstake(self, sender: TxSender) -> TxReceipt:
+        return self._write(sender, "cancel_unstake")
+
+    def withdraw_stake(self, sender: TxSender) -> TxReceipt:
+        return self._write(sender, "withdraw_stake")
+
+    def slash(self, sender: TxSender, host: str, amount: int, recipient: str) -> TxReceipt:
+        return self._write(sender, "slash", host, amount, recipient)
+
+    def get_host(self, host: str) -> HostInfo:
+        return HostInfo(host, *self._read("get_host", host))
+
+    def price_of(self, host: str, model_id: bytes) -> int:
+        return self._read("price_per_mtok", host, model_id)
+
+    def host_models(self, host: str) -> list[bytes]:
+        return [bytes(m) for m in self._read("host_models", host)]
+
+    def hosts(self) -> list[str]:
+        return [self._read("host_at", i) for i in range(self._read("host_count"))]
+
+
+class HostEarnings(_Wrapper):
+    def balance_of(self, host: str, token: str) -> int:
+        return self._read("balance_of", host, token)
+
+    def withdraw(self, sender: TxSender, token: str) -> TxReceipt:
+        return self._write(sender, "withdraw", token)
+
+    def withdraw_many(self, sender: TxSender, tokens: list[str]) -> TxReceipt:
+        return self._write(sender, "withdraw_many", tokens)
+
+
+class Marketplace(_Wrapper):
+    def domain(self) -> ReceiptDomain:
+        return ReceiptDomain(chain_id=self.chain.chain_id, marketplace=self.address)
+
+    def create_session(
+        self,
+        sender: TxSender,
+        *,
+        host: str,
+        model_id: bytes,
+        deposit: int,
+        price_per_mtok: int,
+        max_duration: int,
+        proof_interval: int,
+        session_signer: str,
+    ) -> int:
+        """Open a session (the deposit must be approved) and return its id."""
+        receipt = self._write(
+            sender,
+            "create_session",
+            host,
+            model_id,
+            deposit,
+            price_per_mtok,
+            max_duration,
+            proof_interval,
+            session_signer,
+        )
+        (event,) = self._events("SessionCreated", receipt)
+        return int(event["args"]["session_id"])
+
+    def submit_checkpoint(
+        self,
+        sender: TxSender,
+        session_id: int,
+        tokens: int,
+        proof_hash: bytes,
+        proof_uri: str,
+        signature: bytes,
+    ) -> TxReceipt:
+        return self._write(
+            sender, "submit_checkpoint", session_id, tokens, proof_hash, proof_uri, signature
+        )
+
+    def complete_session(
+        self,
+        sender: TxSender,
+        session_id: int,
+        tokens: int,
+        proof_hash: bytes,
+        proof_uri: str,
+        signature: bytes,
+    ) -> SettlementEvent:
+        receipt = self._write(
+            sender, "complete_session", session_id, tokens, proof_hash, proof_uri, signature
+        )
+        return self.settlement_from(receipt)
+
+    def request_close(self, sender: TxSender, session_id: int) -> TxReceipt:
+        return self._write(sender, "request_close", session_id)
+
+    def finalize(self, sender: TxSender, session_id: int) -> SettlementEvent:
+        return self.settlement_from(self._write(sender, "finalize", session_id))
+
+    def withdraw_refund(self, sender: TxSender) -> TxReceipt:
+        return self._write(sender, "withdraw_refund")
+
+    def withdraw_treasury(self, sender: TxSender) -> TxReceipt:
+        return self._write(sender, "withdraw_treasury")
+
+    def set_fee_bps(self, sender: TxSender, fee_bps: int) -> TxReceipt:
+        return self._write(sender, "set_fee_bps", fee_bps)
+
+    def set_treasury(self, sender: TxSender, treasury: str) -> TxReceipt:
+        return self._write(sender, "set_treasury", treasury)
+
+    def settlement_from(self, receipt: TxReceipt) -> SettlementEvent:
+        """Parse the SessionSettled (and any RefundCredited) event of a settling tx."""
+        (settled,) = self._events("SessionSettled", receipt)
+        credited = self._events("RefundCredited", receipt)
+        args = settled["args"]
+        return SettlementEvent(
+            session_id=args["session_id"],
+            tokens=args["tokens"],
+            host_amount=args["host_amount"],
+            fee=args["fee"],
+            refund=args["refund"],
+            refund_credited=bool(credited),
+            tx_hash=receipt["transactionHash"].to_0x_hex(),
+        )
+
+    def get_session(self, session_id: int) -> SessionInfo:
+        fields = self._read("get_session", session_id)
+        info = SessionInfo(session_id, *fields)
+        return SessionInfo(
+            **{
+                **info.__dict__,
+                "model_id": bytes(info.model_id),
+                "proof_hash": bytes(info.proof_hash),
+            }
+        )
+
+    def session_deadline(self, session_id: int) -> int:
+        return self._read("session_deadline", session_id)
+
+    def sessions_of_user(self, user: str, start: int = 0, limit: int = 100) -> list[int]:
+        return list(self._read("sessions_of_user", user, start, limit))
+
+    def sessions_of_host(self, host: str, start: int = 0, limit: int = 100) -> list[int]:
+        return list(self._read("sessions_of_host", host, start, limit))
+
+    def treasury_balance(self) -> int:
+        return self._read("treasury_balance")
+
+    def refund_credit(self, account: str) -> int:
+        return self._read("refund_credit", account)
+
+    def open_deposits(self) -> int:
+        return self._read("open_deposits")
+
+    def fee_bps(self) -> int:
+        return self._read("fee_bps")
+
+    def close_window(self) -> int:
+        return self._read("close_window")
+
+    def receipt_digest(self, session_id: int, tokens: int, proof_hash: bytes) -> bytes:
+        return bytes(self._read("receipt_digest", session_id, tokens, proof_hash))
+
+
+@dataclass
+class Contracts:
+    """All inferledger contracts of one deployment, wrapped."""
+
+    chain: Chain
+    deployment: Deployment
+    token: Token
+    models: ModelRegistry
+    nodes: NodeRegistry
+    earnings: HostEarnings
+    marketplace: Marketplace
+
+    @classmethod
+    def attach(cls, chain: Chain, deployment: Deployment) -> Contracts:
+        """Wrap the contracts of ``deployment``; the chain id must match."""
+        from inferledger.chain.errors import ChainError
+
+        if chain.chain_id != deployment.chain_id:
+            raise ChainError(
+                f"deployment is for chain id {deployment.chain_id} but {chain.url} is chain id "
+                f"{chain.chain_id}: point the chain URL setting at the right chain or redeploy"
+            )
+        compiled = compile_all()
+        addresses = deployment.addresses
+
+        def bind(name: str, address: str) -> Contract:
+            return chain.w3.eth.contract(address=address, abi=compiled[name].abi)
+
+        return cls(
+            chain=chain,
+            deployment=deployment,
+            token=Token(chain, bind("TestUSDC", addresses.token)),
+            models=ModelRegistry(chain, bind("ModelRegistry", addresses.model_registry)),
+            nodes=NodeRegistry(chain, bind("NodeRegistry", addresses.node_registry)),
+            earnings=HostEarnings(chain, bind("HostEarnings", addresses.host_earnings)),
+            marketplace=Marketplace(chain, bind("JobMarketplace", addresses.marketplace)),
+        )

@@ -1,0 +1,72 @@
+"""Deploy the inferledger contracts and wire them together."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from inferledger.chain.compile import compile_all
+from inferledger.chain.connect import Chain
+from inferledger.chain.contracts import Contracts
+from inferledger.chain.deployment import ContractAddresses, Deployment, DeployParams
+from inferledger.chain.errors import ChainError
+from inferledger.chain.tx import TxSender
+
+
+def _deploy_one(chain: Chain, sender: TxSender, name: str, *args: Any) -> str:
+    compiled = compile_all()[name]
+    factory = chain.w3.eth.contract(abi=compiled.abi, bytecode=compiled.bytecode)
+    receipt = sender.transact(factory.constructor(*args), f"deploy {name}")
+    return receipt["contractAddress"]
+
+
+def deploy(chain: Chain, sender: TxSender, params: DeployParams | None = None) -> Contracts:
+    """Deploy all contracts from ``sender`` (the owner) and return them wrapped.
+
+    Without ``params.token`` a TestUSDC is deployed, which only makes sense on a dev chain.
+    """
+    params = params or DeployParams()
+    if params.token is None and not chain.is_dev:
+        raise ChainError(
+            "no payment token given and this is not a dev chain: pass the USDC address "
+            "(setting INFERLEDGER_TOKEN) instead of deploying TestUSDC"
+        )
+    start_block = chain.block_number()
+    treasury = params.treasury or sender.address
+    token = params.token or _deploy_one(chain, sender, "TestUSDC")
+    models = _deploy_one(chain, sender, "ModelRegistry")
+    nodes = _deploy_one(
+        chain, sender, "NodeRegistry", token, models, params.min_stake, params.unbonding_delay
+    )
+    earnings = _deploy_one(chain, sender, "HostEarnings")
+    marketplace = _deploy_one(
+        chain,
+        sender,
+        "JobMarketplace",
+        token,
+        nodes,
+        models,
+        earnings,
+        treasury,
+        params.fee_bps,
+        params.min_deposit,
+        params.max_deposit,
+        params.close_window,
+    )
+    deployment = Deployment(
+        chain_id=chain.chain_id,
+        deploy_block=start_block + 1,
+        deployer=sender.address,
+        treasury=treasury,
+        addresses=ContractAddresses(
+            token=token,
+            model_registry=models,
+            node_registry=nodes,
+            host_earnings=earnings,
+            marketplace=marketplace,
+        ),
+        params=params,
+    )
+    contracts = Contracts.attach(chain, deployment)
+    sender.transact(contracts.nodes.contract.functions.set_marketplace(marketplace))
+    sender.transact(contracts.earnings.contract.functions.set_marketplace(marketplace))
+    return contracts

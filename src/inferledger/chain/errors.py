@@ -1,0 +1,80 @@
+"""One family of chain errors, whatever backend raised them.
+
+eth-tester raises ``TransactionFailed``, a JSON-RPC node such as anvil raises
+web3's ``ContractLogicError``, and a dead RPC raises a ``requests`` or ``OSError``.
+Callers catch ``ChainError`` and print its one-line message.
+"""
+
+from __future__ import annotations
+
+import requests
+from eth_tester.exceptions import TransactionFailed
+from web3.exceptions import ContractLogicError, TimeExhausted
+
+
+class ChainError(Exception):
+    """A chain operation failed; the message says what and how to fix it."""
+
+
+class ContractRevert(ChainError):
+    """A contract rejected a call; ``reason`` is its revert string."""
+
+    def __init__(self, reason: str, action: str = "") -> None:
+        self.reason = reason
+        self.action = action
+        where = f"{action} reverted" if action else "reverted"
+        super().__init__(f"{where}: {reason}")
+
+
+class ChainUnreachable(ChainError):
+    """The JSON-RPC endpoint did not answer."""
+
+
+class TxTimeout(ChainError):
+    """A transaction was sent but no receipt arrived in time."""
+
+    def __init__(self, tx_hash: str, timeout: float) -> None:
+        self.tx_hash = tx_hash
+        super().__init__(
+            f"transaction {tx_hash} not mined within {timeout:.0f}s; it may still land: "
+            "check it later or raise the receipt timeout"
+        )
+
+
+class GasCapExceeded(ChainError):
+    """The gas estimate is above the configured cap."""
+
+
+_REVERT_PREFIXES = ("execution reverted: ", "execution reverted:", "execution reverted")
+
+
+def revert_reason(exc: BaseException) -> str | None:
+    """The revert string carried by a backend exception, or None if it is not a revert."""
+    if isinstance(exc, ContractLogicError):
+        message = exc.message or str(exc)
+    elif isinstance(exc, TransactionFailed):
+        message = str(exc.args[0]) if exc.args else str(exc)
+    else:
+        return None
+    for prefix in _REVERT_PREFIXES:
+        if message.startswith(prefix):
+            message = message[len(prefix) :]
+            break
+    return message.strip() or "reverted without a reason"
+
+
+def translate(exc: BaseException, action: str, url: str) -> ChainError:
+    """Map a backend exception to a ChainError, or re-raise it if it is not one we know."""
+    if isinstance(exc, ChainError):
+        return exc
+    reason = revert_reason(exc)
+    if reason is not None:
+        return ContractRevert(reason, action)
+    if isinstance(exc, requests.exceptions.ConnectionError | ConnectionError | OSError):
+        return ChainUnreachable(
+            f"cannot reach the chain at {url} during {action}: is the node running? "
+            "check the chain URL setting (INFERLEDGER_CHAIN_URL)"
+        )
+    if isinstance(exc, TimeExhausted):
+        return ChainError(f"{action} timed out waiting for the chain at {url}")
+    raise exc

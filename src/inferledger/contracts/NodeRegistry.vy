@@ -1,0 +1,350 @@
+# pragma version 0.4.3
+# pragma evm-version cancun
+"""
+@title NodeRegistry
+@notice Hosts register an API URL, the models they serve with a price per
+        million tokens each, and a stake. Leaving is a two-step unbonding that
+        cannot complete while the host has open sessions; an arbiter can slash.
+@license Apache-2.0
+"""
+
+from ethereum.ercs import IERC20
+
+interface ModelRegistry:
+    def is_approved(model_id: bytes32) -> bool: view
+
+MAX_MODELS: constant(uint256) = 16
+
+struct Host:
+    api_url: String[256]
+    stake: uint256
+    active: bool
+    registered: bool
+    unbonding_ends_at: uint256
+    open_sessions: uint256
+
+event HostRegistered:
+    host: indexed(address)
+    api_url: String[256]
+    stake: uint256
+
+event HostUrlUpdated:
+    host: indexed(address)
+    api_url: String[256]
+
+event ModelPriceSet:
+    host: indexed(address)
+    model_id: indexed(bytes32)
+    price_per_mtok: uint256
+
+event StakeAdded:
+    host: indexed(address)
+    amount: uint256
+    stake: uint256
+
+event UnbondingStarted:
+    host: indexed(address)
+    unbonding_ends_at: uint256
+
+event UnbondingCancelled:
+    host: indexed(address)
+
+event StakeWithdrawn:
+    host: indexed(address)
+    amount: uint256
+
+event HostSlashed:
+    host: indexed(address)
+    amount: uint256
+    recipient: address
+    stake: uint256
+
+event SessionCountChanged:
+    host: indexed(address)
+    open_sessions: uint256
+
+event MarketplaceSet:
+    marketplace: indexed(address)
+
+event ArbiterSet:
+    arbiter: indexed(address)
+
+event OwnershipTransferred:
+    previous_owner: indexed(address)
+    new_owner: indexed(address)
+
+stake_token: public(immutable(IERC20))
+model_registry: public(immutable(ModelRegistry))
+min_stake: public(immutable(uint256))
+unbonding_delay: public(immutable(uint256))
+
+owner: public(address)
+arbiter: public(address)
+marketplace: public(address)
+
+hosts: HashMap[address, Host]
+price_per_mtok: public(HashMap[address, HashMap[bytes32, uint256]])
+models_of: HashMap[address, DynArray[bytes32, MAX_MODELS]]
+host_count: public(uint256)
+host_at: public(HashMap[uint256, address])
+listed: HashMap[address, bool]
+
+
+@deploy
+def __init__(token: IERC20, registry: ModelRegistry, minimum_stake: uint256, delay: uint256):
+    stake_token = token
+    model_registry = registry
+    min_stake = minimum_stake
+    unbonding_delay = delay
+    self.owner = msg.sender
+    self.arbiter = msg.sender
+    log OwnershipTransferred(previous_owner=empty(address), new_owner=msg.sender)
+    log ArbiterSet(arbiter=msg.sender)
+
+
+@external
+@nonreentrant
+def register(
+    api_url: String[256],
+    model_ids: DynArray[bytes32, MAX_MODELS],
+    prices: DynArray[uint256, MAX_MODELS],
+    stake: uint256,
+):
+    """
+    @notice Register the caller as a host and pull `stake` from it.
+    @param api_url Where clients reach the node (ws/http base URL).
+    @param model_ids Approved models the host serves.
+    @param prices Price per million tokens for each model, in token base units.
+    @param stake Amount of the stake token to lock; at least `min_stake`.
+    """
+    assert not self.hosts[msg.sender].registered, "NodeRegistry: already registered"
+    assert len(api_url) > 0, "NodeRegistry: empty API URL"
+    assert stake >= min_stake, "NodeRegistry: stake below minimum"
+    assert len(model_ids) > 0, "NodeRegistry: no models"
+    self.hosts[msg.sender] = Host(
+        api_url=api_url,
+        stake=stake,
+        active=True,
+        registered=True,
+        unbonding_ends_at=0,
+        open_sessions=0,
+    )
+    if not self.listed[msg.sender]:
+        self.listed[msg.sender] = True
+        self.host_at[self.host_count] = msg.sender
+        self.host_count += 1
+    log HostRegistered(host=msg.sender, api_url=api_url, stake=stake)
+    self._set_models(msg.sender, model_ids, prices)
+    assert extcall stake_token.transferFrom(
+        msg.sender, self, stake, default_return_value=True
+    ), "NodeRegistry: stake transfer failed"
+
+
+@external
+def update_url(api_url: String[256]):
+    """
+    @notice Change the caller's API URL.
+    """
+    assert self.hosts[msg.sender].registered, "NodeRegistry: not registered"
+    assert len(api_url) > 0, "NodeRegistry: empty API URL"
+    self.hosts[msg.sender].api_url = api_url
+    log HostUrlUpdated(host=msg.sender, api_url=api_url)
+
+
+@external
+def set_models(model_ids: DynArray[bytes32, MAX_MODELS], prices: DynArray[uint256, MAX_MODELS]):
+    """
+    @notice Replace the caller's model list and prices.
+    @dev Open sessions keep the price they were created with.
+    """
+    assert self.hosts[msg.sender].registered, "NodeRegistry: not registered"
+    assert len(model_ids) > 0, "NodeRegistry: no models"
+    for old: bytes32 in self.models_of[msg.sender]:
+        self.price_per_mtok[msg.sender][old] = 0
+        log ModelPriceSet(host=msg.sender, model_id=old, price_per_mtok=0)
+    self._set_models(msg.sender, model_ids, prices)
+
+
+@external
+@nonreentrant
+def add_stake(amount: uint256):
+    """
+    @notice Lock `amount` more of the stake token for the caller.
+    """
+    assert self.hosts[msg.sender].registered, "NodeRegistry: not registered"
+    assert amount > 0, "NodeRegistry: zero amount"
+    new_stake: uint256 = self.hosts[msg.sender].stake + amount
+    self.hosts[msg.sender].stake = new_stake
+    log StakeAdded(host=msg.sender, amount=amount, stake=new_stake)
+    assert extcall stake_token.transferFrom(
+        msg.sender, self, amount, default_return_value=True
+    ), "NodeRegistry: stake transfer failed"
+
+
+@external
+def request_unstake():
+    """
+    @notice Stop accepting sessions and start the unbonding delay.
+    """
+    host: Host = self.hosts[msg.sender]
+    assert host.registered, "NodeRegistry: not registered"
+    assert host.unbonding_ends_at == 0, "NodeRegistry: already unbonding"
+    ends_at: uint256 = block.timestamp + unbonding_delay
+    self.hosts[msg.sender].active = False
+    self.hosts[msg.sender].unbonding_ends_at = ends_at
+    log UnbondingStarted(host=msg.sender, unbonding_ends_at=ends_at)
+
+
+@external
+def cancel_unstake():
+    """
+    @notice Abort unbonding and accept sessions again.
+    """
+    host: Host = self.hosts[msg.sender]
+    assert host.unbonding_ends_at != 0, "NodeRegistry: not unbonding"
+    assert host.stake >= min_stake, "NodeRegistry: stake below minimum"
+    self.hosts[msg.sender].active = True
+    self.hosts[msg.sender].unbonding_ends_at = 0
+    log UnbondingCancelled(host=msg.sender)
+
+
+@external
+@nonreentrant
+def withdraw_stake():
+    """
+    @notice After the unbonding delay, with no open sessions, return the stake
+            and remove the caller's registration.
+    """
+    host: Host = self.hosts[msg.sender]
+    assert host.unbonding_ends_at != 0, "NodeRegistry: not unbonding"
+    assert block.timestamp >= host.unbonding_ends_at, "NodeRegistry: still unbonding"
+    assert host.open_sessions == 0, "NodeRegistry: host has open sessions"
+    for old: bytes32 in self.models_of[msg.sender]:
+        self.price_per_mtok[msg.sender][old] = 0
+    self.models_of[msg.sender] = []
+    self.hosts[msg.sender] = empty(Host)
+    log StakeWithdrawn(host=msg.sender, amount=host.stake)
+    if host.stake > 0:
+        assert extcall stake_token.transfer(
+            msg.sender, host.stake, default_return_value=True
+        ), "NodeRegistry: stake transfer failed"
+
+
+@external
+@nonreentrant
+def slash(host_address: address, amount: uint256, recipient: address):
+    """
+    @notice Take `amount` of a host's stake and send it to `recipient`.
+    @dev Arbiter only. A host left below the minimum stake stops being active.
+    """
+    assert msg.sender == self.arbiter, "NodeRegistry: caller is not the arbiter"
+    assert recipient != empty(address), "NodeRegistry: recipient is the zero address"
+    host: Host = self.hosts[host_address]
+    assert host.registered, "NodeRegistry: not registered"
+    assert amount > 0 and amount <= host.stake, "NodeRegistry: bad slash amount"
+    remaining: uint256 = host.stake - amount
+    self.hosts[host_address].stake = remaining
+    if remaining < min_stake:
+        self.hosts[host_address].active = False
+    log HostSlashed(host=host_address, amount=amount, recipient=recipient, stake=remaining)
+    assert extcall stake_token.transfer(
+        recipient, amount, default_return_value=True
+    ), "NodeRegistry: slash transfer failed"
+
+
+@external
+def session_opened(host_address: address):
+    """
+    @notice Count a new open session for `host_address`. Marketplace only.
+    """
+    assert msg.sender == self.marketplace, "NodeRegistry: caller is not the marketplace"
+    count: uint256 = self.hosts[host_address].open_sessions + 1
+    self.hosts[host_address].open_sessions = count
+    log SessionCountChanged(host=host_address, open_sessions=count)
+
+
+@external
+def session_closed(host_address: address):
+    """
+    @notice Count a settled session for `host_address`. Marketplace only.
+    """
+    assert msg.sender == self.marketplace, "NodeRegistry: caller is not the marketplace"
+    count: uint256 = self.hosts[host_address].open_sessions - 1
+    self.hosts[host_address].open_sessions = count
+    log SessionCountChanged(host=host_address, open_sessions=count)
+
+
+@external
+def set_marketplace(marketplace: address):
+    """
+    @notice Name the marketplace allowed to count sessions. Owner only, once.
+    """
+    assert msg.sender == self.owner, "NodeRegistry: caller is not the owner"
+    assert self.marketplace == empty(address), "NodeRegistry: marketplace already set"
+    assert marketplace != empty(address), "NodeRegistry: marketplace is the zero address"
+    self.marketplace = marketplace
+    log MarketplaceSet(marketplace=marketplace)
+
+
+@external
+def set_arbiter(arbiter: address):
+    """
+    @notice Name the address allowed to slash. Owner only.
+    """
+    assert msg.sender == self.owner, "NodeRegistry: caller is not the owner"
+    self.arbiter = arbiter
+    log ArbiterSet(arbiter=arbiter)
+
+
+@external
+def transfer_ownership(new_owner: address):
+    """
+    @notice Hand the owner role to `new_owner`.
+    """
+    assert msg.sender == self.owner, "NodeRegistry: caller is not the owner"
+    assert new_owner != empty(address), "NodeRegistry: new owner is the zero address"
+    log OwnershipTransferred(previous_owner=self.owner, new_owner=new_owner)
+    self.owner = new_owner
+
+
+@view
+@external
+def get_host(host_address: address) -> Host:
+    """
+    @notice A host's registration, stake, status and open session count.
+    """
+    return self.hosts[host_address]
+
+
+@view
+@external
+def host_models(host_address: address) -> DynArray[bytes32, MAX_MODELS]:
+    """
+    @notice The models a host serves.
+    """
+    return self.models_of[host_address]
+
+
+@view
+@external
+def is_active(host_address: address) -> bool:
+    """
+    @notice Whether a host accepts new sessions.
+    """
+    return self.hosts[host_address].active
+
+
+@internal
+def _set_models(
+    host_address: address,
+    model_ids: DynArray[bytes32, MAX_MODELS],
+    prices: DynArray[uint256, MAX_MODELS],
+):
+    assert len(model_ids) == len(prices), "NodeRegistry: models and prices differ in length"
+    for i: uint256 in range(len(model_ids), bound=MAX_MODELS):
+        assert staticcall model_registry.is_approved(model_ids[i]), "NodeRegistry: model not approved"
+        assert prices[i] > 0, "NodeRegistry: zero price"
+        assert self.price_per_mtok[host_address][model_ids[i]] == 0, "NodeRegistry: duplicate model"
+        self.price_per_mtok[host_address][model_ids[i]] = prices[i]
+        log ModelPriceSet(host=host_address, model_id=model_ids[i], price_per_mtok=prices[i])
+    self.models_of[host_address] = model_ids

@@ -1,0 +1,45 @@
+"""Shared fixtures: each contract test runs on the embedded chain and on anvil.
+
+The world (contracts, owner, host, user) is built once per chain; every test
+runs inside a snapshot that is reverted afterwards, so tests never see each
+other's state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from inferledger.chain.anvil import start_anvil
+from inferledger.chain.connect import Chain, connect
+from inferledger.chain.devchain import DevWorld, build_dev_world
+
+CHAIN_KINDS = ["embedded", "anvil"]
+
+
+@pytest.fixture(scope="session")
+def anvil_url() -> Iterator[str]:
+    with start_anvil() as anvil:
+        yield anvil.url
+
+
+@pytest.fixture(scope="session", params=CHAIN_KINDS)
+def chain(request: pytest.FixtureRequest) -> Chain:
+    """The embedded py-evm chain, then anvil over JSON-RPC."""
+    if request.param == "embedded":
+        return connect()
+    return connect(request.getfixturevalue("anvil_url"))
+
+
+@pytest.fixture(scope="session")
+def world_once(chain: Chain) -> DevWorld:
+    return build_dev_world(chain)
+
+
+@pytest.fixture
+def world(world_once: DevWorld) -> Iterator[DevWorld]:
+    """The dev world, reverted to its pristine state after the test."""
+    snapshot = world_once.chain.snapshot()
+    yield world_once
+    world_once.chain.revert(snapshot)
