@@ -304,11 +304,13 @@ class Marketplace(_Wrapper):
     def session_deadline(self, session_id: int) -> int:
         return self._read("session_deadline", session_id)
 
-    def sessions_of_user(self, user: str, start: int = 0, limit: int = 100) -> list[int]:
-        return list(self._read("sessions_of_user", user, start, limit))
+    def sessions_of_user(self, user: str, cursor: int = 0, limit: int = 100) -> list[int]:
+        """Session ids ``user`` created, newest first; pass the last id as ``cursor`` to page."""
+        return list(self._read("sessions_of_user", user, cursor, limit))
 
-    def sessions_of_host(self, host: str, start: int = 0, limit: int = 100) -> list[int]:
-        return list(self._read("sessions_of_host", host, start, limit))
+    def sessions_of_host(self, host: str, cursor: int = 0, limit: int = 100) -> list[int]:
+        """Session ids with ``host``, newest first; pass the last id as ``cursor`` to page."""
+        return list(self._read("sessions_of_host", host, cursor, limit))
 
     def treasury_balance(self) -> int:
         return self._read("treasury_balance")

@@ -28,8 +28,6 @@ interface HostEarnings:
 
 STATUS_OPEN: constant(uint8) = 1
 STATUS_SETTLED: constant(uint8) = 2
-ROLE_USER: constant(uint8) = 0
-ROLE_HOST: constant(uint8) = 1
 
 MAX_FEE_BPS: constant(uint256) = 2000
 BPS: constant(uint256) = 10_000
@@ -39,6 +37,11 @@ MAX_PROOF_INTERVAL: constant(uint256) = 1_000_000
 MIN_DURATION: constant(uint256) = 60
 MAX_DURATION: constant(uint256) = 30 * 86400
 MAX_PAGE: constant(uint256) = 100
+MASK_160: constant(uint256) = 2**160 - 1
+MASK_128: constant(uint256) = 2**128 - 1
+MASK_40: constant(uint256) = 2**40 - 1
+MASK_32: constant(uint256) = 2**32 - 1
+MASK_16: constant(uint256) = 2**16 - 1
 # Upper half of the secp256k1 order: signatures with a larger s are malleable twins.
 MAX_S: constant(uint256) = 57896044618658097711785492504343953926418782139537452191302581570759080747168
 
@@ -50,6 +53,24 @@ RECEIPT_TYPEHASH: constant(bytes32) = keccak256(
 )
 DOMAIN_NAME_HASH: constant(bytes32) = keccak256("inferledger")
 DOMAIN_VERSION_HASH: constant(bytes32) = keccak256("1")
+
+# Storage packs a session into seven slots (six written at creation) to keep
+# create_session, submit_checkpoint and complete_session cheap; `get_session`
+# returns it unpacked as `Session`.
+#   depositor_link: depositor (bits 0-159) | this depositor's previous session id (160-255)
+#   host_link:      host (0-159)           | this host's previous session id (160-255)
+#   signer_terms:   signer (0-159) | fee_bps (160-175) | created_at (176-215) | expires_at (216-255)
+#   amounts:        deposit (0-127) | price_per_mtok (128-255)
+#   state:          status (0-7) | proof_interval (8-39) | checkpoints (40-71)
+#                   | close_requested_at (72-111) | tokens_paid (112-255)
+struct Record:
+    depositor_link: uint256
+    host_link: uint256
+    signer_terms: uint256
+    model_id: bytes32
+    amounts: uint256
+    state: uint256
+    proof_hash: bytes32
 
 struct Session:
     depositor: address
@@ -140,10 +161,10 @@ refund_credit: public(HashMap[address, uint256])
 open_deposits: public(uint256)
 
 session_count: public(uint256)
-sessions: HashMap[uint256, Session]
-# Per role (user or host) and address: how many sessions, and their ids in order.
-index_count: HashMap[uint8, HashMap[address, uint256]]
-index_at: HashMap[uint8, HashMap[address, HashMap[uint256, uint256]]]
+records: HashMap[uint256, Record]
+# Newest session id per depositor and per host; older ones are linked from each record.
+latest_of_user: HashMap[address, uint256]
+latest_of_host: HashMap[address, uint256]
 
 
 @deploy
@@ -161,6 +182,7 @@ def __init__(
     assert treasury_address != empty(address), "JobMarketplace: treasury is the zero address"
     assert initial_fee_bps <= MAX_FEE_BPS, "JobMarketplace: fee above maximum"
     assert deposit_min > 0 and deposit_min <= deposit_max, "JobMarketplace: bad deposit bounds"
+    assert deposit_max <= MASK_128, "JobMarketplace: bad deposit bounds"
     assert window > 0, "JobMarketplace: zero close window"
     token = payment_token
     node_registry = nodes
@@ -214,30 +236,27 @@ def create_session(
     assert session_signer != empty(address), "JobMarketplace: signer is the zero address"
     assert self._cost(proof_interval, host_price) <= deposit, "JobMarketplace: deposit buys less than one proof interval"
 
+    assert host_price <= MASK_128, "JobMarketplace: host price too large"
+
     session_id: uint256 = self.session_count + 1
     self.session_count = session_id
     expires_at: uint256 = block.timestamp + max_duration
     fee: uint256 = self.fee_bps
-    self.sessions[session_id] = Session(
-        depositor=msg.sender,
-        host=host,
-        signer=session_signer,
+    self.records[session_id] = Record(
+        depositor_link=convert(msg.sender, uint256) | (self.latest_of_user[msg.sender] << 160),
+        host_link=convert(host, uint256) | (self.latest_of_host[host] << 160),
+        signer_terms=convert(session_signer, uint256)
+        | (fee << 160)
+        | (block.timestamp << 176)
+        | (expires_at << 216),
         model_id=model_id,
-        deposit=deposit,
-        price_per_mtok=host_price,
-        fee_bps=fee,
-        proof_interval=proof_interval,
-        created_at=block.timestamp,
-        expires_at=expires_at,
-        close_requested_at=0,
-        tokens_paid=0,
+        amounts=deposit | (host_price << 128),
+        state=self._pack_state(STATUS_OPEN, proof_interval, 0, 0, 0),
         proof_hash=empty(bytes32),
-        checkpoints=0,
-        status=STATUS_OPEN,
     )
+    self.latest_of_user[msg.sender] = session_id
+    self.latest_of_host[host] = session_id
     self.open_deposits += deposit
-    self._index(ROLE_USER, msg.sender, session_id)
-    self._index(ROLE_HOST, host, session_id)
     log SessionCreated(
         session_id=session_id,
         depositor=msg.sender,
@@ -297,7 +316,7 @@ def complete_session(
     @param proof_uri Where the bundle can be fetched.
     @param receipt_sig The session signer's signature (ignored when nothing new is paid).
     """
-    is_new: bool = tokens != self.sessions[session_id].tokens_paid
+    is_new: bool = tokens != self._load(session_id).tokens_paid
     self._checkpoint(session_id, tokens, proof_hash, proof_uri, receipt_sig, is_new)
     self._settle(session_id)
 
@@ -308,11 +327,11 @@ def request_close(session_id: uint256):
     @notice Depositor asks to end the session. The host has `close_window`
             seconds to submit its latest receipt; then anyone can finalize.
     """
-    session: Session = self.sessions[session_id]
+    session: Session = self._load(session_id)
     assert session.status == STATUS_OPEN, "JobMarketplace: session not open"
     assert msg.sender == session.depositor, "JobMarketplace: caller is not the depositor"
     assert session.close_requested_at == 0, "JobMarketplace: close already requested"
-    self.sessions[session_id].close_requested_at = block.timestamp
+    self._save_state(session_id, session, block.timestamp)
     log CloseRequested(
         session_id=session_id,
         depositor=msg.sender,
@@ -328,7 +347,7 @@ def finalize(session_id: uint256):
     @dev Anyone may call: after the close window of a close request, or after
          expiry plus the close window.
     """
-    session: Session = self.sessions[session_id]
+    session: Session = self._load(session_id)
     assert session.status == STATUS_OPEN, "JobMarketplace: session not open"
     assert block.timestamp > self._deadline(
         session.expires_at, session.close_requested_at
@@ -410,7 +429,7 @@ def get_session(session_id: uint256) -> Session:
     """
     @notice Everything stored about a session; status 0 means it does not exist.
     """
-    return self.sessions[session_id]
+    return self._load(session_id)
 
 
 @view
@@ -420,44 +439,39 @@ def session_deadline(session_id: uint256) -> uint256:
     @notice Last second at which the host may still checkpoint or complete;
             after it the session can be finalized by anyone.
     """
-    session: Session = self.sessions[session_id]
+    session: Session = self._load(session_id)
     return self._deadline(session.expires_at, session.close_requested_at)
 
 
 @view
 @external
-def sessions_of_user(user: address, start: uint256, limit: uint256) -> DynArray[uint256, MAX_PAGE]:
+def sessions_of_user(user: address, cursor: uint256, limit: uint256) -> DynArray[uint256, MAX_PAGE]:
     """
-    @notice Up to `limit` (max 100) session ids a user created, from index `start`.
+    @notice Up to `limit` (max 100) ids of sessions `user` created, newest first.
+    @param cursor 0 for the first page; for the next page, the last id of the
+           previous one (the page then starts with the session before it).
     """
-    return self._page(ROLE_USER, user, start, limit)
+    start: uint256 = self.latest_of_user[user]
+    if cursor != 0:
+        link: uint256 = self.records[cursor].depositor_link
+        assert link & MASK_160 == convert(user, uint256), "JobMarketplace: cursor is not a session of this user"
+        start = link >> 160
+    return self._walk(start, limit, True)
 
 
 @view
 @external
-def sessions_of_host(host: address, start: uint256, limit: uint256) -> DynArray[uint256, MAX_PAGE]:
+def sessions_of_host(host: address, cursor: uint256, limit: uint256) -> DynArray[uint256, MAX_PAGE]:
     """
-    @notice Up to `limit` (max 100) session ids with `host`, from index `start`.
+    @notice Up to `limit` (max 100) ids of sessions with `host`, newest first.
+    @param cursor 0 for the first page; for the next page, the last id of the previous one.
     """
-    return self._page(ROLE_HOST, host, start, limit)
-
-
-@view
-@external
-def user_session_count(user: address) -> uint256:
-    """
-    @notice How many sessions `user` has created.
-    """
-    return self.index_count[ROLE_USER][user]
-
-
-@view
-@external
-def host_session_count(host: address) -> uint256:
-    """
-    @notice How many sessions were opened with `host`.
-    """
-    return self.index_count[ROLE_HOST][host]
+    start: uint256 = self.latest_of_host[host]
+    if cursor != 0:
+        link: uint256 = self.records[cursor].host_link
+        assert link & MASK_160 == convert(host, uint256), "JobMarketplace: cursor is not a session of this host"
+        start = link >> 160
+    return self._walk(start, limit, False)
 
 
 @view
@@ -496,7 +510,7 @@ def _checkpoint(
     receipt_sig: Bytes[65],
     is_new: bool,
 ):
-    session: Session = self.sessions[session_id]
+    session: Session = self._load(session_id)
     assert session.status == STATUS_OPEN, "JobMarketplace: session not open"
     assert msg.sender == session.host, "JobMarketplace: caller is not the host"
     assert block.timestamp <= self._deadline(
@@ -509,9 +523,10 @@ def _checkpoint(
     signer: address = self._recover(self._receipt_digest(session_id, tokens, proof_hash), receipt_sig)
     assert signer == session.signer, "JobMarketplace: receipt not signed by session signer"
     index: uint256 = session.checkpoints + 1
-    self.sessions[session_id].tokens_paid = tokens
-    self.sessions[session_id].proof_hash = proof_hash
-    self.sessions[session_id].checkpoints = index
+    session.tokens_paid = tokens
+    session.checkpoints = index
+    self._save_state(session_id, session, session.close_requested_at)
+    self.records[session_id].proof_hash = proof_hash
     log CheckpointSubmitted(
         session_id=session_id, index=index, tokens=tokens, proof_hash=proof_hash, proof_uri=proof_uri
     )
@@ -519,13 +534,14 @@ def _checkpoint(
 
 @internal
 def _settle(session_id: uint256):
-    session: Session = self.sessions[session_id]
+    session: Session = self._load(session_id)
     gross: uint256 = self._cost(session.tokens_paid, session.price_per_mtok)
     fee: uint256 = gross * session.fee_bps // BPS
     host_amount: uint256 = gross - fee
     refund: uint256 = session.deposit - gross
 
-    self.sessions[session_id].status = STATUS_SETTLED
+    session.status = STATUS_SETTLED
+    self._save_state(session_id, session, session.close_requested_at)
     self.open_deposits -= session.deposit
     self.treasury_balance += fee
     log SessionSettled(
@@ -611,20 +627,65 @@ def _recover(digest: bytes32, signature: Bytes[65]) -> address:
     return signer
 
 
+@pure
 @internal
-def _index(role: uint8, who: address, session_id: uint256):
-    position: uint256 = self.index_count[role][who]
-    self.index_at[role][who][position] = session_id
-    self.index_count[role][who] = position + 1
+def _pack_state(
+    status: uint8, proof_interval: uint256, checkpoints: uint256, closed_at: uint256, tokens: uint256
+) -> uint256:
+    return (
+        convert(status, uint256)
+        | (proof_interval << 8)
+        | (checkpoints << 40)
+        | (closed_at << 72)
+        | (tokens << 112)
+    )
+
+
+@internal
+def _save_state(session_id: uint256, session: Session, close_requested_at: uint256):
+    self.records[session_id].state = self._pack_state(
+        session.status,
+        session.proof_interval,
+        session.checkpoints,
+        close_requested_at,
+        session.tokens_paid,
+    )
 
 
 @view
 @internal
-def _page(role: uint8, who: address, start: uint256, limit: uint256) -> DynArray[uint256, MAX_PAGE]:
-    count: uint256 = self.index_count[role][who]
+def _load(session_id: uint256) -> Session:
+    record: Record = self.records[session_id]
+    return Session(
+        depositor=convert(record.depositor_link & MASK_160, address),
+        host=convert(record.host_link & MASK_160, address),
+        signer=convert(record.signer_terms & MASK_160, address),
+        model_id=record.model_id,
+        deposit=record.amounts & MASK_128,
+        price_per_mtok=record.amounts >> 128,
+        fee_bps=(record.signer_terms >> 160) & MASK_16,
+        proof_interval=(record.state >> 8) & MASK_32,
+        created_at=(record.signer_terms >> 176) & MASK_40,
+        expires_at=record.signer_terms >> 216,
+        close_requested_at=(record.state >> 72) & MASK_40,
+        tokens_paid=record.state >> 112,
+        proof_hash=record.proof_hash,
+        checkpoints=(record.state >> 40) & MASK_32,
+        status=convert(record.state & 255, uint8),
+    )
+
+
+@view
+@internal
+def _walk(start: uint256, limit: uint256, by_user: bool) -> DynArray[uint256, MAX_PAGE]:
     ids: DynArray[uint256, MAX_PAGE] = []
+    current: uint256 = start
     for i: uint256 in range(MAX_PAGE):
-        if i >= limit or start + i >= count:
+        if i >= limit or current == 0:
             break
-        ids.append(self.index_at[role][who][start + i])
+        ids.append(current)
+        if by_user:
+            current = self.records[current].depositor_link >> 160
+        else:
+            current = self.records[current].host_link >> 160
     return ids

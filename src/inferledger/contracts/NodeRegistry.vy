@@ -15,7 +15,19 @@ interface ModelRegistry:
 
 MAX_MODELS: constant(uint256) = 16
 
+# Stored per host. Sessions are counted with two ever-growing counters, not one
+# that drops back to zero: rewriting a zero slot costs ~17k gas more per session.
 struct Host:
+    api_url: String[256]
+    stake: uint256
+    active: bool
+    registered: bool
+    unbonding_ends_at: uint256
+    sessions_opened: uint256
+    sessions_closed: uint256
+
+# What `get_host` returns.
+struct HostView:
     api_url: String[256]
     stake: uint256
     active: bool
@@ -127,7 +139,8 @@ def register(
         active=True,
         registered=True,
         unbonding_ends_at=0,
-        open_sessions=0,
+        sessions_opened=0,
+        sessions_closed=0,
     )
     if not self.listed[msg.sender]:
         self.listed[msg.sender] = True
@@ -218,7 +231,7 @@ def withdraw_stake():
     host: Host = self.hosts[msg.sender]
     assert host.unbonding_ends_at != 0, "NodeRegistry: not unbonding"
     assert block.timestamp >= host.unbonding_ends_at, "NodeRegistry: still unbonding"
-    assert host.open_sessions == 0, "NodeRegistry: host has open sessions"
+    assert host.sessions_opened == host.sessions_closed, "NodeRegistry: host has open sessions"
     for old: bytes32 in self.models_of[msg.sender]:
         self.price_per_mtok[msg.sender][old] = 0
     self.models_of[msg.sender] = []
@@ -258,9 +271,11 @@ def session_opened(host_address: address):
     @notice Count a new open session for `host_address`. Marketplace only.
     """
     assert msg.sender == self.marketplace, "NodeRegistry: caller is not the marketplace"
-    count: uint256 = self.hosts[host_address].open_sessions + 1
-    self.hosts[host_address].open_sessions = count
-    log SessionCountChanged(host=host_address, open_sessions=count)
+    opened: uint256 = self.hosts[host_address].sessions_opened + 1
+    self.hosts[host_address].sessions_opened = opened
+    log SessionCountChanged(
+        host=host_address, open_sessions=opened - self.hosts[host_address].sessions_closed
+    )
 
 
 @external
@@ -269,9 +284,11 @@ def session_closed(host_address: address):
     @notice Count a settled session for `host_address`. Marketplace only.
     """
     assert msg.sender == self.marketplace, "NodeRegistry: caller is not the marketplace"
-    count: uint256 = self.hosts[host_address].open_sessions - 1
-    self.hosts[host_address].open_sessions = count
-    log SessionCountChanged(host=host_address, open_sessions=count)
+    closed: uint256 = self.hosts[host_address].sessions_closed + 1
+    self.hosts[host_address].sessions_closed = closed
+    log SessionCountChanged(
+        host=host_address, open_sessions=self.hosts[host_address].sessions_opened - closed
+    )
 
 
 @external
@@ -309,11 +326,19 @@ def transfer_ownership(new_owner: address):
 
 @view
 @external
-def get_host(host_address: address) -> Host:
+def get_host(host_address: address) -> HostView:
     """
     @notice A host's registration, stake, status and open session count.
     """
-    return self.hosts[host_address]
+    host: Host = self.hosts[host_address]
+    return HostView(
+        api_url=host.api_url,
+        stake=host.stake,
+        active=host.active,
+        registered=host.registered,
+        unbonding_ends_at=host.unbonding_ends_at,
+        open_sessions=host.sessions_opened - host.sessions_closed,
+    )
 
 
 @view

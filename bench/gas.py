@@ -1,0 +1,99 @@
+"""Gas used by each marketplace action, printed as a table.
+
+Run: ``python bench/gas.py`` (embedded chain) or ``python bench/gas.py --rpc URL``.
+Gas is deterministic for a given state, so one run is the measurement; the
+first-time and repeat figures differ because writing a fresh storage slot costs
+more than updating one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_utils import keccak
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from support import open_session, sign  # noqa: E402
+
+from inferledger.chain.connect import EMBEDDED, connect  # noqa: E402
+from inferledger.chain.devchain import build_dev_world  # noqa: E402
+from inferledger.chain.tx import TxSender  # noqa: E402
+
+BUDGETS = {"create_session": 300_000, "submit_checkpoint": 80_000, "complete_session": 150_000}
+URI = "http://127.0.0.1:8080/v1/proofs/0x" + "ab" * 32
+
+
+def measure(rpc: str) -> list[tuple[str, str, int]]:
+    chain = connect(rpc)
+    world = build_dev_world(chain)
+    c, market, host, user = world.contracts, world.contracts.marketplace, world.host, world.user
+    rows: list[tuple[str, str, int]] = []
+
+    def gas_of(action: str, case: str, sender: TxSender, name: str, *args: object) -> None:
+        call = getattr(market.contract.functions, name)(*args)
+        rows.append((action, case, sender.transact(call, name)["gasUsed"]))
+
+    def gas_create(case: str, sender: TxSender) -> tuple[int, LocalAccount]:
+        signer = Account.create()
+        c.token.approve(sender, market.address, 2_000_000)
+        gas_of("create_session", case, sender, "create_session", host.address, world.model_id,
+               2_000_000, 2_000_000_000, 86400, 100, signer.address)
+        return market.contract.functions.session_count().call(), signer
+
+    def gas_checkpoint(case: str, session_id: int, signer: LocalAccount, tokens: int) -> None:
+        proof = keccak(text=f"bundle {session_id} {tokens}")
+        gas_of("submit_checkpoint", case, host, "submit_checkpoint",
+               session_id, tokens, proof, URI, sign(world, signer, session_id, tokens, proof))
+
+    def gas_complete(case: str, session_id: int, signer: LocalAccount, tokens: int) -> None:
+        proof = keccak(text=f"final {session_id} {tokens}")
+        gas_of("complete_session", case, host, "complete_session",
+               session_id, tokens, proof, URI, sign(world, signer, session_id, tokens, proof))
+
+    first, signer1 = gas_create("first session of a fresh deployment", user)
+    newcomer = world.funded_sender("newcomer", 10_000_000)
+    second, signer2 = gas_create("a new user's first session", newcomer)
+    third, signer3 = gas_create("a returning user", user)
+    gas_checkpoint("first checkpoint of a session", first, signer1, 100)
+    gas_checkpoint("later checkpoint", first, signer1, 200)
+    gas_complete("first settlement of a fresh deployment", first, signer1, 300)
+    gas_complete("final receipt, no prior checkpoint", second, signer2, 150)
+    gas_checkpoint("first checkpoint of a session", third, signer3, 100)
+    gas_of("complete_session", "no new receipt (last checkpoint again)", host,
+           "complete_session", third, 100, keccak(text="unused"), URI, b"")
+
+    fourth, _ = open_session(world)
+    gas_of("request_close", "depositor", user, "request_close", fourth)
+    chain.time_travel(c.deployment.params.close_window + 1)
+    gas_of("finalize", "after the close window", user, "finalize", fourth)
+
+    receipt = c.earnings.withdraw(host, c.token.address)
+    rows.append(("withdraw", "host earnings, one token", receipt["gasUsed"]))
+    receipt = c.marketplace.withdraw_treasury(world.owner)
+    rows.append(("withdraw_treasury", "treasury", receipt["gasUsed"]))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rpc", default=EMBEDDED, help="chain URL (default: embedded)")
+    args = parser.parse_args()
+    table = Table(title=f"JobMarketplace gas ({args.rpc})")
+    for column in ("action", "case", "gas used", "budget"):
+        table.add_column(column, justify="right" if column in ("gas used", "budget") else "left")
+    for action, case, used in measure(args.rpc):
+        budget = BUDGETS.get(action)
+        mark = "" if budget is None else (f"{budget:,}" + (" ok" if used <= budget else " OVER"))
+        table.add_row(action, case, f"{used:,}", mark)
+    Console(width=120).print(table)
+
+
+if __name__ == "__main__":
+    main()

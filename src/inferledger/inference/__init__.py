@@ -1,0 +1,69 @@
+"""Inference backends behind one small protocol (see :mod:`inferledger.inference.base`).
+
+Backends are imported lazily by :func:`load_backend`, so choosing ``scripted`` or
+``openai_http`` never imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from inferledger.inference.base import (
+    UNKNOWN_TOKEN_ID,
+    Backend,
+    BackendError,
+    BackendUnavailable,
+    Event,
+    Finish,
+    FinishReason,
+    GenerationParams,
+    Message,
+    Token,
+    UnsupportedFeature,
+    UpstreamError,
+)
+
+BACKEND_NAMES = ("transformers", "scripted", "openai_http", "llama_cpp")
+
+__all__ = [
+    "BACKEND_NAMES",
+    "UNKNOWN_TOKEN_ID",
+    "Backend",
+    "BackendError",
+    "BackendUnavailable",
+    "Event",
+    "Finish",
+    "FinishReason",
+    "GenerationParams",
+    "Message",
+    "Token",
+    "UnsupportedFeature",
+    "UpstreamError",
+    "load_backend",
+]
+
+
+def load_backend(name: str, **options: Any) -> Backend:
+    """Build the backend called ``name``; ``options`` go to its constructor."""
+    if name == "transformers":
+        from inferledger.inference.transformers_backend import TransformersBackend
+
+        return TransformersBackend(**options)
+    if name == "scripted":
+        from inferledger.inference.scripted import ScriptedBackend
+
+        return ScriptedBackend(**options)
+    if name == "openai_http":
+        from inferledger.inference.openai_http import OpenAIHTTPBackend
+
+        return OpenAIHTTPBackend(**options)
+    if name == "llama_cpp":
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise BackendUnavailable(
+                "llama_cpp backend needs llama-cpp-python; run `pip install llama-cpp-python`"
+            )
+        raise BackendUnavailable(
+            "llama_cpp backend is not implemented yet; use `transformers` for the same GGUF"
+        )
+    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")

