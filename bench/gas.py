@@ -20,11 +20,10 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from support import open_session, sign  # noqa: E402
-
-from inferledger.chain.connect import EMBEDDED, connect  # noqa: E402
-from inferledger.chain.devchain import build_dev_world  # noqa: E402
-from inferledger.chain.tx import TxSender  # noqa: E402
+from inferledger.chain.connect import EMBEDDED, connect
+from inferledger.chain.devchain import build_dev_world
+from inferledger.chain.tx import TxSender
+from support import open_session, sign
 
 BUDGETS = {"create_session": 300_000, "submit_checkpoint": 80_000, "complete_session": 150_000}
 URI = "http://127.0.0.1:8080/v1/proofs/0x" + "ab" * 32
@@ -43,19 +42,48 @@ def measure(rpc: str) -> list[tuple[str, str, int]]:
     def gas_create(case: str, sender: TxSender) -> tuple[int, LocalAccount]:
         signer = Account.create()
         c.token.approve(sender, market.address, 2_000_000)
-        gas_of("create_session", case, sender, "create_session", host.address, world.model_id,
-               2_000_000, 2_000_000_000, 86400, 100, signer.address)
+        gas_of(
+            "create_session",
+            case,
+            sender,
+            "create_session",
+            host.address,
+            world.model_id,
+            2_000_000,
+            2_000_000_000,
+            86400,
+            100,
+            signer.address,
+        )
         return market.contract.functions.session_count().call(), signer
 
     def gas_checkpoint(case: str, session_id: int, signer: LocalAccount, tokens: int) -> None:
         proof = keccak(text=f"bundle {session_id} {tokens}")
-        gas_of("submit_checkpoint", case, host, "submit_checkpoint",
-               session_id, tokens, proof, URI, sign(world, signer, session_id, tokens, proof))
+        gas_of(
+            "submit_checkpoint",
+            case,
+            host,
+            "submit_checkpoint",
+            session_id,
+            tokens,
+            proof,
+            URI,
+            sign(world, signer, session_id, tokens, proof),
+        )
 
     def gas_complete(case: str, session_id: int, signer: LocalAccount, tokens: int) -> None:
         proof = keccak(text=f"final {session_id} {tokens}")
-        gas_of("complete_session", case, host, "complete_session",
-               session_id, tokens, proof, URI, sign(world, signer, session_id, tokens, proof))
+        gas_of(
+            "complete_session",
+            case,
+            host,
+            "complete_session",
+            session_id,
+            tokens,
+            proof,
+            URI,
+            sign(world, signer, session_id, tokens, proof),
+        )
 
     first, signer1 = gas_create("first session of a fresh deployment", user)
     newcomer = world.funded_sender("newcomer", 10_000_000)
@@ -66,8 +94,17 @@ def measure(rpc: str) -> list[tuple[str, str, int]]:
     gas_complete("first settlement of a fresh deployment", first, signer1, 300)
     gas_complete("final receipt, no prior checkpoint", second, signer2, 150)
     gas_checkpoint("first checkpoint of a session", third, signer3, 100)
-    gas_of("complete_session", "no new receipt (last checkpoint again)", host,
-           "complete_session", third, 100, keccak(text="unused"), URI, b"")
+    gas_of(
+        "complete_session",
+        "no new receipt (last checkpoint again)",
+        host,
+        "complete_session",
+        third,
+        100,
+        keccak(text="unused"),
+        URI,
+        b"",
+    )
 
     fourth, _ = open_session(world)
     gas_of("request_close", "depositor", user, "request_close", fourth)

@@ -43,3 +43,18 @@ def world(world_once: DevWorld) -> Iterator[DevWorld]:
     snapshot = world_once.chain.snapshot()
     yield world_once
     world_once.chain.revert(snapshot)
+
+
+_passed_by_chain: dict[str, int] = dict.fromkeys(CHAIN_KINDS, 0)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" and report.passed:
+        for kind in CHAIN_KINDS:
+            if f"[{kind}" in report.nodeid:
+                _passed_by_chain[kind] += 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    counts = ", ".join(f"{kind}: {count} passed" for kind, count in _passed_by_chain.items())
+    terminalreporter.write_line(f"chain tests by chain -- {counts}")

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
+from web3.contract import Contract
 
+from inferledger.chain.compile import EVM_VERSION, compile_all
+from inferledger.chain.connect import Chain
 from inferledger.chain.devchain import DevWorld
+from inferledger.chain.errors import ContractRevert
 from inferledger.chain.receipts import Receipt, sign_receipt
 from inferledger.chain.tx import TxSender
 from inferledger.chain.units import usdc
@@ -50,3 +60,107 @@ def sign(
     """The session signer's receipt for ``tokens`` cumulative tokens."""
     receipt = Receipt(session_id=session_id, tokens=tokens, proof_hash=proof)
     return sign_receipt(signer.key, world.contracts.marketplace.domain(), receipt)
+
+
+# Extra deployments ---------------------------------------------------------------
+
+# A token whose transfer/transferFrom return False (instead of reverting) once
+# ``set_failing(True)`` is called: reaches the contracts' "transfer failed" asserts.
+# No allowances: transferFrom moves anyone's balance. Tests only.
+FAILING_TOKEN_SOURCE = """
+# pragma version 0.4.3
+# pragma evm-version cancun
+
+balanceOf: public(HashMap[address, uint256])
+failing: public(bool)
+
+
+@external
+def mint(receiver: address, amount: uint256):
+    self.balanceOf[receiver] += amount
+
+
+@external
+def set_failing(on: bool):
+    self.failing = on
+
+
+@external
+def transfer(receiver: address, amount: uint256) -> bool:
+    if self.failing:
+        return False
+    self.balanceOf[msg.sender] -= amount
+    self.balanceOf[receiver] += amount
+    return True
+
+
+@external
+def transferFrom(sender: address, receiver: address, amount: uint256) -> bool:
+    if self.failing:
+        return False
+    self.balanceOf[sender] -= amount
+    self.balanceOf[receiver] += amount
+    return True
+"""
+
+
+@functools.cache
+def _compile_source(source: str) -> tuple[list[dict[str, Any]], str]:
+    import vyper
+    from vyper.compiler.settings import Settings
+
+    out = vyper.compile_code(
+        source, output_formats=["abi", "bytecode"], settings=Settings(evm_version=EVM_VERSION)
+    )
+    return out["abi"], out["bytecode"]
+
+
+def _deploy(
+    chain: Chain, sender: TxSender, abi: list[dict[str, Any]], bytecode: str, *args: Any
+) -> Contract:
+    factory = chain.w3.eth.contract(abi=abi, bytecode=bytecode)
+    receipt = sender.transact(factory.constructor(*args), "deploy")
+    return chain.w3.eth.contract(address=receipt["contractAddress"], abi=abi)
+
+
+def deploy_contract(
+    world: DevWorld, name: str, *args: Any, sender: TxSender | None = None
+) -> Contract:
+    """A fresh instance of one of inferledger's contracts (default deployer: the owner)."""
+    compiled = compile_all()[name]
+    return _deploy(world.chain, sender or world.owner, compiled.abi, compiled.bytecode, *args)
+
+
+def deploy_failing_token(world: DevWorld) -> Contract:
+    """A fresh FAILING_TOKEN_SOURCE token, deployed by the owner."""
+    abi, bytecode = _compile_source(FAILING_TOKEN_SOURCE)
+    return _deploy(world.chain, world.owner, abi, bytecode)
+
+
+def next_tx_at(chain: Chain, timestamp: int) -> None:
+    """Make the next transaction be both estimated and mined at block time ``timestamp``."""
+    if chain.is_embedded:
+        # The embedded chain estimates against the pending block and mines each block
+        # one second after the previous one: bring the latest block to ``timestamp - 1``.
+        # Chain.time_travel may land a second short (py-evm backend): top up by mining.
+        target = timestamp - 1
+        if chain.now() < target - 1:
+            chain.time_travel(target - chain.now())
+        while chain.now() < target:
+            chain.mine()
+        assert chain.now() == target, f"chain time {chain.now()} is already past {target}"
+    else:
+        # anvil estimates against the latest block: mine one at ``timestamp`` and mine
+        # the next one at the same time (anvil accepts equal timestamps).
+        request = chain.w3.provider.make_request
+        request("evm_setNextBlockTimestamp", [timestamp])
+        request("evm_mine", [])
+        request("evm_setNextBlockTimestamp", [timestamp])
+
+
+@contextmanager
+def reverts(reason: str) -> Iterator[None]:
+    """Expect the block to raise ContractRevert with exactly ``reason``."""
+    with pytest.raises(ContractRevert) as caught:
+        yield
+    assert caught.value.reason == reason

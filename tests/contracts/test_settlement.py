@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from support import PROOF, URI, open_session, sign
-
 from inferledger.chain.devchain import DevWorld
 from inferledger.chain.receipts import Receipt, receipt_digest
 from inferledger.chain.units import settlement_split, usdc
+from support import PROOF, URI, open_session, sign
 
 
 def test_seed_example_pays_host_treasury_and_refund_exactly(world: DevWorld) -> None:

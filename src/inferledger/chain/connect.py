@@ -23,10 +23,13 @@ _DEV_CLIENTS = ("anvil", "hardhat", "ganache")
 class Chain:
     """A web3 connection plus what inferledger needs to know about the chain."""
 
-    def __init__(self, w3: Web3, url: str, tester: Any | None = None) -> None:
+    def __init__(
+        self, w3: Web3, url: str, tester: Any | None = None, **sender_defaults: Any
+    ) -> None:
         self.w3 = w3
         self.url = url
         self._tester = tester
+        self._sender_defaults = sender_defaults
         self._senders: list[TxSender] = []
         try:
             self.chain_id = w3.eth.chain_id
@@ -47,7 +50,7 @@ class Chain:
         """A TxSender for ``account`` (an account or a private key) on this chain."""
         if not isinstance(account, LocalAccount):
             account = Account.from_key(account)
-        sender = TxSender(self.w3, account, url=self.url, **options)
+        sender = TxSender(self.w3, account, url=self.url, **{**self._sender_defaults, **options})
         self._senders.append(sender)
         return sender
 
@@ -68,7 +71,8 @@ class Chain:
         """Move chain time forward by ``seconds`` and mine a block; returns the new time."""
         self._require_dev("time travel")
         if self._tester is not None:
-            self._tester.time_travel(self.now() + seconds)
+            # py-evm mines the travel block one second before the requested time.
+            self._tester.time_travel(self.now() + seconds + 1)
         else:
             self.w3.provider.make_request("evm_increaseTime", [seconds])
             self.w3.provider.make_request("evm_mine", [])
@@ -81,6 +85,17 @@ class Chain:
             self._tester.mine_blocks(1)
         else:
             self.w3.provider.make_request("evm_mine", [])
+
+    def set_automine(self, enabled: bool) -> None:
+        """Mine each transaction at once (the default) or leave them pending."""
+        self._require_dev("automine")
+        if self._tester is not None:
+            if enabled:
+                self._tester.enable_auto_mine_transactions()
+            else:
+                self._tester.disable_auto_mine_transactions()
+        else:
+            self.w3.provider.make_request("evm_setAutomine", [enabled])
 
     def snapshot(self) -> Any:
         """Save the chain state; ``revert(snapshot_id)`` goes back to it."""
@@ -113,17 +128,21 @@ class Chain:
             self.w3.provider.make_request("anvil_setBalance", [address, hex(balance)])
 
 
-def connect(url: str = EMBEDDED, *, timeout: float = 10.0) -> Chain:
-    """Open ``url`` (an http(s) or ws JSON-RPC endpoint) or the embedded chain."""
+def connect(url: str = EMBEDDED, *, timeout: float = 10.0, **sender_defaults: Any) -> Chain:
+    """Open ``url`` (an http(s) JSON-RPC endpoint) or the embedded chain.
+
+    ``sender_defaults`` (gas_cap, receipt_timeout, ...) apply to every ``TxSender``
+    made by ``Chain.sender``.
+    """
     if url == EMBEDDED:
         from eth_tester import EthereumTester, PyEVMBackend
 
         tester = EthereumTester(PyEVMBackend())
-        return Chain(Web3(EthereumTesterProvider(tester)), url, tester=tester)
+        return Chain(Web3(EthereumTesterProvider(tester)), url, tester, **sender_defaults)
     if url.startswith(("http://", "https://")):
-        provider: Any = Web3.HTTPProvider(url, request_kwargs={"timeout": timeout})
+        provider = Web3.HTTPProvider(url, request_kwargs={"timeout": timeout})
     else:
         raise ChainError(
             f"unsupported chain URL {url!r}: use 'embedded' or an http(s):// JSON-RPC URL"
         )
-    return Chain(Web3(provider), url)
+    return Chain(Web3(provider), url, **sender_defaults)

@@ -17,11 +17,23 @@ from web3 import Web3
 from web3.contract.contract import ContractConstructor, ContractFunction
 from web3.types import TxReceipt
 
-from inferledger.chain.errors import ChainError, ContractRevert, GasCapExceeded, TxTimeout, translate
+from inferledger.chain.errors import (
+    ChainError,
+    ContractRevert,
+    GasCapExceeded,
+    TxTimeout,
+    translate,
+)
 
 DEFAULT_GAS_CAP = 8_000_000
 DEFAULT_RECEIPT_TIMEOUT = 120.0
-_NONCE_ERRORS = ("nonce too low", "already known", "replacement transaction underpriced")
+# How nodes say "that nonce is taken": geth/anvil wording, then py-evm's.
+_NONCE_ERRORS = (
+    "nonce too low",
+    "already known",
+    "replacement transaction underpriced",
+    "invalid transaction nonce",
+)
 
 
 class TxSender:
@@ -89,7 +101,12 @@ class TxSender:
 
     def _sign_and_send(self, tx: dict[str, Any], action: str) -> HexBytes:
         tx.pop("gasPrice", None)
-        estimate = self.w3.eth.estimate_gas(tx)
+        # Estimate against the pending block, the one the transaction lands in (time-bound
+        # checks differ from the latest block); eth-tester takes no block argument here.
+        if self.url == "embedded":
+            estimate = self.w3.eth.estimate_gas(tx)
+        else:
+            estimate = self.w3.eth.estimate_gas(tx, "pending")
         if estimate > self.gas_cap:
             raise GasCapExceeded(
                 f"{action} needs {estimate} gas, above the cap of {self.gas_cap}; "

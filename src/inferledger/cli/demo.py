@@ -13,8 +13,10 @@ from rich.table import Table
 
 from inferledger.chain.connect import connect
 from inferledger.chain.devchain import build_dev_world
+from inferledger.chain.errors import ChainError
 from inferledger.chain.receipts import Receipt, sign_receipt
 from inferledger.chain.units import format_usdc, price_per_token_to_mtok, usdc
+from inferledger.config import Settings
 
 DEPOSIT = usdc("2")
 PRICE_PER_MTOK = price_per_token_to_mtok("0.002")
@@ -23,12 +25,19 @@ PROOF_INTERVAL = 100
 DURATION = 86400
 
 
-def run_demo(rpc: str) -> None:
+def run_demo(settings: Settings) -> None:
     console = Console()
     with console.status("connecting and compiling contracts..."):
-        chain = connect(rpc)
+        chain = connect(
+            settings.chain_url,
+            gas_cap=settings.gas_cap,
+            receipt_timeout=settings.receipt_timeout,
+        )
         if not chain.is_dev:
-            raise SystemExit(f"{rpc} is not a dev chain: the demo mints test USDC")
+            raise ChainError(
+                f"{settings.chain_url} is not a dev chain: the demo mints test USDC; "
+                "run it on the embedded chain or anvil"
+            )
         world = build_dev_world(chain, host_price_per_mtok=PRICE_PER_MTOK)
     c = world.contracts
     console.print(f"[bold]chain[/] {chain.url} (chain id {chain.chain_id}, {chain.client})")
@@ -80,4 +89,4 @@ def run_demo(rpc: str) -> None:
     table.add_row("total", format_usdc(host_balance + treasury_balance + refund), "= deposit")
     console.print(table)
     if host_balance + treasury_balance + refund != DEPOSIT:
-        raise SystemExit("settlement does not add up to the deposit")
+        raise ChainError("settlement does not add up to the deposit: this is a bug, report it")

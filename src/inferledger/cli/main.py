@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from inferledger.chain.connect import EMBEDDED
 from inferledger.chain.errors import ChainError
+from inferledger.config import ConfigError, load_settings
 
 app = typer.Typer(
     help="inferledger: pay-per-token LLM inference with escrowed USDC sessions.",
@@ -16,11 +16,11 @@ app = typer.Typer(
 
 @app.command()
 def demo(
-    rpc: str = typer.Option(
-        EMBEDDED,
+    rpc: str | None = typer.Option(
+        None,
         "--rpc",
-        help="Chain to run on: 'embedded' (in-process py-evm) or a dev JSON-RPC URL such as "
-        "anvil's http://127.0.0.1:8545.",
+        help="Chain to run on: 'embedded' (in-process py-evm, the default) or a dev JSON-RPC "
+        "URL such as anvil's http://127.0.0.1:8545. Default: the chain_url setting.",
     ),
 ) -> None:
     """Walk through the seed incident's verification steps on a dev chain.
@@ -32,8 +32,9 @@ def demo(
     from inferledger.cli.demo import run_demo
 
     try:
-        run_demo(rpc)
-    except ChainError as exc:
+        settings = load_settings(**({"chain_url": rpc} if rpc else {}))
+        run_demo(settings)
+    except (ChainError, ConfigError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from exc
 

@@ -42,6 +42,7 @@ MASK_128: constant(uint256) = 2**128 - 1
 MASK_40: constant(uint256) = 2**40 - 1
 MASK_32: constant(uint256) = 2**32 - 1
 MASK_16: constant(uint256) = 2**16 - 1
+MAX_TOKENS: constant(uint256) = 2**144 - 1  # tokens_paid's width in the packed state
 # Upper half of the secp256k1 order: signatures with a larger s are malleable twins.
 MAX_S: constant(uint256) = 57896044618658097711785492504343953926418782139537452191302581570759080747168
 
@@ -519,6 +520,7 @@ def _checkpoint(
     if not is_new:
         return
     assert tokens > session.tokens_paid, "JobMarketplace: tokens must increase"
+    assert tokens <= MAX_TOKENS, "JobMarketplace: tokens too large"
     assert self._cost(tokens, session.price_per_mtok) <= session.deposit, "JobMarketplace: tokens exceed budget"
     signer: address = self._recover(self._receipt_digest(session_id, tokens, proof_hash), receipt_sig)
     assert signer == session.signer, "JobMarketplace: receipt not signed by session signer"

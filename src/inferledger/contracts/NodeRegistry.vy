@@ -183,11 +183,15 @@ def set_models(model_ids: DynArray[bytes32, MAX_MODELS], prices: DynArray[uint25
 def add_stake(amount: uint256):
     """
     @notice Lock `amount` more of the stake token for the caller.
+    @dev Reactivates a host that a slash left below the minimum, unless it is unbonding.
     """
     assert self.hosts[msg.sender].registered, "NodeRegistry: not registered"
     assert amount > 0, "NodeRegistry: zero amount"
     new_stake: uint256 = self.hosts[msg.sender].stake + amount
     self.hosts[msg.sender].stake = new_stake
+    # A host slashed below the minimum becomes active again once topped up.
+    if new_stake >= min_stake and self.hosts[msg.sender].unbonding_ends_at == 0:
+        self.hosts[msg.sender].active = True
     log StakeAdded(host=msg.sender, amount=amount, stake=new_stake)
     assert extcall stake_token.transferFrom(
         msg.sender, self, amount, default_return_value=True

@@ -44,11 +44,16 @@ __all__ = [
 ]
 
 
-def load_backend(name: str, **options: Any) -> Backend:
+def load_backend(name: str, /, **options: Any) -> Backend:
     """Build the backend called ``name``; ``options`` go to its constructor."""
     if name == "transformers":
-        from inferledger.inference.transformers_backend import TransformersBackend
-
+        try:
+            from inferledger.inference.transformers_backend import TransformersBackend
+        except ImportError as error:
+            raise BackendUnavailable(
+                f"transformers backend needs torch and transformers ({error}); "
+                "run `pip install torch==2.13.0` then `pip install transformers accelerate gguf`"
+            ) from error
         return TransformersBackend(**options)
     if name == "scripted":
         from inferledger.inference.scripted import ScriptedBackend

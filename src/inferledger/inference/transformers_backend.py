@@ -44,7 +44,12 @@ class TransformersBackend:
         *,
         home: str | Path | None = None,
         name: str | None = None,
+        num_threads: int | None = None,
     ) -> None:
+        if num_threads is not None:
+            # Process-wide. With 2 cores and other busy processes, torch's default 2 threads
+            # stall each other on every op; 1 thread degrades far more gracefully.
+            torch.set_num_threads(num_threads)
         packaged = gguf_path is None
         self.weights_path = find_packaged_gguf() if packaged else Path(gguf_path)
         self.weights_sha256 = sha256_file(self.weights_path)
