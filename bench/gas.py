@@ -9,8 +9,6 @@ more than updating one.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
@@ -18,12 +16,9 @@ from eth_utils import keccak
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 from inferledger.chain.connect import EMBEDDED, connect
-from inferledger.chain.devchain import build_dev_world
+from inferledger.chain.devchain import build_dev_world, open_session, sign
 from inferledger.chain.tx import TxSender
-from support import open_session, sign
 
 BUDGETS = {"create_session": 300_000, "submit_checkpoint": 80_000, "complete_session": 150_000}
 URI = "http://127.0.0.1:8080/v1/proofs/0x" + "ab" * 32

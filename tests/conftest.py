@@ -33,6 +33,17 @@ def chain(request: pytest.FixtureRequest) -> Chain:
 
 
 @pytest.fixture(scope="session")
+def smollm() -> Iterator[object]:
+    """The real SmolLM2 backend, loaded once. One torch thread keeps tests steady when
+    xdist workers share the two cores."""
+    from inferledger.inference.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend(num_threads=1)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="session")
 def world_once(chain: Chain) -> DevWorld:
     return build_dev_world(chain)
 

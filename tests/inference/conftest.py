@@ -1,20 +1,7 @@
 """Fixtures for the inference tests.
 
-The real SmolLM2 backend is built once per session. It uses the normal model cache
-(``$INFERLEDGER_HOME`` or ``~/.cache/inferledger``), so only the first run on a machine pays
-for the GGUF conversion. One torch thread keeps the tests steady when other processes (or
-xdist workers) share the two cores.
+The real SmolLM2 backend (``smollm``) lives in tests/conftest.py and is built once per
+session. It uses the normal model cache (``$INFERLEDGER_HOME`` or ``~/.cache/inferledger``),
+so only the first run on a machine pays for the GGUF conversion. One torch thread keeps
+the tests steady when other processes (or xdist workers) share the two cores.
 """
-
-from __future__ import annotations
-
-import pytest
-
-
-@pytest.fixture(scope="session")
-def smollm():
-    from inferledger.inference.transformers_backend import TransformersBackend
-
-    backend = TransformersBackend(num_threads=1)
-    yield backend
-    backend.close()

@@ -6,6 +6,7 @@ and a faucet, through one interface whichever kind is behind it.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from eth_account import Account
@@ -20,6 +21,18 @@ EMBEDDED = "embedded"
 _DEV_CLIENTS = ("anvil", "hardhat", "ganache")
 
 
+class _LockedTesterProvider(EthereumTesterProvider):
+    """eth-tester is not thread-safe; the node reads from worker threads, so serialise."""
+
+    def __init__(self, tester: Any, lock: threading.RLock) -> None:
+        super().__init__(tester)
+        self._lock = lock
+
+    def make_request(self, method: Any, params: Any) -> Any:
+        with self._lock:
+            return super().make_request(method, params)
+
+
 class Chain:
     """A web3 connection plus what inferledger needs to know about the chain."""
 
@@ -30,6 +43,7 @@ class Chain:
         self.url = url
         self._tester = tester
         self._sender_defaults = sender_defaults
+        self.lock = getattr(w3.provider, "_lock", None) or threading.RLock()
         self._senders: list[TxSender] = []
         try:
             self.chain_id = w3.eth.chain_id
@@ -72,7 +86,8 @@ class Chain:
         self._require_dev("time travel")
         if self._tester is not None:
             # py-evm mines the travel block one second before the requested time.
-            self._tester.time_travel(self.now() + seconds + 1)
+            with self.lock:
+                self._tester.time_travel(self.now() + seconds + 1)
         else:
             self.w3.provider.make_request("evm_increaseTime", [seconds])
             self.w3.provider.make_request("evm_mine", [])
@@ -82,7 +97,8 @@ class Chain:
         """Mine one empty block."""
         self._require_dev("mining")
         if self._tester is not None:
-            self._tester.mine_blocks(1)
+            with self.lock:
+                self._tester.mine_blocks(1)
         else:
             self.w3.provider.make_request("evm_mine", [])
 
@@ -90,10 +106,11 @@ class Chain:
         """Mine each transaction at once (the default) or leave them pending."""
         self._require_dev("automine")
         if self._tester is not None:
-            if enabled:
-                self._tester.enable_auto_mine_transactions()
-            else:
-                self._tester.disable_auto_mine_transactions()
+            with self.lock:
+                if enabled:
+                    self._tester.enable_auto_mine_transactions()
+                else:
+                    self._tester.disable_auto_mine_transactions()
         else:
             self.w3.provider.make_request("evm_setAutomine", [enabled])
 
@@ -101,14 +118,16 @@ class Chain:
         """Save the chain state; ``revert(snapshot_id)`` goes back to it."""
         self._require_dev("snapshots")
         if self._tester is not None:
-            return self._tester.take_snapshot()
+            with self.lock:
+                return self._tester.take_snapshot()
         return self.w3.provider.make_request("evm_snapshot", [])["result"]
 
     def revert(self, snapshot_id: Any) -> None:
         """Return to a snapshot. On anvil a snapshot can be reverted to only once."""
         self._require_dev("snapshots")
         if self._tester is not None:
-            self._tester.revert_to_snapshot(snapshot_id)
+            with self.lock:
+                self._tester.revert_to_snapshot(snapshot_id)
         else:
             result = self.w3.provider.make_request("evm_revert", [snapshot_id])
             if not result.get("result"):
@@ -138,7 +157,8 @@ def connect(url: str = EMBEDDED, *, timeout: float = 10.0, **sender_defaults: An
         from eth_tester import EthereumTester, PyEVMBackend
 
         tester = EthereumTester(PyEVMBackend())
-        return Chain(Web3(EthereumTesterProvider(tester)), url, tester, **sender_defaults)
+        provider = _LockedTesterProvider(tester, threading.RLock())
+        return Chain(Web3(provider), url, tester, **sender_defaults)
     if url.startswith(("http://", "https://")):
         provider = Web3.HTTPProvider(url, request_kwargs={"timeout": timeout})
     else:

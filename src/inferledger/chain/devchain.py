@@ -16,10 +16,13 @@ from inferledger.chain.connect import Chain
 from inferledger.chain.contracts import Contracts
 from inferledger.chain.deploy import deploy
 from inferledger.chain.deployment import DeployParams
+from inferledger.chain.receipts import Receipt, sign_receipt
 from inferledger.chain.tx import TxSender
 from inferledger.chain.units import usdc
 
 GAS_MONEY = 100 * 10**18
+PRICE = 2_000_000_000  # $0.002 per token, per million tokens in base units
+PROOF = keccak(text="proof bundle")
 DEV_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/smollm2-135m-instruct-q8_0.gguf"
 
 
@@ -67,3 +70,40 @@ def build_dev_world(
     contracts.token.approve(world.host, contracts.nodes.address, stake)
     contracts.nodes.register(world.host, host_url, {model_id: host_price_per_mtok}, stake)
     return world
+
+
+def open_session(
+    world: DevWorld,
+    *,
+    user: TxSender | None = None,
+    deposit: int = usdc("2"),
+    price: int = PRICE,
+    proof_interval: int = 100,
+    duration: int = 86400,
+    signer: LocalAccount | None = None,
+    model_id: bytes | None = None,
+) -> tuple[int, LocalAccount]:
+    """Approve and create a session with the world's host; returns (id, session signer)."""
+    user = user or world.user
+    signer = signer or Account.create()
+    c = world.contracts
+    c.token.approve(user, c.marketplace.address, deposit)
+    session_id = c.marketplace.create_session(
+        user,
+        host=world.host.address,
+        model_id=model_id or world.model_id,
+        deposit=deposit,
+        price_per_mtok=price,
+        max_duration=duration,
+        proof_interval=proof_interval,
+        session_signer=signer.address,
+    )
+    return session_id, signer
+
+
+def sign(
+    world: DevWorld, signer: LocalAccount, session_id: int, tokens: int, proof: bytes = PROOF
+) -> bytes:
+    """The session signer's receipt for ``tokens`` cumulative tokens."""
+    receipt = Receipt(session_id=session_id, tokens=tokens, proof_hash=proof)
+    return sign_receipt(signer.key, world.contracts.marketplace.domain(), receipt)

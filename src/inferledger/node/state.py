@@ -1,0 +1,413 @@
+"""The node's durable state: sessions, requests and the user's signed receipts (SQLite).
+
+A signed receipt is the host's claim to payment, so it is acknowledged only after it is on
+disk: every write commits before its method returns, with ``synchronous=FULL``. In WAL mode
+``NORMAL`` survives a crash of the process but may lose the last commits on power loss or an
+OS crash; a lost receipt is lost money, and one fsync per receipt or request is cheap.
+
+One connection is shared by all threads behind a lock: writes are serialised anyway, and the
+lock also makes read-modify-write sequences (counters, receipt checks) atomic.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+SessionStatus = Literal["open", "ended", "closing", "settled", "failed"]
+"""``open``: serving; ``ended``: the client said end or left, settlement pending;
+``closing``: the depositor asked to close on chain; ``settled``: paid out on chain;
+``failed``: settlement gave up (the reason is in the node's logs and transactions)."""
+
+SESSION_STATUSES: frozenset[str] = frozenset(get_args(SessionStatus))
+
+# One entry per schema version; entry i moves a database from version i to i + 1.
+# Amounts in token base units are TEXT: they are uint256 on chain and may exceed int64.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """
+        CREATE TABLE sessions (
+            session_id INTEGER PRIMARY KEY,
+            depositor TEXT NOT NULL,
+            signer TEXT NOT NULL,
+            model_id TEXT NOT NULL,
+            deposit TEXT NOT NULL,
+            price_per_mtok TEXT NOT NULL,
+            proof_interval INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL,
+            tokens_generated INTEGER NOT NULL DEFAULT 0,
+            tokens_receipted INTEGER NOT NULL DEFAULT 0,
+            last_proof_hash TEXT,
+            status TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX sessions_by_status ON sessions (status)",
+        """
+        CREATE TABLE requests (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            session_id INTEGER NOT NULL REFERENCES sessions (session_id),
+            request_id TEXT NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER,
+            finish_reason TEXT,
+            started_at REAL NOT NULL,
+            finished_at REAL
+        )
+        """,
+        "CREATE INDEX requests_by_session ON requests (session_id)",
+        """
+        CREATE TABLE receipts (
+            session_id INTEGER NOT NULL REFERENCES sessions (session_id),
+            tokens INTEGER NOT NULL,
+            proof_hash TEXT NOT NULL,
+            signature TEXT NOT NULL,
+            received_at REAL NOT NULL,
+            PRIMARY KEY (session_id, tokens)
+        )
+        """,
+    ),
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+class StateError(Exception):
+    """The state database cannot be used (e.g. written by a newer inferledger)."""
+
+
+class UnknownSession(KeyError):
+    """No session with this id in the node's state."""
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """A session as the node tracks it; terms come from the chain, counters from serving."""
+
+    session_id: int
+    depositor: str
+    signer: str
+    model_id: bytes
+    deposit: int
+    price_per_mtok: int
+    proof_interval: int
+    expires_at: int
+    tokens_generated: int = 0
+    tokens_receipted: int = 0
+    last_proof_hash: bytes | None = None
+    status: SessionStatus = "open"
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    id: int
+    session_id: int
+    request_id: str
+    prompt_tokens: int
+    completion_tokens: int | None
+    finish_reason: str | None
+    started_at: float
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class ReceiptRecord:
+    """A user's signed receipt for ``tokens`` cumulative tokens of a session."""
+
+    session_id: int
+    tokens: int
+    proof_hash: bytes
+    signature: bytes
+    received_at: float
+
+
+class NodeState:
+    """The node's SQLite state at ``path`` (created, or migrated, on open)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing commits implicitly.
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        try:
+            self._configure()
+            self._migrate()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _configure(self) -> None:
+        mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise StateError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        # Another process (the CLI) may read or write briefly; wait rather than fail.
+        self._conn.execute("PRAGMA busy_timeout=5000")
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StateError(
+                    f"{self.path} has schema version {version}, newer than this inferledger "
+                    f"({SCHEMA_VERSION}): upgrade inferledger or use another state file"
+                )
+            for steps in _MIGRATIONS[version:]:
+                for statement in steps:
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """Hold the lock and one write transaction; commit on success, roll back on error."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    # Sessions ------------------------------------------------------------------
+
+    def upsert_session(self, record: SessionRecord) -> SessionRecord:
+        """Store a session's terms; an existing row keeps its counters, status and created_at.
+
+        Returns the stored record, so a restarted node resumes from its saved counters.
+        """
+        _check_status(record.status)
+        now = time.time()
+        with self._transaction() as db:
+            db.execute(
+                """
+                INSERT INTO sessions (
+                    session_id, depositor, signer, model_id, deposit, price_per_mtok,
+                    proof_interval, expires_at, tokens_generated, tokens_receipted,
+                    last_proof_hash, status, created_at, updated_at
+                ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (session_id) DO UPDATE SET
+                    depositor = excluded.depositor,
+                    signer = excluded.signer,
+                    model_id = excluded.model_id,
+                    deposit = excluded.deposit,
+                    price_per_mtok = excluded.price_per_mtok,
+                    proof_interval = excluded.proof_interval,
+                    expires_at = excluded.expires_at,
+                    updated_at = excluded.updated_at
+                """,
+                (
+                    record.session_id,
+                    record.depositor,
+                    record.signer,
+                    record.model_id.hex(),
+                    str(record.deposit),
+                    str(record.price_per_mtok),
+                    record.proof_interval,
+                    record.expires_at,
+                    record.tokens_generated,
+                    record.tokens_receipted,
+                    _hex_or_none(record.last_proof_hash),
+                    record.status,
+                    record.created_at or now,
+                    now,
+                ),
+            )
+            return self._session_row(db, record.session_id)
+
+    def get_session(self, session_id: int) -> SessionRecord | None:
+        rows = self._query("SELECT * FROM sessions WHERE session_id = ?", (session_id,))
+        return _session(rows[0]) if rows else None
+
+    def list_sessions(self, status: SessionStatus | None = None) -> list[SessionRecord]:
+        """Sessions by id, all of them or those with ``status``."""
+        if status is None:
+            rows = self._query("SELECT * FROM sessions ORDER BY session_id")
+        else:
+            _check_status(status)
+            rows = self._query(
+                "SELECT * FROM sessions WHERE status = ? ORDER BY session_id", (status,)
+            )
+        return [_session(row) for row in rows]
+
+    def add_generated(self, session_id: int, n: int) -> int:
+        """Count ``n`` more generated tokens; returns the session's new total."""
+        if n < 0:
+            raise ValueError(f"generated token count must be >= 0, got {n}")
+        with self._transaction() as db:
+            row = db.execute(
+                "UPDATE sessions SET tokens_generated = tokens_generated + ?, updated_at = ? "
+                "WHERE session_id = ? RETURNING tokens_generated",
+                (n, time.time(), session_id),
+            ).fetchone()
+            if row is None:
+                raise UnknownSession(session_id)
+            return int(row[0])
+
+    def set_status(self, session_id: int, status: SessionStatus) -> None:
+        _check_status(status)
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE sessions SET status = ?, updated_at = ? WHERE session_id = ?",
+                (status, time.time(), session_id),
+            )
+            if cursor.rowcount == 0:
+                raise UnknownSession(session_id)
+
+    # Requests ------------------------------------------------------------------
+
+    def start_request(self, session_id: int, request_id: str, prompt_tokens: int) -> int:
+        """Record a prompt about to be served; returns the row id for ``finish_request``."""
+        with self._transaction() as db:
+            known = db.execute("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,))
+            if known.fetchone() is None:
+                raise UnknownSession(session_id)
+            cursor = db.execute(
+                "INSERT INTO requests (session_id, request_id, prompt_tokens, started_at) "
+                "VALUES (?, ?, ?, ?)",
+                (session_id, request_id, prompt_tokens, time.time()),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def finish_request(self, row_id: int, completion_tokens: int, finish_reason: str) -> None:
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE requests SET completion_tokens = ?, finish_reason = ?, finished_at = ? "
+                "WHERE id = ?",
+                (completion_tokens, finish_reason, time.time(), row_id),
+            )
+            if cursor.rowcount == 0:
+                raise KeyError(f"no request row {row_id}")
+
+    def list_requests(self, session_id: int) -> list[RequestRecord]:
+        rows = self._query("SELECT * FROM requests WHERE session_id = ? ORDER BY id", (session_id,))
+        return [RequestRecord(**dict(row)) for row in rows]
+
+    # Receipts ------------------------------------------------------------------
+
+    def store_receipt(
+        self, session_id: int, tokens: int, proof_hash: bytes, signature: bytes
+    ) -> ReceiptRecord:
+        """Durably store a signed receipt and advance the session's receipted count.
+
+        Receipts are cumulative, so ``tokens`` must exceed the last stored one: an older or
+        repeated receipt is refused with ValueError rather than silently lowering the claim.
+        """
+        if len(proof_hash) != 32:
+            raise ValueError(f"proof_hash must be 32 bytes, got {len(proof_hash)}")
+        if not signature:
+            raise ValueError("receipt signature is empty")
+        received_at = time.time()
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT tokens_receipted FROM sessions WHERE session_id = ?", (session_id,)
+            ).fetchone()
+            if row is None:
+                raise UnknownSession(session_id)
+            if tokens <= row[0]:
+                raise ValueError(
+                    f"receipt for {tokens} tokens refused: session {session_id} already has a "
+                    f"receipt for {row[0]} tokens, and receipts must strictly increase"
+                )
+            db.execute(
+                "INSERT INTO receipts (session_id, tokens, proof_hash, signature, received_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (session_id, tokens, proof_hash.hex(), signature.hex(), received_at),
+            )
+            db.execute(
+                "UPDATE sessions SET tokens_receipted = ?, last_proof_hash = ?, updated_at = ? "
+                "WHERE session_id = ?",
+                (tokens, proof_hash.hex(), received_at, session_id),
+            )
+        return ReceiptRecord(session_id, tokens, bytes(proof_hash), bytes(signature), received_at)
+
+    def latest_receipt(self, session_id: int) -> ReceiptRecord | None:
+        rows = self._query(
+            "SELECT * FROM receipts WHERE session_id = ? ORDER BY tokens DESC LIMIT 1",
+            (session_id,),
+        )
+        return _receipt(rows[0]) if rows else None
+
+    def receipts(self, session_id: int) -> list[ReceiptRecord]:
+        """All receipts of a session, oldest (fewest tokens) first."""
+        rows = self._query(
+            "SELECT * FROM receipts WHERE session_id = ? ORDER BY tokens", (session_id,)
+        )
+        return [_receipt(row) for row in rows]
+
+    # Lifecycle -----------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        return int(self._query("PRAGMA user_version")[0][0])
+
+    def journal_mode(self) -> str:
+        return str(self._query("PRAGMA journal_mode")[0][0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> NodeState:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _session_row(self, db: sqlite3.Connection, session_id: int) -> SessionRecord:
+        row = db.execute("SELECT * FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+        return _session(row)
+
+
+def _check_status(status: str) -> None:
+    if status not in SESSION_STATUSES:
+        raise ValueError(f"unknown session status {status!r}; one of {sorted(SESSION_STATUSES)}")
+
+
+def _hex_or_none(value: bytes | None) -> str | None:
+    return None if value is None else value.hex()
+
+
+def _session(row: sqlite3.Row) -> SessionRecord:
+    proof_hash = row["last_proof_hash"]
+    return SessionRecord(
+        session_id=row["session_id"],
+        depositor=row["depositor"],
+        signer=row["signer"],
+        model_id=bytes.fromhex(row["model_id"]),
+        deposit=int(row["deposit"]),
+        price_per_mtok=int(row["price_per_mtok"]),
+        proof_interval=row["proof_interval"],
+        expires_at=row["expires_at"],
+        tokens_generated=row["tokens_generated"],
+        tokens_receipted=row["tokens_receipted"],
+        last_proof_hash=None if proof_hash is None else bytes.fromhex(proof_hash),
+        status=row["status"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _receipt(row: sqlite3.Row) -> ReceiptRecord:
+    return ReceiptRecord(
+        session_id=row["session_id"],
+        tokens=row["tokens"],
+        proof_hash=bytes.fromhex(row["proof_hash"]),
+        signature=bytes.fromhex(row["signature"]),
+        received_at=row["received_at"],
+    )

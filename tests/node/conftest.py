@@ -1,0 +1,59 @@
+"""Fixtures for node tests: a node on loopback serving a session opened on chain."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from inferledger.chain.devchain import DevWorld, dev_account
+from inferledger.config import load_settings
+from inferledger.inference import Backend, load_backend
+from inferledger.node.node import Node, create_node
+from inferledger.node.server import BackgroundServer
+from inferledger.node.state import NodeState
+
+NodeFactory = Callable[..., tuple[Node, BackgroundServer]]
+
+
+def serve_model(
+    world: DevWorld, backend: Backend, sha256: bytes, price: int = 2_000_000_000
+) -> bytes:
+    """Approve the backend's model and make it the world's host's only model; its id."""
+    c = world.contracts
+    model_id = c.models.approve_model(world.owner, backend.name, sha256)
+    c.nodes.set_models(world.host, {model_id: price})
+    return model_id
+
+
+@pytest.fixture
+def start_node(world: DevWorld, tmp_path: Path) -> Iterator[NodeFactory]:
+    """Start nodes for the world's host; all are stopped at the end of the test."""
+    servers: list[BackgroundServer] = []
+
+    def start(backend: Backend, **settings: object) -> tuple[Node, BackgroundServer]:
+        options = {
+            "host_key": "0x" + dev_account("host").key.hex(),
+            "chain_url": world.chain.url,
+            "state_db": tmp_path / f"node{len(servers)}.sqlite3",
+            **settings,
+        }
+        node = create_node(
+            load_settings(**options),
+            contracts=world.contracts,
+            backend=backend,
+            state=NodeState(Path(str(options["state_db"]))),
+        )
+        server = BackgroundServer(node).start()
+        servers.append(server)
+        return node, server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def scripted() -> Backend:
+    return load_backend("scripted", tokens_per_second=0)

@@ -1,0 +1,58 @@
+"""Frame parsing, and the docs staying in step with the code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from inferledger.node.protocol import (
+    ErrorCode,
+    ProtocolError,
+    client_frame_schemas,
+    parse_client_frame,
+)
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        ("[1, 2]", ErrorCode.BAD_FRAME),
+        ('{"type": 5}', ErrorCode.BAD_FRAME),
+        ('{"type": "prompt", "request_id": "", "messages": []}', ErrorCode.BAD_FRAME),
+        (
+            '{"type": "receipt", "tokens": 1, "proof_hash": "0x12", "signature": "0x"}',
+            ErrorCode.BAD_FRAME,
+        ),
+        ('{"type": "end", "extra": 1}', ErrorCode.BAD_FRAME),
+        ('{"type": "wat"}', ErrorCode.UNKNOWN_TYPE),
+        ("x" * 2000, ErrorCode.FRAME_TOO_LARGE),
+    ],
+)
+def test_bad_frames_get_their_code(raw: str, code: ErrorCode) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_client_frame(raw, max_bytes=1024)
+    assert info.value.code == code
+
+
+def test_a_valid_prompt_parses_with_defaults() -> None:
+    frame = parse_client_frame(
+        '{"type": "prompt", "request_id": "a", "messages": [{"role": "user", "content": "hi"}]}',
+        max_bytes=1024,
+    )
+    assert frame.type == "prompt"
+    assert frame.max_tokens is None and frame.temperature == 0.0
+
+
+def test_docs_list_every_error_code() -> None:
+    text = (DOCS / "protocol.md").read_text()
+    missing = [code.value for code in ErrorCode if f"`{code.value}`" not in text]
+    assert missing == []
+
+
+def test_published_schemas_match_the_code() -> None:
+    published = json.loads((DOCS / "protocol-schemas.json").read_text())
+    assert published == json.loads(json.dumps(client_frame_schemas()))
