@@ -40,6 +40,11 @@ class Settings(BaseSettings):
         default=Path("deployment.json"), description="Where `deploy` writes the contract addresses"
     )
 
+    deployer_key: SecretStr | None = Field(
+        default=None,
+        description="Key that deploys and owns the contracts; on dev chains a public dev key",
+    )
+
     # Node ---------------------------------------------------------------------------
     host_key: SecretStr | None = Field(
         default=None, description="The host's private key (0x-hex); signs its transactions"

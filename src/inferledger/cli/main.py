@@ -99,3 +99,101 @@ def version() -> None:
     from importlib.metadata import version as package_version
 
     typer.echo(package_version("inferledger"))
+
+
+node_app = typer.Typer(help="Run a host node.", no_args_is_help=True)
+app.add_typer(node_app, name="node")
+
+
+@node_app.command("run")
+def node_run(
+    allow_degraded: Annotated[
+        bool,
+        typer.Option(
+            "--allow-degraded",
+            help="Start even if preflight fails: /health says degraded and paid sessions "
+            "are refused with NODE_NOT_READY.",
+        ),
+    ] = False,
+    port: Annotated[
+        int | None, typer.Option("--port", help="Port to listen on. Default: node_port.")
+    ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option("--backend", help="transformers, scripted or openai_http. Default: backend."),
+    ] = None,
+) -> None:
+    """Serve the configured model to paid sessions (WebSocket /v1/ws, /health, /metrics).
+
+    Runs the preflight first and refuses to start when it fails, printing one line
+    per broken part. Settings come from INFERLEDGER_* variables and inferledger.toml.
+    """
+    import logging
+
+    from inferledger.node.runner import run_node
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    overrides: dict[str, object] = {}
+    if allow_degraded:
+        overrides["allow_degraded"] = True
+    if port is not None:
+        overrides["node_port"] = port
+    if backend is not None:
+        overrides["backend"] = backend
+    try:
+        run_node(load_settings(**overrides))
+    except (ChainError, ConfigError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def deploy(
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Where to write the deployment record (deployment_file)."),
+    ] = None,
+    rpc: Annotated[
+        str | None, typer.Option("--rpc", help="JSON-RPC URL of the chain. Default: chain_url.")
+    ] = None,
+) -> None:
+    """Deploy the contracts and write the deployment record (addresses, chain id, block).
+
+    On a dev chain (anvil) without a deployer_key, a public dev key is funded and used,
+    and a TestUSDC is deployed as the payment token.
+    """
+    from inferledger.chain.connect import connect
+    from inferledger.chain.deploy import deploy as deploy_contracts
+    from inferledger.chain.devchain import GAS_MONEY, dev_account
+
+    try:
+        overrides: dict[str, object] = {"chain_url": rpc} if rpc else {}
+        settings = load_settings(**overrides)
+        if settings.chain_url == "embedded":
+            raise ConfigError(
+                "setting chain_url (INFERLEDGER_CHAIN_URL): deploying to the embedded chain "
+                "keeps nothing after this process; pass --rpc with a chain URL"
+            )
+        chain = connect(settings.chain_url, gas_cap=settings.gas_cap)
+        if settings.deployer_key is not None:
+            sender = chain.sender(settings.deployer_key.get_secret_value())
+        elif chain.is_dev:
+            sender = chain.sender(dev_account("owner"))
+            chain.fund(sender.address, GAS_MONEY)
+        else:
+            raise ConfigError(
+                "setting deployer_key (INFERLEDGER_DEPLOYER_KEY): required on a non-dev chain"
+            )
+        contracts = deploy_contracts(chain, sender)
+        path = out or settings.deployment_file
+        contracts.deployment.save(path)
+    except (ChainError, ConfigError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"deployed to chain {chain.chain_id}; record written to {path}")
+    for name, address in contracts.deployment.addresses:
+        typer.echo(f"  {name:<15} {address}")
+
+
+if __name__ == "__main__":
+    app()
