@@ -291,3 +291,37 @@ def test_http_endpoints_report_models_sessions_and_metrics(
     metrics = httpx.get(server.url + "/metrics").text
     assert "inferledger_tokens_generated_total 12.0" in metrics
     assert "inferledger_receipt_round_trip_seconds_count 2.0" in metrics
+
+
+def test_restarted_node_resumes_a_session_from_its_sqlite_state(
+    world: DevWorld, scripted: Backend, start_node: NodeFactory, tmp_path
+) -> None:
+    model_id = serve_model(world, scripted, keccak(text="scripted"))
+    session_id, signer = open_session(world, model_id=model_id, proof_interval=10)
+    db = tmp_path / "shared.sqlite3"
+    first_node, first = start_node(scripted, state_db=db)
+
+    async def before_restart() -> SessionClient:
+        client = await SessionClient.connect(first.ws_url, session_id, signer.key)
+        await client.chat(HELLO, max_tokens=15)
+        await client.close()  # dropped without `end`
+        return client
+
+    dropped = asyncio.run(before_restart())
+    first.stop()
+    first_node.state.close()
+    second_node, second = start_node(scripted, state_db=db)
+
+    async def after_restart() -> tuple[int, int]:
+        client = await SessionClient.connect(
+            second.ws_url, session_id, signer.key, transcript=dropped.transcript
+        )
+        resumed_at = int(client.ready["tokens_receipted"])
+        await client.chat(HELLO, max_tokens=10)
+        ended = await client.end()
+        return resumed_at, int(ended["tokens_receipted"])
+
+    resumed_at, receipted = asyncio.run(after_restart())
+    assert resumed_at == 15
+    assert receipted == 25
+    assert [r.tokens for r in second_node.state.receipts(session_id)] == [10, 15, 20, 25]
