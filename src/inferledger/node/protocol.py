@@ -11,7 +11,7 @@ import json
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 PROTOCOL_VERSION = 1
 
@@ -82,7 +82,7 @@ class _Frame(BaseModel):
 
 
 def _hex_bytes(value: str, length: int, what: str) -> str:
-    if not isinstance(value, str) or not value.startswith("0x"):
+    if not value.startswith("0x"):
         raise ValueError(f"{what} must be a 0x-prefixed hex string")
     try:
         raw = bytes.fromhex(value[2:])
@@ -93,23 +93,17 @@ def _hex_bytes(value: str, length: int, what: str) -> str:
     return value.lower()
 
 
+Hex32 = Annotated[str, AfterValidator(lambda v: _hex_bytes(v, 32, "value"))]
+Signature = Annotated[str, AfterValidator(lambda v: _hex_bytes(v, 65, "signature"))]
+
+
 class SessionInit(_Frame):
     """Log in to a session: the session signer's EIP-712 answer to the challenge."""
 
     type: Literal["session_init"]
     session_id: int = Field(gt=0)
-    nonce: str
-    signature: str
-
-    @field_validator("nonce")
-    @classmethod
-    def _nonce(cls, value: str) -> str:
-        return _hex_bytes(value, 32, "nonce")
-
-    @field_validator("signature")
-    @classmethod
-    def _signature(cls, value: str) -> str:
-        return _hex_bytes(value, 65, "signature")
+    nonce: Hex32
+    signature: Signature
 
 
 class ChatMessage(_Frame):
@@ -137,18 +131,8 @@ class ReceiptFrame(_Frame):
 
     type: Literal["receipt"]
     tokens: int = Field(gt=0)
-    proof_hash: str
-    signature: str
-
-    @field_validator("proof_hash")
-    @classmethod
-    def _proof(cls, value: str) -> str:
-        return _hex_bytes(value, 32, "proof_hash")
-
-    @field_validator("signature")
-    @classmethod
-    def _signature(cls, value: str) -> str:
-        return _hex_bytes(value, 65, "signature")
+    proof_hash: Hex32
+    signature: Signature
 
 
 class End(_Frame):
