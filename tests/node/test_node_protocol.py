@@ -38,6 +38,9 @@ def test_session_streams_and_receipts_every_interval(
     assert ended["tokens_receipted"] == 35
     receipts = node.state.receipts(session_id)
     assert [r.tokens for r in receipts] == [10, 20, 30, 35]
+    (request,) = node.state.list_requests(session_id)
+    assert (request.request_id, request.completion_tokens) == ("r1", 35)
+    assert request.finish_reason == "length" and request.prompt_tokens > 0
     for r in receipts:
         check_receipt_signature(
             node.domain, Receipt(session_id, r.tokens, r.proof_hash), r.signature, signer.address

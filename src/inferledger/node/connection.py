@@ -307,9 +307,16 @@ class Connection:
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=_HANDOFF_DEPTH)
         stop = threading.Event()
         loop = asyncio.get_running_loop()
+        row = await node.state_call(
+            node.state.start_request, self.info.session_id, prompt.request_id, 0
+        )
+        slots = node.generation_slots()
         node.metrics.generation_queue.inc()
-        async with node.generation_slots():
+        try:
+            await slots.acquire()
+        finally:
             node.metrics.generation_queue.dec()
+        try:
             worker = loop.run_in_executor(
                 node.generation_executor(), self._generate, messages, params, queue, loop, stop
             )
@@ -339,11 +346,14 @@ class Connection:
                     with contextlib.suppress(asyncio.QueueEmpty):
                         queue.get_nowait()
                     await asyncio.sleep(0.001)
+        finally:
+            slots.release()
         if count == left:
             reason = "budget"
         if self.generated > self.receipted and self.generated not in self.pending:
             await self._request_receipt()
         await node.state_call(node.state.add_generated, self.info.session_id, count)
+        await node.state_call(node.state.finish_request, row, count, reason, prompt_tokens)
         await self.send(
             {
                 "type": "done",

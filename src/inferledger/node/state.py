@@ -285,12 +285,19 @@ class NodeState:
             )
             return int(cursor.lastrowid or 0)
 
-    def finish_request(self, row_id: int, completion_tokens: int, finish_reason: str) -> None:
+    def finish_request(
+        self,
+        row_id: int,
+        completion_tokens: int,
+        finish_reason: str,
+        prompt_tokens: int | None = None,
+    ) -> None:
+        """Record how a request ended; ``prompt_tokens`` when only known at the end."""
         with self._transaction() as db:
             cursor = db.execute(
-                "UPDATE requests SET completion_tokens = ?, finish_reason = ?, finished_at = ? "
-                "WHERE id = ?",
-                (completion_tokens, finish_reason, time.time(), row_id),
+                "UPDATE requests SET completion_tokens = ?, finish_reason = ?, finished_at = ?, "
+                "prompt_tokens = COALESCE(?, prompt_tokens) WHERE id = ?",
+                (completion_tokens, finish_reason, time.time(), prompt_tokens, row_id),
             )
             if cursor.rowcount == 0:
                 raise KeyError(f"no request row {row_id}")
