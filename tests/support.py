@@ -10,9 +10,16 @@ from typing import Any
 import pytest
 from web3.contract import Contract
 
-from inferledger.chain.compile import EVM_VERSION, compile_all
+from inferledger.chain.compile import CompiledContract, compile_all, compile_source
 from inferledger.chain.connect import Chain
-from inferledger.chain.devchain import PRICE, PROOF, DevWorld, open_session, sign  # noqa: F401 (re-export)
+from inferledger.chain.deploy import deploy_compiled
+from inferledger.chain.devchain import (  # noqa: F401 (re-exported for the tests)
+    PRICE,
+    PROOF,
+    DevWorld,
+    open_session,
+    sign,
+)
 from inferledger.chain.errors import ContractRevert
 from inferledger.chain.tx import TxSender
 
@@ -62,36 +69,25 @@ def transferFrom(sender: address, receiver: address, amount: uint256) -> bool:
 
 
 @functools.cache
-def _compile_source(source: str) -> tuple[list[dict[str, Any]], str]:
-    import vyper
-    from vyper.compiler.settings import Settings
-
-    out = vyper.compile_code(
-        source, output_formats=["abi", "bytecode"], settings=Settings(evm_version=EVM_VERSION)
-    )
-    return out["abi"], out["bytecode"]
+def _failing_token() -> CompiledContract:
+    return compile_source("FailingToken", FAILING_TOKEN_SOURCE)
 
 
-def _deploy(
-    chain: Chain, sender: TxSender, abi: list[dict[str, Any]], bytecode: str, *args: Any
-) -> Contract:
-    factory = chain.w3.eth.contract(abi=abi, bytecode=bytecode)
-    receipt = sender.transact(factory.constructor(*args), "deploy")
-    return chain.w3.eth.contract(address=receipt["contractAddress"], abi=abi)
+def _deploy(world: DevWorld, sender: TxSender, compiled: CompiledContract, *args: Any) -> Contract:
+    address = deploy_compiled(world.chain, sender, compiled, *args)
+    return world.chain.w3.eth.contract(address=address, abi=compiled.abi)
 
 
 def deploy_contract(
     world: DevWorld, name: str, *args: Any, sender: TxSender | None = None
 ) -> Contract:
     """A fresh instance of one of inferledger's contracts (default deployer: the owner)."""
-    compiled = compile_all()[name]
-    return _deploy(world.chain, sender or world.owner, compiled.abi, compiled.bytecode, *args)
+    return _deploy(world, sender or world.owner, compile_all()[name], *args)
 
 
 def deploy_failing_token(world: DevWorld) -> Contract:
     """A fresh FAILING_TOKEN_SOURCE token, deployed by the owner."""
-    abi, bytecode = _compile_source(FAILING_TOKEN_SOURCE)
-    return _deploy(world.chain, world.owner, abi, bytecode)
+    return _deploy(world, world.owner, _failing_token())
 
 
 def next_tx_at(chain: Chain, timestamp: int) -> None:

@@ -44,15 +44,24 @@ def _cache_key(sources: dict[str, str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _compile(sources: dict[str, str]) -> dict[str, dict[str, Any]]:
+def compile_source(name: str, source: str) -> CompiledContract:
+    """Compile one Vyper source with the project's pinned EVM version (no cache)."""
     import vyper
     from vyper.compiler.settings import Settings
 
-    settings = Settings(evm_version=EVM_VERSION)
+    result = vyper.compile_code(
+        source,
+        output_formats=["abi", "bytecode"],
+        settings=Settings(evm_version=EVM_VERSION),
+    )
+    return CompiledContract(name, result["abi"], result["bytecode"])
+
+
+def _compile(sources: dict[str, str]) -> dict[str, dict[str, Any]]:
     out = {}
     for name, source in sources.items():
-        result = vyper.compile_code(source, output_formats=["abi", "bytecode"], settings=settings)
-        out[name] = {"abi": result["abi"], "bytecode": result["bytecode"]}
+        compiled = compile_source(name, source)
+        out[name] = {"abi": compiled.abi, "bytecode": compiled.bytecode}
     return out
 
 

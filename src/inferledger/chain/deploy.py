@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from inferledger.chain.compile import compile_all
+from inferledger.chain.compile import CompiledContract, compile_all
 from inferledger.chain.connect import Chain
 from inferledger.chain.contracts import Contracts
 from inferledger.chain.deployment import ContractAddresses, Deployment, DeployParams
@@ -12,10 +12,10 @@ from inferledger.chain.errors import ChainError
 from inferledger.chain.tx import TxSender
 
 
-def _deploy_one(chain: Chain, sender: TxSender, name: str, *args: Any) -> str:
-    compiled = compile_all()[name]
+def deploy_compiled(chain: Chain, sender: TxSender, compiled: CompiledContract, *args: Any) -> str:
+    """Deploy one compiled contract with constructor ``args``; its address."""
     factory = chain.w3.eth.contract(abi=compiled.abi, bytecode=compiled.bytecode)
-    receipt = sender.transact(factory.constructor(*args), f"deploy {name}")
+    receipt = sender.transact(factory.constructor(*args), f"deploy {compiled.name}")
     return receipt["contractAddress"]
 
 
@@ -30,18 +30,25 @@ def deploy(chain: Chain, sender: TxSender, params: DeployParams | None = None) -
             "no payment token given and this is not a dev chain: pass the USDC address "
             "(setting INFERLEDGER_TOKEN) instead of deploying TestUSDC"
         )
+    compiled = compile_all()
     start_block = chain.block_number()
     treasury = params.treasury or sender.address
-    token = params.token or _deploy_one(chain, sender, "TestUSDC")
-    models = _deploy_one(chain, sender, "ModelRegistry")
-    nodes = _deploy_one(
-        chain, sender, "NodeRegistry", token, models, params.min_stake, params.unbonding_delay
-    )
-    earnings = _deploy_one(chain, sender, "HostEarnings")
-    marketplace = _deploy_one(
+    token = params.token or deploy_compiled(chain, sender, compiled["TestUSDC"])
+    models = deploy_compiled(chain, sender, compiled["ModelRegistry"])
+    nodes = deploy_compiled(
         chain,
         sender,
-        "JobMarketplace",
+        compiled["NodeRegistry"],
+        token,
+        models,
+        params.min_stake,
+        params.unbonding_delay,
+    )
+    earnings = deploy_compiled(chain, sender, compiled["HostEarnings"])
+    marketplace = deploy_compiled(
+        chain,
+        sender,
+        compiled["JobMarketplace"],
         token,
         nodes,
         models,
