@@ -143,16 +143,21 @@ class InvalidSignature(ValueError):
     """A signature the marketplace contract would reject."""
 
 
+def check_signature_shape(signature: bytes, what: str) -> None:
+    """65 bytes, v 27/28 and a low s, as JobMarketplace requires: no malleable twins."""
+    if len(signature) != 65:
+        raise InvalidSignature(f"{what} must be 65 bytes, got {len(signature)}")
+    if signature[64] not in (27, 28):
+        raise InvalidSignature(f"{what} v must be 27 or 28")
+    if int.from_bytes(signature[32:64], "big") > _SECP256K1_HALF_N:
+        raise InvalidSignature(f"{what} has a high s (malleable)")
+
+
 def check_receipt_signature(
     domain: ReceiptDomain, receipt: Receipt, signature: bytes, signer: str
 ) -> None:
     """Accept ``signature`` only if JobMarketplace would: 65 bytes, v 27/28, low s, signer."""
-    if len(signature) != 65:
-        raise InvalidSignature(f"receipt signature must be 65 bytes, got {len(signature)}")
-    if signature[64] not in (27, 28):
-        raise InvalidSignature("receipt signature v must be 27 or 28")
-    if int.from_bytes(signature[32:64], "big") > _SECP256K1_HALF_N:
-        raise InvalidSignature("receipt signature has a high s (malleable)")
+    check_signature_shape(signature, "receipt signature")
     try:
         recovered = recover_receipt_signer(domain, receipt, signature)
     except Exception as exc:

@@ -21,13 +21,13 @@ from typing import Any
 from eth_account import Account
 from eth_utils import keccak, to_checksum_address
 
+from inferledger.chain.receipts import check_signature_shape
 from inferledger.proofs.activation import PROOF_BYTES
 
 VERSION = 1
 PROVERS = frozenset({"activation", "commitment", "external", "mock"})
 
 _UINT256_MAX = 2**256 - 1
-_SECP256K1_HALF_N = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0
 _HEX = re.compile(r"0x(?:[0-9a-f]{2})*")
 _INT_FIELDS = ("session_id", "chain_id", "checkpoint_index", "token_start", "token_end")
 _HASH_FIELDS = ("model_id", "transcript_hash", "prompt_hash")
@@ -165,12 +165,9 @@ def _check_bytes(name: str, value: object, size: int) -> None:
 
 
 def _check_signature(signature: bytes) -> None:
-    """65 bytes, v 27/28 and low s: a malleated signature would give a second proof_hash."""
+    """A malleated signature would give a second proof_hash for one checkpoint."""
     _check_bytes("host_signature", signature, 65)
-    if signature[64] not in (27, 28):
-        raise ValueError("host_signature v must be 27 or 28")
-    if int.from_bytes(signature[32:64], "big") > _SECP256K1_HALF_N:
-        raise ValueError("host_signature has a high s")
+    check_signature_shape(signature, "host_signature")
 
 
 def _from_hex(name: str, value: object) -> bytes:
