@@ -24,12 +24,12 @@ _DEV_CLIENTS = ("anvil", "hardhat", "ganache")
 class _LockedTesterProvider(EthereumTesterProvider):
     """eth-tester is not thread-safe; the node reads from worker threads, so serialise."""
 
-    def __init__(self, tester: Any, lock: threading.RLock) -> None:
+    def __init__(self, tester: Any) -> None:
         super().__init__(tester)
-        self._lock = lock
+        self.lock = threading.RLock()
 
     def make_request(self, method: Any, params: Any) -> Any:
-        with self._lock:
+        with self.lock:
             return super().make_request(method, params)
 
 
@@ -43,7 +43,8 @@ class Chain:
         self.url = url
         self._tester = tester
         self._sender_defaults = sender_defaults
-        self.lock = getattr(w3.provider, "_lock", None) or threading.RLock()
+        # Direct eth-tester calls (time travel, snapshots) share the provider's lock.
+        self.lock = w3.provider.lock if tester is not None else threading.RLock()
         self._senders: list[TxSender] = []
         try:
             self.chain_id = w3.eth.chain_id
@@ -64,7 +65,9 @@ class Chain:
         """A TxSender for ``account`` (an account or a private key) on this chain."""
         if not isinstance(account, LocalAccount):
             account = Account.from_key(account)
-        sender = TxSender(self.w3, account, url=self.url, **{**self._sender_defaults, **options})
+        defaults = {"estimate_block": None if self.is_embedded else "pending"}
+        options = {**defaults, **self._sender_defaults, **options}
+        sender = TxSender(self.w3, account, url=self.url, **options)
         self._senders.append(sender)
         return sender
 
@@ -157,7 +160,7 @@ def connect(url: str = EMBEDDED, *, timeout: float = 10.0, **sender_defaults: An
         from eth_tester import EthereumTester, PyEVMBackend
 
         tester = EthereumTester(PyEVMBackend())
-        provider = _LockedTesterProvider(tester, threading.RLock())
+        provider = _LockedTesterProvider(tester)
         return Chain(Web3(provider), url, tester, **sender_defaults)
     if url.startswith(("http://", "https://")):
         provider = Web3.HTTPProvider(url, request_kwargs={"timeout": timeout})

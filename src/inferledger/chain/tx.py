@@ -49,6 +49,7 @@ class TxSender:
         gas_margin: float = 1.25,
         receipt_timeout: float = DEFAULT_RECEIPT_TIMEOUT,
         poll_interval: float = 0.02,
+        estimate_block: str | None = "pending",
     ) -> None:
         self.w3 = w3
         self.account = account
@@ -57,6 +58,9 @@ class TxSender:
         self.gas_margin = gas_margin
         self.receipt_timeout = receipt_timeout
         self.poll_interval = poll_interval
+        # Estimate against the block the transaction lands in: time-bound checks differ
+        # from the latest block. None: the node's default (eth-tester takes no block here).
+        self.estimate_block = estimate_block
         self._lock = threading.Lock()
         self._next_nonce: int | None = None
 
@@ -101,12 +105,7 @@ class TxSender:
 
     def _sign_and_send(self, tx: dict[str, Any], action: str) -> HexBytes:
         tx.pop("gasPrice", None)
-        # Estimate against the pending block, the one the transaction lands in (time-bound
-        # checks differ from the latest block); eth-tester takes no block argument here.
-        if self.url == "embedded":
-            estimate = self.w3.eth.estimate_gas(tx)
-        else:
-            estimate = self.w3.eth.estimate_gas(tx, "pending")
+        estimate = self.w3.eth.estimate_gas(tx, self.estimate_block)
         if estimate > self.gas_cap:
             raise GasCapExceeded(
                 f"{action} needs {estimate} gas, above the cap of {self.gas_cap}; "

@@ -191,8 +191,8 @@ class Connection:
             raise ProtocolError(ErrorCode.BAD_NONCE, "nonce does not match this connection's")
         market = node.contracts.marketplace
         try:
-            info = await node.chain_call(market.get_session, frame.session_id)
-            chain_now = await node.chain_call(node.contracts.chain.now)
+            info = await asyncio.to_thread(market.get_session, frame.session_id)
+            chain_now = await asyncio.to_thread(node.contracts.chain.now)
         except ChainError as exc:
             raise ProtocolError(ErrorCode.CHAIN_UNAVAILABLE, str(exc)) from exc
         if not info.exists:
@@ -243,7 +243,7 @@ class Connection:
         node.live_sessions.add(info.session_id)
         node.metrics.sessions_active.inc()
         self.info = info
-        record = await node.state_call(node.state.upsert_session, _record_of(info))
+        record = await asyncio.to_thread(node.state.upsert_session, _record_of(info))
         # Tokens streamed after the last receipt of a dropped connection are not billed.
         self.receipted = self.generated = record.tokens_receipted
         self.transcript = TranscriptHash(info.session_id, record.last_proof_hash)
@@ -307,7 +307,7 @@ class Connection:
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=_HANDOFF_DEPTH)
         stop = threading.Event()
         loop = asyncio.get_running_loop()
-        row = await node.state_call(
+        row = await asyncio.to_thread(
             node.state.start_request, self.info.session_id, prompt.request_id, 0
         )
         slots = node.generation_slots()
@@ -352,8 +352,8 @@ class Connection:
             reason = "budget"
         if self.generated > self.receipted and self.generated not in self.pending:
             await self._request_receipt()
-        await node.state_call(node.state.add_generated, self.info.session_id, count)
-        await node.state_call(node.state.finish_request, row, count, reason, prompt_tokens)
+        await asyncio.to_thread(node.state.add_generated, self.info.session_id, count)
+        await asyncio.to_thread(node.state.finish_request, row, count, reason, prompt_tokens)
         await self.send(
             {
                 "type": "done",
@@ -468,7 +468,7 @@ class Connection:
             check_receipt_signature(self.node.domain, receipt, signature, self.info.signer)
         except InvalidSignature as exc:
             raise ProtocolError(ErrorCode.RECEIPT_INVALID, str(exc)) from exc
-        await self.node.state_call(
+        await asyncio.to_thread(
             self.node.state.store_receipt, receipt.session_id, receipt.tokens, proof_hash, signature
         )
         self.receipted = frame.tokens

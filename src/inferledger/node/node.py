@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
@@ -19,8 +16,6 @@ from inferledger.inference.base import Backend
 from inferledger.node.metrics import NodeMetrics
 from inferledger.node.preflight import PreflightReport
 from inferledger.node.state import NodeState
-
-T = TypeVar("T")
 
 RECEIPT_TIMEOUT_SECONDS = 60.0
 
@@ -40,7 +35,6 @@ class Node:
     live_sessions: set[int] = field(default_factory=set)
     _slots: asyncio.Semaphore | None = None
     _executor: ThreadPoolExecutor | None = None
-    _chain_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def address(self) -> str:
@@ -77,19 +71,6 @@ class Node:
                 self.settings.max_concurrent_generations, thread_name_prefix="generate"
             )
         return self._executor
-
-    async def chain_call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking chain read off the event loop, one at a time."""
-
-        def locked() -> T:
-            with self._chain_lock:
-                return fn(*args)
-
-        return await asyncio.to_thread(locked)
-
-    async def state_call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a SQLite write off the event loop (it waits for the disk)."""
-        return await asyncio.to_thread(fn, *args)
 
 
 def create_node(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import uvicorn
@@ -44,7 +45,7 @@ def create_app(node: Node) -> Starlette:
         return Response(node.metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def models(request: Request) -> JSONResponse:
-        price = await node.chain_call(node.contracts.nodes.price_of, node.address, node.model_id)
+        price = await asyncio.to_thread(node.contracts.nodes.price_of, node.address, node.model_id)
         return JSONResponse(
             {
                 "models": [
@@ -60,13 +61,13 @@ def create_app(node: Node) -> Starlette:
 
     async def session(request: Request) -> JSONResponse:
         session_id = request.path_params["session_id"]
-        record = await node.state_call(node.state.get_session, session_id)
+        record = await asyncio.to_thread(node.state.get_session, session_id)
         if record is None:
             return JSONResponse(
                 {"error": "SESSION_NOT_FOUND", "message": f"no session {session_id} on this node"},
                 status_code=404,
             )
-        receipts = await node.state_call(node.state.receipts, session_id)
+        receipts = await asyncio.to_thread(node.state.receipts, session_id)
         return JSONResponse(
             {
                 "session_id": record.session_id,
@@ -120,11 +121,9 @@ class BackgroundServer:
 
     def start(self, timeout: float = 30.0) -> BackgroundServer:
         self.thread.start()
-        deadline = threading.Event()
-        waited = 0.0
-        while not self.server.started and waited < timeout:
-            deadline.wait(0.02)
-            waited += 0.02
+        deadline = time.monotonic() + timeout
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
         if not self.server.started:
             raise RuntimeError(f"node server did not start within {timeout:.0f}s")
         return self
