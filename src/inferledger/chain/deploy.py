@@ -28,7 +28,7 @@ def deploy(chain: Chain, sender: TxSender, params: DeployParams | None = None) -
     if params.token is None and not chain.is_dev:
         raise ChainError(
             "no payment token given and this is not a dev chain: pass the USDC address "
-            "(setting INFERLEDGER_TOKEN) instead of deploying TestUSDC"
+            "(`inferledger deploy --token ADDRESS`) instead of deploying TestUSDC"
         )
     compiled = compile_all()
     start_block = chain.block_number()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -9,12 +11,23 @@ import typer
 
 from inferledger.chain.errors import ChainError
 from inferledger.config import ConfigError, load_settings
+from inferledger.node.preflight import PreflightFailed
 
 app = typer.Typer(
     help="inferledger: pay-per-token LLM inference with escrowed USDC sessions.",
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Expected failures (chain, settings, preflight) end the command with one red line."""
+    try:
+        yield
+    except (ChainError, ConfigError, PreflightFailed) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from exc
 
 
 @app.command()
@@ -34,12 +47,8 @@ def demo(
     """
     from inferledger.cli.demo import run_demo
 
-    try:
-        settings = load_settings(**({"chain_url": rpc} if rpc else {}))
-        run_demo(settings)
-    except (ChainError, ConfigError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from exc
+    with _one_line_errors():
+        run_demo(load_settings(**({"chain_url": rpc} if rpc else {})))
 
 
 @app.command()
@@ -76,11 +85,8 @@ def doctor(
 
     from inferledger.node.preflight import resolve_model, run_preflight
 
-    try:
+    with _one_line_errors():
         settings = load_settings(**({"deployment_file": deployment} if deployment else {}))
-    except ConfigError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from exc
     name, weights_path = resolve_model(settings, model_name=model_name, weights_path=weights)
     report = run_preflight(
         settings, chain=None, deployment=None, model_name=name, weights_path=weights_path
@@ -140,11 +146,8 @@ def node_run(
         overrides["node_port"] = port
     if backend is not None:
         overrides["backend"] = backend
-    try:
+    with _one_line_errors():
         run_node(load_settings(**overrides))
-    except (ChainError, ConfigError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from exc
 
 
 @app.command()
@@ -156,20 +159,27 @@ def deploy(
     rpc: Annotated[
         str | None, typer.Option("--rpc", help="JSON-RPC URL of the chain. Default: chain_url.")
     ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token", help="Payment token (USDC) address. Default: deploy TestUSDC (dev chains)."
+        ),
+    ] = None,
 ) -> None:
     """Deploy the contracts and write the deployment record (addresses, chain id, block).
 
     On a dev chain (anvil) without a deployer_key, a public dev key is funded and used,
     and a TestUSDC is deployed as the payment token.
     """
-    from inferledger.chain.connect import connect
+    from inferledger.chain.connect import EMBEDDED, connect
     from inferledger.chain.deploy import deploy as deploy_contracts
+    from inferledger.chain.deployment import DeployParams
     from inferledger.chain.devchain import GAS_MONEY, dev_account
 
-    try:
+    with _one_line_errors():
         overrides: dict[str, object] = {"chain_url": rpc} if rpc else {}
         settings = load_settings(**overrides)
-        if settings.chain_url == "embedded":
+        if settings.chain_url == EMBEDDED:
             raise ConfigError(
                 "setting chain_url (INFERLEDGER_CHAIN_URL): deploying to the embedded chain "
                 "keeps nothing after this process; pass --rpc with a chain URL"
@@ -184,12 +194,9 @@ def deploy(
             raise ConfigError(
                 "setting deployer_key (INFERLEDGER_DEPLOYER_KEY): required on a non-dev chain"
             )
-        contracts = deploy_contracts(chain, sender)
+        contracts = deploy_contracts(chain, sender, DeployParams(token=token))
         path = out or settings.deployment_file
         contracts.deployment.save(path)
-    except (ChainError, ConfigError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from exc
     typer.echo(f"deployed to chain {chain.chain_id}; record written to {path}")
     for name, address in contracts.deployment.addresses:
         typer.echo(f"  {name:<15} {address}")

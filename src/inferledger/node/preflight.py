@@ -53,6 +53,10 @@ MIN_GAS = env_name("min_gas_balance_wei")
 WEIGHTS_PATH = env_name("weights_path")
 
 
+class PreflightFailed(Exception):
+    """The node would not be able to settle, so it does not start (R2)."""
+
+
 @dataclass(frozen=True)
 class CheckResult:
     """One check's outcome.

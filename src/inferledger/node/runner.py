@@ -10,10 +10,10 @@ import uvicorn
 from inferledger.chain.connect import EMBEDDED, connect
 from inferledger.chain.contracts import Contracts
 from inferledger.chain.deployment import Deployment
-from inferledger.chain.errors import ChainError
 from inferledger.config import ConfigError, Settings
 from inferledger.inference import Backend, load_backend
 from inferledger.node.node import Node, create_node
+from inferledger.node.preflight import PreflightFailed
 from inferledger.node.server import uvicorn_config
 
 log = logging.getLogger("inferledger.node")
@@ -62,7 +62,7 @@ def run_node(settings: Settings) -> None:
         log.info("preflight: %s", line)
     if not node.ready:
         if not settings.allow_degraded:
-            raise ChainError(
+            raise PreflightFailed(
                 "preflight failed, node not started: "
                 + "; ".join(r.line() for r in node.preflight.results if not r.ok)
                 + " (fix these, or pass --allow-degraded to serve /health only)"
