@@ -95,7 +95,6 @@ def next_tx_at(chain: Chain, timestamp: int) -> None:
     if chain.is_embedded:
         # The embedded chain estimates against the pending block and mines each block
         # one second after the previous one: bring the latest block to ``timestamp - 1``.
-        # Chain.time_travel may land a second short (py-evm backend): top up by mining.
         target = timestamp - 1
         if chain.now() < target - 1:
             chain.time_travel(target - chain.now())
@@ -103,8 +102,8 @@ def next_tx_at(chain: Chain, timestamp: int) -> None:
             chain.mine()
         assert chain.now() == target, f"chain time {chain.now()} is already past {target}"
     else:
-        # anvil estimates against the latest block: mine one at ``timestamp`` and mine
-        # the next one at the same time (anvil accepts equal timestamps).
+        # Mine one block at ``timestamp`` and pin the next (pending) one to the same time,
+        # so estimate and inclusion both see it (anvil accepts equal timestamps).
         request = chain.w3.provider.make_request
         request("evm_setNextBlockTimestamp", [timestamp])
         request("evm_mine", [])

@@ -388,9 +388,7 @@ class MarketMachine(RuleBasedStateMachine):
         proof = keccak(text=f"proof:{s.sid}:{tokens}")
         signer = INTRUDER if kind == "badsig" else s.signer
         sig = sign(self.world, signer, s.sid, tokens, proof)
-        sender = (
-            self.hosts[(s.host + 1) % len(self.hosts)] if kind == "other" else self.hosts[s.host]
-        )
+        sender = self.caller(s, kind)
         later = self.token_error(s, tokens, kind != "badsig")
         when = self.timing(s.deadline(self.window))
         reasons, may_succeed = self.host_call_outcome(s, kind, later, when)
@@ -403,6 +401,10 @@ class MarketMachine(RuleBasedStateMachine):
             return
         assert self.block_time(receipt) <= s.deadline(self.window)
         s.tokens_paid, s.proof_hash, s.checkpoints = tokens, proof, s.checkpoints + 1
+
+    def caller(self, s: Any, kind: str) -> TxSender:
+        """The session's host, or another host for the "other" kind."""
+        return self.hosts[(s.host + 1) % len(self.hosts)] if kind == "other" else self.hosts[s.host]
 
     @staticmethod
     def host_call_outcome(
@@ -432,9 +434,7 @@ class MarketMachine(RuleBasedStateMachine):
         proof = keccak(text=f"final:{s.sid}:{tokens}")
         is_new = tokens != s.tokens_paid
         sig = sign(self.world, s.signer, s.sid, tokens, proof) if is_new else b""
-        sender = (
-            self.hosts[(s.host + 1) % len(self.hosts)] if kind == "other" else self.hosts[s.host]
-        )
+        sender = self.caller(s, kind)
         later = self.token_error(s, tokens, True) if is_new else None
         when = self.timing(s.deadline(self.window))
         reasons, may_succeed = self.host_call_outcome(s, kind, later, when)

@@ -53,7 +53,7 @@ def build_dev_world(
     chain: Chain,
     *,
     params: DeployParams | None = None,
-    host_price_per_mtok: int = 2_000_000_000,
+    host_price_per_mtok: int = PRICE,
     host_url: str = "ws://127.0.0.1:8545",
     model_name: str = DEV_MODEL_NAME,
     weights_sha256: bytes = b"\x01" * 32,
