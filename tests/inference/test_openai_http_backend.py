@@ -105,7 +105,7 @@ def test_request_carries_params_and_llama_cpp_ids_are_used(stub):
     backend.close()
 
     assert [(t.token_id, t.text) for t in tokens] == [(15, "Hel"), (16, "lo")]
-    assert (finish.reason, finish.prompt_tokens, finish.hidden_states) == ("length", 9, None)
+    assert (finish.reason, finish.prompt_tokens) == ("length", 9)
     request = state.requests[0]
     assert request["path"] == "/v1/chat/completions"
     assert request["auth"] == "Bearer sk-test"

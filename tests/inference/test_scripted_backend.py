@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from inference_support import collect
+from inference_support import collect, collect_with_states
 
 from inferledger.inference import GenerationParams, load_backend
 from inferledger.inference.base import Backend
@@ -75,15 +75,15 @@ def test_zero_speed_is_unpaced():
 
 def test_pseudo_hidden_states_match_prefill_and_depend_on_the_prefix():
     backend = ScriptedBackend(hidden_size=8)
-    tokens, finish = collect(
-        backend.generate(CHAT, GenerationParams(max_tokens=5), capture_hidden_states=True)
-    )
-    ids = backend.tokenize_chat(CHAT) + [t.token_id for t in tokens]
-    assert finish.hidden_states.shape == (len(ids), 8)
-    assert finish.hidden_states.dtype == np.float32
-    np.testing.assert_array_equal(finish.hidden_states, backend.prefill_hidden_states(ids))
+    for params in (GenerationParams(max_tokens=5), GenerationParams(max_tokens=9, stop=["."])):
+        tokens, _, states = collect_with_states(
+            backend.generate(CHAT, params, capture_hidden_states=True)
+        )
+        ids = backend.tokenize_chat(CHAT) + [t.token_id for t in tokens]
+        assert states.shape == (len(ids), 8)
+        np.testing.assert_array_equal(states, backend.prefill_hidden_states(ids))
     changed = backend.prefill_hidden_states([ids[0] + 1, *ids[1:]])
-    assert not np.any(np.all(changed == finish.hidden_states, axis=1))
+    assert not np.any(np.all(changed == states, axis=1))
 
 
 def test_factory_builds_scripted_with_options():

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from inference_support import collect
+from inference_support import collect, collect_with_states
 
 from inferledger.inference import GenerationParams
 from inferledger.inference.base import Backend
@@ -96,10 +96,11 @@ def test_stop_string_stops_and_is_not_shown(smollm):
 
 
 def test_captured_hidden_states_match_a_prefill_over_prompt_and_output(smollm):
-    tokens, finish = collect(smollm.generate(STORY, GREEDY, capture_hidden_states=True))
+    tokens, _, captured = collect_with_states(
+        smollm.generate(STORY, GREEDY, capture_hidden_states=True)
+    )
     prompt = smollm.tokenize_chat(STORY)
     ids = prompt + ids_of(tokens)
-    captured = finish.hidden_states
     assert captured.shape == (len(ids), 576)
     assert captured.dtype == np.float32
 
@@ -117,18 +118,18 @@ def test_captured_hidden_states_match_a_prefill_over_prompt_and_output(smollm):
 
 def test_hidden_states_cover_every_position_when_ending_on_end_of_turn(smollm):
     params = GenerationParams(max_tokens=40, temperature=0)
-    tokens, finish = collect(smollm.generate(SHORT, params, capture_hidden_states=True))
+    tokens, finish, states = collect_with_states(
+        smollm.generate(SHORT, params, capture_hidden_states=True)
+    )
     assert finish.reason == "stop"
     ids = smollm.tokenize_chat(SHORT) + ids_of(tokens)
-    assert finish.hidden_states.shape == (len(ids), 576)
-    np.testing.assert_allclose(
-        finish.hidden_states, smollm.prefill_hidden_states(ids), rtol=1e-3, atol=1e-3
-    )
+    assert states.shape == (len(ids), 576)
+    np.testing.assert_allclose(states, smollm.prefill_hidden_states(ids), rtol=1e-3, atol=1e-3)
 
 
 def test_no_hidden_states_unless_asked(smollm):
-    _, finish = collect(smollm.generate(STORY, GenerationParams(max_tokens=2, temperature=0)))
-    assert finish.hidden_states is None
+    events = smollm.generate(STORY, GenerationParams(max_tokens=2, temperature=0))
+    assert collect_with_states(events)[2] is None
 
 
 def test_concurrent_streams_from_worker_threads_match_sequential_runs(smollm):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from inferledger.inference import GenerationParams
-from inferledger.inference.base import Finish, Token
+from inferledger.inference.base import Hidden, Token
 from inferledger.proofs.activation import (
     CROSS_BACKEND,
     PROOF_BYTES,
@@ -217,11 +217,10 @@ def story(smollm):
     params = GenerationParams(max_tokens=100, temperature=0)
     events = list(smollm.generate(STORY, params, capture_hidden_states=True))
     output = [e.token_id for e in events if isinstance(e, Token)]
-    finish = events[-1]
-    assert isinstance(finish, Finish)
+    states = np.concatenate([e.rows for e in events if isinstance(e, Hidden)])
     assert len(output) == 100
     prompt = smollm.tokenize_chat(STORY)
-    return prompt, output, build_proofs(finish.hidden_states, len(prompt)), finish.hidden_states
+    return prompt, output, build_proofs(states, len(prompt)), states
 
 
 def test_honest_generation_verifies_with_both_profiles(smollm, story):

@@ -87,19 +87,29 @@ class Token:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class Finish:
-    """Last event of a stream.
+class Hidden:
+    """Final-norm hidden states just computed, streamed only when capture was requested.
 
-    ``hidden_states`` is only set when capture was requested: final-norm activations, float32,
-    shape ``[prompt_tokens + generated_tokens, hidden_size]``, one row per position.
+    ``rows`` (float32, ``[n, hidden_size]``) are positions ``start .. start + n - 1`` of prompt +
+    output: row ``i`` is the state after input token ``i``. The prompt's rows come before the
+    first token; the row of generated token ``j`` (position ``prompt_tokens + j``) comes before
+    token ``j + 1``, or before :class:`Finish` for the last token. A node can so build a proof
+    for the tokens sent so far in the middle of a reply.
     """
+
+    start: int
+    rows: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """Last event of a stream."""
 
     reason: FinishReason
     prompt_tokens: int | None = None
-    hidden_states: np.ndarray | None = None
 
 
-Event = Token | Finish
+Event = Token | Hidden | Finish
 
 
 @runtime_checkable
@@ -130,6 +140,9 @@ class Backend(Protocol):
         capture_hidden_states: bool = False,
     ) -> Iterator[Event]:
         """Yield :class:`Token` events, then exactly one :class:`Finish`.
+
+        With ``capture_hidden_states``, :class:`Hidden` events carry every position's state
+        as soon as it is computed, each position once, in order.
 
         The prompt is exactly ``tokenize_chat(messages)``. Closing the iterator early stops
         generation and frees its resources.

@@ -26,6 +26,7 @@ from inferledger.inference.base import (
     Finish,
     FinishReason,
     GenerationParams,
+    Hidden,
     Message,
     validate_messages,
 )
@@ -89,10 +90,14 @@ class ScriptedBackend:
     ) -> Iterator[Event]:
         start = _first_word(prompt_ids, params.seed, len(self.words))
         stream = TokenStream(self.decode, params.stop)
+        states = _PseudoStates(self.hidden_size)
         generated: list[int] = []
         reason: FinishReason = "length"
         began = time.monotonic()
+        step_input = prompt_ids
         while len(generated) < params.max_tokens:
+            if capture:
+                yield Hidden(states.fed, states.feed(step_input))
             if self.output_tokens is not None and len(generated) >= self.output_tokens:
                 reason = "stop"
                 break
@@ -103,18 +108,14 @@ class ScriptedBackend:
             if stream.stopped:
                 reason = "stop"
                 break
+            step_input = [token_id]
         yield from stream.finish()
-        states = self.prefill_hidden_states(prompt_ids + generated) if capture else None
-        yield Finish(reason=reason, prompt_tokens=len(prompt_ids), hidden_states=states)
+        if capture and states.fed < len(prompt_ids) + len(generated):
+            yield Hidden(states.fed, states.feed(generated[-1:]))
+        yield Finish(reason=reason, prompt_tokens=len(prompt_ids))
 
     def prefill_hidden_states(self, token_ids: Sequence[int]) -> np.ndarray:
-        rows = np.empty((len(token_ids), self.hidden_size), dtype=np.float32)
-        chain = b""
-        for position, token_id in enumerate(token_ids):
-            chain = hashlib.sha256(chain + int(token_id).to_bytes(8, "big", signed=True)).digest()
-            rng = np.random.default_rng(int.from_bytes(chain[:8], "big"))
-            rows[position] = rng.standard_normal(self.hidden_size, dtype=np.float32)
-        return rows
+        return _PseudoStates(self.hidden_size).feed(token_ids)
 
     def close(self) -> None:
         """Nothing to release."""
@@ -126,6 +127,26 @@ class ScriptedBackend:
         delay = began + index / self.tokens_per_second - time.monotonic()
         if delay > 0:
             time.sleep(delay)
+
+
+class _PseudoStates:
+    """The pseudo-state rows of a growing sequence, one hash-chain step per position."""
+
+    def __init__(self, hidden_size: int) -> None:
+        self.hidden_size = hidden_size
+        self.fed = 0
+        self._chain = b""
+
+    def feed(self, token_ids: Sequence[int]) -> np.ndarray:
+        rows = np.empty((len(token_ids), self.hidden_size), dtype=np.float32)
+        for i, token_id in enumerate(token_ids):
+            self._chain = hashlib.sha256(
+                self._chain + int(token_id).to_bytes(8, "big", signed=True)
+            ).digest()
+            rng = np.random.default_rng(int.from_bytes(self._chain[:8], "big"))
+            rows[i] = rng.standard_normal(self.hidden_size, dtype=np.float32)
+        self.fed += len(token_ids)
+        return rows
 
 
 def _first_word(prompt_ids: list[int], seed: int | None, size: int) -> int:

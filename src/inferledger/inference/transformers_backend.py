@@ -20,6 +20,7 @@ from inferledger.inference.base import (
     Finish,
     FinishReason,
     GenerationParams,
+    Hidden,
     Message,
     validate_messages,
 )
@@ -110,16 +111,15 @@ class TransformersBackend:
         rng = make_generator(params.seed)
         stream = TokenStream(self.decode, params.stop)
         cache = DynamicCache(config=self._model.config)
-        captured: list[torch.Tensor] = []
         fed = 0  # positions already run through the model
         generated: list[int] = []
         step_input = prompt_ids
         reason: FinishReason = "length"
         while len(generated) < limit:
             hidden = self._forward(step_input, cache)
-            fed += len(step_input)
             if capture:
-                captured.append(hidden)
+                yield Hidden(fed, hidden.numpy())
+            fed += len(step_input)
             token_id = sample_next(self._logits(hidden[-1]), params, rng)
             if token_id in self._eos_ids:
                 reason = "stop"
@@ -131,14 +131,10 @@ class TransformersBackend:
                 break
             step_input = [token_id]
         yield from stream.finish()
-
-        hidden_states = None
-        if capture:
-            if fed < len(prompt_ids) + len(generated):
-                # The last sampled token was never fed back; one more step gives its state.
-                captured.append(self._forward(generated[-1:], cache))
-            hidden_states = torch.cat(captured).numpy()
-        yield Finish(reason=reason, prompt_tokens=len(prompt_ids), hidden_states=hidden_states)
+        if capture and fed < len(prompt_ids) + len(generated):
+            # The last sampled token was never fed back; one more step gives its state.
+            yield Hidden(fed, self._forward(generated[-1:], cache).numpy())
+        yield Finish(reason=reason, prompt_tokens=len(prompt_ids))
 
     def prefill_hidden_states(self, token_ids: Sequence[int]) -> np.ndarray:
         if not token_ids:
