@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import (
@@ -82,7 +83,49 @@ class Settings(BaseSettings):
     )
     allow_degraded: bool = Field(
         default=False,
-        description="Start even when preflight fails (paid sessions are refused)",
+        description="Start even when preflight fails: a broken prover falls back to unproven "
+        "commitment bundles; other failures still refuse paid sessions",
+    )
+
+    # Proofs and settlement -----------------------------------------------------------
+    prover: Literal["auto", "activation", "commitment", "external", "mock"] = Field(
+        default="auto",
+        description="Checkpoint prover: auto (activation when the backend exposes hidden "
+        "states, else commitment), activation, commitment, external or mock (dev chains only)",
+    )
+    external_prover: Path | None = Field(
+        default=None, description="Executable of the external prover (JSON over stdin/stdout)"
+    )
+    external_prover_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds the external prover may take per call"
+    )
+    proof_store: Path | None = Field(
+        default=None,
+        description="Directory of stored proof bundles; default $INFERLEDGER_HOME/proofs",
+    )
+    onchain_checkpoints: str = Field(
+        default="never",
+        pattern=r"^(never|always|[1-9][0-9]*)$",
+        description="Submit receipted checkpoints on chain: never (one complete_session settles "
+        "all), always, or every N-th checkpoint",
+    )
+    disconnect_grace: float = Field(
+        default=30.0, ge=0, description="Seconds a client may reconnect before the node settles"
+    )
+    settle_before_expiry: int = Field(
+        default=600, ge=0, description="Settle open sessions this many seconds before they expire"
+    )
+    settlement_retry_cap: float = Field(
+        default=60.0, gt=0, description="Longest wait between settlement retries, in seconds"
+    )
+    settlement_wait: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds the node waits for the settlement transaction before telling the "
+        "client it is pending (it goes on retrying in the background)",
+    )
+    chain_poll_interval: float = Field(
+        default=2.0, gt=0, description="Seconds between checks for close requests and expiries"
     )
 
     @classmethod

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from inferledger.chain.contracts import Contracts
 from inferledger.chain.devchain import DevWorld, dev_account
 from inferledger.config import load_settings
 from inferledger.inference import Backend, load_backend
@@ -32,7 +34,9 @@ def start_node(world: DevWorld, tmp_path: Path) -> Iterator[NodeFactory]:
     """Start nodes for the world's host; all are stopped at the end of the test."""
     servers: list[BackgroundServer] = []
 
-    def start(backend: Backend, **settings: object) -> tuple[Node, BackgroundServer]:
+    def start(
+        backend: Backend, *, contracts: Contracts | None = None, **settings: object
+    ) -> tuple[Node, BackgroundServer]:
         options = {
             "host_key": "0x" + dev_account("host").key.hex(),
             "chain_url": world.chain.url,
@@ -41,7 +45,7 @@ def start_node(world: DevWorld, tmp_path: Path) -> Iterator[NodeFactory]:
         }
         node = create_node(
             load_settings(**options),
-            contracts=world.contracts,
+            contracts=contracts or world.contracts,
             backend=backend,
             state=NodeState(Path(str(options["state_db"]))),
         )
@@ -57,3 +61,14 @@ def start_node(world: DevWorld, tmp_path: Path) -> Iterator[NodeFactory]:
 @pytest.fixture(scope="session")
 def scripted() -> Backend:
     return load_backend("scripted", tokens_per_second=0)
+
+
+def wait_for_receipt(node: Node, session_id: int, tokens: int, timeout: float = 10.0) -> None:
+    """The last receipt of a reply is stored just after its ``done`` frame; wait for it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stored = node.state.latest_receipt(session_id)
+        if stored is not None and stored.tokens >= tokens:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no receipt for {tokens} tokens of session {session_id} in {timeout}s")

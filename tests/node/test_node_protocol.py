@@ -10,7 +10,7 @@ import websockets
 from eth_account import Account
 from eth_utils import keccak
 
-from conftest import NodeFactory, serve_model
+from conftest import NodeFactory, serve_model, wait_for_receipt
 from inferledger.chain.devchain import DevWorld
 from inferledger.chain.receipts import Receipt, check_receipt_signature
 from inferledger.inference import Backend
@@ -158,6 +158,7 @@ def test_bad_input_gets_its_code_while_a_healthy_session_streams(
         victim = await SessionClient.connect(url, victim_id, victim_signer.key)
         codes["busy"] = await _login_error(url, victim_id, victim_signer.key)
         await victim.chat(HELLO, max_tokens=10)  # receipted at 10
+        await asyncio.to_thread(wait_for_receipt, node, victim_id, 10)
         stored = node.state.latest_receipt(victim_id)
         assert stored is not None and stored.tokens == 10
         replay = {
@@ -194,6 +195,7 @@ def test_bad_input_gets_its_code_while_a_healthy_session_streams(
         "wrong_count": "RECEIPT_MISMATCH",
     }
     assert healthy_tokens == 300
+    wait_for_receipt(node, healthy_id, 300)
     assert node.state.latest_receipt(healthy_id).tokens == 300
 
 

@@ -19,7 +19,16 @@ from inferledger.inference.model_cache import GGUF_FILENAME, GGUF_PACKAGE
 from inferledger.node import preflight
 from inferledger.node.preflight import PreflightReport, resolve_model, run_preflight
 
-CHECKS = ["chain", "contracts", "host_key", "host_registration", "model", "gas", "weights"]
+CHECKS = [
+    "chain",
+    "contracts",
+    "host_key",
+    "host_registration",
+    "model",
+    "gas",
+    "weights",
+    "prover",
+]
 MODEL_NAME = "test-org/tiny-model/tiny.gguf"
 PRICE = 2_000_000_000
 
@@ -115,6 +124,7 @@ def test_chain_unreachable(world: DevWorld, served: Served) -> None:
         "model",
         "gas",
         "weights",
+        "prover",
     ]
 
 

@@ -10,7 +10,7 @@ from eth_account import Account
 from eth_utils import keccak
 
 from inferledger.proofs.activation import PROOF_BYTES
-from inferledger.proofs.bundle import ProofBundle, prompt_hash
+from inferledger.proofs.bundle import ProofBundle, Segment, prompt_hash
 
 HOST_KEY = "0x" + "11" * 32
 HOST = Account.from_key(HOST_KEY).address
@@ -18,10 +18,16 @@ MARKETPLACE = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
 
 # Pins the version-1 format: any change to key names, hex/int spelling, ordering or the
 # signature scheme changes this hash and so breaks every receipt already signed over it.
-GOLDEN_PROOF_HASH = "0xa948daa118f722f49ff0d7e072980a735c354a72f0c18d0b968dd254c579f828"
+GOLDEN_PROOF_HASH = "0x873113885d6542bfb845cf84761e34211bc0658fdeb000b9b8033faf73853ffd"
+
+
+PROOF_A = bytes(range(256)) + b"\x00\x01"
+PROOF_B = b"\xab" * PROOF_BYTES
+PROOF_C = b"\xcd" * PROOF_BYTES
 
 
 def make_bundle(**changes: object) -> ProofBundle:
+    """Checkpoint 2 of a session: the end of one reply, then the start of the next."""
     bundle = ProofBundle(
         session_id=7,
         chain_id=31337,
@@ -31,8 +37,22 @@ def make_bundle(**changes: object) -> ProofBundle:
         token_start=32,
         token_end=64,
         transcript_hash=keccak(b"transcript"),
-        prompt_hash=prompt_hash([1, 2, 3]),
-        activation_proofs=(bytes(range(256)) + b"\x00\x01", b"\xab" * PROOF_BYTES),
+        segments=(
+            Segment(  # reply tokens [20, 40): one decode chunk
+                prompt_hash=prompt_hash([1, 2, 3]),
+                prompt_tokens=3,
+                reply_start=20,
+                reply_end=40,
+                activation_proofs=(PROOF_A,),
+            ),
+            Segment(  # a new reply: its prompt chunk, then one decode chunk
+                prompt_hash=prompt_hash([4, 5]),
+                prompt_tokens=2,
+                reply_start=0,
+                reply_end=12,
+                activation_proofs=(PROOF_B, PROOF_C),
+            ),
+        ),
         prover="activation",
         unproven=False,
         backend="transformers",
@@ -41,11 +61,18 @@ def make_bundle(**changes: object) -> ProofBundle:
     return replace(bundle, **changes)
 
 
+def without_proofs(bundle: ProofBundle) -> tuple[Segment, ...]:
+    return tuple(replace(segment, activation_proofs=()) for segment in bundle.segments)
+
+
 def test_round_trip() -> None:
     bundle = make_bundle().signed(HOST_KEY)
     assert ProofBundle.decode(bundle.encode()) == bundle
-    unsigned = make_bundle(activation_proofs=(), prover="commitment", unproven=True)
+    bare = without_proofs(bundle)
+    unsigned = make_bundle(segments=bare, prover="commitment", unproven=True)
     assert ProofBundle.decode(unsigned.encode()) == unsigned
+    external = make_bundle(segments=bare, prover="external", attestation=b"\x01\x02")
+    assert ProofBundle.decode(external.signed(HOST_KEY).encode()) == external.signed(HOST_KEY)
 
 
 def test_encoding_is_compact_sorted_json() -> None:
@@ -55,7 +82,15 @@ def test_encoding_is_compact_sorted_json() -> None:
     assert doc["version"] == 1
     assert doc["token_end"] == 64
     assert doc["host_signature"] == "0x"
-    assert doc["activation_proofs"][1] == "0x" + "ab" * PROOF_BYTES
+    assert doc["attestation"] == "0x"
+    assert doc["segments"][1] == {
+        "activation_proofs": ["0x" + "ab" * PROOF_BYTES, "0x" + "cd" * PROOF_BYTES],
+        "prompt_hash": "0x" + prompt_hash([4, 5]).hex(),
+        "prompt_tokens": 2,
+        "reply_end": 12,
+        "reply_start": 0,
+    }
+    assert list(doc["segments"][0]) == sorted(doc["segments"][0])
     assert b" " not in data and b"\n" not in data
     assert b"Hello" not in data  # hashes only, never prompt text
 
@@ -75,6 +110,12 @@ def test_prompt_hash_is_int64_big_endian() -> None:
 def _edit(data: bytes, **changes: object) -> bytes:
     doc = json.loads(data)
     doc.update(changes)
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _edit_segment(data: bytes, index: int, **changes: object) -> bytes:
+    doc = json.loads(data)
+    doc["segments"][index].update(changes)
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -106,8 +147,20 @@ CANONICAL = make_bundle().signed(HOST_KEY).encode()
         pytest.param(_edit(CANONICAL, extra=1), id="extra-field"),
         pytest.param(_edit(CANONICAL, version=2), id="future-version"),
         pytest.param(_edit(CANONICAL, model_id="0x" + "00" * 31), id="short-model-id"),
-        pytest.param(_edit(CANONICAL, prompt_hash="00" * 32), id="hex-without-0x"),
-        pytest.param(_edit(CANONICAL, activation_proofs=["0x" + "00" * 257]), id="short-proof"),
+        pytest.param(_edit(CANONICAL, transcript_hash="00" * 32), id="hex-without-0x"),
+        pytest.param(
+            _edit_segment(CANONICAL, 0, activation_proofs=["0x" + "00" * 257]), id="short-proof"
+        ),
+        pytest.param(_edit_segment(CANONICAL, 0, activation_proofs=[]), id="missing-proof"),
+        pytest.param(_edit_segment(CANONICAL, 0, extra=1), id="segment-extra-field"),
+        pytest.param(_edit_segment(CANONICAL, 1, prompt_tokens=0), id="empty-prompt"),
+        pytest.param(_edit_segment(CANONICAL, 1, reply_start=1, reply_end=13), id="mid-reply"),
+        pytest.param(_edit_segment(CANONICAL, 0, reply_end=41), id="segments-exceed-range"),
+        pytest.param(_edit_segment(CANONICAL, 0, reply_start=40), id="empty-segment"),
+        pytest.param(_edit(CANONICAL, segments=[]), id="no-segments"),
+        pytest.param(_edit(CANONICAL, segments={}), id="segments-not-a-list"),
+        pytest.param(_edit(CANONICAL, attestation="0x01"), id="attestation-without-external"),
+        pytest.param(_edit(CANONICAL, prover="commitment"), id="commitment-with-proofs"),
         pytest.param(_edit(CANONICAL, host_signature="0x" + "00" * 64), id="short-signature"),
         pytest.param(_edit(CANONICAL, prover="zk"), id="unknown-prover"),
         pytest.param(_edit(CANONICAL, unproven=1), id="int-as-bool"),
@@ -140,6 +193,9 @@ def test_signature_recovers_the_host() -> None:
     assert ProofBundle.decode(bundle.encode()).host_signer() == HOST
 
 
+SEGMENT_0, SEGMENT_1 = make_bundle().segments
+
+
 @pytest.mark.parametrize(
     "change",
     [
@@ -148,12 +204,11 @@ def test_signature_recovers_the_host() -> None:
         {"marketplace": HOST},
         {"checkpoint_index": 3},
         {"model_id": b"\x00" * 32},
-        {"token_start": 0},
-        {"token_end": 65},
+        {"token_start": 0, "token_end": 32},
+        {"token_end": 96, "token_start": 64},
         {"transcript_hash": b"\x01" * 32},
-        {"prompt_hash": prompt_hash([1, 2])},
-        {"activation_proofs": ()},
-        {"prover": "mock"},
+        {"segments": (SEGMENT_0, replace(SEGMENT_1, prompt_hash=prompt_hash([4, 6])))},
+        {"segments": (replace(SEGMENT_0, activation_proofs=(PROOF_B,)), SEGMENT_1)},
         {"backend": "scripted"},
         {"dtype": "bfloat16"},
     ],
@@ -162,6 +217,46 @@ def test_signature_recovers_the_host() -> None:
 def test_any_field_change_breaks_the_signature(change: dict[str, object]) -> None:
     tampered = replace(make_bundle().signed(HOST_KEY), **change)
     assert tampered.host_signer() != HOST
+
+
+BARE = without_proofs(make_bundle())
+
+
+@pytest.mark.parametrize(
+    ("base", "change"),
+    [
+        ({"prover": "commitment"}, {"prover": "mock"}),
+        ({"prover": "commitment"}, {"unproven": True}),
+        ({"prover": "external", "attestation": b"\x01"}, {"attestation": b"\x02"}),
+    ],
+    ids=["prover", "unproven", "attestation"],
+)
+def test_prover_fields_are_signed(base: dict[str, object], change: dict[str, object]) -> None:
+    signed = make_bundle(segments=BARE, **base).signed(HOST_KEY)
+    assert replace(signed, **change).host_signer() != HOST
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"token_end": 65}, r"segments cover 32 tokens, the range \[32, 65\) has 33"),
+        (
+            {"segments": (SEGMENT_0, replace(SEGMENT_1, reply_start=1, reply_end=13))},
+            "only the first segment may start mid-reply",
+        ),
+        (
+            {"segments": (SEGMENT_0, replace(SEGMENT_1, activation_proofs=(PROOF_B,)))},
+            "segment 1 has 1 activation proofs, prover 'activation' needs 2",
+        ),
+        ({"prover": "mock"}, "segment 0 has 1 activation proofs, prover 'mock' needs 0"),
+        ({"attestation": b"\x01"}, "an attestation comes with prover 'external', and only there"),
+        ({"segments": ()}, "segments must be a non-empty tuple"),
+    ],
+    ids=["range", "mid-reply", "proof-count", "mock-with-proofs", "attestation", "empty"],
+)
+def test_inconsistent_bundles_say_why(change: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_bundle(**change)
 
 
 def test_unsigned_bundle_has_no_signer() -> None:

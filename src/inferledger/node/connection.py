@@ -28,7 +28,13 @@ from inferledger.chain.receipts import (
     check_receipt_signature,
     recover_session_auth_signer,
 )
-from inferledger.inference.base import Finish, GenerationParams, Token
+from inferledger.inference.base import Finish, GenerationParams, Hidden, Token
+from inferledger.node.checkpoints import (
+    CheckpointJob,
+    ReplyTrace,
+    build_checkpoint,
+    prompt_token_ids,
+)
 from inferledger.node.metering import budget_tokens
 from inferledger.node.node import Node
 from inferledger.node.protocol import (
@@ -42,6 +48,7 @@ from inferledger.node.protocol import (
     SessionInit,
     parse_client_frame,
 )
+from inferledger.node.settlement import proof_uri
 from inferledger.node.state import SessionRecord
 from inferledger.proofs.transcript import TranscriptHash
 
@@ -60,12 +67,18 @@ class Connection:
         self.budget = 0
         self.generated = 0
         self.receipted = 0
+        self.checkpointed = 0  # token_end of the last checkpoint built
         self.transcript: TranscriptHash | None = None
-        self.pending: dict[int, tuple[bytes, float]] = {}
+        self.trace: ReplyTrace | None = None
+        self.checkpoint_due = False
+        self._checkpoint_lock = asyncio.Lock()
+        # tokens -> (proof_hash, transcript_hash, sent_at) of receipts asked for
+        self.pending: dict[int, tuple[bytes, bytes, float]] = {}
         self.window = asyncio.Event()
         self.request_task: asyncio.Task[None] | None = None
         self.deadline = 0.0  # wall-clock time at which the session expires
         self.ending = False  # `end` received; waiting for the last receipt
+        self.ended = False  # `end` handled: the session is being settled
         self._send_lock = asyncio.Lock()
 
     # Frames ------------------------------------------------------------------------
@@ -111,7 +124,7 @@ class Connection:
                 else:
                     message = await self.ws.receive()
             except TimeoutError:
-                await self._send_session_end()
+                await self._finish_session()
                 return
             except (WebSocketDisconnect, RuntimeError):
                 return
@@ -158,7 +171,7 @@ class Connection:
         if isinstance(frame, ReceiptFrame):
             await self._accept_receipt(frame)
             if self.ending and self.receipted == self.generated:
-                await self._send_session_end()
+                await self._finish_session()
                 return True
             return False
         if isinstance(frame, End):
@@ -171,7 +184,19 @@ class Connection:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.request_task
         if self.info is not None:
-            self.node.live_sessions.discard(self.info.session_id)
+            sid = self.info.session_id
+            if not self.ended:
+                # Left without `end`: settle after a grace period unless the client returns.
+                due = time.time() + self.node.settings.disconnect_grace
+                await asyncio.to_thread(
+                    self.node.outbox.schedule_settlement, sid, "disconnect", due
+                )
+                log.info(
+                    "session %s: client left without end; settlement in %.0fs unless it returns",
+                    sid,
+                    self.node.settings.disconnect_grace,
+                )
+            self.node.live_sessions.discard(sid)
             self.node.metrics.sessions_active.dec()
         if self.ws.application_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
@@ -240,13 +265,23 @@ class Connection:
                 ErrorCode.SESSION_BUSY,
                 f"session {info.session_id} already has a live connection; close it first",
             )
+        record = await asyncio.to_thread(node.state.upsert_session, _record_of(info))
+        settlement = await asyncio.to_thread(node.outbox.settlement, info.session_id)
+        if settlement is not None and not await asyncio.to_thread(
+            node.outbox.cancel_disconnect_settlement, info.session_id
+        ):
+            raise ProtocolError(
+                ErrorCode.SESSION_CLOSED,
+                f"session {info.session_id} is being settled ({settlement.reason}); "
+                "open a new session",
+            )
         node.live_sessions.add(info.session_id)
         node.metrics.sessions_active.inc()
         self.info = info
-        record = await asyncio.to_thread(node.state.upsert_session, _record_of(info))
         # Tokens streamed after the last receipt of a dropped connection are not billed.
-        self.receipted = self.generated = record.tokens_receipted
-        self.transcript = TranscriptHash(info.session_id, record.last_proof_hash)
+        self.receipted = self.generated = self.checkpointed = record.tokens_receipted
+        await asyncio.to_thread(node.outbox.abandon_unreceipted, info.session_id, self.receipted)
+        self.transcript = TranscriptHash(info.session_id, record.last_transcript_hash)
         self.budget = budget_tokens(info.deposit, info.price_per_mtok)
         self.deadline = time.time() + (info.expires_at - chain_now)
         log.info("session %s: logged in (receipted %s tokens)", info.session_id, self.receipted)
@@ -291,6 +326,13 @@ class Connection:
             )
         if time.time() >= self.deadline:
             raise ProtocolError(ErrorCode.SESSION_CLOSED, "the session's max duration has passed")
+        record = await asyncio.to_thread(node.state.get_session, self.info.session_id)
+        if record is None or record.status != "open":
+            raise ProtocolError(
+                ErrorCode.SESSION_CLOSED,
+                f"session {self.info.session_id} is being settled (the depositor asked to close, "
+                "or it is about to expire); open a new session",
+            )
         limit = min(prompt.max_tokens or left, left)
         try:
             params = GenerationParams(
@@ -303,6 +345,12 @@ class Connection:
         except (ValueError, TypeError) as exc:
             raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc)) from exc
         messages = [m.model_dump() for m in prompt.messages]
+        capture = node.prover.needs_hidden_states and node.backend.supports_hidden_states
+        try:
+            prompt_ids = await asyncio.to_thread(prompt_token_ids, node.backend, messages)
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc)) from exc
+        self.trace = ReplyTrace(prompt_ids, keep_rows=capture)
         received = time.monotonic()
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=_HANDOFF_DEPTH)
         stop = threading.Event()
@@ -318,7 +366,14 @@ class Connection:
             node.metrics.generation_queue.dec()
         try:
             worker = loop.run_in_executor(
-                node.generation_executor(), self._generate, messages, params, queue, loop, stop
+                node.generation_executor(),
+                self._generate,
+                messages,
+                params,
+                capture,
+                queue,
+                loop,
+                stop,
             )
             count, reason, prompt_tokens = 0, "length", 0
             try:
@@ -331,11 +386,16 @@ class Connection:
                     if isinstance(event, Finish):
                         reason, prompt_tokens = event.reason, event.prompt_tokens or 0
                         continue
+                    if isinstance(event, Hidden):
+                        self.trace.add_rows(event)
+                        await self._checkpoint_when_ready()
+                        continue
                     await self._wait_for_window()
                     if time.time() >= self.deadline:
                         reason = "budget"
                         break
                     await self._send_token(prompt.request_id, event)
+                    await self._checkpoint_when_ready()
                     count += 1
                     if count == 1:
                         node.metrics.time_to_first_token.observe(time.monotonic() - received)
@@ -350,8 +410,8 @@ class Connection:
             slots.release()
         if count == left:
             reason = "budget"
-        if self.generated > self.receipted and self.generated not in self.pending:
-            await self._request_receipt()
+        async with self._checkpoint_lock:
+            await self._checkpoint_tail()
         await asyncio.to_thread(node.state.add_generated, self.info.session_id, count)
         await asyncio.to_thread(node.state.finish_request, row, count, reason, prompt_tokens)
         await self.send(
@@ -370,6 +430,7 @@ class Connection:
         self,
         messages: list[dict[str, str]],
         params: GenerationParams,
+        capture: bool,
         queue: asyncio.Queue[Any],
         loop: asyncio.AbstractEventLoop,
         stop: threading.Event,
@@ -381,7 +442,7 @@ class Connection:
 
         events = None
         try:
-            events = self.node.backend.generate(messages, params)
+            events = self.node.backend.generate(messages, params, capture_hidden_states=capture)
             for event in events:
                 if stop.is_set():
                     return
@@ -396,9 +457,10 @@ class Connection:
                 put(_END)
 
     async def _send_token(self, request_id: str, token: Token) -> None:
-        assert self.info is not None and self.transcript is not None
+        assert self.info is not None and self.transcript is not None and self.trace is not None
         self.generated += 1
         self.transcript.update(token.token_id)
+        self.trace.add_token(token.token_id)
         self.node.metrics.tokens_generated.inc()
         await self.send(
             {
@@ -410,7 +472,7 @@ class Connection:
             }
         )
         if self.generated % self.info.proof_interval == 0:
-            await self._request_receipt()
+            self.checkpoint_due = True
 
     async def _wait_for_window(self) -> None:
         """Block while the client owes a receipt for a whole interval."""
@@ -428,17 +490,43 @@ class Connection:
 
     # Receipts ----------------------------------------------------------------------
 
+    async def _checkpoint_when_ready(self) -> None:
+        """Build a due checkpoint once the row of its last token has arrived."""
+        assert self.trace is not None
+        if self.checkpoint_due and self.trace.rows_ready():
+            async with self._checkpoint_lock:
+                self.checkpoint_due = False
+                await self._request_receipt()
+
+    async def _checkpoint_tail(self) -> None:
+        """At the end of a reply (or on `end`): a checkpoint for tokens not yet covered."""
+        self.checkpoint_due = False
+        if self.generated > self.checkpointed:
+            await self._request_receipt()
+
     async def _request_receipt(self) -> None:
-        assert self.info is not None and self.transcript is not None
-        proof_hash = self.transcript.value
-        self.pending[self.generated] = (proof_hash, time.monotonic())
+        """Prove the tokens since the last checkpoint, store it, then ask for the receipt."""
+        assert self.info is not None and self.transcript is not None and self.trace is not None
+        job = CheckpointJob(
+            session_id=self.info.session_id,
+            token_start=self.checkpointed,
+            token_end=self.generated,
+            transcript_hash=self.transcript.value,
+            segment=self.trace.take_segment(),
+        )
+        self.checkpointed = self.generated
+        # Shielded: once proving starts, its checkpoint row is written even if `end` or a
+        # disconnect cancels this task meanwhile.
+        record = await asyncio.shield(asyncio.to_thread(build_checkpoint, self.node, job))
+        self.pending[job.token_end] = (record.proof_hash, job.transcript_hash, time.monotonic())
         await self.send(
             {
                 "type": "receipt_request",
                 "session_id": self.info.session_id,
-                "tokens": self.generated,
-                "proof_hash": "0x" + proof_hash.hex(),
-                "transcript_hash": "0x" + self.transcript.value.hex(),
+                "tokens": job.token_end,
+                "proof_hash": "0x" + record.proof_hash.hex(),
+                "transcript_hash": "0x" + job.transcript_hash.hex(),
+                "proof_uri": proof_uri(record.proof_hash),
             }
         )
 
@@ -456,7 +544,7 @@ class Connection:
                 f"receipt for {frame.tokens} tokens, but the node asked for "
                 f"{sorted(self.pending) or 'none'}",
             )
-        proof_hash, sent_at = requested
+        proof_hash, transcript_hash, sent_at = requested
         if frame.proof_hash != "0x" + proof_hash.hex():
             raise ProtocolError(
                 ErrorCode.RECEIPT_MISMATCH,
@@ -469,27 +557,96 @@ class Connection:
         except InvalidSignature as exc:
             raise ProtocolError(ErrorCode.RECEIPT_INVALID, str(exc)) from exc
         await asyncio.to_thread(
-            self.node.state.store_receipt, receipt.session_id, receipt.tokens, proof_hash, signature
+            self.node.state.store_receipt,
+            receipt.session_id,
+            receipt.tokens,
+            proof_hash,
+            signature,
+            transcript_hash,
         )
+        self.node.metrics.checkpoints.labels(state="receipted").inc()
+        await self._queue_on_chain(receipt.tokens)
         self.receipted = frame.tokens
         self.pending = {t: v for t, v in self.pending.items() if t > frame.tokens}
         self.node.metrics.receipt_round_trip.observe(time.monotonic() - sent_at)
         self.window.set()
         await self.send({"type": "receipt_ack", "tokens": frame.tokens})
 
+    async def _queue_on_chain(self, tokens: int) -> None:
+        """Submit this checkpoint on chain too, if the policy says so (default: never)."""
+        policy = self.node.settings.onchain_checkpoints
+        if policy == "never":
+            return
+        assert self.info is not None
+        checkpoints = await asyncio.to_thread(self.node.outbox.checkpoints, self.info.session_id)
+        index = next((c.idx for c in checkpoints if c.token_end == tokens), None)
+        if index is None or (policy != "always" and index % int(policy) != 0):
+            return
+        await asyncio.to_thread(
+            self.node.outbox.set_checkpoint_status, self.info.session_id, tokens, "queued"
+        )
+        self.node.settlement.wake()
+
     async def _end(self) -> bool:
-        """Stop any reply; ask for a receipt of unreceipted tokens before saying goodbye."""
-        if self.request_task is not None and not self.request_task.done():
-            self.request_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.request_task
-        if self.generated > self.receipted:
-            if self.generated not in self.pending:
-                await self._request_receipt()
-            self.ending = True
-            return False
-        await self._send_session_end()
+        """Stop any reply; ask for a receipt of unreceipted tokens before settling."""
+        async with self._checkpoint_lock:
+            if self.request_task is not None and not self.request_task.done():
+                self.request_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.request_task
+            if self.generated > self.receipted:
+                await self._checkpoint_tail()
+                self.ending = True
+                return False
+        await self._finish_session()
         return True
+
+    async def _finish_session(self) -> None:
+        """Say goodbye, settle on chain, and tell the client what was paid."""
+        assert self.info is not None
+        sid = self.info.session_id
+        self.ended = True
+        await self._send_session_end()
+        await asyncio.to_thread(self.node.outbox.schedule_settlement, sid, "end", time.time())
+        self.node.settlement.wake()
+        waited = 0.0
+        while waited < self.node.settings.settlement_wait:
+            settlement = await asyncio.to_thread(self.node.outbox.settlement, sid)
+            if settlement is not None and settlement.status != "pending":
+                break
+            await asyncio.sleep(0.05)
+            waited += 0.05
+        if settlement is None or settlement.status == "pending":
+            reason = settlement.last_error if settlement else None
+            await self.send(
+                {
+                    "type": "settlement_pending",
+                    "session_id": sid,
+                    "reason": reason or "settlement is still running",
+                }
+            )
+            return
+        if settlement.status == "failed":
+            await self.send(
+                {
+                    "type": "settlement_pending",
+                    "session_id": sid,
+                    "reason": f"the node could not settle: {settlement.last_error}",
+                }
+            )
+            return
+        await self.send(
+            {
+                "type": "settled",
+                "session_id": sid,
+                "tokens": settlement.tokens,
+                "host_amount": settlement.host_amount,
+                "fee": settlement.fee,
+                "refund": settlement.refund,
+                "refund_credited": settlement.refund_credited,
+                "tx_hash": settlement.tx_hash,
+            }
+        )
 
     async def _send_session_end(self) -> None:
         assert self.info is not None

@@ -34,5 +34,48 @@ class NodeMetrics:
             registry=self.registry,
         )
 
+        self.checkpoints = Counter(
+            "inferledger_checkpoints",
+            "Checkpoints entering each state (proved, receipted, submitted, settled, ...)",
+            ["state"],
+            registry=self.registry,
+        )
+        self.proof_seconds = Histogram(
+            "inferledger_proof_seconds",
+            "Time to prove and sign one checkpoint, by prover",
+            ["prover"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+            registry=self.registry,
+        )
+        self.proof_bytes = Histogram(
+            "inferledger_proof_bytes",
+            "Size of one stored proof bundle",
+            buckets=(512, 1024, 2048, 4096, 8192, 16384, 65536),
+            registry=self.registry,
+        )
+        self.prover_failures = Counter(
+            "inferledger_prover_failures",
+            "Checkpoints that fell back to an unproven commitment because the prover failed",
+            registry=self.registry,
+        )
+        self.settlement_seconds = Histogram(
+            "inferledger_settlement_seconds",
+            "From settlement scheduled to paid out on chain",
+            buckets=(0.1, 0.5, 1, 5, 30, 60, 300, 1800),
+            registry=self.registry,
+        )
+        self.settlements = Counter(
+            "inferledger_settlements",
+            "Sessions settled, by how (complete, finalize, by_others) and trigger",
+            ["how", "reason"],
+            registry=self.registry,
+        )
+        self.tx_failures = Counter(
+            "inferledger_tx_failures",
+            "Failed transaction attempts, by action and kind of error",
+            ["action", "error"],
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

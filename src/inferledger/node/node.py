@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
@@ -14,8 +15,19 @@ from inferledger.chain.receipts import ReceiptDomain
 from inferledger.config import Settings
 from inferledger.inference.base import Backend
 from inferledger.node.metrics import NodeMetrics
+from inferledger.node.outbox import Outbox
 from inferledger.node.preflight import PreflightReport
 from inferledger.node.state import NodeState
+from inferledger.proofs.provers import (
+    CommitmentProver,
+    Prover,
+    ProverUnavailable,
+    make_prover,
+)
+from inferledger.store.blobs import BlobStore
+
+if TYPE_CHECKING:
+    from inferledger.node.settlement import SettlementWorker
 
 RECEIPT_TIMEOUT_SECONDS = 60.0
 
@@ -30,11 +42,14 @@ class Node:
     backend: Backend
     state: NodeState
     preflight: PreflightReport
+    prover: Prover
+    store: BlobStore
     receipt_timeout: float = RECEIPT_TIMEOUT_SECONDS
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
     live_sessions: set[int] = field(default_factory=set)
     _slots: asyncio.Semaphore | None = None
     _executor: ThreadPoolExecutor | None = None
+    _settlement: SettlementWorker | None = None
 
     @property
     def address(self) -> str:
@@ -51,8 +66,26 @@ class Node:
 
     @property
     def ready(self) -> bool:
-        """A node whose preflight failed serves no paid sessions (R2)."""
-        return self.preflight.ok
+        """A node whose preflight failed serves no paid sessions (R2).
+
+        The one exception is the prover with ``allow_degraded``: payment rests on the signed
+        receipts, so the node serves with unproven commitment bundles instead of proofs.
+        """
+        tolerated = {"prover"} if self.settings.allow_degraded else set()
+        return all(r.ok for r in self.preflight.results if r.name not in tolerated)
+
+    @property
+    def outbox(self) -> Outbox:
+        return Outbox(self.state)
+
+    @property
+    def settlement(self) -> SettlementWorker:
+        """The node's settlement worker (started with the server, see ``server.py``)."""
+        if self._settlement is None:
+            from inferledger.node.settlement import SettlementWorker
+
+            self._settlement = SettlementWorker(self)
+        return self._settlement
 
     @property
     def domain(self) -> ReceiptDomain:
@@ -92,12 +125,35 @@ def create_node(
     if settings.host_key is None:
         raise ValueError("no host key: set INFERLEDGER_HOST_KEY to the host's private key")
     account = Account.from_key(settings.host_key.get_secret_value())
+    prover, prover_error = _configured_prover(settings, contracts, backend)
     report = run_preflight(
         settings,
         chain=contracts.chain,
         deployment=contracts.deployment,
         model_name=backend.name,
         weights_path=backend.weights_path,
+        prover=prover,
+        prover_error=prover_error,
     )
+    if not report.get("prover").ok:
+        # Degraded: receipts still pay, with bundles that say they prove nothing.
+        prover = CommitmentProver(unproven=True)
     state = state or NodeState(settings.state_db or home() / "node.sqlite3")
-    return Node(settings, contracts, account, backend, state, report)
+    store = BlobStore(settings.proof_store or home() / "proofs")
+    return Node(settings, contracts, account, backend, state, report, prover, store)
+
+
+def _configured_prover(
+    settings: Settings, contracts: Contracts, backend: Backend
+) -> tuple[Prover | None, ProverUnavailable | None]:
+    try:
+        prover = make_prover(
+            settings.prover,
+            dev_chain=contracts.chain.is_dev,
+            hidden_states=backend.supports_hidden_states,
+            external_path=settings.external_prover,
+            external_timeout=settings.external_prover_timeout,
+        )
+    except ProverUnavailable as exc:
+        return None, exc
+    return prover, None

@@ -31,6 +31,7 @@ from inferledger.inference.model_cache import (
     find_packaged_gguf,
     sha256_file,
 )
+from inferledger.proofs.provers import Prover, ProverUnavailable, make_prover
 
 CheckStatus = Literal["ok", "failed", "skipped"]
 
@@ -149,6 +150,8 @@ class _Context:
     deployment_error: str
     model_name: str
     weights_path: Path | None
+    prover: Prover | None = None
+    prover_error: ProverUnavailable | None = None
     account: LocalAccount | None = None
     contracts: Contracts | None = None
     results: dict[str, CheckResult] = field(default_factory=dict)
@@ -188,18 +191,24 @@ def run_preflight(
     deployment: Deployment | None,
     model_name: str,
     weights_path: Path | None,
+    prover: Prover | None = None,
+    prover_error: ProverUnavailable | None = None,
 ) -> PreflightReport:
     """Run every check in order and report each; never raises.
 
     ``chain`` None connects to ``settings.chain_url`` (the embedded chain can only be passed
     in: each connect to it makes a new, empty chain). ``deployment`` None loads
     ``settings.deployment_file``. ``weights_path`` None means a remote backend: no local file.
+    ``prover`` None builds the configured one (``doctor``); ``prover_error`` is why the node
+    could not build it.
     """
     source, error = "given by the caller", ""
     if deployment is None:
         source = str(settings.deployment_file)
         deployment, error = _load_deployment(settings.deployment_file)
-    ctx = _Context(settings, chain, deployment, source, error, model_name, weights_path)
+    ctx = _Context(
+        settings, chain, deployment, source, error, model_name, weights_path, prover, prover_error
+    )
     for name, check in _CHECKS:
         ctx.results[name] = _run(name, check, ctx)
     return PreflightReport(tuple(ctx.results.values()))
@@ -423,6 +432,27 @@ def _check_weights(ctx: _Context) -> str:
     return f"{path.name} matches ModelRegistry (sha256 {actual[:16]}...)"
 
 
+def _check_prover(ctx: _Context) -> str:
+    """The seed incident's failure: a prover that is missing must stop the node at start."""
+    prover = ctx.prover
+    try:
+        if ctx.prover_error is not None:
+            raise ctx.prover_error
+        if prover is None:
+            ctx.require("chain")
+            backend = ctx.settings.backend
+            prover = make_prover(
+                ctx.settings.prover,
+                dev_chain=ctx.live_chain.is_dev,
+                hidden_states=backend in LOCAL_WEIGHTS_BACKENDS or backend == "scripted",
+                external_path=ctx.settings.external_prover,
+                external_timeout=ctx.settings.external_prover_timeout,
+            )
+        return f"{prover.name}: {prover.preflight()}"
+    except ProverUnavailable as exc:
+        raise _Failed(f"prover {exc.prover!r}: {exc.detail}", exc.setting, exc.fix) from None
+
+
 _CHECKS: tuple[tuple[str, Callable[[_Context], str]], ...] = (
     ("chain", _check_chain),
     ("contracts", _check_contracts),
@@ -431,6 +461,7 @@ _CHECKS: tuple[tuple[str, Callable[[_Context], str]], ...] = (
     ("model", _check_model),
     ("gas", _check_gas),
     ("weights", _check_weights),
+    ("prover", _check_prover),
 )
 
 

@@ -1,14 +1,19 @@
 """The node's ASGI app (Starlette) and a uvicorn runner.
 
 HTTP: ``/health`` (preflight), ``/metrics`` (Prometheus), ``/v1/models``,
-``/v1/sessions/{id}``. WebSocket: ``/v1/ws``, the session protocol.
+``/v1/sessions/{id}`` (checkpoints and settlement), ``/v1/proofs/{hash}`` (stored bundles).
+WebSocket: ``/v1/ws``, the session protocol. The settlement worker runs for as long as the
+app does (started and stopped by its lifespan).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import uvicorn
@@ -20,10 +25,12 @@ from starlette.websockets import WebSocket
 
 from inferledger.node.connection import Connection
 from inferledger.node.node import Node
+from inferledger.store.blobs import BlobNotFound, CorruptBlob
 
 # uvicorn closes the socket above this size; frames between max_frame_bytes and this
 # get a FRAME_TOO_LARGE error frame and the connection stays usable.
 HARD_FRAME_LIMIT = 16 * 1024 * 1024
+_PROOF_HASH = re.compile(r"0x[0-9a-f]{64}")
 
 
 def create_app(node: Node) -> Starlette:
@@ -68,6 +75,9 @@ def create_app(node: Node) -> Starlette:
                 status_code=404,
             )
         receipts = await asyncio.to_thread(node.state.receipts, session_id)
+        checkpoints = await asyncio.to_thread(node.outbox.checkpoints, session_id)
+        settlement = await asyncio.to_thread(node.outbox.settlement, session_id)
+        transactions = await asyncio.to_thread(node.outbox.transactions, session_id)
         return JSONResponse(
             {
                 "session_id": record.session_id,
@@ -82,8 +92,37 @@ def create_app(node: Node) -> Starlette:
                 "receipts": [
                     {"tokens": r.tokens, "proof_hash": "0x" + r.proof_hash.hex()} for r in receipts
                 ],
+                "checkpoints": [c.as_dict() for c in checkpoints],
+                "settlement": settlement.as_dict() if settlement else None,
+                "transactions": transactions,
             }
         )
+
+    async def proof(request: Request) -> Response:
+        text = request.path_params["proof_hash"].lower()
+        if not _PROOF_HASH.fullmatch(text):
+            return JSONResponse(
+                {"error": "BAD_REQUEST", "message": "a proof hash is 0x and 64 hex digits"},
+                status_code=400,
+            )
+        try:
+            data = await asyncio.to_thread(node.store.get, bytes.fromhex(text[2:]))
+        except BlobNotFound:
+            return JSONResponse(
+                {"error": "PROOF_NOT_FOUND", "message": f"no proof bundle {text} on this node"},
+                status_code=404,
+            )
+        except CorruptBlob as exc:
+            return JSONResponse({"error": "PROOF_CORRUPT", "message": str(exc)}, status_code=500)
+        return Response(data, media_type="application/json")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        node.settlement.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(node.settlement.stop)
 
     return Starlette(
         routes=[
@@ -92,7 +131,9 @@ def create_app(node: Node) -> Starlette:
             Route("/metrics", metrics),
             Route("/v1/models", models),
             Route("/v1/sessions/{session_id:int}", session),
-        ]
+            Route("/v1/proofs/{proof_hash}", proof),
+        ],
+        lifespan=lifespan,
     )
 
 
@@ -103,7 +144,7 @@ def uvicorn_config(node: Node, host: str, port: int, **options: Any) -> uvicorn.
         port=port,
         ws_max_size=HARD_FRAME_LIMIT,
         log_level=options.pop("log_level", "warning"),
-        lifespan="off",
+        lifespan="on",
         **options,
     )
 

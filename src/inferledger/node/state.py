@@ -1,4 +1,7 @@
-"""The node's durable state: sessions, requests and the user's signed receipts (SQLite).
+"""The node's durable state: sessions, requests, signed receipts and the outbox (SQLite).
+
+Checkpoints, settlements and transactions live in the same database (see
+:mod:`inferledger.node.outbox`), so a receipt and its checkpoint commit together.
 
 A signed receipt is the host's claim to payment, so it is acknowledged only after it is on
 disk: every write commits before its method returns, with ``synchronous=FULL``. In WAL mode
@@ -74,6 +77,63 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    (
+        # proof_hash is the bundle's hash from here on; the transcript hash chain is kept apart.
+        "ALTER TABLE sessions ADD COLUMN last_transcript_hash TEXT",
+        """
+        CREATE TABLE checkpoints (
+            session_id INTEGER NOT NULL REFERENCES sessions (session_id),
+            idx INTEGER NOT NULL,
+            token_start INTEGER NOT NULL,
+            token_end INTEGER NOT NULL,
+            proof_hash TEXT NOT NULL,
+            transcript_hash TEXT NOT NULL,
+            prover TEXT NOT NULL,
+            unproven INTEGER NOT NULL,
+            proof_bytes INTEGER NOT NULL,
+            proof_ms REAL NOT NULL,
+            prover_error TEXT,
+            status TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            tx_hash TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (session_id, idx)
+        )
+        """,
+        "CREATE INDEX checkpoints_by_status ON checkpoints (status)",
+        """
+        CREATE TABLE settlements (
+            session_id INTEGER PRIMARY KEY REFERENCES sessions (session_id),
+            reason TEXT NOT NULL,
+            status TEXT NOT NULL,
+            due_at REAL NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            tx_hash TEXT,
+            tokens INTEGER,
+            host_amount TEXT,
+            fee TEXT,
+            refund TEXT,
+            refund_credited INTEGER,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE transactions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            session_id INTEGER NOT NULL,
+            action TEXT NOT NULL,
+            tx_hash TEXT,
+            status TEXT NOT NULL,
+            error TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )
+        """,
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -101,6 +161,7 @@ class SessionRecord:
     tokens_generated: int = 0
     tokens_receipted: int = 0
     last_proof_hash: bytes | None = None
+    last_transcript_hash: bytes | None = None
     status: SessionStatus = "open"
     created_at: float = 0.0
     updated_at: float = 0.0
@@ -156,7 +217,7 @@ class NodeState:
         self._conn.execute("PRAGMA busy_timeout=5000")
 
     def _migrate(self) -> None:
-        with self._transaction() as db:
+        with self.transaction() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StateError(
@@ -169,7 +230,7 @@ class NodeState:
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[sqlite3.Connection]:
         """Hold the lock and one write transaction; commit on success, roll back on error."""
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
@@ -181,7 +242,7 @@ class NodeState:
                     self._conn.execute("ROLLBACK")
                 raise
 
-    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+    def query(self, sql: str, args: tuple[object, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._conn.execute(sql, args).fetchall()
 
@@ -194,7 +255,7 @@ class NodeState:
         """
         _check_status(record.status)
         now = time.time()
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.execute(
                 """
                 INSERT INTO sessions (
@@ -232,16 +293,16 @@ class NodeState:
             return self._session_row(db, record.session_id)
 
     def get_session(self, session_id: int) -> SessionRecord | None:
-        rows = self._query("SELECT * FROM sessions WHERE session_id = ?", (session_id,))
+        rows = self.query("SELECT * FROM sessions WHERE session_id = ?", (session_id,))
         return _session(rows[0]) if rows else None
 
     def list_sessions(self, status: SessionStatus | None = None) -> list[SessionRecord]:
         """Sessions by id, all of them or those with ``status``."""
         if status is None:
-            rows = self._query("SELECT * FROM sessions ORDER BY session_id")
+            rows = self.query("SELECT * FROM sessions ORDER BY session_id")
         else:
             _check_status(status)
-            rows = self._query(
+            rows = self.query(
                 "SELECT * FROM sessions WHERE status = ? ORDER BY session_id", (status,)
             )
         return [_session(row) for row in rows]
@@ -250,7 +311,7 @@ class NodeState:
         """Count ``n`` more generated tokens; returns the session's new total."""
         if n < 0:
             raise ValueError(f"generated token count must be >= 0, got {n}")
-        with self._transaction() as db:
+        with self.transaction() as db:
             row = db.execute(
                 "UPDATE sessions SET tokens_generated = tokens_generated + ?, updated_at = ? "
                 "WHERE session_id = ? RETURNING tokens_generated",
@@ -262,7 +323,7 @@ class NodeState:
 
     def set_status(self, session_id: int, status: SessionStatus) -> None:
         _check_status(status)
-        with self._transaction() as db:
+        with self.transaction() as db:
             cursor = db.execute(
                 "UPDATE sessions SET status = ?, updated_at = ? WHERE session_id = ?",
                 (status, time.time(), session_id),
@@ -274,7 +335,7 @@ class NodeState:
 
     def start_request(self, session_id: int, request_id: str, prompt_tokens: int) -> int:
         """Record a prompt about to be served; returns the row id for ``finish_request``."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             known = db.execute("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,))
             if known.fetchone() is None:
                 raise UnknownSession(session_id)
@@ -293,7 +354,7 @@ class NodeState:
         prompt_tokens: int | None = None,
     ) -> None:
         """Record how a request ended; ``prompt_tokens`` when only known at the end."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             cursor = db.execute(
                 "UPDATE requests SET completion_tokens = ?, finish_reason = ?, finished_at = ?, "
                 "prompt_tokens = COALESCE(?, prompt_tokens) WHERE id = ?",
@@ -303,25 +364,32 @@ class NodeState:
                 raise KeyError(f"no request row {row_id}")
 
     def list_requests(self, session_id: int) -> list[RequestRecord]:
-        rows = self._query("SELECT * FROM requests WHERE session_id = ? ORDER BY id", (session_id,))
+        rows = self.query("SELECT * FROM requests WHERE session_id = ? ORDER BY id", (session_id,))
         return [RequestRecord(**dict(row)) for row in rows]
 
     # Receipts ------------------------------------------------------------------
 
     def store_receipt(
-        self, session_id: int, tokens: int, proof_hash: bytes, signature: bytes
+        self,
+        session_id: int,
+        tokens: int,
+        proof_hash: bytes,
+        signature: bytes,
+        transcript_hash: bytes | None = None,
     ) -> ReceiptRecord:
         """Durably store a signed receipt and advance the session's receipted count.
 
         Receipts are cumulative, so ``tokens`` must exceed the last stored one: an older or
         repeated receipt is refused with ValueError rather than silently lowering the claim.
+        The checkpoint the receipt pays for (same ``tokens``) turns ``receipted`` in the same
+        transaction, and ``transcript_hash`` is where a resumed session continues its chain.
         """
         if len(proof_hash) != 32:
             raise ValueError(f"proof_hash must be 32 bytes, got {len(proof_hash)}")
         if not signature:
             raise ValueError("receipt signature is empty")
         received_at = time.time()
-        with self._transaction() as db:
+        with self.transaction() as db:
             row = db.execute(
                 "SELECT tokens_receipted FROM sessions WHERE session_id = ?", (session_id,)
             ).fetchone()
@@ -338,14 +406,20 @@ class NodeState:
                 (session_id, tokens, proof_hash.hex(), signature.hex(), received_at),
             )
             db.execute(
-                "UPDATE sessions SET tokens_receipted = ?, last_proof_hash = ?, updated_at = ? "
+                "UPDATE sessions SET tokens_receipted = ?, last_proof_hash = ?, "
+                "last_transcript_hash = COALESCE(?, last_transcript_hash), updated_at = ? "
                 "WHERE session_id = ?",
-                (tokens, proof_hash.hex(), received_at, session_id),
+                (tokens, proof_hash.hex(), _hex_or_none(transcript_hash), received_at, session_id),
+            )
+            db.execute(
+                "UPDATE checkpoints SET status = 'receipted', updated_at = ? "
+                "WHERE session_id = ? AND token_end = ? AND proof_hash = ?",
+                (received_at, session_id, tokens, proof_hash.hex()),
             )
         return ReceiptRecord(session_id, tokens, bytes(proof_hash), bytes(signature), received_at)
 
     def latest_receipt(self, session_id: int) -> ReceiptRecord | None:
-        rows = self._query(
+        rows = self.query(
             "SELECT * FROM receipts WHERE session_id = ? ORDER BY tokens DESC LIMIT 1",
             (session_id,),
         )
@@ -353,7 +427,7 @@ class NodeState:
 
     def receipts(self, session_id: int) -> list[ReceiptRecord]:
         """All receipts of a session, oldest (fewest tokens) first."""
-        rows = self._query(
+        rows = self.query(
             "SELECT * FROM receipts WHERE session_id = ? ORDER BY tokens", (session_id,)
         )
         return [_receipt(row) for row in rows]
@@ -361,10 +435,10 @@ class NodeState:
     # Lifecycle -----------------------------------------------------------------
 
     def schema_version(self) -> int:
-        return int(self._query("PRAGMA user_version")[0][0])
+        return int(self.query("PRAGMA user_version")[0][0])
 
     def journal_mode(self) -> str:
-        return str(self._query("PRAGMA journal_mode")[0][0])
+        return str(self.query("PRAGMA journal_mode")[0][0])
 
     def close(self) -> None:
         with self._lock:
@@ -392,6 +466,7 @@ def _hex_or_none(value: bytes | None) -> str | None:
 
 def _session(row: sqlite3.Row) -> SessionRecord:
     proof_hash = row["last_proof_hash"]
+    transcript = row["last_transcript_hash"]
     return SessionRecord(
         session_id=row["session_id"],
         depositor=row["depositor"],
@@ -404,6 +479,7 @@ def _session(row: sqlite3.Row) -> SessionRecord:
         tokens_generated=row["tokens_generated"],
         tokens_receipted=row["tokens_receipted"],
         last_proof_hash=None if proof_hash is None else bytes.fromhex(proof_hash),
+        last_transcript_hash=None if transcript is None else bytes.fromhex(transcript),
         status=row["status"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],

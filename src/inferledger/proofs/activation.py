@@ -13,6 +13,11 @@ Proofs are byte-identical to the reference's whenever a chunk's top-k set is uni
 at the k-th magnitude we keep the lowest indices; ``torch.topk`` picks in an implementation-defined
 way there (CPU and CUDA differ), so no implementation can match it in that case.
 
+A session checkpoints every ``proof_interval`` tokens, across replies, so a node proves
+segments: the part of one reply a checkpoint covers (:func:`segment_chunks` gives its chunks,
+:func:`build_chunk_proofs` and :func:`verify_chunk_proofs` work over any chunk list).
+:func:`build_proofs` and :func:`verify_proofs` keep the reference's layout for a whole reply.
+
 Rows of ``hidden_states`` are positions: row ``i`` is the state after input token ``i``, so
 generated token ``j`` is first covered by row ``prompt_len + j`` (its own forward step).
 """
@@ -20,6 +25,7 @@ generated token ``j`` is first covered by row ``prompt_len + j`` (its own forwar
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,7 +79,7 @@ class ChunkCheck:
 
 @dataclass(frozen=True, slots=True)
 class VerifyResult:
-    """Outcome of :func:`verify_proofs`. ``reason`` says why it failed (``None`` when ok)."""
+    """Outcome of a verification. ``reason`` says why it failed (``None`` when ok)."""
 
     ok: bool
     chunks: tuple[ChunkCheck, ...]
@@ -122,6 +128,30 @@ def top_indices(bits: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.concatenate([above, tied]))
 
 
+def segment_chunks(
+    prompt_len: int, reply_start: int, reply_end: int, decode_batch: int = DECODE_BATCH
+) -> list[range]:
+    """Position ranges committed for reply tokens ``[reply_start, reply_end)`` of one reply.
+
+    A checkpoint splits a reply wherever its token range ends, so a segment may start mid-reply.
+    The prompt chunk comes only with the reply's first token. Decode chunks are ``decode_batch``
+    long, but a remainder is merged into the last chunk instead of getting a 258-byte proof of
+    its own: every segment of at least ``decode_batch`` tokens then costs at most
+    ``PROOF_BYTES / decode_batch`` bytes per token.
+    """
+    if prompt_len < 1:
+        raise ValueError(f"prompt_len must be at least 1, got {prompt_len}")
+    if not 0 <= reply_start < reply_end:
+        raise ValueError(f"need 0 <= reply_start < reply_end, got [{reply_start}, {reply_end})")
+    if decode_batch < 1:
+        raise ValueError("decode_batch must be at least 1")
+    chunks = [range(0, prompt_len)] if reply_start == 0 else []
+    first, last = prompt_len + reply_start, prompt_len + reply_end
+    starts = [first + i * decode_batch for i in range(max(1, (last - first) // decode_batch))]
+    chunks.extend(map(range, starts, [*starts[1:], last]))
+    return chunks
+
+
 def build_proofs(
     hidden_states: np.ndarray,
     prompt_len: int,
@@ -130,10 +160,19 @@ def build_proofs(
     topk: int = TOPK,
 ) -> list[bytes]:
     """One ``2 + 2 * topk``-byte proof per chunk of ``hidden_states`` ([positions, hidden])."""
-    bits = _as_bits(hidden_states)
+    bounds = chunk_bounds(np.asarray(hidden_states).shape[0], prompt_len, decode_batch)
+    return build_chunk_proofs(hidden_states, 0, bounds, topk=topk)
+
+
+def build_chunk_proofs(
+    rows: np.ndarray, first_position: int, chunks: Sequence[range], *, topk: int = TOPK
+) -> list[bytes]:
+    """One proof per chunk; ``rows[i]`` is position ``first_position + i``.
+
+    A node keeps only the rows it has not proved yet, hence the offset.
+    """
     proofs = []
-    for rows in chunk_bounds(bits.shape[0], prompt_len, decode_batch):
-        flat = bits[rows.start : rows.stop].ravel()
+    for flat in _chunk_values(rows, first_position, chunks):
         indices = top_indices(flat, topk)
         proofs.append(IndexPolynomial.through(indices, flat[indices]).to_bytes())
     return proofs
@@ -149,20 +188,58 @@ def verify_proofs(
     topk: int = TOPK,
 ) -> VerifyResult:
     """Check ``proofs`` against a verifier's own hidden states for the same prompt + output."""
-    bits = _as_bits(hidden_states)
-    bounds = chunk_bounds(bits.shape[0], prompt_len, decode_batch)
-    if len(proofs) != len(bounds):
-        return VerifyResult(False, (), f"expected {len(bounds)} proofs, got {len(proofs)}")
+    bounds = chunk_bounds(np.asarray(hidden_states).shape[0], prompt_len, decode_batch)
+    return verify_chunk_proofs(proofs, hidden_states, bounds, thresholds=thresholds, topk=topk)
+
+
+def verify_chunk_proofs(
+    proofs: Sequence[bytes],
+    prefill_states: np.ndarray,
+    chunks: Sequence[range],
+    *,
+    thresholds: Thresholds = CROSS_BACKEND,
+    topk: int = TOPK,
+) -> VerifyResult:
+    """Check one proof per chunk against a verifier's prefill (row ``i`` = position ``i``)."""
+    if len(proofs) != len(chunks):
+        return VerifyResult(False, (), f"expected {len(chunks)} proofs, got {len(proofs)}")
     size = 2 + 2 * topk
     if any(len(proof) != size for proof in proofs):
         return VerifyResult(False, (), f"every proof must be {size} bytes")
     checks = tuple(
-        _check_chunk(IndexPolynomial.from_bytes(proof), bits[rows.start : rows.stop], thresholds)
-        for proof, rows in zip(proofs, bounds, strict=True)
+        _check_chunk(IndexPolynomial.from_bytes(proof), flat, thresholds)
+        for proof, flat in zip(proofs, _chunk_values(prefill_states, 0, chunks), strict=True)
     )
     failed = [i for i, check in enumerate(checks) if not check.ok]
-    reason = f"chunks {failed} exceed the thresholds" if failed else None
-    return VerifyResult(not failed, checks, reason)
+    if not failed:
+        return VerifyResult(True, checks)
+    excess = _excess(checks[failed[0]], thresholds)
+    return VerifyResult(False, checks, f"chunks {failed} exceed the thresholds ({excess})")
+
+
+def _chunk_values(
+    rows: np.ndarray, first_position: int, chunks: Sequence[range]
+) -> Iterator[np.ndarray]:
+    """The flattened bf16 bits of each chunk, checking every chunk lies within ``rows``."""
+    bits = _as_bits(rows)
+    for chunk in chunks:
+        start, stop = chunk.start - first_position, chunk.stop - first_position
+        if not 0 <= start < stop <= bits.shape[0]:
+            covered = f"[{first_position}, {first_position + bits.shape[0]})"
+            raise ValueError(f"chunk {chunk} is not within the rows' positions {covered}")
+        yield bits[start:stop].ravel()
+
+
+def _excess(check: ChunkCheck, thresholds: Thresholds) -> str:
+    """The measures of a failed chunk that are over their bounds, for a one-line reason."""
+    measures = (
+        ("exp mismatches", check.exp_mismatches, thresholds.exp_mismatches),
+        ("mantissa error mean", check.mant_err_mean, thresholds.mant_err_mean),
+        ("mantissa error median", check.mant_err_median, thresholds.mant_err_median),
+    )
+    return ", ".join(
+        f"{label} {value:g} > {bound:g}" for label, value, bound in measures if value > bound
+    )
 
 
 def _as_bits(hidden_states: np.ndarray) -> np.ndarray:

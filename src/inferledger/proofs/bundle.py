@@ -6,8 +6,9 @@ same content would be a second hash for one checkpoint. :meth:`ProofBundle.decod
 accepts only the exact bytes :meth:`ProofBundle.encode` produces.
 
 Encoding: ASCII JSON (a subset of UTF-8) with sorted keys and no whitespace; bytes are
-lowercase ``0x`` hex, integers JSON integers, ``activation_proofs`` a list of hex strings, and a
-``"version": 1`` field. The bundle holds hashes of the prompt and output, never their text.
+lowercase ``0x`` hex, integers JSON integers, ``segments`` a list of objects (keys sorted too)
+whose ``activation_proofs`` are lists of hex strings, and a ``"version": 1`` field. The bundle
+holds hashes of the prompts and output, never their text.
 """
 
 from __future__ import annotations
@@ -22,26 +23,63 @@ from eth_account import Account
 from eth_utils import keccak, to_checksum_address
 
 from inferledger.chain.receipts import check_signature_shape
-from inferledger.proofs.activation import PROOF_BYTES
+from inferledger.proofs.activation import PROOF_BYTES, segment_chunks
 
 VERSION = 1
 PROVERS = frozenset({"activation", "commitment", "external", "mock"})
 
 _UINT256_MAX = 2**256 - 1
 _HEX = re.compile(r"0x(?:[0-9a-f]{2})*")
-_INT_FIELDS = ("session_id", "chain_id", "checkpoint_index", "token_start", "token_end")
-_HASH_FIELDS = ("model_id", "transcript_hash", "prompt_hash")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Segment:
+    """The part of one reply a checkpoint covers: reply tokens ``[reply_start, reply_end)``.
+
+    A checkpoint ends every ``proof_interval`` session tokens, wherever a reply is, so only
+    the first segment of a bundle may start mid-reply. ``activation_proofs`` follow
+    :func:`~inferledger.proofs.activation.segment_chunks` (the bundle checks their count).
+    """
+
+    prompt_hash: bytes
+    prompt_tokens: int
+    reply_start: int
+    reply_end: int
+    activation_proofs: tuple[bytes, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_bytes("prompt_hash", self.prompt_hash, 32)
+        for name in ("prompt_tokens", "reply_start", "reply_end"):
+            _check_uint(name, getattr(self, name))
+        if self.prompt_tokens < 1:
+            raise ValueError("a segment's prompt has at least one token")
+        if self.reply_start >= self.reply_end:
+            raise ValueError(f"empty segment [{self.reply_start}, {self.reply_end})")
+        if not isinstance(self.activation_proofs, tuple):
+            raise ValueError("activation_proofs must be a tuple")
+        for proof in self.activation_proofs:
+            _check_bytes("an activation proof", proof, PROOF_BYTES)
+
+    @property
+    def tokens(self) -> int:
+        """Reply tokens this segment covers."""
+        return self.reply_end - self.reply_start
+
+    def chunk_count(self) -> int:
+        """How many activation proofs an ``activation`` bundle carries for this segment."""
+        return len(segment_chunks(self.prompt_tokens, self.reply_start, self.reply_end))
 
 
 @dataclass(frozen=True, kw_only=True)
 class ProofBundle:
     """What a host attests for one checkpoint of a session (format version 1).
 
-    ``[token_start, token_end)`` are the tokens this checkpoint covers; ``token_end`` is the
-    cumulative count the receipt pays for and ``transcript_hash`` the hash chain after it. The
-    range must be non-empty (``token_start < token_end``): a checkpoint with no new tokens has
-    nothing to attest. ``unproven`` marks a commitment fallback after a prover failed, so it
-    requires ``prover == "commitment"``. ``host_signature`` is ``b""`` until :meth:`signed`.
+    ``[token_start, token_end)`` are the session tokens this checkpoint covers, split over
+    ``segments`` (one per reply touched, in order); ``token_end`` is the cumulative count the
+    receipt pays for and ``transcript_hash`` the hash chain after it. ``unproven`` marks a
+    commitment fallback after a prover failed, so it requires ``prover == "commitment"``.
+    ``attestation`` is an external prover's output (only there). ``host_signature`` is ``b""``
+    until :meth:`signed`.
     """
 
     session_id: int
@@ -52,31 +90,25 @@ class ProofBundle:
     token_start: int
     token_end: int
     transcript_hash: bytes
-    prompt_hash: bytes
-    activation_proofs: tuple[bytes, ...]
+    segments: tuple[Segment, ...]
     prover: str
     unproven: bool
     backend: str
     dtype: str
+    attestation: bytes = b""
     host_signature: bytes = b""
 
     def __post_init__(self) -> None:
-        for name in _INT_FIELDS:
-            value = getattr(self, name)
-            if type(value) is not int or not 0 <= value <= _UINT256_MAX:
-                raise ValueError(f"{name} must be a uint256, got {value!r}")
+        for name in ("session_id", "chain_id", "checkpoint_index", "token_start", "token_end"):
+            _check_uint(name, getattr(self, name))
         if self.checkpoint_index < 1:
             raise ValueError("checkpoint_index is 1-based")
         if self.token_start >= self.token_end:
             raise ValueError(f"empty token range [{self.token_start}, {self.token_end})")
         if not isinstance(self.marketplace, str) or not _is_checksummed(self.marketplace):
             raise ValueError(f"marketplace must be a checksummed address, got {self.marketplace!r}")
-        for name in _HASH_FIELDS:
+        for name in ("model_id", "transcript_hash"):
             _check_bytes(name, getattr(self, name), 32)
-        if not isinstance(self.activation_proofs, tuple):
-            raise ValueError("activation_proofs must be a tuple")
-        for proof in self.activation_proofs:
-            _check_bytes("an activation proof", proof, PROOF_BYTES)
         if not isinstance(self.prover, str) or self.prover not in PROVERS:
             raise ValueError(f"unknown prover {self.prover!r}")
         if type(self.unproven) is not bool:
@@ -87,40 +119,53 @@ class ProofBundle:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty string")
+        self._check_segments()
+        if not isinstance(self.attestation, bytes):
+            raise ValueError("attestation must be bytes")
+        if bool(self.attestation) != (self.prover == "external"):
+            raise ValueError("an attestation comes with prover 'external', and only there")
         if self.host_signature != b"":
             _check_signature(self.host_signature)
 
+    def _check_segments(self) -> None:
+        segments = self.segments
+        if not isinstance(segments, tuple) or not segments:
+            raise ValueError("segments must be a non-empty tuple")
+        if not all(isinstance(segment, Segment) for segment in segments):
+            raise ValueError("segments must hold Segment objects")
+        covered = sum(segment.tokens for segment in segments)
+        if covered != self.token_end - self.token_start:
+            raise ValueError(
+                f"segments cover {covered} tokens, the range [{self.token_start}, "
+                f"{self.token_end}) has {self.token_end - self.token_start}"
+            )
+        if any(segment.reply_start for segment in segments[1:]):
+            raise ValueError("only the first segment may start mid-reply")
+        for index, segment in enumerate(segments):
+            expected = segment.chunk_count() if self.prover == "activation" else 0
+            if len(segment.activation_proofs) != expected:
+                raise ValueError(
+                    f"segment {index} has {len(segment.activation_proofs)} activation proofs, "
+                    f"prover {self.prover!r} needs {expected}"
+                )
+
     def encode(self) -> bytes:
         """The canonical bytes; ``proof_hash`` is their keccak256."""
-        doc: dict[str, Any] = {"version": VERSION}
-        for name, value in asdict(self).items():
-            if isinstance(value, bytes):
-                value = "0x" + value.hex()
-            elif name == "activation_proofs":
-                value = ["0x" + proof.hex() for proof in value]
-            doc[name] = value
+        doc = {"version": VERSION, **_jsonable(asdict(self))}
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> ProofBundle:
         """Parse and validate ``data``; anything but the canonical encoding is a ValueError."""
-        doc = json.loads(data)
-        if not isinstance(doc, dict):
-            raise ValueError("a proof bundle is a JSON object")
-        expected = {f.name for f in fields(cls)} | {"version"}
-        if doc.keys() != expected:
-            missing = sorted(expected - doc.keys())
-            extra = sorted(doc.keys() - expected)
-            raise ValueError(f"bundle fields differ: missing {missing}, unexpected {extra}")
+        doc = _object(json.loads(data), cls, "a proof bundle", extra=frozenset({"version"}))
         version = doc.pop("version")
         if type(version) is not int or version != VERSION:
             raise ValueError(f"unsupported bundle version {version!r}")
-        for name in (*_HASH_FIELDS, "host_signature"):
+        for name in ("model_id", "transcript_hash", "attestation", "host_signature"):
             doc[name] = _from_hex(name, doc[name])
-        proofs = doc["activation_proofs"]
-        if not isinstance(proofs, list):
-            raise ValueError("activation_proofs must be a list")
-        doc["activation_proofs"] = tuple(_from_hex("an activation proof", p) for p in proofs)
+        if not isinstance(doc["segments"], list):
+            raise ValueError("segments must be a list")
+        doc["segments"] = tuple(_decode_segment(item) for item in doc["segments"])
         bundle = cls(**doc)
         if bundle.encode() != data:
             raise ValueError("not canonical: re-encoding the bundle gives different bytes")
@@ -158,6 +203,11 @@ def _is_checksummed(address: str) -> bool:
         return False
 
 
+def _check_uint(name: str, value: object) -> None:
+    if type(value) is not int or not 0 <= value <= _UINT256_MAX:
+        raise ValueError(f"{name} must be a uint256, got {value!r}")
+
+
 def _check_bytes(name: str, value: object, size: int) -> None:
     if not isinstance(value, bytes) or len(value) != size:
         got = len(value) if isinstance(value, bytes) else type(value).__name__
@@ -174,3 +224,37 @@ def _from_hex(name: str, value: object) -> bytes:
     if not isinstance(value, str) or not _HEX.fullmatch(value):
         raise ValueError(f"{name} must be lowercase 0x hex")
     return bytes.fromhex(value[2:])
+
+
+def _jsonable(value: Any) -> Any:
+    """``asdict`` output as JSON values: bytes become ``0x`` hex, tuples lists."""
+    if isinstance(value, bytes):
+        return "0x" + value.hex()
+    if isinstance(value, tuple | list):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    return value
+
+
+def _object(
+    doc: object, cls: type, what: str, extra: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """``doc`` as a dict holding exactly the fields of ``cls`` (plus ``extra``)."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"{what} is a JSON object")
+    expected = {f.name for f in fields(cls)} | extra
+    if doc.keys() != expected:
+        missing, unexpected = sorted(expected - doc.keys()), sorted(doc.keys() - expected)
+        raise ValueError(f"{what} fields differ: missing {missing}, unexpected {unexpected}")
+    return dict(doc)
+
+
+def _decode_segment(item: object) -> Segment:
+    doc = _object(item, Segment, "a segment")
+    doc["prompt_hash"] = _from_hex("prompt_hash", doc["prompt_hash"])
+    proofs = doc["activation_proofs"]
+    if not isinstance(proofs, list):
+        raise ValueError("activation_proofs must be a list")
+    doc["activation_proofs"] = tuple(_from_hex("an activation proof", p) for p in proofs)
+    return Segment(**doc)
