@@ -35,12 +35,22 @@ def test_node_refuses_to_start_on_failed_preflight_unless_degraded(tmp_path: Pat
         assert deployed.returncode == 0, deployed.stderr
         assert (tmp_path / "deployment.json").exists()
 
+        missing = tmp_path / "bin" / "zk-prover"  # the seed incident: no prover binary
+        prover_env = {
+            **env,
+            "INFERLEDGER_PROVER": "external",
+            "INFERLEDGER_EXTERNAL_PROVER": str(missing),
+        }
         refused = subprocess.run(
-            [*CLI, "node", "run"], env=env, capture_output=True, text=True, timeout=120
+            [*CLI, "node", "run"], env=prover_env, capture_output=True, text=True, timeout=120
         )
         assert refused.returncode == 1
         assert "node not started" in refused.stderr
         assert "not registered" in refused.stderr
+        prover_lines = [line for line in refused.stderr.splitlines() if str(missing) in line]
+        assert prover_lines, refused.stderr
+        for line in prover_lines:
+            assert "INFERLEDGER_EXTERNAL_PROVER" in line and "fix:" in line
 
         port = free_port()
         node = subprocess.Popen(

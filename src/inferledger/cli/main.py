@@ -117,8 +117,9 @@ def node_run(
         bool,
         typer.Option(
             "--allow-degraded",
-            help="Start even if preflight fails: /health says degraded and paid sessions "
-            "are refused with NODE_NOT_READY.",
+            help="Start even if preflight fails: /health says degraded. A broken prover "
+            "falls back to unproven commitment bundles (receipts still pay); any other "
+            "failure refuses paid sessions with NODE_NOT_READY.",
         ),
     ] = False,
     port: Annotated[
@@ -128,11 +129,22 @@ def node_run(
         str | None,
         typer.Option("--backend", help="transformers, scripted or openai_http. Default: backend."),
     ] = None,
+    prover: Annotated[
+        str | None,
+        typer.Option(
+            "--prover",
+            help="auto, activation, commitment, external (set INFERLEDGER_EXTERNAL_PROVER) "
+            "or mock (dev chains only). Default: prover setting (auto).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the configured model to paid sessions (WebSocket /v1/ws, /health, /metrics).
 
     Runs the preflight first and refuses to start when it fails, printing one line
-    per broken part. Settings come from INFERLEDGER_* variables and inferledger.toml.
+    per broken part. Every checkpoint is proved, stored and served at /v1/proofs; the
+    settlement worker pays each session out on end, after a disconnect, before expiry
+    or on a close request, and resumes after a restart from the node's SQLite state.
+    Settings come from INFERLEDGER_* variables and inferledger.toml.
     """
     import logging
 
@@ -146,6 +158,8 @@ def node_run(
         overrides["node_port"] = port
     if backend is not None:
         overrides["backend"] = backend
+    if prover is not None:
+        overrides["prover"] = prover
     with _one_line_errors():
         run_node(load_settings(**overrides))
 

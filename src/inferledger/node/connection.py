@@ -569,6 +569,12 @@ class Connection:
         self.receipted = frame.tokens
         self.pending = {t: v for t, v in self.pending.items() if t > frame.tokens}
         self.node.metrics.receipt_round_trip.observe(time.monotonic() - sent_at)
+        log.info(
+            "session %s: checkpoint stored: receipt for %s tokens signed (proof_hash 0x%s)",
+            receipt.session_id,
+            receipt.tokens,
+            proof_hash.hex(),
+        )
         self.window.set()
         await self.send({"type": "receipt_ack", "tokens": frame.tokens})
 

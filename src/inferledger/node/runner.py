@@ -60,14 +60,18 @@ def run_node(settings: Settings) -> None:
     node = prepare_node(settings)
     for line in node.preflight.lines():
         log.info("preflight: %s", line)
-    if not node.ready:
+    if not node.preflight.ok:
+        failed = [f"  {r.line()}" for r in node.preflight.failures]
         if not settings.allow_degraded:
             raise PreflightFailed(
-                "preflight failed, node not started: "
-                + "; ".join(r.line() for r in node.preflight.results if not r.ok)
-                + " (fix these, or pass --allow-degraded to serve /health only)"
+                "preflight failed, node not started; fix these, or pass --allow-degraded (a "
+                "broken prover then falls back to unproven commitment bundles; any other "
+                "failure still refuses paid sessions):\n" + "\n".join(failed)
             )
-        log.warning("starting DEGRADED: paid sessions are refused until preflight passes")
+        if node.ready:
+            log.warning("starting DEGRADED: checkpoints carry unproven commitment bundles")
+        else:
+            log.warning("starting DEGRADED: paid sessions are refused until preflight passes")
     uvicorn.Server(
         uvicorn_config(node, settings.node_bind, settings.node_port, log_level="info")
     ).run()
