@@ -61,10 +61,15 @@ def converted_dir(gguf_path: Path, gguf_sha256: str, home: Path | None = None) -
     return root / f"{gguf_path.stem}-{gguf_sha256[:16]}"
 
 
+def is_converted(gguf_path: Path, gguf_sha256: str, home: Path | None = None) -> bool:
+    """Whether a complete conversion of this GGUF is cached (loading takes seconds)."""
+    return (converted_dir(gguf_path, gguf_sha256, home) / MARKER).is_file()
+
+
 def ensure_converted(gguf_path: Path, gguf_sha256: str, home: Path | None = None) -> Path:
     """Return the converted model directory, converting the GGUF first if needed."""
     target = converted_dir(gguf_path, gguf_sha256, home)
-    if (target / MARKER).is_file():
+    if is_converted(gguf_path, gguf_sha256, home):
         return target
     if target.exists():
         # Not ours in a complete state (e.g. edited by hand): rebuild it.

@@ -8,12 +8,13 @@ and per-request seeded sampling, and a short explicit loop gives all three.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.utils import logging as hf_logging
 
 from inferledger.inference.base import (
     Event,
@@ -28,10 +29,16 @@ from inferledger.inference.model_cache import (
     GGUF_PACKAGE,
     ensure_converted,
     find_packaged_gguf,
+    is_converted,
     sha256_file,
 )
 from inferledger.inference.sampling import make_generator, sample_next
 from inferledger.inference.textstream import TokenStream
+
+STAGE_HASH = "checking the weights (sha256)"
+STAGE_CONVERT = "converting the GGUF to float32 (first run only)"
+STAGE_LOAD = "loading the model"
+STAGES = (STAGE_HASH, STAGE_CONVERT, STAGE_LOAD)
 
 
 class TransformersBackend:
@@ -46,20 +53,28 @@ class TransformersBackend:
         home: str | Path | None = None,
         name: str | None = None,
         num_threads: int | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> None:
+        """``progress`` is told each loading stage as it starts (for a progress display)."""
+        report = progress or (lambda stage: None)
         if num_threads is not None:
             # Process-wide. With 2 cores and other busy processes, torch's default 2 threads
             # stall each other on every op; 1 thread degrades far more gracefully.
             torch.set_num_threads(num_threads)
         packaged = gguf_path is None
         self.weights_path = find_packaged_gguf() if packaged else Path(gguf_path)
+        report(STAGE_HASH)
         self.weights_sha256 = sha256_file(self.weights_path)
         self.name = name or (
             f"{GGUF_PACKAGE}/{self.weights_path.name}" if packaged else self.weights_path.name
         )
-        self.model_dir = ensure_converted(
-            self.weights_path, self.weights_sha256, Path(home) if home else None
-        )
+        cache_home = Path(home) if home else None
+        if not is_converted(self.weights_path, self.weights_sha256, cache_home):
+            report(STAGE_CONVERT)
+        self.model_dir = ensure_converted(self.weights_path, self.weights_sha256, cache_home)
+        report(STAGE_LOAD)
+        if progress is not None:
+            hf_logging.disable_progress_bar()  # the caller shows its own
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
         self._model = AutoModelForCausalLM.from_pretrained(
             self.model_dir, dtype=torch.float32, local_files_only=True
