@@ -9,8 +9,8 @@ import pytest
 import websockets
 from eth_account import Account
 from eth_utils import keccak
+from node_support import NodeFactory, serve_model, wait_for_receipt
 
-from conftest import NodeFactory, serve_model, wait_for_receipt
 from inferledger.chain.devchain import DevWorld
 from inferledger.chain.receipts import Receipt, check_receipt_signature
 from inferledger.inference import Backend

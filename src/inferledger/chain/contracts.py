@@ -330,6 +330,31 @@ class Marketplace(_Wrapper):
     def receipt_digest(self, session_id: int, tokens: int, proof_hash: bytes) -> bytes:
         return bytes(self._read("receipt_digest", session_id, tokens, proof_hash))
 
+    def treasury(self) -> str:
+        """The address that may withdraw the fees (it can change after deployment)."""
+        return self._read("treasury")
+
+    def settlement_event(self, session_id: int, from_block: int = 0) -> SettlementEvent | None:
+        """What settled ``session_id``, read back from its SessionSettled log; None if not yet.
+
+        ``from_block``: search from here (the session's creation block keeps RPC log
+        queries small on long chains).
+        """
+        try:
+            logs = self.contract.events.SessionSettled().get_logs(
+                argument_filters={"session_id": session_id}, from_block=from_block
+            )
+        except Exception as exc:
+            raise translate(exc, "read SessionSettled logs", self.chain.url) from exc
+        if not logs:
+            return None
+        tx_hash = logs[-1]["transactionHash"]
+        try:
+            receipt = self.chain.w3.eth.get_transaction_receipt(tx_hash)
+        except Exception as exc:
+            raise translate(exc, "read the settlement receipt", self.chain.url) from exc
+        return self.settlement_from(receipt)
+
 
 @dataclass
 class Contracts:

@@ -51,7 +51,7 @@ class ScriptedBackend:
         tokens_per_second: float = 0.0,
         words: Sequence[str] = DEFAULT_WORDS,
         output_tokens: int | None = None,
-        hidden_size: int = 16,
+        hidden_size: int = 128,
         name: str = "scripted/words",
     ) -> None:
         if tokens_per_second < 0:

@@ -480,7 +480,10 @@ class Connection:
         while self.generated >= self.receipted + self.info.proof_interval:
             self.window.clear()
             try:
-                await asyncio.wait_for(self.window.wait(), self.node.receipt_timeout)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                # (the client leaving) that coincides with the receipt arriving.
+                async with asyncio.timeout(self.node.receipt_timeout):
+                    await self.window.wait()
             except TimeoutError as exc:
                 raise ProtocolError(
                     ErrorCode.RECEIPT_TIMEOUT,
@@ -615,13 +618,13 @@ class Connection:
         await self._send_session_end()
         await asyncio.to_thread(self.node.outbox.schedule_settlement, sid, "end", time.time())
         self.node.settlement.wake()
-        waited = 0.0
-        while waited < self.node.settings.settlement_wait:
+        deadline = time.monotonic() + self.node.settings.settlement_wait
+        while True:
             settlement = await asyncio.to_thread(self.node.outbox.settlement, sid)
-            if settlement is not None and settlement.status != "pending":
+            done = settlement is not None and settlement.status != "pending"
+            if done or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.05)
-            waited += 0.05
         if settlement is None or settlement.status == "pending":
             reason = settlement.last_error if settlement else None
             await self.send(

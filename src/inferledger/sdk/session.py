@@ -1,0 +1,517 @@
+"""A paid session with one host: chat, stream, close.
+
+The WebSocket runs on the SDK's own event loop (:mod:`inferledger.sdk.portal`), so
+the async methods (``chat``, ``stream``, ``aclose``) and their sync twins
+(``chat_sync``, ``stream_sync``, ``close``) share one implementation, and the exit
+and signal handlers can close a session whatever the program was doing.
+
+Closing asks the node to settle (it sends ``settled`` after its transaction); if the
+node cannot, is gone, or the connection dropped, the depositor asks the chain to
+close instead, so the deposit never waits on a node (R1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import websockets
+from eth_account import Account
+
+from inferledger.chain.contracts import SessionInfo
+from inferledger.chain.errors import ContractRevert
+from inferledger.chain.units import cost, settlement_split
+from inferledger.sdk import lifecycle
+from inferledger.sdk import settlement as settle
+from inferledger.sdk.errors import ConnectionLost, NodeUnreachable, SdkError, SessionClosed
+from inferledger.sdk.models import SessionStatus, Settlement
+from inferledger.sdk.portal import Job, portal
+from inferledger.sdk.records import ReceiptRecord, RecordStore, ReplyRecord, SessionRecord
+from inferledger.sdk.wire import Reply, SessionClient, SessionError, SignedReceipt
+
+if TYPE_CHECKING:
+    from inferledger.sdk.client import Client
+
+Messages = Sequence[dict[str, str]]
+
+SETTLE_TIMEOUT = 60.0  # seconds to wait for the node's `settled` frame
+CONNECT_TIMEOUT = 10.0
+BUSY_RETRY_SECONDS = 3.0  # a dropped connection may still look live to the node briefly
+_DONE = object()
+
+
+class Session:
+    """An open session; made by ``client.sessions.open`` or ``client.sessions.resume``.
+
+    Use it as a context manager (``with`` or ``async with``) to close it on exit; open
+    sessions are also closed at interpreter exit and on SIGINT/SIGTERM. Messages are
+    chat messages, ``{"role": "user", "content": "..."}``; ``params`` are generation
+    parameters (``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``).
+    """
+
+    def __init__(self, client: Client, record: SessionRecord, store: RecordStore) -> None:
+        self._client = client
+        self.record = record
+        self._store = store
+        self._portal = portal()
+        self._wire: SessionClient | None = None
+        self._guard: asyncio.Lock | None = None
+        self._busy: Job[Any] | None = None
+        self._closing = False
+        self.last_reply: Reply | None = None
+        self.connections = 0
+        self.settlement: Settlement | None = (
+            Settlement(**record.settlement) if record.settlement else None
+        )
+        if self.settlement is None:
+            lifecycle.register(self)
+
+    def __repr__(self) -> str:
+        state = self.settlement.status if self.settlement else "open"
+        return f"<Session {self.id} {state} tokens={self.tokens} host={self.host}>"
+
+    # Facts -------------------------------------------------------------------------
+
+    @property
+    def id(self) -> int:
+        return self.record.session_id
+
+    @property
+    def host(self) -> str:
+        return self.record.host
+
+    @property
+    def model_id(self) -> bytes:
+        return bytes.fromhex(self.record.model_id[2:])
+
+    @property
+    def url(self) -> str:
+        """The node's session WebSocket."""
+        return self.record.node_url
+
+    @property
+    def signer(self) -> str:
+        """Address of this session's own signing key (not the depositor's)."""
+        return Account.from_key(self.record.signer_key).address
+
+    @property
+    def deposit(self) -> int:
+        return self.record.deposit
+
+    @property
+    def price_per_mtok(self) -> int:
+        return self.record.price_per_mtok
+
+    @property
+    def tokens(self) -> int:
+        """Tokens received so far."""
+        return self.record.tokens
+
+    @property
+    def cost(self) -> int:
+        """What the tokens received so far cost, in base units."""
+        return cost(self.tokens, self.price_per_mtok)
+
+    @property
+    def record_path(self) -> Path:
+        return self._store.path_of(self.record)
+
+    @property
+    def closed(self) -> bool:
+        """Settled, or closing on chain: either way the session takes no more prompts."""
+        return self.settlement is not None
+
+    def status(self) -> SessionStatus:
+        """The session as the chain sees it now."""
+        return settle.status(self._client.contracts, self.id, self.record.created_block)
+
+    # Chat --------------------------------------------------------------------------
+
+    async def chat(self, messages: Messages, **params: Any) -> Reply:
+        """Send ``messages`` and return the whole reply; receipts are signed on the way."""
+        job = self._start(self._reply(messages, params, None))
+        try:
+            return await asyncio.wrap_future(job.future)
+        finally:
+            if not job.done():
+                await job.acancel()
+
+    async def stream(self, messages: Messages, **params: Any) -> AsyncIterator[str]:
+        """Send ``messages`` and yield the reply's text token by token.
+
+        The finished reply is in ``last_reply`` afterwards. Stopping early drops the
+        connection (the node may have streamed ahead); the next call resumes.
+        """
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[Any] = asyncio.Queue()
+
+        def push(item: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the caller's loop is gone
+                loop.call_soon_threadsafe(items.put_nowait, item)
+
+        job = self._start(self._reply(messages, params, push))
+        finished = False
+        try:
+            while (item := await items.get()) is not _DONE:
+                yield item
+            finished = True
+        finally:
+            if not finished:
+                await job.acancel()
+        await asyncio.wrap_future(job.future)  # raises what the reply raised
+
+    def chat_sync(self, messages: Messages, **params: Any) -> Reply:
+        """``chat`` for programs without an event loop."""
+        job = self._start(self._reply(messages, params, None))
+        try:
+            return job.result()
+        finally:
+            if not job.done():
+                job.cancel()
+
+    def stream_sync(self, messages: Messages, **params: Any) -> Iterator[str]:
+        """``stream`` for programs without an event loop."""
+        items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        job = self._start(self._reply(messages, params, items.put))
+        try:
+            while (item := items.get()) is not _DONE:
+                yield item
+            job.result()
+        finally:
+            if not job.done():
+                job.cancel()
+
+    def disconnect(self) -> None:
+        """Drop the connection without ending the session; the next call reconnects."""
+        self._cancel_busy()
+        self._portal.run(self._drop())
+
+    def detach(self) -> None:
+        """Disconnect and stop closing this session automatically at exit.
+
+        For handing the session to another process, which resumes it from its record
+        (``client.sessions.resume(session_id)``).
+        """
+        self.disconnect()
+        lifecycle.unregister(self)
+
+    # Close -------------------------------------------------------------------------
+
+    def close(self, timeout: float = SETTLE_TIMEOUT) -> Settlement:
+        """End the session and return how it settled.
+
+        Sends ``end`` and waits up to ``timeout`` seconds for the node's ``settled``
+        frame. Without it (node pending, gone, or the connection lost) the chain is read:
+        a settled session is reported from its settlement log; an open one gets a
+        ``request_close`` from the depositor and comes back with status "closing" (call
+        ``finalize()`` after ``finalize_after``).
+        """
+        if self.settlement is not None and self.settlement.settled:
+            return self.settlement
+        self._closing = True
+        try:
+            self._cancel_busy()
+            info = settle.require_session(self._client.contracts, self.id)
+            frame, reason = None, ""
+            if info.is_settled:
+                reason = "settled on chain already"
+            elif info.close_requested_at:
+                reason = "close was requested already"
+            else:
+                frame, reason = self._portal.run(self._end_on_node(timeout))
+            return self._conclude(frame, reason)
+        finally:
+            self._closing = False
+
+    async def aclose(self, timeout: float = SETTLE_TIMEOUT) -> Settlement:
+        """``close`` for async callers."""
+        return await asyncio.to_thread(self.close, timeout)
+
+    def finalize(self) -> Settlement:
+        """Settle at the last checkpoint once the close window has passed (anyone may)."""
+        contracts = self._client.contracts
+        market = contracts.marketplace
+        info = settle.require_session(contracts, self.id)
+        if not info.is_settled:
+            deadline = market.session_deadline(self.id)
+            now = contracts.chain.now()
+            if now <= deadline:
+                raise SdkError(
+                    f"session {self.id} can be finalized after {deadline} (chain time, "
+                    f"{deadline - now}s from now): until then the host may submit its last "
+                    "receipt"
+                )
+            return self._finish(settle.from_event(market.finalize(self._client.sender, self.id)))
+        return self._finish(settle.settled_from_chain(contracts, info, self.record.created_block))
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self.closed:
+            self.close()
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if not self.closed:
+            await self.aclose()
+
+    # Portal side: everything below runs on the SDK's event loop ----------------------
+
+    def _start(self, coro: Any) -> Job[Any]:
+        job = self._portal.start(coro)
+        self._busy = job
+        return job
+
+    def _cancel_busy(self) -> None:
+        busy = self._busy
+        if busy is not None and not busy.done():
+            busy.cancel()
+
+    def _lock(self) -> asyncio.Lock:
+        if self._guard is None:
+            self._guard = asyncio.Lock()
+        return self._guard
+
+    async def _reply(
+        self, messages: Messages, params: dict[str, Any], push: Callable[[Any], None] | None
+    ) -> Reply:
+        try:
+            async with self._lock():
+                if self.closed:
+                    raise SessionClosed(
+                        f"session {self.id} is {self.settlement.status if self.settlement else ''}"
+                        "; open a new one"
+                    )
+                return await self._stream_reply(messages, params, push)
+        finally:
+            if push is not None:
+                push(_DONE)
+
+    async def _stream_reply(
+        self, messages: Messages, params: dict[str, Any], push: Callable[[Any], None] | None
+    ) -> Reply:
+        wire = await self._connected()
+        self.record.request_seq += 1
+        entry = ReplyRecord(
+            request_id=f"r{self.record.request_seq}",
+            messages=[dict(m) for m in messages],
+            params=dict(params),
+            first_token=wire.received,
+        )
+        self.record.replies.append(entry)
+        try:
+            async for token in wire.stream(messages, request_id=entry.request_id, **params):
+                if push is not None:
+                    push(token.text)
+        except asyncio.CancelledError:
+            self._sync_last_reply()
+            if not self._closing:
+                await self._drop()  # abandoned mid-reply: resynchronise by reconnecting
+            self._save()
+            raise
+        except (websockets.ConnectionClosed, OSError) as exc:
+            self._sync_last_reply()
+            await self._drop()
+            self._save()
+            raise ConnectionLost(
+                f"connection to {self.url} lost after {len(entry.token_ids)} tokens of this "
+                "reply; the next call reconnects and resumes from the node's last receipt"
+            ) from exc
+        except SessionError:
+            self._sync_last_reply()
+            if not entry.token_ids:
+                self.record.replies.remove(entry)
+            if not wire.is_open:
+                await self._drop()
+            self._save()
+            raise
+        self._sync_last_reply()
+        done = wire.last_done or {}
+        entry.finish_reason = done.get("finish_reason")
+        self._save()
+        reply = Reply(
+            text=entry.text,
+            token_ids=list(entry.token_ids),
+            finish_reason=entry.finish_reason or "",
+            prompt_tokens=int(done.get("prompt_tokens", 0)),
+            session_tokens=wire.received,
+            cost=cost(wire.received, self.price_per_mtok),
+        )
+        self.last_reply = reply
+        return reply
+
+    async def _connected(self) -> SessionClient:
+        """The live connection, reconnecting (and resuming from the node's last receipt)."""
+        if self._wire is not None and self._wire.is_open:
+            return self._wire
+        await self._drop()
+        deadline = time.monotonic() + BUSY_RETRY_SECONDS
+        while True:
+            try:
+                wire = await SessionClient.connect(
+                    self.url,
+                    self.id,
+                    self.record.signer_key,
+                    token_ids=self.record.token_ids(),
+                    on_receipt=self._on_receipt,
+                    open_timeout=CONNECT_TIMEOUT,
+                )
+                break
+            except SessionError as exc:
+                if exc.code != "SESSION_BUSY" or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+            except (OSError, TimeoutError, websockets.WebSocketException) as exc:
+                raise NodeUnreachable(
+                    f"cannot reach the node at {self.url}: {exc.__class__.__name__}: {exc}"
+                ) from exc
+        if self.record.tokens > wire.start_tokens:
+            # Tokens after the node's last receipt were on a dropped connection: not billed.
+            self.record.truncate(wire.start_tokens)
+            self._save()
+        self._wire = wire
+        self.connections += 1
+        return wire
+
+    async def _drop(self) -> None:
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            with contextlib.suppress(Exception):
+                await wire.close()
+
+    def _on_receipt(self, receipt: SignedReceipt) -> None:
+        """Called before a signed receipt is sent: the record on disk covers it first."""
+        self._sync_last_reply()
+        self.record.receipts.append(
+            ReceiptRecord(
+                tokens=receipt.tokens,
+                proof_hash="0x" + receipt.proof_hash.hex(),
+                transcript_hash="0x" + receipt.transcript_hash.hex(),
+                proof_uri=receipt.proof_uri,
+                signature="0x" + receipt.signature.hex(),
+            )
+        )
+        self._save()
+
+    def _sync_last_reply(self) -> None:
+        """Copy the tokens of the reply on this connection from the wire into the record
+        (the wire also counts tokens that arrive after ``end`` stopped a reply)."""
+        wire = self._wire
+        if wire is None or not self.record.replies:
+            return
+        last = self.record.replies[-1]
+        offset = last.first_token - wire.start_tokens
+        if offset < 0:
+            return
+        tokens = wire.tokens[offset:]
+        last.token_ids = [t.token_id for t in tokens]
+        last.text = "".join(t.text for t in tokens)
+
+    def _save(self) -> None:
+        self._store.save(self.record)
+
+    async def _end_on_node(self, timeout: float) -> tuple[dict[str, Any] | None, str]:
+        """Ask the node to end and settle; (its settlement frame or None, why not)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with self._lock():
+            try:
+                wire = await self._connected()
+            except NodeUnreachable as exc:
+                return None, f"could not reach the node ({exc})"
+            except Exception as exc:  # refused (SESSION_CLOSED, ...) or broken
+                return None, f"the node did not take the session back ({exc})"
+            try:
+                await asyncio.wait_for(wire.end(), max(deadline - loop.time(), 0.1))
+            except Exception as exc:
+                self._sync_last_reply()
+                self._save()
+                await self._drop()
+                return None, f"the node did not end the session ({exc.__class__.__name__}: {exc})"
+            self._sync_last_reply()
+            self._save()
+            try:
+                frame = await wire.wait_settlement(max(deadline - loop.time(), 0.1))
+            except Exception as exc:
+                return None, f"the node did not report a settlement ({exc})"
+            finally:
+                await self._drop()
+        if frame is None:
+            return None, "the node sent no settlement"
+        if frame["type"] == "settlement_pending":
+            return frame, f"the node could not settle yet ({frame.get('reason', 'no reason')})"
+        return frame, ""
+
+    # Caller side: chain reads and writes --------------------------------------------
+
+    def _conclude(self, frame: dict[str, Any] | None, reason: str) -> Settlement:
+        contracts = self._client.contracts
+        info = settle.require_session(contracts, self.id)
+        if frame is not None and frame.get("type") == "settled":
+            # The node's transaction is mined; give a lagging RPC endpoint a moment.
+            waited = time.monotonic() + 5.0
+            while not info.is_settled and time.monotonic() < waited:
+                time.sleep(0.2)
+                info = settle.require_session(contracts, self.id)
+            if settle.frame_matches_chain(frame, info):
+                return self._finish(settle.from_frame(frame))
+        if info.is_settled:
+            return self._finish(
+                settle.settled_from_chain(contracts, info, self.record.created_block)
+            )
+        return self._finish(self._request_close(info, reason))
+
+    def _request_close(self, info: SessionInfo, reason: str) -> Settlement:
+        client = self._client
+        market = client.contracts.marketplace
+        tx_hash = None
+        if not info.close_requested_at:
+            if client.address is None or client.address.lower() != info.depositor.lower():
+                raise SdkError(
+                    f"session {self.id} did not settle ({reason}) and only its depositor "
+                    f"{info.depositor} can request a close: use that key"
+                )
+            try:
+                receipt = market.request_close(client.sender, self.id)
+            except ContractRevert:
+                info = market.get_session(self.id)
+                if info.is_settled:  # the node settled meanwhile
+                    return settle.settled_from_chain(
+                        client.contracts, info, self.record.created_block
+                    )
+                raise
+            tx_hash = receipt["transactionHash"].to_0x_hex()
+            info = market.get_session(self.id)
+        deadline = market.session_deadline(self.id)
+        split = settlement_split(info.deposit, info.tokens_paid, info.price_per_mtok, info.fee_bps)
+        return Settlement(
+            session_id=self.id,
+            status="closing",
+            tokens=info.tokens_paid,
+            host_amount=split.host,
+            fee=split.fee,
+            refund=split.refund,
+            refund_credited=False,
+            tx_hash=tx_hash,
+            reported_by="chain",
+            finalize_after=deadline,
+            message=(
+                f"{reason}; close requested on chain: the host may submit its last receipt "
+                f"until {deadline} (chain time), then finalize() settles"
+            ),
+        )
+
+    def _finish(self, settlement: Settlement) -> Settlement:
+        self.settlement = settlement
+        self.record.settlement = settlement.as_dict()
+        self._save()
+        lifecycle.unregister(self)
+        return settlement

@@ -1,0 +1,143 @@
+"""Opening, resuming and inspecting sessions: ``client.sessions``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from eth_account import Account
+
+from inferledger.chain.units import cost, format_usdc
+from inferledger.sdk import settlement as settle
+from inferledger.sdk.errors import SdkError
+from inferledger.sdk.hosts import model_id_of
+from inferledger.sdk.models import HostOffer, SessionStatus, Withdrawal
+from inferledger.sdk.records import RecordStore, SessionRecord
+from inferledger.sdk.session import Session
+from inferledger.sdk.wire import ws_endpoint
+
+if TYPE_CHECKING:
+    from inferledger.sdk.client import Client
+
+DEFAULT_DURATION = 86400  # one day
+DEFAULT_PROOF_INTERVAL = 100  # tokens; the node asks a final receipt for the tail too
+
+
+class Sessions:
+    def __init__(self, client: Client, store: RecordStore) -> None:
+        self._client = client
+        self.store = store
+
+    def open(
+        self,
+        host: str | HostOffer,
+        model: str | bytes | None,
+        deposit: int,
+        *,
+        price_per_mtok: int | None = None,
+        max_duration: int = DEFAULT_DURATION,
+        proof_interval: int = DEFAULT_PROOF_INTERVAL,
+        url: str | None = None,
+    ) -> Session:
+        """Deposit ``deposit`` base units with ``host`` for ``model`` and return the session.
+
+        Approves the deposit and creates the session in one call, with a fresh session
+        signer key that signs receipts without wallet prompts. ``model`` may be None when
+        ``host`` is a ``HostOffer``. ``price_per_mtok`` defaults to the host's price;
+        ``url`` to the node URL the host registered. The local record (signer key,
+        transcript, receipts) is saved before this returns.
+        """
+        client = self._client
+        c = client.contracts
+        if isinstance(host, HostOffer):
+            model = host.model_id if model is None else model
+            host = host.address
+        if model is None:
+            raise SdkError("which model? pass a model name or id, or a HostOffer")
+        model_id = model_id_of(model)
+        info = c.nodes.get_host(host)
+        if not info.active:
+            raise SdkError(f"host {host} is not active in NodeRegistry {c.nodes.address}")
+        host_price = c.nodes.price_of(host, model_id)
+        if host_price == 0:
+            raise SdkError(f"host {host} does not serve model 0x{model_id.hex()}")
+        price = host_price if price_per_mtok is None else price_per_mtok
+        if price < host_price:
+            raise SdkError(f"host {host} charges {host_price} per Mtok, above your {price}")
+        if cost(proof_interval, price) > deposit:
+            raise SdkError(
+                f"a deposit of {format_usdc(deposit)} buys fewer than one proof interval "
+                f"({proof_interval} tokens cost {format_usdc(cost(proof_interval, price))})"
+            )
+        node_url = ws_endpoint(url or info.api_url)
+        sender = client.sender
+        balance = c.token.balance_of(sender.address)
+        if balance < deposit:
+            raise SdkError(
+                f"deposit {format_usdc(deposit)} exceeds the balance {format_usdc(balance)} "
+                f"of {sender.address} in token {c.token.address}"
+            )
+        signer = Account.create()
+        start_block = c.chain.block_number()
+        if c.token.allowance(sender.address, c.marketplace.address) < deposit:
+            c.token.approve(sender, c.marketplace.address, deposit)
+        session_id = c.marketplace.create_session(
+            sender,
+            host=host,
+            model_id=model_id,
+            deposit=deposit,
+            price_per_mtok=price,
+            max_duration=max_duration,
+            proof_interval=proof_interval,
+            session_signer=signer.address,
+        )
+        record = SessionRecord(
+            session_id=session_id,
+            chain_id=c.chain.chain_id,
+            chain_url=c.chain.url,
+            marketplace=c.marketplace.address,
+            depositor=sender.address,
+            host=host,
+            model_id="0x" + model_id.hex(),
+            deposit=deposit,
+            price_per_mtok=price,
+            proof_interval=proof_interval,
+            max_duration=max_duration,
+            signer_key="0x" + signer.key.hex(),
+            node_url=node_url,
+            created_block=start_block,
+        )
+        self.store.save(record)
+        return Session(client, record, self.store)
+
+    def resume(self, session_id: int) -> Session:
+        """A session opened earlier (maybe by another process), from its local record.
+
+        Its connection is reopened on the next call, continuing from the node's last
+        receipt.
+        """
+        c = self._client.contracts
+        return Session(
+            self._client,
+            self.store.load(c.chain.chain_id, c.marketplace.address, session_id),
+            self.store,
+        )
+
+    def records(self) -> list[SessionRecord]:
+        """Local records of this chain's and marketplace's sessions, newest first."""
+        c = self._client.contracts
+        return self.store.list(c.chain.chain_id, c.marketplace.address)
+
+    def status(self, session_id: int) -> SessionStatus:
+        """A session's on-chain state, with the split it pays (or would pay if settled now)."""
+        return settle.status(self._client.contracts, session_id)
+
+    def refund_credit(self) -> int:
+        """Refunds the marketplace could not push to this account (withdraw them)."""
+        return self._client.contracts.marketplace.refund_credit(self._client.account.address)
+
+    def withdraw_refund(self) -> Withdrawal:
+        amount = self.refund_credit()
+        if amount == 0:
+            raise SdkError("no credited refund to withdraw")
+        receipt = self._client.contracts.marketplace.withdraw_refund(self._client.sender)
+        return Withdrawal(amount, receipt["transactionHash"].to_0x_hex())

@@ -1,0 +1,132 @@
+"""Reading how a session ended (or stands) from the chain, and from the node's report.
+
+The node's ``settled`` frame is a convenience; the chain is the authority, so every
+Settlement the SDK returns has been checked against ``get_session``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from inferledger.chain.contracts import Contracts, SessionInfo, SettlementEvent
+from inferledger.chain.units import settlement_split
+from inferledger.sdk.errors import SdkError
+from inferledger.sdk.models import SessionState, SessionStatus, Settlement
+
+
+def from_event(event: SettlementEvent) -> Settlement:
+    return Settlement(
+        session_id=event.session_id,
+        status="settled",
+        tokens=event.tokens,
+        host_amount=event.host_amount,
+        fee=event.fee,
+        refund=event.refund,
+        refund_credited=event.refund_credited,
+        tx_hash=event.tx_hash,
+        reported_by="chain",
+    )
+
+
+def from_frame(frame: dict[str, Any]) -> Settlement:
+    """The node's ``settled`` frame (call only after the chain confirmed the settlement)."""
+    return Settlement(
+        session_id=int(frame["session_id"]),
+        status="settled",
+        tokens=int(frame["tokens"]),
+        host_amount=int(frame["host_amount"]),
+        fee=int(frame["fee"]),
+        refund=int(frame["refund"]),
+        refund_credited=bool(frame.get("refund_credited", False)),
+        tx_hash=frame.get("tx_hash"),
+        reported_by="node",
+    )
+
+
+def frame_matches_chain(frame: dict[str, Any], info: SessionInfo) -> bool:
+    """The node's figures are the contract's settlement of this session."""
+    if not info.is_settled or int(frame.get("tokens", -1)) != info.tokens_paid:
+        return False
+    split = settlement_split(info.deposit, info.tokens_paid, info.price_per_mtok, info.fee_bps)
+    return (int(frame["host_amount"]), int(frame["fee"]), int(frame["refund"])) == (
+        split.host,
+        split.fee,
+        split.refund,
+    )
+
+
+def settled_from_chain(contracts: Contracts, info: SessionInfo, from_block: int) -> Settlement:
+    """A settled session's Settlement: from its SessionSettled log, else from its state."""
+    event = contracts.marketplace.settlement_event(info.session_id, from_block)
+    if event is not None:
+        return from_event(event)
+    split = settlement_split(info.deposit, info.tokens_paid, info.price_per_mtok, info.fee_bps)
+    return Settlement(
+        session_id=info.session_id,
+        status="settled",
+        tokens=info.tokens_paid,
+        host_amount=split.host,
+        fee=split.fee,
+        refund=split.refund,
+        refund_credited=False,
+        tx_hash=None,
+        reported_by="chain",
+        message="settlement log not found; amounts computed from the session's state",
+    )
+
+
+def require_session(contracts: Contracts, session_id: int) -> SessionInfo:
+    info = contracts.marketplace.get_session(session_id)
+    if not info.exists:
+        raise SdkError(
+            f"session {session_id} does not exist on marketplace "
+            f"{contracts.marketplace.address} (chain id {contracts.chain.chain_id})"
+        )
+    return info
+
+
+def status(contracts: Contracts, session_id: int, from_block: int | None = None) -> SessionStatus:
+    """The on-chain state of a session and what it pays (or would pay if settled now)."""
+    market = contracts.marketplace
+    info = require_session(contracts, session_id)
+    now = contracts.chain.now()
+    deadline = market.session_deadline(session_id)
+    state: SessionState
+    if info.is_settled:
+        state = "settled"
+    elif info.close_requested_at:
+        state = "closing"
+    elif now >= info.expires_at:
+        state = "expired"
+    else:
+        state = "open"
+    split = settlement_split(info.deposit, info.tokens_paid, info.price_per_mtok, info.fee_bps)
+    tx_hash, credited = None, None
+    if info.is_settled:
+        start = contracts.deployment.deploy_block if from_block is None else from_block
+        event = market.settlement_event(session_id, start)
+        if event is not None:
+            tx_hash, credited = event.tx_hash, event.refund_credited
+    return SessionStatus(
+        session_id=session_id,
+        state=state,
+        depositor=info.depositor,
+        host=info.host,
+        model_id=info.model_id,
+        deposit=info.deposit,
+        price_per_mtok=info.price_per_mtok,
+        fee_bps=info.fee_bps,
+        proof_interval=info.proof_interval,
+        tokens_paid=info.tokens_paid,
+        checkpoints=info.checkpoints,
+        created_at=info.created_at,
+        expires_at=info.expires_at,
+        close_requested_at=info.close_requested_at,
+        finalize_after=deadline,
+        can_finalize=not info.is_settled and now > deadline,
+        host_amount=split.host,
+        fee=split.fee,
+        refund=split.refund,
+        settlement_tx=tx_hash,
+        refund_credited=credited,
+    )

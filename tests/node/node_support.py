@@ -1,0 +1,78 @@
+"""Node test helpers and fixtures: a node on loopback serving a session opened on chain.
+
+Imported by name (``from node_support import ...``) by the node, SDK and CLI tests;
+tests/node/conftest.py registers the fixtures for the node tests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from inferledger.chain.contracts import Contracts
+from inferledger.chain.devchain import DevWorld, dev_account
+from inferledger.config import load_settings
+from inferledger.inference import Backend, load_backend
+from inferledger.node.node import Node, create_node
+from inferledger.node.server import BackgroundServer
+from inferledger.node.state import NodeState
+
+NodeFactory = Callable[..., tuple[Node, BackgroundServer]]
+
+
+def serve_model(
+    world: DevWorld, backend: Backend, sha256: bytes, price: int = 2_000_000_000
+) -> bytes:
+    """Approve the backend's model and make it the world's host's only model; its id."""
+    c = world.contracts
+    model_id = c.models.approve_model(world.owner, backend.name, sha256)
+    c.nodes.set_models(world.host, {model_id: price})
+    return model_id
+
+
+@pytest.fixture
+def start_node(world: DevWorld, tmp_path: Path) -> Iterator[NodeFactory]:
+    """Start nodes for the world's host; all are stopped at the end of the test."""
+    servers: list[BackgroundServer] = []
+
+    def start(
+        backend: Backend, *, contracts: Contracts | None = None, **settings: object
+    ) -> tuple[Node, BackgroundServer]:
+        options = {
+            "host_key": "0x" + dev_account("host").key.hex(),
+            "chain_url": world.chain.url,
+            "state_db": tmp_path / f"node{len(servers)}.sqlite3",
+            **settings,
+        }
+        node = create_node(
+            load_settings(**options),
+            contracts=contracts or world.contracts,
+            backend=backend,
+            state=NodeState(Path(str(options["state_db"]))),
+        )
+        server = BackgroundServer(node).start()
+        servers.append(server)
+        return node, server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def scripted() -> Backend:
+    return load_backend("scripted", tokens_per_second=0)
+
+
+def wait_for_receipt(node: Node, session_id: int, tokens: int, timeout: float = 10.0) -> None:
+    """The last receipt of a reply is stored just after its ``done`` frame; wait for it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stored = node.state.latest_receipt(session_id)
+        if stored is not None and stored.tokens >= tokens:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no receipt for {tokens} tokens of session {session_id} in {timeout}s")

@@ -1,0 +1,187 @@
+"""Faults that need a JSON-RPC chain (anvil): the RPC going away, and a node killed with -9.
+
+The embedded chain lives inside the node's process, so neither fault exists there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from eth_utils import keccak
+from node_support import NodeFactory, serve_model
+from test_node_settlement import DEPOSIT, HELLO, PRICE, assert_paid_exactly, wait_settled
+
+from inferledger.chain.anvil import free_port
+from inferledger.chain.connect import connect
+from inferledger.chain.contracts import Contracts
+from inferledger.chain.devchain import DevWorld, dev_account
+from inferledger.inference import Backend
+from inferledger.sdk.wire import SessionClient
+from support import open_session
+
+CLI = [sys.executable, "-m", "inferledger.cli.main"]
+
+
+def _needs_rpc(world: DevWorld) -> None:
+    if world.chain.is_embedded:
+        pytest.skip("the embedded chain runs in-process: no RPC to lose, no node to kill")
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:port to a target; ``cut()`` drops every connection and refuses
+    new ones until ``restore()``: an RPC endpoint going down and coming back."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._links: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self.restore()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def restore(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port), reuse_port=True)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        assert self._listener is not None
+        self._listener.close()
+        for link in self._links:
+            link.close()
+        self._links.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self._links += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                s.close()
+
+
+def test_rpc_unreachable_during_settlement_then_back(
+    world: DevWorld, scripted: Backend, start_node: NodeFactory
+) -> None:
+    _needs_rpc(world)
+    host, port = world.chain.url.removeprefix("http://").split(":")
+    proxy = TcpProxy((host, int(port)))
+    chain = connect(proxy.url, receipt_timeout=5)
+    contracts = Contracts.attach(chain, world.contracts.deployment)
+    model_id = serve_model(world, scripted, keccak(text=scripted.name), PRICE)
+    session_id, signer = open_session(
+        world, model_id=model_id, deposit=DEPOSIT, price=PRICE, proof_interval=100
+    )
+    node, server = start_node(scripted, contracts=contracts, settlement_wait=1.0)
+
+    async def run() -> dict[str, object] | None:
+        client = await SessionClient.connect(server.ws_url, session_id, signer.key)
+        await client.chat(HELLO, max_tokens=120)
+        proxy.cut()
+        await client.end()
+        return await client.wait_settlement(30)
+
+    pending = asyncio.run(run())
+    assert pending is not None and pending["type"] == "settlement_pending"
+    assert not world.contracts.marketplace.get_session(session_id).is_settled
+    stuck = node.outbox.settlement(session_id)
+    assert stuck.status == "pending" and stuck.attempts >= 1
+    assert "ChainUnreachable" in stuck.last_error or "cannot reach" in stuck.last_error
+
+    proxy.restore()
+    wait_settled(node, session_id)
+    assert_paid_exactly(world, session_id, 120)
+
+
+def test_node_killed_mid_session_settles_from_its_sqlite_state_after_restart(
+    world: DevWorld, scripted: Backend, tmp_path: Path
+) -> None:
+    _needs_rpc(world)
+    model_id = serve_model(world, scripted, keccak(text=scripted.name), PRICE)
+    session_id, signer = open_session(
+        world, model_id=model_id, deposit=DEPOSIT, price=PRICE, proof_interval=100
+    )
+    world.contracts.deployment.save(tmp_path / "deployment.json")
+    port = free_port()
+    env = {
+        **os.environ,
+        "INFERLEDGER_CHAIN_URL": world.chain.url,
+        "INFERLEDGER_DEPLOYMENT_FILE": str(tmp_path / "deployment.json"),
+        "INFERLEDGER_STATE_DB": str(tmp_path / "node.sqlite3"),
+        "INFERLEDGER_PROOF_STORE": str(tmp_path / "proofs"),
+        "INFERLEDGER_HOST_KEY": "0x" + dev_account("host").key.hex(),
+        "INFERLEDGER_BACKEND": "scripted",
+        "INFERLEDGER_DISCONNECT_GRACE": "1",
+    }
+
+    def start() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            [*CLI, "node", "run", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    return process
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        process.kill()
+        raise AssertionError("node did not become healthy")
+
+    async def chat(url: str) -> None:
+        client = await SessionClient.connect(url, session_id, signer.key)
+        await client.chat(HELLO, max_tokens=150)
+        await asyncio.sleep(0.3)  # the tail receipt reaches the node's SQLite
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=10)
+
+    first = start()
+    try:
+        asyncio.run(chat(f"ws://127.0.0.1:{port}/v1/ws"))
+    finally:
+        first.kill()
+    assert world.contracts.marketplace.get_session(session_id).is_open
+
+    second = start()
+    try:
+        for _ in range(300):
+            if world.contracts.marketplace.get_session(session_id).is_settled:
+                break
+            time.sleep(0.1)
+        status = httpx.get(f"http://127.0.0.1:{port}/v1/sessions/{session_id}").json()
+    finally:
+        second.terminate()
+        second.wait(timeout=10)
+    assert_paid_exactly(world, session_id, 150)
+    assert status["settlement"]["reason"] == "restart"
+    assert [c["tokens"] for c in status["checkpoints"]] == [[0, 100], [100, 150]]

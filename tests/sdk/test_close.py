@@ -1,0 +1,144 @@
+"""Closing a session: the node's settlement, and the chain fallbacks when it cannot settle."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+from eth_account import Account
+
+from inferledger.chain.devchain import PROOF, sign
+from inferledger.chain.units import settlement_split, usdc
+from inferledger.sdk import SdkError, SessionClosed, SessionRecord, lifecycle
+
+if TYPE_CHECKING:
+    from sdk_support import Market, NodeFactory
+
+pytest_plugins = ["sdk_support"]
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def test_close_returns_the_nodes_settlement_checked_against_the_chain(market: Market) -> None:
+    c = market.world.contracts
+    client = market.client()
+    session = client.sessions.open(
+        market.world.host.address, market.model_id, usdc("2"), proof_interval=10
+    )
+    session.chat_sync(HELLO, max_tokens=35)
+    user_before = c.token.balance_of(client.address)
+    earnings_before = c.earnings.balance_of(market.world.host.address, c.token.address)
+
+    settlement = session.close()
+
+    split = settlement_split(usdc("2"), 35, session.price_per_mtok, c.marketplace.fee_bps())
+    assert (settlement.status, settlement.reported_by) == ("settled", "node")
+    assert settlement.tokens == 35
+    assert (settlement.host_amount, settlement.fee, settlement.refund) == (
+        split.host,
+        split.fee,
+        split.refund,
+    )
+    event = c.marketplace.settlement_event(session.id)
+    assert event is not None and settlement.tx_hash == event.tx_hash
+    assert c.token.balance_of(client.address) == user_before + split.refund
+    assert (
+        c.earnings.balance_of(market.world.host.address, c.token.address)
+        == earnings_before + split.host
+    )
+    assert session not in lifecycle.open_sessions()
+    saved = SessionRecord.model_validate_json(session.record_path.read_text())
+    assert saved.settlement is not None and saved.settlement["tx_hash"] == event.tx_hash
+    with pytest.raises(SessionClosed):
+        session.chat_sync(HELLO)
+    assert session.close() is settlement  # closing twice is harmless
+
+
+def test_context_managers_close_the_session(market: Market) -> None:
+    client = market.client()
+    host, model = market.world.host.address, market.model_id
+    with client.sessions.open(host, model, usdc("1")) as session:
+        session.chat_sync(HELLO, max_tokens=3)
+    assert session.settlement is not None and session.settlement.tokens == 3
+
+    async def run() -> int:
+        async with client.sessions.open(host, model, usdc("1")) as session:
+            reply = await session.chat(HELLO, max_tokens=4)
+        assert session.settlement is not None
+        return reply.session_tokens
+
+    assert asyncio.run(run()) == 4
+    for session_id in client.contracts.marketplace.sessions_of_user(client.address)[:2]:
+        assert client.sessions.status(session_id).state == "settled"
+
+
+def test_without_a_node_close_requests_a_close_on_chain_then_finalize_settles(
+    market: Market,
+) -> None:
+    c, chain = market.world.contracts, market.world.chain
+    client = market.client()
+    session = client.sessions.open(market.world.host.address, market.model_id, usdc("2"))
+    session.chat_sync(HELLO, max_tokens=12)
+    market.server.stop()  # the node is gone, its settlement worker with it
+
+    started = time.monotonic()
+    closing = session.close(timeout=5)
+    assert time.monotonic() - started < 15
+    info = c.marketplace.get_session(session.id)
+    assert info.is_open and info.close_requested_at > 0
+    assert (closing.status, closing.reported_by) == ("closing", "chain")
+    assert closing.finalize_after == c.marketplace.session_deadline(session.id)
+    assert "could not reach the node" in closing.message and "finalize()" in closing.message
+    assert closing.tx_hash is not None and closing.refund == usdc("2")  # nothing checkpointed
+    assert session not in lifecycle.open_sessions()
+    with pytest.raises(SdkError, match="can be finalized after"):
+        session.finalize()
+
+    chain.time_travel(c.marketplace.close_window() + 2)
+    refund_before = c.token.balance_of(client.address)
+    settled = session.finalize()
+    assert (settled.status, settled.tokens, settled.refund) == ("settled", 0, usdc("2"))
+    assert c.token.balance_of(client.address) == refund_before + usdc("2")
+    assert client.sessions.status(session.id).settlement_tx == settled.tx_hash
+
+
+def test_close_reads_a_settlement_the_host_made_directly(market: Market) -> None:
+    """No node involved: the host completed the session with a receipt it holds."""
+    c, world = market.world.contracts, market.world
+    client = market.client()
+    session = client.sessions.open(world.host.address, market.model_id, usdc("2"))
+    signer = Account.from_key(session.record.signer_key)
+    signature = sign(world, signer, session.id, 200, PROOF)
+    direct = c.marketplace.complete_session(world.host, session.id, 200, PROOF, "", signature)
+
+    settlement = session.close()
+    assert (settlement.status, settlement.reported_by) == ("settled", "chain")
+    assert settlement.tx_hash == direct.tx_hash
+    assert (settlement.tokens, settlement.host_amount, settlement.fee, settlement.refund) == (
+        200,
+        360_000,
+        40_000,
+        1_600_000,
+    )
+
+
+def test_a_node_that_cannot_settle_at_once_is_backed_by_the_chain(
+    market: Market, start_node: NodeFactory, scripted: object
+) -> None:
+    """settlement_pending: the SDK falls back to the chain; the node still settles in the
+    close window, and a second close() reports it."""
+    _node, patient = start_node(scripted, settlement_wait=0)
+    client = market.client()
+    session = client.sessions.open(
+        market.world.host.address, market.model_id, usdc("2"), url=patient.ws_url
+    )
+    session.chat_sync(HELLO, max_tokens=20)
+    first = session.close()
+    assert first.reported_by == "chain"
+    assert first.status in ("settled", "closing")
+    deadline = time.monotonic() + 20
+    while not (settled := session.close()).settled:
+        assert time.monotonic() < deadline, "the node never settled"
+        time.sleep(0.2)
+    assert settled.tokens == 20 and settled.tx_hash is not None
