@@ -25,7 +25,7 @@ from eth_account import Account
 
 from inferledger.chain.contracts import SessionInfo
 from inferledger.chain.errors import ContractRevert
-from inferledger.chain.units import cost, settlement_split
+from inferledger.chain.units import cost
 from inferledger.sdk import lifecycle
 from inferledger.sdk import settlement as settle
 from inferledger.sdk.errors import ConnectionLost, NodeUnreachable, SdkError, SessionClosed
@@ -491,17 +491,10 @@ class Session:
             tx_hash = receipt["transactionHash"].to_0x_hex()
             info = market.get_session(self.id)
         deadline = market.session_deadline(self.id)
-        split = settlement_split(info.deposit, info.tokens_paid, info.price_per_mtok, info.fee_bps)
-        return Settlement(
-            session_id=self.id,
+        return settle.from_state(
+            info,
             status="closing",
-            tokens=info.tokens_paid,
-            host_amount=split.host,
-            fee=split.fee,
-            refund=split.refund,
-            refund_credited=False,
             tx_hash=tx_hash,
-            reported_by="chain",
             finalize_after=deadline,
             message=(
                 f"{reason}; close requested on chain: the host may submit its last receipt "

@@ -11,7 +11,7 @@ from typing import Any
 from inferledger.chain.contracts import Contracts, SessionInfo, SettlementEvent
 from inferledger.chain.units import settlement_split
 from inferledger.sdk.errors import SdkError
-from inferledger.sdk.models import SessionState, SessionStatus, Settlement
+from inferledger.sdk.models import SessionState, SessionStatus, Settlement, SettlementStatus
 
 
 def from_event(event: SettlementEvent) -> Settlement:
@@ -60,18 +60,35 @@ def settled_from_chain(contracts: Contracts, info: SessionInfo, from_block: int)
     event = contracts.marketplace.settlement_event(info.session_id, from_block)
     if event is not None:
         return from_event(event)
+    return from_state(
+        info,
+        status="settled",
+        message="settlement log not found; amounts computed from the session's state",
+    )
+
+
+def from_state(
+    info: SessionInfo,
+    *,
+    status: SettlementStatus,
+    message: str,
+    tx_hash: str | None = None,
+    finalize_after: int | None = None,
+) -> Settlement:
+    """What settling at the session's on-chain checkpoint pays (the contract's formula)."""
     split = settlement_split(info.deposit, info.tokens_paid, info.price_per_mtok, info.fee_bps)
     return Settlement(
         session_id=info.session_id,
-        status="settled",
+        status=status,
         tokens=info.tokens_paid,
         host_amount=split.host,
         fee=split.fee,
         refund=split.refund,
         refund_credited=False,
-        tx_hash=None,
+        tx_hash=tx_hash,
         reported_by="chain",
-        message="settlement log not found; amounts computed from the session's state",
+        finalize_after=finalize_after,
+        message=message,
     )
 
 
