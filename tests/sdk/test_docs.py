@@ -110,3 +110,12 @@ def test_sdk_docs_examples_run(
     assert contracts.token.balance_of(host.address) == host_wallet - usdc("10") + withdrawn
     assert contracts.marketplace.treasury_balance() == 0
     assert list((tmp_path / "home" / "sessions").glob("*.json"))
+
+
+def test_the_readme_example_is_part_of_the_executed_page() -> None:
+    """The README's SDK example is lines of docs/sdk.md, so the test above runs them."""
+    readme = DOC.parents[1] / "README.md"
+    (example,) = [body for lang, body in FENCE.findall(readme.read_text()) if lang == "python"]
+    page = {line.rstrip() for _, body in blocks() for line in body.splitlines()}
+    missing = [line for line in example.splitlines() if line.strip() and line.rstrip() not in page]
+    assert not missing, missing
