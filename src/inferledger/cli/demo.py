@@ -1,92 +1,245 @@
-"""The contract-level walk-through of the seed incident's verification steps.
+"""`inferledger demo`: the seed incident's verification steps, done for real in one process.
 
-Until the node exists this plays the host's part directly against the contracts;
-every figure printed is read back from the chain, not computed locally.
+Deploy the contracts, register a host serving SmolLM2 at $0.002/token, start its node on
+loopback, open a 2 USDC session through the SDK, stream a real answer, checkpoint with
+proofs, end, settle, re-verify the proofs by prefill, and print the table the seed's
+operators wanted to see. Every figure in it is read back (from the node's HTTP API, the
+SDK or the chain), never computed locally.
 """
 
 from __future__ import annotations
 
-from eth_account import Account
-from eth_utils import keccak
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
 from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from inferledger.chain.anvil import free_port
 from inferledger.chain.connect import connect
-from inferledger.chain.devchain import build_dev_world
+from inferledger.chain.devchain import build_dev_world, dev_account
 from inferledger.chain.errors import ChainError
-from inferledger.chain.receipts import Receipt, sign_receipt
 from inferledger.chain.units import format_usdc, price_per_token_to_mtok, usdc
-from inferledger.config import Settings
+from inferledger.config import Settings, load_settings
+from inferledger.node.node import create_node
+from inferledger.node.preflight import PreflightFailed
+from inferledger.node.server import BackgroundServer
+from inferledger.sdk import Client, Settlement
+from inferledger.sdk.verification import fetch_bundles, verify_session
+
+if TYPE_CHECKING:
+    from inferledger.inference.transformers_backend import TransformersBackend
 
 DEPOSIT = usdc("2")
 PRICE_PER_MTOK = price_per_token_to_mtok("0.002")
-TOKENS = 200
 PROOF_INTERVAL = 100
-DURATION = 86400
+MAX_TOKENS = 200
+QUESTION = (
+    "What is a blockchain, and why would anyone pay for language model tokens with one? "
+    "Explain in detail."
+)
 
 
-def run_demo(settings: Settings) -> None:
-    console = Console()
-    with console.status("connecting and compiling contracts..."):
-        chain = connect(
-            settings.chain_url,
-            gas_cap=settings.gas_cap,
-            receipt_timeout=settings.receipt_timeout,
+@dataclass(frozen=True)
+class DemoResult:
+    """What the demo read back at the end (the tests check these)."""
+
+    session_id: int
+    tokens: int
+    settlement: Settlement
+    host_earnings: int
+    treasury: int
+    refund: int
+    verdicts: tuple[str, ...]
+
+
+def run_demo(
+    settings: Settings,
+    *,
+    question: str = QUESTION,
+    max_tokens: int = MAX_TOKENS,
+    console: Console | None = None,
+) -> DemoResult:
+    console = console or Console()
+    backend = _load_model(console)
+    chain = connect(
+        settings.chain_url, gas_cap=settings.gas_cap, receipt_timeout=settings.receipt_timeout
+    )
+    if not chain.is_dev:
+        raise ChainError(
+            f"{settings.chain_url} is not a dev chain: the demo mints test USDC; "
+            "run it on the embedded chain (the default) or a local anvil (`inferledger chain`)"
         )
-        if not chain.is_dev:
-            raise ChainError(
-                f"{settings.chain_url} is not a dev chain: the demo mints test USDC; "
-                "run it on the embedded chain or anvil"
-            )
-        world = build_dev_world(chain, host_price_per_mtok=PRICE_PER_MTOK)
+    port = free_port()
+    with console.status("deploying the contracts and registering the host..."):
+        world = build_dev_world(
+            chain,
+            host_price_per_mtok=PRICE_PER_MTOK,
+            host_url=f"ws://127.0.0.1:{port}/v1/ws",
+            model_name=backend.name,
+            weights_sha256=bytes.fromhex(backend.weights_sha256),
+        )
     c = world.contracts
     console.print(f"[bold]chain[/] {chain.url} (chain id {chain.chain_id}, {chain.client})")
     for name, address in c.deployment.addresses:
         console.print(f"  {name:<15} {address}")
-    console.print(f"host {world.host.address} registered at $0.002/token ({PRICE_PER_MTOK}/Mtok)")
 
-    signer = Account.create()
-    refund_before = c.token.balance_of(world.user.address)
-    c.token.approve(world.user, c.marketplace.address, DEPOSIT)
-    session_id = c.marketplace.create_session(
-        world.user,
-        host=world.host.address,
-        model_id=world.model_id,
-        deposit=DEPOSIT,
-        price_per_mtok=PRICE_PER_MTOK,
-        max_duration=DURATION,
-        proof_interval=PROOF_INTERVAL,
-        session_signer=signer.address,
-    )
-    console.print(f"session {session_id}: user deposited {format_usdc(DEPOSIT)} USDC")
-
-    # Stand-in for the proof bundle hash that the proofs layer will produce.
-    proof_hash = keccak(text=f"walk-through session {session_id}, {TOKENS} tokens")
-    receipt = Receipt(session_id=session_id, tokens=TOKENS, proof_hash=proof_hash)
-    signature = sign_receipt(signer.key, c.marketplace.domain(), receipt)
-    checkpoint = c.marketplace.submit_checkpoint(
-        world.host, session_id, TOKENS, proof_hash, "walkthrough://no-bundle", signature
-    )
-    console.print(
-        f"checkpoint submitted on chain: {TOKENS} tokens, "
-        f"tx {checkpoint['transactionHash'].to_0x_hex()}"
-    )
-    settlement = c.marketplace.complete_session(
-        world.host, session_id, TOKENS, proof_hash, "walkthrough://no-bundle", signature
-    )
-    console.print(f"session completed: tx {settlement.tx_hash}")
-
-    host_balance = c.earnings.balance_of(world.host.address, c.token.address)
-    treasury_balance = c.marketplace.treasury_balance()
-    refund = c.token.balance_of(world.user.address) - (refund_before - DEPOSIT)
-    table = Table(title=f"Seed verification: {TOKENS} tokens at $0.002/token, 2 USDC deposit")
-    table.add_column("who")
-    table.add_column("USDC", justify="right")
-    table.add_column("read from")
-    table.add_row("host", format_usdc(host_balance), "HostEarnings.balance_of")
-    table.add_row("treasury", format_usdc(treasury_balance), "JobMarketplace.treasury_balance")
-    table.add_row("refund", format_usdc(refund), "user's token balance")
-    table.add_row("total", format_usdc(host_balance + treasury_balance + refund), "= deposit")
-    console.print(table)
-    if host_balance + treasury_balance + refund != DEPOSIT:
+    with tempfile.TemporaryDirectory(prefix="inferledger-demo-") as workdir:
+        work = Path(workdir)
+        node_settings = load_settings(
+            chain_url=chain.url,
+            host_key="0x" + dev_account("host").key.hex(),
+            state_db=work / "node.sqlite3",
+            proof_store=work / "proofs",
+            node_port=port,
+        )
+        node = create_node(node_settings, contracts=c, backend=backend)
+        if not node.ready:
+            raise PreflightFailed("; ".join(r.line() for r in node.preflight.failures))
+        console.print(
+            f"[bold]host[/] {node.address} serves {backend.name} at $0.002/token; "
+            f"prover {node.prover.name}"
+        )
+        with BackgroundServer(node, port=port) as server:
+            client = Client(
+                chain,
+                key=world.user.account.key,
+                deployment=c.deployment,
+                sessions_dir=work / "sessions",
+            )
+            result = _session(console, client, backend, server.url, question, max_tokens)
+    _print_table(console, result, node.address)
+    if result.host_earnings + result.treasury + result.refund != DEPOSIT:
         raise ChainError("settlement does not add up to the deposit: this is a bug, report it")
+    return result
+
+
+def _load_model(console: Console) -> TransformersBackend:
+    # Imported here: torch takes seconds to import, and `--help` should not wait for it.
+    from inferledger.inference.transformers_backend import STAGES, TransformersBackend
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("SmolLM2-135M", total=len(STAGES))
+
+        def stage(name: str) -> None:
+            progress.update(task, completed=STAGES.index(name), description=f"SmolLM2: {name}")
+
+        backend = TransformersBackend(num_threads=1, progress=stage)
+        progress.update(task, completed=len(STAGES))
+    console.print(f"[bold]model[/] {backend.name} (sha256 {backend.weights_sha256[:16]}...)")
+    return backend
+
+
+def _session(
+    console: Console,
+    client: Client,
+    backend: TransformersBackend,
+    node_url: str,
+    question: str,
+    max_tokens: int,
+) -> DemoResult:
+    (offer,) = client.hosts.list(model=backend.name)
+    refund_before = client.contracts.token.balance_of(client.address)
+    session = client.sessions.open(offer, None, DEPOSIT, proof_interval=PROOF_INTERVAL)
+    console.print(
+        f"[bold]session {session.id}[/]: deposited {format_usdc(DEPOSIT)} USDC, a receipt and "
+        f"a proof every {PROOF_INTERVAL} tokens\n"
+    )
+    console.print(f"[bold]user>[/] {question}\n[bold]SmolLM2>[/] ", end="")
+    started = time.monotonic()
+    messages = [{"role": "user", "content": question}]
+    for text in session.stream_sync(messages, max_tokens=max_tokens, temperature=0):
+        console.print(text, end="", markup=False, highlight=False)
+    elapsed = time.monotonic() - started
+    console.print(
+        f"\n\n{session.tokens} tokens in {elapsed:.1f}s, cost {format_usdc(session.cost)} USDC"
+    )
+    with console.status("ending the session; the node settles on chain..."):
+        settlement = session.close()
+    record = session.record
+    bundles = fetch_bundles(record)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("verifying proofs by prefill", total=len(bundles))
+        verdicts = []
+        for verdict in verify_session(
+            record, bundles, backend.prefill_hidden_states, backend.tokenize_chat
+        ):
+            verdicts.append(verdict)
+            progress.advance(task)
+    checkpoints = httpx.get(f"{node_url}/v1/sessions/{session.id}", timeout=10).json()
+    console.print(_checkpoint_table(checkpoints["checkpoints"], verdicts))
+    host_earnings = client.host.earnings(offer.address)
+    refund = client.contracts.token.balance_of(client.address) - (refund_before - DEPOSIT)
+    return DemoResult(
+        session_id=session.id,
+        tokens=settlement.tokens,
+        settlement=settlement,
+        host_earnings=host_earnings,
+        treasury=client.treasury.balance(),
+        refund=refund,
+        verdicts=tuple(v.status for v in verdicts),
+    )
+
+
+def _checkpoint_table(checkpoints: list[dict[str, object]], verdicts: list[object]) -> Table:
+    table = Table(title="Proof generated, checkpoint stored, proof verified")
+    for column in ("checkpoint", "tokens", "prover", "bytes", "ms", "state", "verified"):
+        table.add_column(column)
+    for checkpoint, verdict in zip(checkpoints, verdicts, strict=True):
+        start, end = checkpoint["tokens"]  # type: ignore[misc]
+        table.add_row(
+            str(checkpoint["index"]),
+            f"{start}-{end}",
+            str(checkpoint["prover"]),
+            str(checkpoint["proof_bytes"]),
+            str(checkpoint["proof_ms"]),
+            str(checkpoint["status"]),
+            f"{verdict.status}",  # type: ignore[attr-defined]
+        )
+    return table
+
+
+def _print_table(console: Console, result: DemoResult, host: str) -> None:
+    settlement = result.settlement
+    table = Table(
+        title=f"Seed verification: {result.tokens} tokens at $0.002/token, 2 USDC deposit"
+    )
+    table.add_column("step")
+    table.add_column("result")
+    table.add_column("read from")
+    passed = sum(status == "pass" for status in result.verdicts)
+    table.add_row(
+        "proof generated",
+        f"{len(result.verdicts)} checkpoints, {passed} verified by prefill",
+        "node /v1/proofs + SmolLM2 prefill",
+    )
+    table.add_row(
+        "checkpoint submitted", f"complete_session tx {settlement.tx_hash}", "node settled frame"
+    )
+    table.add_row(
+        "payment distributed: host",
+        f"{format_usdc(result.host_earnings)} USDC",
+        f"client.host.earnings({host[:10]}...)",
+    )
+    table.add_row(
+        "payment distributed: treasury",
+        f"{format_usdc(result.treasury)} USDC",
+        "client.treasury.balance()",
+    )
+    table.add_row("refund to the user", f"{format_usdc(result.refund)} USDC", "user's USDC balance")
+    total = result.host_earnings + result.treasury + result.refund
+    table.add_row("total", f"{format_usdc(total)} USDC", "= the deposit")
+    console.print(table)

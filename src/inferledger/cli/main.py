@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from inferledger.chain.errors import ChainError
+from inferledger.cli.common import one_line_errors
+from inferledger.cli.demo import MAX_TOKENS, QUESTION
 from inferledger.config import ConfigError, load_settings
-from inferledger.node.preflight import PreflightFailed
 
 app = typer.Typer(
     help="inferledger: pay-per-token LLM inference with escrowed USDC sessions.",
     no_args_is_help=True,
     add_completion=False,
 )
-
-
-@contextmanager
-def _one_line_errors() -> Iterator[None]:
-    """Expected failures (chain, settings, preflight) end the command with one red line."""
-    try:
-        yield
-    except (ChainError, ConfigError, PreflightFailed) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from exc
 
 
 @app.command()
@@ -38,17 +26,33 @@ def demo(
         help="Chain to run on: 'embedded' (in-process py-evm, the default) or a dev JSON-RPC "
         "URL such as anvil's http://127.0.0.1:8545. Default: the chain_url setting.",
     ),
+    question: str = typer.Option(
+        QUESTION, "--question", help="What to ask SmolLM2 (answered greedily)."
+    ),
+    max_tokens: int = typer.Option(
+        MAX_TOKENS,
+        "--max-tokens",
+        min=1,
+        help="Longest answer, in tokens; 200 reproduces the seed's $0.36 / $0.04 / $1.60.",
+    ),
 ) -> None:
-    """Walk through the seed incident's verification steps on a dev chain.
+    """Run the whole marketplace once, for real, and print the seed's verification table.
 
-    Deploys the contracts, registers a host at $0.002/token, opens a 2 USDC session,
-    checkpoints 200 tokens with the user's signed receipt, completes the session and
-    prints the host, treasury and refund balances read back from the chain.
+    In one process: deploys the contracts, registers a host serving SmolLM2 at
+    $0.002/token, starts its node on 127.0.0.1, opens a 2 USDC session through the SDK,
+    streams a real answer with a signed receipt and a proof every 100 tokens, ends the
+    session (the node settles on chain), re-verifies every proof by prefill and prints
+    the host, treasury and refund amounts read back through the SDK. The first run also
+    converts the model (about 30 s).
     """
     from inferledger.cli.demo import run_demo
 
-    with _one_line_errors():
-        run_demo(load_settings(**({"chain_url": rpc} if rpc else {})))
+    with one_line_errors():
+        run_demo(
+            load_settings(**({"chain_url": rpc} if rpc else {})),
+            question=question,
+            max_tokens=max_tokens,
+        )
 
 
 @app.command()
@@ -85,7 +89,7 @@ def doctor(
 
     from inferledger.node.preflight import resolve_model, run_preflight
 
-    with _one_line_errors():
+    with one_line_errors():
         settings = load_settings(**({"deployment_file": deployment} if deployment else {}))
     name, weights_path = resolve_model(settings, model_name=model_name, weights_path=weights)
     report = run_preflight(
@@ -160,7 +164,7 @@ def node_run(
         overrides["backend"] = backend
     if prover is not None:
         overrides["prover"] = prover
-    with _one_line_errors():
+    with one_line_errors():
         run_node(load_settings(**overrides))
 
 
@@ -190,7 +194,7 @@ def deploy(
     from inferledger.chain.deployment import DeployParams
     from inferledger.chain.devchain import GAS_MONEY, dev_account
 
-    with _one_line_errors():
+    with one_line_errors():
         overrides: dict[str, object] = {"chain_url": rpc} if rpc else {}
         settings = load_settings(**overrides)
         if settings.chain_url == EMBEDDED:
@@ -214,6 +218,26 @@ def deploy(
     typer.echo(f"deployed to chain {chain.chain_id}; record written to {path}")
     for name, address in contracts.deployment.addresses:
         typer.echo(f"  {name:<15} {address}")
+
+
+def _add_commands() -> None:
+    """The chain, model, host, session, chat and verify commands (one module each)."""
+    from inferledger.cli.chain_cmd import chain_app
+    from inferledger.cli.chat_cmd import chat
+    from inferledger.cli.host_cmd import host_app
+    from inferledger.cli.model_cmd import model_app
+    from inferledger.cli.session_cmd import session_app
+    from inferledger.cli.verify_cmd import verify
+
+    app.add_typer(chain_app, name="chain")
+    app.add_typer(model_app, name="model")
+    app.add_typer(host_app, name="host")
+    app.add_typer(session_app, name="session")
+    app.command("chat")(chat)
+    app.command("verify")(verify)
+
+
+_add_commands()
 
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ from eth_utils import keccak
 
 from inferledger.chain.contracts import Contracts
 from inferledger.chain.receipts import ReceiptDomain
-from inferledger.config import Settings
+from inferledger.config import ConfigError, Settings
 from inferledger.inference.base import Backend
 from inferledger.node.metrics import NodeMetrics
 from inferledger.node.outbox import Outbox
 from inferledger.node.preflight import PreflightReport
-from inferledger.node.state import NodeState
+from inferledger.node.state import NodeState, StateError
 from inferledger.proofs.provers import (
     CommitmentProver,
     Prover,
@@ -138,7 +138,16 @@ def create_node(
     if not report.get("prover").ok:
         # Degraded: receipts still pay, with bundles that say they prove nothing.
         prover = CommitmentProver(unproven=True)
-    state = state or NodeState(settings.state_db or home() / "node.sqlite3")
+    market = contracts.marketplace.address
+    path = settings.state_db or home() / "nodes" / f"{contracts.chain.chain_id}-{market}.sqlite3"
+    state = state or NodeState(path)
+    try:
+        state.bind_deployment(contracts.chain.chain_id, market)
+    except StateError as exc:
+        raise ConfigError(
+            f"setting state_db (INFERLEDGER_STATE_DB): {exc}; each deployment needs its own "
+            "state file, so point the setting at another one"
+        ) from exc
     store = BlobStore(settings.proof_store or home() / "proofs")
     return Node(settings, contracts, account, backend, state, report, prover, store)
 

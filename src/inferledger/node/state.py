@@ -134,6 +134,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    ("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -433,6 +434,21 @@ class NodeState:
         return [_receipt(row) for row in rows]
 
     # Lifecycle -----------------------------------------------------------------
+
+    def bind_deployment(self, chain_id: int, marketplace: str) -> None:
+        """Tie this database to one marketplace: session ids restart at 1 in every
+        deployment, so another deployment's sessions would be mistaken for these."""
+        identity = f"{chain_id}:{marketplace.lower()}"
+        with self.transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'deployment'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta (key, value) VALUES ('deployment', ?)", (identity,))
+            elif row[0] != identity:
+                theirs_chain, theirs_market = row[0].split(":")
+                raise StateError(
+                    f"{self.path} holds the sessions of marketplace {theirs_market} on chain id "
+                    f"{theirs_chain}, not {marketplace} on chain id {chain_id}"
+                )
 
     def schema_version(self) -> int:
         return int(self.query("PRAGMA user_version")[0][0])

