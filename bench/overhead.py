@@ -61,6 +61,7 @@ async def through_node(url: str, session_id: int, key: bytes, tokens: int) -> fl
     reply = await client.chat(QUESTION, max_tokens=tokens, temperature=0, seed=1)
     elapsed = time.perf_counter() - start
     await client.end()
+    await client.wait_settlement(60)  # let the node settle before the server stops
     return len(reply.token_ids) / elapsed
 
 
@@ -80,7 +81,9 @@ def model_overhead(world: DevWorld, tokens: int, rounds: int) -> tuple[float, fl
     return sum(alone) / rounds, sum(served) / rounds
 
 
-def concurrency(world: DevWorld, sessions: int, tokens: int) -> tuple[float, float, int]:
+def concurrency(world: DevWorld, sessions: int, tokens: int) -> dict[str, float]:
+    """Stream ``tokens`` to each of ``sessions`` clients at once (receipts and proofs every
+    50 tokens), then end them all and wait until the node has settled every one on chain."""
     backend = load_backend("scripted", tokens_per_second=0)
     server = serve(world, backend, keccak(text="scripted"), slots=sessions)
     model_id = keccak(text=backend.name)
@@ -92,21 +95,33 @@ def concurrency(world: DevWorld, sessions: int, tokens: int) -> tuple[float, flo
         sum(1 for _ in backend.generate(QUESTION, params))
     backend_per_token = (time.perf_counter() - start) / (sessions * tokens)
 
-    async def one(session_id: int, key: bytes) -> int:
-        client = await SessionClient.connect(server.ws_url, session_id, key, max_size=2**22)
-        reply = await client.chat(QUESTION, max_tokens=tokens)
-        await client.end()
-        return len(reply.token_ids)
+    async def run() -> dict[str, float]:
+        clients = [
+            await SessionClient.connect(server.ws_url, sid, signer.key, max_size=2**22)
+            for sid, signer in opened
+        ]
+        start = time.perf_counter()
+        replies = await asyncio.gather(*(c.chat(QUESTION, max_tokens=tokens) for c in clients))
+        streamed = time.perf_counter() - start
+        count = sum(len(r.token_ids) for r in replies)
 
-    async def all_sessions() -> int:
-        counts = await asyncio.gather(*(one(sid, signer.key) for sid, signer in opened))
-        return sum(counts)
+        async def settle(client: SessionClient) -> bool:
+            await client.end()
+            frame = await client.wait_settlement(600)
+            return frame is not None and frame["type"] == "settled"
 
-    start = time.perf_counter()
-    streamed = asyncio.run(all_sessions())
-    elapsed = time.perf_counter() - start
+        start = time.perf_counter()
+        settled = await asyncio.gather(*(settle(c) for c in clients))
+        return {
+            "tokens": count,
+            "per_token_us": streamed / count * 1e6,
+            "settled": sum(settled),
+            "settle_s": time.perf_counter() - start,
+        }
+
+    result = asyncio.run(run())
     server.stop()
-    return elapsed / streamed * 1e6, backend_per_token * 1e6, streamed
+    return {**result, "backend_us": backend_per_token * 1e6}
 
 
 def main() -> None:
@@ -133,10 +148,18 @@ def main() -> None:
         table.add_row("SmolLM2 via node + WebSocket + receipts (tokens/s)", f"{served:.1f}")
         table.add_row("ratio (target >= 0.95)", f"{served / alone:.3f}")
     with console.status(f"scripted: {args.sessions} concurrent sessions..."):
-        per_token, backend_us, streamed = concurrency(world, args.sessions, args.session_tokens)
-    table.add_row("scripted: sessions at once / tokens streamed", f"{args.sessions} / {streamed}")
-    table.add_row("scripted: node wall time per token (us)", f"{per_token:.1f}")
-    table.add_row("scripted: backend alone per token (us)", f"{backend_us:.1f}")
+        load = concurrency(world, args.sessions, args.session_tokens)
+    table.add_row(
+        "scripted: sessions at once / tokens streamed", f"{args.sessions} / {load['tokens']}"
+    )
+    table.add_row(
+        "scripted: node wall time per token (us), receipts + proofs", f"{load['per_token_us']:.1f}"
+    )
+    table.add_row("scripted: backend alone per token (us)", f"{load['backend_us']:.1f}")
+    table.add_row(
+        "scripted: sessions settled on chain / seconds for all",
+        f"{load['settled']:.0f} / {load['settle_s']:.1f}",
+    )
     console.print(table)
 
 
