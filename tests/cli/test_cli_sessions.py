@@ -112,6 +112,7 @@ def test_piped_stdin_is_one_message() -> None:
     result = invoke("chat", "--model", MODEL, "--max-tokens", "4", "--deposit", "0.5",
                     stdin="Summarise the ledger.\n")  # fmt: skip
     assert result.stdout.strip()  # the reply
+    assert f"{MODEL} (0x" in result.stderr  # the model's approved name, read from the chain
     assert re.search(r"session \d+ settled: 4 tokens", result.stderr)
     assert "refund 0.492000 USDC" in result.stderr
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -142,3 +143,63 @@ def test_a_node_that_cannot_settle_at_once_is_backed_by_the_chain(
         assert time.monotonic() < deadline, "the node never settled"
         time.sleep(0.2)
     assert settled.tokens == 20 and settled.tx_hash is not None
+
+
+def test_without_a_record_the_depositor_requests_the_close_and_anyone_finalizes(
+    market: Market, tmp_path: Path
+) -> None:
+    """Another machine's session: ``client.sessions`` closes it on chain by id alone."""
+    c, chain = market.world.contracts, market.world.chain
+    opened = market.client().sessions.open(market.world.host.address, market.model_id, usdc("1"))
+    opened.detach()
+    depositor = market.client(sessions_dir=tmp_path / "elsewhere")
+    host = market.client("host", sessions_dir=tmp_path / "host")
+
+    with pytest.raises(SdkError, match=f"only its depositor {depositor.address}"):
+        host.sessions.request_close(opened.id)
+    closing = depositor.sessions.request_close(opened.id)
+    assert (closing.status, closing.refund, closing.tx_hash is not None) == (
+        "closing",
+        usdc("1"),
+        True,
+    )
+    assert closing.finalize_after == c.marketplace.session_deadline(opened.id)
+    assert "the node was not asked to settle" in closing.message
+    again = host.sessions.request_close(opened.id)  # requested already: no transaction
+    assert (again.status, again.tx_hash) == ("closing", None)
+    with pytest.raises(SdkError, match="can be finalized after"):
+        host.sessions.finalize(opened.id)
+
+    chain.time_travel(c.marketplace.close_window() + 2)
+    settled = host.sessions.finalize(opened.id)
+    assert (settled.status, settled.tokens, settled.refund) == ("settled", 0, usdc("1"))
+    assert depositor.sessions.request_close(opened.id) == settled
+    assert depositor.sessions.finalize(opened.id) == settled
+
+
+def test_a_close_request_that_loses_the_race_to_the_nodes_settlement_reports_it(
+    market: Market, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c, world = market.world.contracts, market.world
+    client = market.client()
+    session = client.sessions.open(world.host.address, market.model_id, usdc("2"))
+    session.detach()
+    signature = sign(world, Account.from_key(session.record.signer_key), session.id, 100, PROOF)
+    request_close = client.contracts.marketplace.request_close
+
+    def settled_first(*args: object) -> object:
+        c.marketplace.complete_session(world.host, session.id, 100, PROOF, "", signature)
+        return request_close(*args)  # reverts: the session is settled
+
+    monkeypatch.setattr(client.contracts.marketplace, "request_close", settled_first)
+    settlement = client.sessions.request_close(session.id)
+    assert (settlement.status, settlement.tokens) == ("settled", 100)
+    assert settlement.tx_hash == c.marketplace.settlement_event(session.id).tx_hash
+
+
+def test_a_session_resumed_without_auto_close_is_left_alone_at_exit(market: Market) -> None:
+    client = market.client()
+    session = client.sessions.open(market.world.host.address, market.model_id, usdc("1"))
+    session.detach()
+    assert client.sessions.resume(session.id, auto_close=False) not in lifecycle.open_sessions()
+    assert client.sessions.resume(session.id) in lifecycle.open_sessions()

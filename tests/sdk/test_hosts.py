@@ -61,3 +61,9 @@ def test_list_keeps_active_hosts_filters_by_model_and_price_cheapest_first(
     cheap.host.update(prices={DEV_MODEL_NAME: PRICE * 4}, api_url="http://cheap:9090")
     assert user.hosts.list(model=dev)[-1].address == cheap.address
     assert cheap.host.info().api_url == "http://cheap:9090"
+
+
+def test_a_model_id_reads_back_the_name_it_was_approved_under(world: DevWorld) -> None:
+    models = world.contracts.models
+    assert models.model_name(keccak(text=DEV_MODEL_NAME)) == DEV_MODEL_NAME
+    assert models.model_name(keccak(text="never/approved.gguf")) == ""

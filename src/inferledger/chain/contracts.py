@@ -142,6 +142,10 @@ class ModelRegistry(_Wrapper):
     def weights_sha256(self, model_id: bytes) -> bytes:
         return bytes(self._read("models", model_id)[1])
 
+    def model_name(self, model_id: bytes) -> str:
+        """The name ``model_id`` was approved under ("" if it never was)."""
+        return str(self._read("models", model_id)[0])
+
 
 class NodeRegistry(_Wrapper):
     def register(

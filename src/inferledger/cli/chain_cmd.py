@@ -17,6 +17,7 @@ from inferledger.cli.common import (
     DeploymentOption,
     RpcOption,
     connect_chain,
+    deployed_contracts,
     err,
     one_line_errors,
     out,
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from inferledger.chain.connect import Chain
+    from inferledger.chain.contracts import Contracts
 
 DEV_LABELS = {
     "owner": "deploys and owns the contracts (`deploy`, `model approve` use it by default)",
@@ -220,7 +222,8 @@ def fund(
                 "network's faucets instead"
             )
         # Before any transaction: a missing record must not leave the ETH half done.
-        deployment_file = require_deployment_file(settings) if base_units else None
+        if base_units:
+            require_deployment_file(settings)
         console = out()
         if wei:
             chain.fund(target, wei)
@@ -228,17 +231,15 @@ def fund(
             console.print(
                 f"{target}: +{Decimal(wei) / WEI:f} ETH (now {Decimal(balance) / WEI:f} ETH)"
             )
-        if deployment_file is not None:
-            _mint(deployment_file, chain, target, base_units, console)
+        if base_units:
+            _mint(deployed_contracts(settings, chain), target, base_units, console)
 
 
-def _mint(deployment_file: Path, chain: Chain, target: str, amount: int, console: Console) -> None:
-    from inferledger.chain.contracts import Contracts
-    from inferledger.chain.deployment import Deployment
+def _mint(contracts: Contracts, target: str, amount: int, console: Console) -> None:
     from inferledger.chain.devchain import GAS_MONEY, dev_account
     from inferledger.chain.units import format_usdc
 
-    contracts = Contracts.attach(chain, Deployment.load(deployment_file))
+    chain = contracts.chain
     if contracts.deployment.params.token is not None:
         raise CliError(
             f"the deployment pays in {contracts.deployment.addresses.token}, not a TestUSDC it "

@@ -120,6 +120,16 @@ def require_deployment_file(settings: Settings) -> Path:
     return path
 
 
+def deployed_contracts(settings: Settings, chain: Chain | None = None) -> Contracts:
+    """The recorded deployment's contracts on ``chain`` (default: the configured chain),
+    for the commands that sign as the owner or the faucet rather than through a Client."""
+    from inferledger.chain.contracts import Contracts
+    from inferledger.chain.deployment import Deployment
+
+    chain = chain or connect_chain(settings)
+    return Contracts.attach(chain, Deployment.load(require_deployment_file(settings)))
+
+
 def make_client(rpc: str | None, deployment: Path | None, *, key: str | None = None) -> Client:
     """An SDK client on the configured chain and deployment, acting with ``key`` (None:
     read-only, unless ``INFERLEDGER_KEY`` is set)."""
@@ -228,8 +238,8 @@ def model_label(contracts: Contracts, model_id: bytes) -> str:
     """A model's approved name and id, e.g. ``org/file.gguf (0x12ab...)``."""
     hex_id = "0x" + model_id.hex()
     try:
-        name = contracts.models.contract.functions.models(model_id).call()[0]
-    except Exception:
+        name = contracts.models.model_name(model_id)
+    except Exception:  # a label is no reason to fail the command
         return hex_id
     return f"{name} ({hex_id[:10]}...)" if name else hex_id
 

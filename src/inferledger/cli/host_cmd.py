@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from inferledger.chain.units import format_usdc
 from inferledger.cli.common import (
     HOST_KEY_ENV,
     CliError,
@@ -50,6 +53,11 @@ ModelOption = Annotated[
     ),
 ]
 
+HostArgument = Annotated[
+    str | None,
+    typer.Argument(help=f"Host address. Default: the address of {HOST_KEY_ENV}."),
+]
+
 
 def _host_client(rpc: str | None, deployment: Path | None) -> Client:
     return make_client(rpc, deployment, key=host_key(settings_for(rpc, deployment)))
@@ -77,7 +85,6 @@ def register(
     pulled from the host's USDC in the same command. Then start the node with
     `inferledger node run`.
     """
-    from inferledger.chain.units import format_usdc
     from inferledger.sdk.hosts import model_id_of
 
     with one_line_errors():
@@ -186,18 +193,10 @@ def update(
 
 @host_app.command("show")
 def show(
-    address: Annotated[
-        str | None,
-        typer.Argument(help=f"Host address. Default: the address of {HOST_KEY_ENV}."),
-    ] = None,
-    rpc: RpcOption = None,
-    deployment: DeploymentOption = None,
+    address: HostArgument = None, rpc: RpcOption = None, deployment: DeploymentOption = None
 ) -> None:
     """Print a host's registration: URL, stake, status, models and prices."""
-    from inferledger.chain.units import format_usdc
-
-    with one_line_errors():
-        client, who = _reader(rpc, deployment, address)
+    with _reading(rpc, deployment, address) as (client, who):
         c = client.contracts
         info = c.nodes.get_host(who)
         if not info.registered:
@@ -219,18 +218,10 @@ def show(
 
 @host_app.command("earnings")
 def earnings(
-    address: Annotated[
-        str | None,
-        typer.Argument(help=f"Host address. Default: the address of {HOST_KEY_ENV}."),
-    ] = None,
-    rpc: RpcOption = None,
-    deployment: DeploymentOption = None,
+    address: HostArgument = None, rpc: RpcOption = None, deployment: DeploymentOption = None
 ) -> None:
     """Print a host's settled earnings waiting to be withdrawn, in USDC."""
-    from inferledger.chain.units import format_usdc
-
-    with one_line_errors():
-        client, who = _reader(rpc, deployment, address)
+    with _reading(rpc, deployment, address) as (client, who):
         amount = client.host.earnings(who)
         out().print(f"host {who} earnings: {format_usdc(amount)} USDC", markup=False)
 
@@ -238,8 +229,6 @@ def earnings(
 @host_app.command("withdraw")
 def withdraw(rpc: RpcOption = None, deployment: DeploymentOption = None) -> None:
     """Move all settled earnings to the host's account and print the transaction."""
-    from inferledger.chain.units import format_usdc
-
     with one_line_errors():
         client = _host_client(rpc, deployment)
         done = client.host.withdraw()
@@ -250,16 +239,22 @@ def withdraw(rpc: RpcOption = None, deployment: DeploymentOption = None) -> None
         )
 
 
-def _reader(rpc: str | None, deployment: Path | None, address: str | None) -> tuple[Client, str]:
-    """A client for reads, and the host address: ``address`` or the host key's."""
+@contextmanager
+def _reading(
+    rpc: str | None, deployment: Path | None, address: str | None
+) -> Iterator[tuple[Client, str]]:
+    """A client for reads and the host address (``address`` or the host key's), with the
+    one-line error handler around the whole read."""
     from eth_utils import is_address, to_checksum_address
 
-    if address is not None:
-        if not is_address(address):
+    with one_line_errors():
+        if address is None:
+            client = _host_client(rpc, deployment)
+            yield client, client.account.address
+        elif not is_address(address):
             raise CliError(f"{address!r} is not an address: give 0x and 40 hex digits")
-        return make_client(rpc, deployment), to_checksum_address(address)
-    client = _host_client(rpc, deployment)
-    return client, client.account.address
+        else:
+            yield make_client(rpc, deployment), to_checksum_address(address)
 
 
 def _default_url(client: Client, node_port: int) -> str:
@@ -271,8 +266,6 @@ def _default_url(client: Client, node_port: int) -> str:
 
 
 def _require_funds(client: Client, stake: int) -> None:
-    from inferledger.chain.units import format_usdc
-
     me = client.account.address
     if client.chain.w3.eth.get_balance(me) == 0:
         raise CliError(

@@ -12,12 +12,11 @@ from inferledger.cli.common import (
     CliError,
     DeploymentOption,
     RpcOption,
-    connect_chain,
+    deployed_contracts,
     err,
     one_line_errors,
     out,
     owner_account,
-    require_deployment_file,
     settings_for,
 )
 
@@ -71,12 +70,8 @@ def approve(
     with one_line_errors():
         model_name, digest, source = _resolve(name, weights, sha256)
         settings = settings_for(rpc, deployment)
-        chain = connect_chain(settings)
-        from inferledger.chain.contracts import Contracts
-        from inferledger.chain.deployment import Deployment
-
-        contracts = Contracts.attach(chain, Deployment.load(require_deployment_file(settings)))
-        owner = chain.sender(owner_account(settings, chain))
+        contracts = deployed_contracts(settings)
+        owner = contracts.chain.sender(owner_account(settings, contracts.chain))
         model_id = contracts.models.approve_model(owner, model_name, digest)
         out().print(
             f"approved {model_name}\n"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -26,11 +24,12 @@ from inferledger.cli.common import (
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from inferledger.sdk import Client, Session, SessionRecord, Settlement
+    from inferledger.sdk import Client, SessionRecord, Settlement
 
 session_app = typer.Typer(
     help="List, inspect, close and finalize sessions.", add_completion=False, no_args_is_help=True
 )
+NO_RECORD = "no local record of this session, so the node was not asked to settle"
 SessionId = Annotated[int, typer.Argument(help="The session id (as `chat` printed it).", min=1)]
 
 
@@ -96,12 +95,10 @@ def close(
     with one_line_errors():
         client = make_client(rpc, deployment, key=_key(USER_KEY_ENV))
         if _local_record(client, session_id) is None:
-            settlement = _request_close_without_record(client, session_id)
+            settlement = client.sessions.request_close(session_id, reason=NO_RECORD)
         else:
-            with (
-                resumed(client, session_id) as session,
-                err().status(f"closing session {session_id}: asking the node to settle..."),
-            ):
+            session = client.sessions.resume(session_id, auto_close=False)
+            with err().status(f"closing session {session_id}: asking the node to settle..."):
                 settlement = session.close()
         print_settlement(out(), settlement)
 
@@ -114,8 +111,6 @@ def finalize(
 
     Signs with INFERLEDGER_KEY, else INFERLEDGER_HOST_KEY.
     """
-    from inferledger.sdk import settlement as settle
-
     with one_line_errors():
         key = os.environ.get(USER_KEY_ENV) or os.environ.get(HOST_KEY_ENV)
         if not key:
@@ -124,38 +119,11 @@ def finalize(
                 "key with gas"
             )
         client = make_client(rpc, deployment, key=key.strip())
-        if _local_record(client, session_id) is not None:
-            with resumed(client, session_id) as session:
-                settlement = session.finalize()
+        if _local_record(client, session_id) is None:
+            settlement = client.sessions.finalize(session_id)
         else:
-            c = client.contracts
-            info = settle.require_session(c, session_id)
-            if info.is_settled:
-                settlement = settle.settled_from_chain(c, info, c.deployment.deploy_block)
-            else:
-                deadline = c.marketplace.session_deadline(session_id)
-                now = c.chain.now()
-                if now <= deadline:
-                    raise CliError(
-                        f"session {session_id} can be finalized after {fmt_time(deadline)} "
-                        f"({deadline - now}s from now, chain time): until then the host may "
-                        "submit its last receipt"
-                    )
-                event = c.marketplace.finalize(client.sender, session_id)
-                settlement = settle.from_event(event)
+            settlement = client.sessions.resume(session_id, auto_close=False).finalize()
         print_settlement(out(), settlement)
-
-
-@contextmanager
-def resumed(client: Client, session_id: int) -> Iterator[Session]:
-    """A session from its local record that is never closed behind the caller's back: the
-    SDK closes open sessions at exit, which a failed `finalize` must not trigger."""
-    session = client.sessions.resume(session_id)
-    try:
-        yield session
-    finally:
-        if not session.closed:
-            session.detach()
 
 
 def print_status(console: Console, client: Client, session_id: int) -> None:
@@ -228,47 +196,6 @@ def print_settlement(console: Console, settlement: Settlement) -> None:
         f"  after {after}: `inferledger session finalize {settlement.session_id}`"
         + (f"\n  tx {settlement.tx_hash}" if settlement.tx_hash else ""),
         markup=False,
-    )
-
-
-def _request_close_without_record(client: Client, session_id: int) -> Settlement:
-    """No local record (another machine opened it): the depositor asks the chain to close."""
-    from inferledger.chain.units import settlement_split
-    from inferledger.sdk import Settlement
-    from inferledger.sdk import settlement as settle
-
-    c = client.contracts
-    info = settle.require_session(c, session_id)
-    if info.is_settled:
-        return settle.settled_from_chain(c, info, c.deployment.deploy_block)
-    me = client.account.address
-    if info.depositor.lower() != me.lower():
-        raise CliError(
-            f"only the depositor {info.depositor} can close session {session_id}, not {me}: "
-            f"set {USER_KEY_ENV} to that key"
-        )
-    tx_hash = None
-    if not info.close_requested_at:
-        receipt = c.marketplace.request_close(client.sender, session_id)
-        tx_hash = receipt["transactionHash"].to_0x_hex()
-        info = c.marketplace.get_session(session_id)
-    deadline = c.marketplace.session_deadline(session_id)
-    split = settlement_split(info.deposit, info.tokens_paid, info.price_per_mtok, info.fee_bps)
-    return Settlement(
-        session_id=session_id,
-        status="closing",
-        tokens=info.tokens_paid,
-        host_amount=split.host,
-        fee=split.fee,
-        refund=split.refund,
-        refund_credited=False,
-        tx_hash=tx_hash,
-        reported_by="chain",
-        finalize_after=deadline,
-        message=(
-            "no local record of this session, so the node was not asked to settle; close "
-            "requested on chain: the host may submit its last receipt until then"
-        ),
     )
 
 

@@ -23,12 +23,10 @@ from typing import TYPE_CHECKING, Any
 import websockets
 from eth_account import Account
 
-from inferledger.chain.contracts import SessionInfo
-from inferledger.chain.errors import ContractRevert
 from inferledger.chain.units import cost
 from inferledger.sdk import lifecycle
 from inferledger.sdk import settlement as settle
-from inferledger.sdk.errors import ConnectionLost, NodeUnreachable, SdkError, SessionClosed
+from inferledger.sdk.errors import ConnectionLost, NodeUnreachable, SessionClosed
 from inferledger.sdk.models import SessionStatus, Settlement
 from inferledger.sdk.portal import Job, portal
 from inferledger.sdk.records import ReceiptRecord, RecordStore, ReplyRecord, SessionRecord
@@ -49,12 +47,15 @@ class Session:
     """An open session; made by ``client.sessions.open`` or ``client.sessions.resume``.
 
     Use it as a context manager (``with`` or ``async with``) to close it on exit; open
-    sessions are also closed at interpreter exit and on SIGINT/SIGTERM. Messages are
-    chat messages, ``{"role": "user", "content": "..."}``; ``params`` are generation
-    parameters (``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``).
+    sessions are also closed at interpreter exit and on SIGINT/SIGTERM (unless resumed
+    with ``auto_close=False``). Messages are chat messages, ``{"role": "user",
+    "content": "..."}``; ``params`` are generation parameters (``max_tokens``,
+    ``temperature``, ``top_p``, ``seed``, ``stop``).
     """
 
-    def __init__(self, client: Client, record: SessionRecord, store: RecordStore) -> None:
+    def __init__(
+        self, client: Client, record: SessionRecord, store: RecordStore, *, auto_close: bool = True
+    ) -> None:
         self._client = client
         self.record = record
         self._store = store
@@ -68,7 +69,7 @@ class Session:
         self.settlement: Settlement | None = (
             Settlement(**record.settlement) if record.settlement else None
         )
-        if self.settlement is None:
+        if self.settlement is None and auto_close:
             lifecycle.register(self)
 
     def __repr__(self) -> str:
@@ -234,20 +235,9 @@ class Session:
 
     def finalize(self) -> Settlement:
         """Settle at the last checkpoint once the close window has passed (anyone may)."""
-        contracts = self._client.contracts
-        market = contracts.marketplace
-        info = settle.require_session(contracts, self.id)
-        if not info.is_settled:
-            deadline = market.session_deadline(self.id)
-            now = contracts.chain.now()
-            if now <= deadline:
-                raise SdkError(
-                    f"session {self.id} can be finalized after {deadline} (chain time, "
-                    f"{deadline - now}s from now): until then the host may submit its last "
-                    "receipt"
-                )
-            return self._finish(settle.from_event(market.finalize(self._client.sender, self.id)))
-        return self._finish(settle.settled_from_chain(contracts, info, self.record.created_block))
+        return self._finish(
+            settle.finalize(self._client, self.id, from_block=self.record.created_block)
+        )
 
     def __enter__(self) -> Session:
         return self
@@ -453,9 +443,9 @@ class Session:
     # Caller side: chain reads and writes --------------------------------------------
 
     def _conclude(self, frame: dict[str, Any] | None, reason: str) -> Settlement:
-        contracts = self._client.contracts
-        info = settle.require_session(contracts, self.id)
         if frame is not None and frame.get("type") == "settled":
+            contracts = self._client.contracts
+            info = settle.require_session(contracts, self.id)
             # The node's transaction is mined; give a lagging RPC endpoint a moment.
             waited = time.monotonic() + 5.0
             while not info.is_settled and time.monotonic() < waited:
@@ -463,43 +453,10 @@ class Session:
                 info = settle.require_session(contracts, self.id)
             if settle.frame_matches_chain(frame, info):
                 return self._finish(settle.from_frame(frame))
-        if info.is_settled:
-            return self._finish(
-                settle.settled_from_chain(contracts, info, self.record.created_block)
+        return self._finish(
+            settle.request_close(
+                self._client, self.id, reason=reason, from_block=self.record.created_block
             )
-        return self._finish(self._request_close(info, reason))
-
-    def _request_close(self, info: SessionInfo, reason: str) -> Settlement:
-        client = self._client
-        market = client.contracts.marketplace
-        tx_hash = None
-        if not info.close_requested_at:
-            if client.address is None or client.address.lower() != info.depositor.lower():
-                raise SdkError(
-                    f"session {self.id} did not settle ({reason}) and only its depositor "
-                    f"{info.depositor} can request a close: use that key"
-                )
-            try:
-                receipt = market.request_close(client.sender, self.id)
-            except ContractRevert:
-                info = market.get_session(self.id)
-                if info.is_settled:  # the node settled meanwhile
-                    return settle.settled_from_chain(
-                        client.contracts, info, self.record.created_block
-                    )
-                raise
-            tx_hash = receipt["transactionHash"].to_0x_hex()
-            info = market.get_session(self.id)
-        deadline = market.session_deadline(self.id)
-        return settle.from_state(
-            info,
-            status="closing",
-            tx_hash=tx_hash,
-            finalize_after=deadline,
-            message=(
-                f"{reason}; close requested on chain: the host may submit its last receipt "
-                f"until {deadline} (chain time), then finalize() settles"
-            ),
         )
 
     def _finish(self, settlement: Settlement) -> Settlement:

@@ -10,7 +10,7 @@ from inferledger.chain.units import cost, format_usdc
 from inferledger.sdk import settlement as settle
 from inferledger.sdk.errors import SdkError
 from inferledger.sdk.hosts import model_id_of
-from inferledger.sdk.models import HostOffer, SessionStatus, Withdrawal
+from inferledger.sdk.models import HostOffer, SessionStatus, Settlement, Withdrawal
 from inferledger.sdk.records import RecordStore, SessionRecord
 from inferledger.sdk.session import Session
 from inferledger.sdk.wire import ws_endpoint
@@ -109,17 +109,19 @@ class Sessions:
         self.store.save(record)
         return Session(client, record, self.store)
 
-    def resume(self, session_id: int) -> Session:
+    def resume(self, session_id: int, *, auto_close: bool = True) -> Session:
         """A session opened earlier (maybe by another process), from its local record.
 
         Its connection is reopened on the next call, continuing from the node's last
-        receipt.
+        receipt. With ``auto_close=False`` it is not closed at exit or on a signal: for a
+        caller that only settles or inspects it and must not end it by failing.
         """
         c = self._client.contracts
         return Session(
             self._client,
             self.store.load(c.chain.chain_id, c.marketplace.address, session_id),
             self.store,
+            auto_close=auto_close,
         )
 
     def records(self) -> list[SessionRecord]:
@@ -130,6 +132,26 @@ class Sessions:
     def status(self, session_id: int) -> SessionStatus:
         """A session's on-chain state, with the split it pays (or would pay if settled now)."""
         return settle.status(self._client.contracts, session_id)
+
+    def request_close(
+        self, session_id: int, *, reason: str = "the node was not asked to settle"
+    ) -> Settlement:
+        """Ask the chain to close a session without its local record (the depositor only).
+
+        With the record, ``resume(session_id).close()`` asks the node to settle first.
+        """
+        return settle.request_close(
+            self._client, session_id, reason=reason, from_block=self._deploy_block
+        )
+
+    def finalize(self, session_id: int) -> Settlement:
+        """Settle a session whose close window has passed, without its local record."""
+        return settle.finalize(self._client, session_id, from_block=self._deploy_block)
+
+    @property
+    def _deploy_block(self) -> int:
+        """Where a session without a record may start: its settlement log is after it."""
+        return self._client.contracts.deployment.deploy_block
 
     def refund_credit(self) -> int:
         """Refunds the marketplace could not push to this account (withdraw them)."""

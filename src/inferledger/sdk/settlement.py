@@ -6,12 +6,17 @@ Settlement the SDK returns has been checked against ``get_session``.
 
 from __future__ import annotations
 
-from typing import Any
+import datetime as dt
+from typing import TYPE_CHECKING, Any
 
 from inferledger.chain.contracts import Contracts, SessionInfo, SettlementEvent
+from inferledger.chain.errors import ContractRevert
 from inferledger.chain.units import settlement_split
 from inferledger.sdk.errors import SdkError
 from inferledger.sdk.models import SessionState, SessionStatus, Settlement, SettlementStatus
+
+if TYPE_CHECKING:
+    from inferledger.sdk.client import Client
 
 
 def from_event(event: SettlementEvent) -> Settlement:
@@ -100,6 +105,66 @@ def require_session(contracts: Contracts, session_id: int) -> SessionInfo:
             f"{contracts.marketplace.address} (chain id {contracts.chain.chain_id})"
         )
     return info
+
+
+def request_close(client: Client, session_id: int, *, reason: str, from_block: int) -> Settlement:
+    """The depositor's way out when the node did not settle (R1): ask the chain to close.
+
+    Returns the "closing" Settlement (``finalize`` settles after its ``finalize_after``),
+    or the settled one if the session is settled already or the node settled meanwhile.
+    ``reason`` says why the node did not settle; ``from_block`` bounds the log search.
+    """
+    contracts = client.contracts
+    market = contracts.marketplace
+    info = require_session(contracts, session_id)
+    if info.is_settled:
+        return settled_from_chain(contracts, info, from_block)
+    tx_hash = None
+    if not info.close_requested_at:
+        if client.address is None or client.address.lower() != info.depositor.lower():
+            raise SdkError(
+                f"session {session_id} did not settle ({reason}) and only its depositor "
+                f"{info.depositor} can request a close: use that key"
+            )
+        try:
+            receipt = market.request_close(client.sender, session_id)
+        except ContractRevert:
+            info = market.get_session(session_id)
+            if info.is_settled:  # the node settled meanwhile
+                return settled_from_chain(contracts, info, from_block)
+            raise
+        tx_hash = receipt["transactionHash"].to_0x_hex()
+        info = market.get_session(session_id)
+    deadline = market.session_deadline(session_id)
+    return from_state(
+        info,
+        status="closing",
+        tx_hash=tx_hash,
+        finalize_after=deadline,
+        message=(
+            f"{reason}; close requested on chain: the host may submit its last receipt "
+            f"until {deadline} (chain time), then finalize() settles"
+        ),
+    )
+
+
+def finalize(client: Client, session_id: int, *, from_block: int) -> Settlement:
+    """Settle at the last checkpoint once the close window has passed (anyone may), so a
+    host that never answers cannot hold the deposit; a settled session is reported as is."""
+    contracts = client.contracts
+    market = contracts.marketplace
+    info = require_session(contracts, session_id)
+    if info.is_settled:
+        return settled_from_chain(contracts, info, from_block)
+    deadline = market.session_deadline(session_id)
+    now = contracts.chain.now()
+    if now <= deadline:
+        when = dt.datetime.fromtimestamp(deadline, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        raise SdkError(
+            f"session {session_id} can be finalized after {deadline} (chain time, {when}, "
+            f"{deadline - now}s from now): until then the host may submit its last receipt"
+        )
+    return from_event(market.finalize(client.sender, session_id))
 
 
 def status(contracts: Contracts, session_id: int, from_block: int | None = None) -> SessionStatus:
