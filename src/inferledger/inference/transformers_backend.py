@@ -57,6 +57,8 @@ class TransformersBackend:
     ) -> None:
         """``progress`` is told each loading stage as it starts (for a progress display)."""
         report = progress or (lambda stage: None)
+        if progress is not None:
+            hf_logging.disable_progress_bar()  # the caller shows its own
         if num_threads is not None:
             # Process-wide. With 2 cores and other busy processes, torch's default 2 threads
             # stall each other on every op; 1 thread degrades far more gracefully.
@@ -73,8 +75,6 @@ class TransformersBackend:
             report(STAGE_CONVERT)
         self.model_dir = ensure_converted(self.weights_path, self.weights_sha256, cache_home)
         report(STAGE_LOAD)
-        if progress is not None:
-            hf_logging.disable_progress_bar()  # the caller shows its own
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
         self._model = AutoModelForCausalLM.from_pretrained(
             self.model_dir, dtype=torch.float32, local_files_only=True
