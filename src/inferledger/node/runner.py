@@ -30,7 +30,7 @@ def backend_from_settings(settings: Settings) -> Backend:
             )
         options = {"base_url": settings.upstream_url, "model": settings.model_name or "default"}
     elif settings.backend == "transformers":
-        options = {"num_threads": 1}
+        options = {"num_threads": 1, "progress": lambda stage: log.info("model: %s", stage)}
         if settings.weights_path is not None:
             options["gguf_path"] = settings.weights_path
     return load_backend(settings.backend, **options)
