@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from inferledger.cli.common import one_line_errors
+from inferledger.cli.common import DeploymentOption, RpcOption, one_line_errors, settings_for
 from inferledger.cli.demo import MAX_TOKENS, QUESTION
 from inferledger.config import ConfigError, load_settings
 
@@ -57,13 +57,8 @@ def demo(
 
 @app.command()
 def doctor(
-    deployment: Annotated[
-        Path | None,
-        typer.Option(
-            "--deployment",
-            help="Deployment record to check. Default: the deployment_file setting.",
-        ),
-    ] = None,
+    rpc: RpcOption = None,
+    deployment: DeploymentOption = None,
     model_name: Annotated[
         str | None,
         typer.Option(
@@ -90,7 +85,7 @@ def doctor(
     from inferledger.node.preflight import resolve_model, run_preflight
 
     with one_line_errors():
-        settings = load_settings(**({"deployment_file": deployment} if deployment else {}))
+        settings = settings_for(rpc, deployment)
     name, weights_path = resolve_model(settings, model_name=model_name, weights_path=weights)
     report = run_preflight(
         settings, chain=None, deployment=None, model_name=name, weights_path=weights_path
