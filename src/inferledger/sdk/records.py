@@ -10,8 +10,6 @@ the node holds is always covered by a record on disk.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from inferledger.paths import home
+from inferledger.paths import home, write_atomic
 from inferledger.proofs.transcript import TranscriptHash
 from inferledger.sdk.errors import SdkError
 
@@ -122,19 +120,8 @@ class RecordStore:
     def save(self, record: SessionRecord) -> Path:
         """Write then rename, so a crash never leaves half a record; mode 0600 (it holds a key)."""
         path = self.path_of(record)
-        data = record.model_dump_json(indent=1)
         with self._lock:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".session-", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_atomic(path, record.model_dump_json(indent=1).encode())
         return path
 
     def load(self, chain_id: int, marketplace: str, session_id: int) -> SessionRecord:

@@ -7,8 +7,6 @@ can check that the file on disk still holds what its name promises.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from eth_utils import keccak
@@ -37,24 +35,13 @@ class BlobStore:
     def put(self, data: bytes) -> bytes:
         """Store ``data`` and return its 32-byte hash; a no-op if it is already stored.
 
-        The content goes to a temporary file in the target directory and is moved into place
-        with ``os.replace``, so readers never see a partial blob, even with concurrent writers.
+        The write is atomic (:func:`inferledger.paths.write_atomic`), so readers never see a
+        partial blob, even with concurrent writers.
         """
         digest = keccak(data)
         path = self._path(digest)
-        if path.exists():
-            return digest
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        if not path.exists():
+            paths.write_atomic(path, data)
         return digest
 
     def get(self, digest: bytes) -> bytes:
