@@ -57,6 +57,9 @@ class Anvil:
         self.stop()
 
 
+STATE_INTERVAL_SECONDS = 5
+
+
 def start_anvil(
     port: int | None = None, *, state_file: Path | None = None, timeout: float = 30.0
 ) -> Anvil:
@@ -70,7 +73,8 @@ def start_anvil(
     port = port or free_port()
     args = [binary, "--host", "127.0.0.1", "--port", str(port), "--silent"]
     if state_file is not None:
-        args += ["--state", str(state_file)]
+        # Dumped every few seconds too, so a killed chain loses seconds, not the session.
+        args += ["--state", str(state_file), "--state-interval", str(STATE_INTERVAL_SECONDS)]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

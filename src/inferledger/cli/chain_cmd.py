@@ -57,8 +57,8 @@ def chain(
         typer.Option(
             "--state",
             metavar="FILE",
-            help="Where anvil keeps the chain between runs (loaded at start, written on exit). "
-            "Default: $INFERLEDGER_HOME/anvil-state.json.",
+            help="Where anvil keeps the chain between runs (loaded at start, written every "
+            "5 s and on exit). Default: $INFERLEDGER_HOME/anvil-state.json.",
         ),
     ] = None,
 ) -> None:
