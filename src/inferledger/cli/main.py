@@ -216,14 +216,16 @@ def deploy(
 
 
 def _add_commands() -> None:
-    """The chain, model, host, session, chat and verify commands (one module each)."""
+    """The chain, model, host, session, chat, verify and node status commands."""
     from inferledger.cli.chain_cmd import chain_app
     from inferledger.cli.chat_cmd import chat
     from inferledger.cli.host_cmd import host_app
     from inferledger.cli.model_cmd import model_app
+    from inferledger.cli.node_cmd import status
     from inferledger.cli.session_cmd import session_app
     from inferledger.cli.verify_cmd import verify
 
+    node_app.command("status")(status)
     app.add_typer(chain_app, name="chain")
     app.add_typer(model_app, name="model")
     app.add_typer(host_app, name="host")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from eth_account.signers.local import LocalAccount
@@ -18,6 +19,7 @@ from inferledger.node.metrics import NodeMetrics
 from inferledger.node.outbox import Outbox
 from inferledger.node.preflight import PreflightReport
 from inferledger.node.state import NodeState, StateError
+from inferledger.paths import home
 from inferledger.proofs.provers import (
     CommitmentProver,
     Prover,
@@ -120,7 +122,6 @@ def create_node(
     from eth_account import Account
 
     from inferledger.node.preflight import run_preflight
-    from inferledger.paths import home
 
     if settings.host_key is None:
         raise ValueError("no host key: set INFERLEDGER_HOST_KEY to the host's private key")
@@ -139,8 +140,7 @@ def create_node(
         # Degraded: receipts still pay, with bundles that say they prove nothing.
         prover = CommitmentProver(unproven=True)
     market = contracts.marketplace.address
-    path = settings.state_db or home() / "nodes" / f"{contracts.chain.chain_id}-{market}.sqlite3"
-    state = state or NodeState(path)
+    state = state or NodeState(state_path(settings, contracts.chain.chain_id, market))
     try:
         state.bind_deployment(contracts.chain.chain_id, market)
     except StateError as exc:
@@ -150,6 +150,11 @@ def create_node(
         ) from exc
     store = BlobStore(settings.proof_store or home() / "proofs")
     return Node(settings, contracts, account, backend, state, report, prover, store)
+
+
+def state_path(settings: Settings, chain_id: int, marketplace: str) -> Path:
+    """The node's SQLite state: the ``state_db`` setting, else one file per deployment."""
+    return settings.state_db or home() / "nodes" / f"{chain_id}-{marketplace}.sqlite3"
 
 
 def _configured_prover(
