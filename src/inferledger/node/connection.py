@@ -37,6 +37,7 @@ from inferledger.node.checkpoints import (
 )
 from inferledger.node.metering import budget_tokens
 from inferledger.node.node import Node
+from inferledger.node.outbox import CheckpointRecord
 from inferledger.node.protocol import (
     PROTOCOL_VERSION,
     End,
@@ -72,8 +73,8 @@ class Connection:
         self.trace: ReplyTrace | None = None
         self.checkpoint_due = False
         self._checkpoint_lock = asyncio.Lock()
-        # tokens -> (proof_hash, transcript_hash, sent_at) of receipts asked for
-        self.pending: dict[int, tuple[bytes, bytes, float]] = {}
+        # tokens -> (checkpoint, sent_at) of receipts asked for
+        self.pending: dict[int, tuple[CheckpointRecord, float]] = {}
         self.window = asyncio.Event()
         self.request_task: asyncio.Task[None] | None = None
         self.deadline = 0.0  # wall-clock time at which the session expires
@@ -521,7 +522,7 @@ class Connection:
         # Shielded: once proving starts, its checkpoint row is written even if `end` or a
         # disconnect cancels this task meanwhile.
         record = await asyncio.shield(asyncio.to_thread(build_checkpoint, self.node, job))
-        self.pending[job.token_end] = (record.proof_hash, job.transcript_hash, time.monotonic())
+        self.pending[job.token_end] = (record, time.monotonic())
         await self.send(
             {
                 "type": "receipt_request",
@@ -547,7 +548,8 @@ class Connection:
                 f"receipt for {frame.tokens} tokens, but the node asked for "
                 f"{sorted(self.pending) or 'none'}",
             )
-        proof_hash, transcript_hash, sent_at = requested
+        checkpoint, sent_at = requested
+        proof_hash = checkpoint.proof_hash
         if frame.proof_hash != "0x" + proof_hash.hex():
             raise ProtocolError(
                 ErrorCode.RECEIPT_MISMATCH,
@@ -565,10 +567,10 @@ class Connection:
             receipt.tokens,
             proof_hash,
             signature,
-            transcript_hash,
+            checkpoint.transcript_hash,
         )
         self.node.metrics.checkpoints.labels(state="receipted").inc()
-        await self._queue_on_chain(receipt.tokens)
+        await self._queue_on_chain(checkpoint)
         self.receipted = frame.tokens
         self.pending = {t: v for t, v in self.pending.items() if t > frame.tokens}
         self.node.metrics.receipt_round_trip.observe(time.monotonic() - sent_at)
@@ -581,18 +583,16 @@ class Connection:
         self.window.set()
         await self.send({"type": "receipt_ack", "tokens": frame.tokens})
 
-    async def _queue_on_chain(self, tokens: int) -> None:
+    async def _queue_on_chain(self, checkpoint: CheckpointRecord) -> None:
         """Submit this checkpoint on chain too, if the policy says so (default: never)."""
         policy = self.node.settings.onchain_checkpoints
-        if policy == "never":
-            return
-        assert self.info is not None
-        checkpoints = await asyncio.to_thread(self.node.outbox.checkpoints, self.info.session_id)
-        index = next((c.idx for c in checkpoints if c.token_end == tokens), None)
-        if index is None or (policy != "always" and index % int(policy) != 0):
+        if policy == "never" or (policy != "always" and checkpoint.idx % int(policy) != 0):
             return
         await asyncio.to_thread(
-            self.node.outbox.set_checkpoint_status, self.info.session_id, tokens, "queued"
+            self.node.outbox.set_checkpoint_status,
+            checkpoint.session_id,
+            checkpoint.token_end,
+            "queued",
         )
         self.node.settlement.wake()
 

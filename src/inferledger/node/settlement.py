@@ -157,12 +157,12 @@ class SettlementWorker:
                 )
             except ChainError as exc:
                 self._tx_failed(row, "submit_checkpoint", exc)
+                # A revert is not worth retrying (the settlement carries the receipt anyway);
+                # anything else stays queued for the next pass.
+                status = "failed" if isinstance(exc, ContractRevert) else "queued"
                 outbox.set_checkpoint_status(
-                    sid, checkpoint.token_end, "queued", error=str(exc), attempted=True
+                    sid, checkpoint.token_end, status, error=str(exc), attempted=True
                 )
-                if isinstance(exc, ContractRevert):
-                    # Not worth retrying; the settlement carries the receipt anyway.
-                    outbox.set_checkpoint_status(sid, checkpoint.token_end, "failed")
                 continue
             tx_hash = tx["transactionHash"].to_0x_hex()
             outbox.update_transaction(row, "confirmed", tx_hash=tx_hash)
