@@ -26,7 +26,7 @@ from inferledger.proofs.provers import (
     ProverUnavailable,
     make_prover,
 )
-from inferledger.store.blobs import BlobStore
+from inferledger.store.blobs import BlobStore, default_store
 
 if TYPE_CHECKING:
     from inferledger.node.settlement import SettlementWorker
@@ -148,7 +148,7 @@ def create_node(
             f"setting state_db (INFERLEDGER_STATE_DB): {exc}; each deployment needs its own "
             "state file, so point the setting at another one"
         ) from exc
-    store = BlobStore(settings.proof_store or home() / "proofs")
+    store = BlobStore(settings.proof_store) if settings.proof_store else default_store()
     return Node(settings, contracts, account, backend, state, report, prover, store)
 
 
