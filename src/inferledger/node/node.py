@@ -17,14 +17,13 @@ from inferledger.config import ConfigError, Settings
 from inferledger.inference.base import Backend
 from inferledger.node.metrics import NodeMetrics
 from inferledger.node.outbox import Outbox
-from inferledger.node.preflight import PreflightReport
+from inferledger.node.preflight import PreflightReport, configured_prover, run_preflight
 from inferledger.node.state import NodeState, StateError
 from inferledger.paths import home
 from inferledger.proofs.provers import (
     CommitmentProver,
     Prover,
     ProverUnavailable,
-    make_prover,
 )
 from inferledger.store.blobs import BlobStore, default_store
 
@@ -121,8 +120,6 @@ def create_node(
     """
     from eth_account import Account
 
-    from inferledger.node.preflight import run_preflight
-
     if settings.host_key is None:
         raise ValueError("no host key: set INFERLEDGER_HOST_KEY to the host's private key")
     account = Account.from_key(settings.host_key.get_secret_value())
@@ -161,12 +158,10 @@ def _configured_prover(
     settings: Settings, contracts: Contracts, backend: Backend
 ) -> tuple[Prover | None, ProverUnavailable | None]:
     try:
-        prover = make_prover(
-            settings.prover,
+        prover = configured_prover(
+            settings,
             dev_chain=contracts.chain.is_dev,
             hidden_states=backend.supports_hidden_states,
-            external_path=settings.external_prover,
-            external_timeout=settings.external_prover_timeout,
         )
     except ProverUnavailable as exc:
         return None, exc

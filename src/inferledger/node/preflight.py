@@ -432,6 +432,17 @@ def _check_weights(ctx: _Context) -> str:
     return f"{path.name} matches ModelRegistry (sha256 {actual[:16]}...)"
 
 
+def configured_prover(settings: Settings, *, dev_chain: bool, hidden_states: bool) -> Prover:
+    """The prover the settings ask for, or :class:`ProverUnavailable` saying why not."""
+    return make_prover(
+        settings.prover,
+        dev_chain=dev_chain,
+        hidden_states=hidden_states,
+        external_path=settings.external_prover,
+        external_timeout=settings.external_prover_timeout,
+    )
+
+
 def _check_prover(ctx: _Context) -> str:
     """The seed incident's failure: a prover that is missing must stop the node at start."""
     prover = ctx.prover
@@ -441,12 +452,10 @@ def _check_prover(ctx: _Context) -> str:
         if prover is None:
             ctx.require("chain")
             backend = ctx.settings.backend
-            prover = make_prover(
-                ctx.settings.prover,
+            prover = configured_prover(
+                ctx.settings,
                 dev_chain=ctx.live_chain.is_dev,
                 hidden_states=backend in LOCAL_WEIGHTS_BACKENDS or backend == "scripted",
-                external_path=ctx.settings.external_prover,
-                external_timeout=ctx.settings.external_prover_timeout,
             )
         return f"{prover.name}: {prover.preflight()}"
     except ProverUnavailable as exc:
