@@ -625,24 +625,12 @@ class Connection:
             if done or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.05)
-        if settlement is None or settlement.status == "pending":
-            reason = settlement.last_error if settlement else None
-            await self.send(
-                {
-                    "type": "settlement_pending",
-                    "session_id": sid,
-                    "reason": reason or "settlement is still running",
-                }
-            )
-            return
-        if settlement.status == "failed":
-            await self.send(
-                {
-                    "type": "settlement_pending",
-                    "session_id": sid,
-                    "reason": f"the node could not settle: {settlement.last_error}",
-                }
-            )
+        if settlement is None or settlement.status != "settled":
+            if settlement is not None and settlement.status == "failed":
+                reason = f"the node could not settle: {settlement.last_error}"
+            else:
+                reason = (settlement and settlement.last_error) or "settlement is still running"
+            await self.send({"type": "settlement_pending", "session_id": sid, "reason": reason})
             return
         await self.send(
             {
