@@ -83,6 +83,19 @@ class Settings(BaseSettings):
     max_concurrent_generations: int = Field(
         default=4, ge=1, description="Generations run at once per backend; others queue"
     )
+    max_unreceipted_tokens: int = Field(
+        default=32,
+        ge=2,
+        le=100_000,
+        description="Most reply tokens a node sends beyond the user's last signed receipt, "
+        "whatever the session's proof_interval: the most a user can take without paying",
+    )
+    max_unpaid_resumes: int = Field(
+        default=3,
+        ge=0,
+        description="Connections a session may drop while owing a receipt before the node "
+        "settles it at what was receipted",
+    )
     allow_degraded: bool = Field(
         default=False,
         description="Start even when preflight fails: a broken prover falls back to unproven "

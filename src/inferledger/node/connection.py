@@ -1,16 +1,21 @@
 """One client connection: login, prompts, metered streaming and the receipt window.
 
-The reader loop parses every inbound frame and answers bad ones with an error
-frame; a reply streams in its own task, so receipts keep arriving while tokens
-flow. Generation runs in a worker thread that hands tokens over a small bounded
-queue: a client that stops sending receipts pauses its own stream (and, after
-the receipt timeout, loses the connection) without slowing anyone else.
+The reader loop parses every inbound frame and answers bad ones with an error frame; a
+reply streams in its own task, so receipts keep arriving while tokens flow. Generation
+runs in a worker thread that hands tokens over a small bounded queue: a client that stops
+sending receipts pauses its own stream (and, after the receipt timeout, loses the
+connection) without slowing anyone else.
+
+What may be served and what must be receipted is decided by the session's
+:class:`~inferledger.node.metering.Meter`, which the node keeps across connections; this
+module only moves frames and tokens according to it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -35,28 +40,54 @@ from inferledger.node.checkpoints import (
     build_checkpoint,
     prompt_token_ids,
 )
-from inferledger.node.metering import budget_tokens
+from inferledger.node.metering import (
+    Counts,
+    Meter,
+    MeterRefusal,
+    Phase,
+    ReceiptRequest,
+    settle_lead,
+)
 from inferledger.node.node import Node
-from inferledger.node.outbox import CheckpointRecord
-from inferledger.node.protocol import (
-    PROTOCOL_VERSION,
+from inferledger.node.outbox import CheckpointRecord, SettlementReason
+from inferledger.node.settlement import proof_uri
+from inferledger.node.state import SessionRecord
+from inferledger.proofs.transcript import TranscriptHash
+from inferledger.protocol.client import (
     End,
-    ErrorCode,
     Ping,
     Prompt,
-    ProtocolError,
     ReceiptFrame,
     SessionInit,
     parse_client_frame,
 )
-from inferledger.node.settlement import proof_uri
-from inferledger.node.state import SessionRecord
-from inferledger.proofs.transcript import TranscriptHash
+from inferledger.protocol.codes import PROTOCOL_VERSION, ErrorCode, ProtocolError
+from inferledger.protocol.server import (
+    Challenge,
+    Done,
+    ErrorFrame,
+    Pong,
+    ReceiptAck,
+    ReplayedToken,
+    ReplyStart,
+    SessionEnd,
+    SessionReady,
+    Settled,
+    SettlementPending,
+    TokenFrame,
+    _NodeFrame,
+)
+from inferledger.protocol.server import ReceiptRequest as ReceiptRequestFrame
 
 log = logging.getLogger("inferledger.node")
 
 _END = object()
 _HANDOFF_DEPTH = 8  # tokens a worker may run ahead of what has been sent
+_NO_BUNDLE = bytes(32)  # the proof hash a receipt names before the session's first bundle
+
+
+def _refused(refusal: MeterRefusal) -> ProtocolError:
+    return ProtocolError(ErrorCode(refusal.code), refusal.message)
 
 
 class Connection:
@@ -65,50 +96,51 @@ class Connection:
         self.ws = websocket
         self.nonce = os.urandom(32)
         self.info: SessionInfo | None = None
-        self.budget = 0
-        self.generated = 0
-        self.receipted = 0
-        self.checkpointed = 0  # token_end of the last checkpoint built
-        self.transcript: TranscriptHash | None = None
+        self.meter: Meter | None = None
+        self.reserved = False  # this connection holds the session's live slot
+        self.checkpointed = 0  # output token_end of the last proof bundle
+        self.last_bundle = _NO_BUNDLE
+        self.transcript: TranscriptHash | None = None  # over every output token served
         self.trace: ReplyTrace | None = None
         self.checkpoint_due = False
         self._checkpoint_lock = asyncio.Lock()
-        # tokens -> (checkpoint, sent_at) of receipts asked for
-        self.pending: dict[int, tuple[CheckpointRecord, float]] = {}
-        self.window = asyncio.Event()
+        self.sent_at: dict[Counts, float] = {}  # when each receipt was asked for
+        self._bundles: dict[bytes, CheckpointRecord] = {}  # bundles built on this connection
+        self.window = asyncio.Event()  # set whenever a receipt lands or the session stops
         self.request_task: asyncio.Task[None] | None = None
-        self.deadline = 0.0  # wall-clock time at which the session expires
-        self.ending = False  # `end` received; waiting for the last receipt
-        self.ended = False  # `end` handled: the session is being settled
+        self.closing_task: asyncio.Task[None] | None = None
+        self.close_reason: SettlementReason = "end"
+        self.settles_at = 0.0  # wall-clock time at which serving stops (before expiry)
+        self.receipt_every = max(1, node.settings.max_unreceipted_tokens // 2)
         self._send_lock = asyncio.Lock()
 
     # Frames ------------------------------------------------------------------------
 
-    async def send(self, frame: dict[str, Any]) -> None:
+    async def send(self, frame: _NodeFrame) -> None:
         async with self._send_lock:
             if self.ws.application_state == WebSocketState.CONNECTED:
-                await self.ws.send_json(frame)
+                await self.ws.send_json(frame.dump())
 
     async def send_error(self, error: ProtocolError) -> None:
         self.node.metrics.errors.labels(code=error.code.value).inc()
         session = self.info.session_id if self.info else "-"
         log.warning("session %s: %s %s", session, error.code.value, error.message)
-        await self.send(error.frame())
+        await self.send(ErrorFrame(code=error.code.value, message=error.message))
 
     # Lifecycle ---------------------------------------------------------------------
 
     async def run(self) -> None:
         await self.ws.accept()
+        self.node.loop = asyncio.get_running_loop()
         await self.send(
-            {
-                "type": "challenge",
-                "protocol": PROTOCOL_VERSION,
-                "nonce": "0x" + self.nonce.hex(),
-                "host": self.node.address,
-                "chain_id": self.node.contracts.chain.chain_id,
-                "marketplace": self.node.contracts.marketplace.address,
-                "model": self.node.model_name,
-            }
+            Challenge(
+                protocol=PROTOCOL_VERSION,
+                nonce="0x" + self.nonce.hex(),
+                host=self.node.address,
+                chain_id=self.node.contracts.chain.chain_id,
+                marketplace=self.node.contracts.marketplace.address,
+                model=self.node.model_name,
+            )
         )
         try:
             await self._read_loop()
@@ -119,14 +151,7 @@ class Connection:
         max_bytes = self.node.settings.max_frame_bytes
         while True:
             try:
-                if self.ending:
-                    # After `end`, wait a bounded time for the last receipt.
-                    message = await asyncio.wait_for(self.ws.receive(), self.node.receipt_timeout)
-                else:
-                    message = await self.ws.receive()
-            except TimeoutError:
-                await self._finish_session()
-                return
+                message = await self.ws.receive()
             except (WebSocketDisconnect, RuntimeError):
                 return
             if message["type"] == "websocket.disconnect":
@@ -136,8 +161,7 @@ class Connection:
                 raw = message.get("bytes") or b""
             try:
                 frame = parse_client_frame(raw, max_bytes)
-                if await self._dispatch(frame):
-                    return
+                await self._dispatch(frame)
             except ProtocolError as error:
                 await self.send_error(error)
                 if error.fatal:
@@ -147,17 +171,16 @@ class Connection:
                 await self.send_error(ProtocolError(ErrorCode.INTERNAL, "internal node error"))
                 return
 
-    async def _dispatch(self, frame: Any) -> bool:
-        """Handle one frame; True when the connection should close."""
+    async def _dispatch(self, frame: Any) -> None:
         if isinstance(frame, Ping):
-            await self.send({"type": "pong"})
-            return False
+            await self.send(Pong())
+            return
         if isinstance(frame, SessionInit):
             if self.info is not None:
                 raise ProtocolError(ErrorCode.ALREADY_AUTHENTICATED, "session_init sent twice")
             await self._login(frame)
-            return False
-        if self.info is None:
+            return
+        if self.info is None or self.meter is None:
             raise ProtocolError(
                 ErrorCode.NOT_AUTHENTICATED, f"send session_init before {frame.type}"
             )
@@ -167,16 +190,17 @@ class Connection:
                     ErrorCode.REQUEST_IN_PROGRESS,
                     "a reply is still streaming; wait for its done frame",
                 )
+            refusal = self.meter.prompt_refusal()
+            if refusal is not None:
+                raise _refused(refusal)
             self.request_task = asyncio.create_task(self._serve_prompt(frame))
-            return False
+            return
         if isinstance(frame, ReceiptFrame):
             await self._accept_receipt(frame)
-            if self.ending and self.receipted == self.generated:
-                await self._finish_session()
-                return True
-            return False
+            return
         if isinstance(frame, End):
-            return await self._end()
+            self.stop_for_settlement("end")
+            return
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unhandled frame {frame.type}")
 
     async def _cleanup(self) -> None:
@@ -184,24 +208,65 @@ class Connection:
             self.request_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.request_task
-        if self.info is not None:
-            sid = self.info.session_id
-            if not self.ended:
-                # Left without `end`: settle after a grace period unless the client returns.
-                due = time.time() + self.node.settings.disconnect_grace
-                await asyncio.to_thread(
-                    self.node.outbox.schedule_settlement, sid, "disconnect", due
-                )
-                log.info(
-                    "session %s: client left without end; settlement in %.0fs unless it returns",
-                    sid,
-                    self.node.settings.disconnect_grace,
-                )
-            self.node.live_sessions.discard(sid)
-            self.node.metrics.sessions_active.dec()
+        if self.closing_task is not None and not self.closing_task.done():
+            self.closing_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.closing_task
+        if self.reserved:
+            assert self.info is not None and self.meter is not None
+            try:
+                await self._leave(self.info.session_id, self.meter)
+            finally:
+                if self.node.live.get(self.info.session_id) == self.stop_for_settlement:
+                    del self.node.live[self.info.session_id]
+                self.reserved = False
+                self.node.metrics.sessions_active.dec()
         if self.ws.application_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 await self.ws.close()
+
+    async def _leave(self, sid: int, meter: Meter) -> None:
+        """The connection is gone: prove what it streamed, record it, and decide when to settle."""
+        meter.end_reply()
+        if meter.phase in (Phase.CLOSING, Phase.CLOSED):
+            meter.close()
+            await asyncio.to_thread(
+                self.node.outbox.schedule_settlement, sid, self.close_reason, time.time()
+            )
+            self.node.settlement.wake()
+            return
+        if (
+            self.trace is not None
+            and self.meter is not None
+            and meter.served.output > self.checkpointed
+        ):
+            with contextlib.suppress(Exception):
+                await self._prove(meter)  # every streamed token ends up in some bundle
+        if not meter.settled_up:
+            meter.abandoned += 1
+        await asyncio.to_thread(
+            self.node.state.record_served, sid, meter.served, meter.tail, meter.abandoned
+        )
+        if meter.abandoned > self.node.settings.max_unpaid_resumes:
+            meter.close()
+            log.warning(
+                "session %s: left owing a receipt %s times; settling at what was receipted",
+                sid,
+                meter.abandoned,
+            )
+            await asyncio.to_thread(
+                self.node.outbox.schedule_settlement, sid, "unpaid", time.time()
+            )
+            self.node.settlement.wake()
+            return
+        # Left without `end`: settle after a grace period unless the client returns.
+        due = time.time() + self.node.settings.disconnect_grace
+        await asyncio.to_thread(self.node.outbox.schedule_settlement, sid, "disconnect", due)
+        log.info(
+            "session %s: client left without end; settlement in %.0fs unless it returns",
+            sid,
+            self.node.settings.disconnect_grace,
+        )
 
     # Login -------------------------------------------------------------------------
 
@@ -221,33 +286,7 @@ class Connection:
             chain_now = await asyncio.to_thread(node.contracts.chain.now)
         except ChainError as exc:
             raise ProtocolError(ErrorCode.CHAIN_UNAVAILABLE, str(exc)) from exc
-        if not info.exists:
-            raise ProtocolError(
-                ErrorCode.SESSION_NOT_FOUND, f"session {frame.session_id} does not exist"
-            )
-        if info.host.lower() != node.address.lower():
-            raise ProtocolError(
-                ErrorCode.WRONG_HOST,
-                f"session {frame.session_id} belongs to host {info.host}, not {node.address}",
-            )
-        if not info.is_open:
-            raise ProtocolError(
-                ErrorCode.SESSION_CLOSED, f"session {frame.session_id} is already settled"
-            )
-        if info.close_requested_at:
-            raise ProtocolError(
-                ErrorCode.SESSION_CLOSED, f"the depositor asked to close session {info.session_id}"
-            )
-        if chain_now >= info.expires_at:
-            raise ProtocolError(
-                ErrorCode.SESSION_CLOSED, f"session {frame.session_id} expired at {info.expires_at}"
-            )
-        if info.model_id != node.model_id:
-            raise ProtocolError(
-                ErrorCode.MODEL_NOT_SERVED,
-                f"session is for model 0x{info.model_id.hex()}; this node serves "
-                f"{node.model_name} (0x{node.model_id.hex()})",
-            )
+        self._check_session(frame.session_id, info, chain_now)
         auth = SessionAuth(frame.session_id, self.nonce, node.address)
         signature = bytes.fromhex(frame.signature[2:])
         try:
@@ -261,44 +300,116 @@ class Connection:
                 ErrorCode.BAD_SIGNATURE,
                 f"session_init signed by {signer}, not the session signer {info.signer}",
             )
-        if info.session_id in node.live_sessions:
+        sid = info.session_id
+        # Check and reserve with no await in between: two logins racing get one slot.
+        if sid in node.live:
             raise ProtocolError(
                 ErrorCode.SESSION_BUSY,
-                f"session {info.session_id} already has a live connection; close it first",
+                f"session {sid} already has a live connection; close it first",
             )
+        node.live[sid] = self.stop_for_settlement
+        self.reserved = True
+        self.info = info
+        node.metrics.sessions_active.inc()
         record = await asyncio.to_thread(node.state.upsert_session, _record_of(info))
-        settlement = await asyncio.to_thread(node.outbox.settlement, info.session_id)
+        settlement = await asyncio.to_thread(node.outbox.settlement, sid)
         if settlement is not None and not await asyncio.to_thread(
-            node.outbox.cancel_disconnect_settlement, info.session_id
+            node.outbox.cancel_disconnect_settlement, sid
         ):
+            self._release()
             raise ProtocolError(
                 ErrorCode.SESSION_CLOSED,
-                f"session {info.session_id} is being settled ({settlement.reason}); "
-                "open a new session",
+                f"session {sid} is being settled ({settlement.reason}); open a new session",
             )
-        node.live_sessions.add(info.session_id)
-        node.metrics.sessions_active.inc()
-        self.info = info
-        # Tokens streamed after the last receipt of a dropped connection are not billed.
-        self.receipted = self.generated = self.checkpointed = record.tokens_receipted
-        await asyncio.to_thread(node.outbox.abandon_unreceipted, info.session_id, self.receipted)
-        self.transcript = TranscriptHash(info.session_id, record.last_transcript_hash)
-        self.budget = budget_tokens(info.deposit, info.price_per_mtok)
-        self.deadline = time.time() + (info.expires_at - chain_now)
-        log.info("session %s: logged in (receipted %s tokens)", info.session_id, self.receipted)
-        await self.send(
-            {
-                "type": "session_ready",
-                "session_id": info.session_id,
-                "model": node.model_name,
-                "price_per_mtok": info.price_per_mtok,
-                "proof_interval": info.proof_interval,
-                "budget_tokens": self.budget,
-                "tokens_receipted": self.receipted,
-                "transcript_hash": "0x" + self.transcript.value.hex(),
-                "expires_at": info.expires_at,
-            }
+        meter = node.meter_for(record)
+        if meter.phase in (Phase.CLOSING, Phase.CLOSED):
+            self._release()
+            raise ProtocolError(
+                ErrorCode.SESSION_CLOSED, f"session {sid} is being settled; open a new session"
+            )
+        self.meter = meter
+        self.transcript = TranscriptHash(sid, record.last_transcript_hash)
+        receipted_hash = self.transcript.value
+        for token in meter.tail:
+            self.transcript.update(token.token_id)
+        self.checkpointed = meter.served.output
+        latest = await asyncio.to_thread(node.outbox.checkpoints, sid)
+        if latest:
+            self.last_bundle = latest[-1].proof_hash
+        lead = settle_lead(node.settings.settle_before_expiry, info.expires_at - info.created_at)
+        self.settles_at = time.time() + (info.expires_at - lead - chain_now)
+        log.info(
+            "session %s: logged in (receipted %s/%s, served %s/%s input/output tokens)",
+            sid,
+            meter.receipted.input,
+            meter.receipted.output,
+            meter.served.input,
+            meter.served.output,
         )
+        await self.send(
+            SessionReady(
+                session_id=sid,
+                model=node.model_name,
+                deposit=info.deposit,
+                input_price_per_mtok=info.input_price_per_mtok,
+                output_price_per_mtok=info.output_price_per_mtok,
+                proof_interval=info.proof_interval,
+                max_unreceipted_tokens=meter.max_unreceipted,
+                receipted_input_tokens=meter.receipted.input,
+                receipted_output_tokens=meter.receipted.output,
+                served_input_tokens=meter.served.input,
+                served_output_tokens=meter.served.output,
+                transcript_hash="0x" + receipted_hash.hex(),
+                replay=[
+                    ReplayedToken(index=t.index, token_id=t.token_id, text=t.text)
+                    for t in meter.tail
+                ],
+                expires_at=info.expires_at,
+                settles_at=info.expires_at - lead,
+            )
+        )
+        if not meter.settled_up:
+            # Resumed owing a receipt: nothing more is served until it is signed.
+            await self._ask_receipt(self.last_bundle)
+
+    def _check_session(self, session_id: int, info: SessionInfo, chain_now: int) -> None:
+        node = self.node
+        if not info.exists:
+            raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, f"session {session_id} does not exist")
+        if info.host.lower() != node.address.lower():
+            raise ProtocolError(
+                ErrorCode.WRONG_HOST,
+                f"session {session_id} belongs to host {info.host}, not {node.address}",
+            )
+        if not info.is_open:
+            raise ProtocolError(
+                ErrorCode.SESSION_CLOSED, f"session {session_id} is already settled"
+            )
+        if info.close_requested_at:
+            raise ProtocolError(
+                ErrorCode.SESSION_CLOSED, f"the depositor asked to close session {session_id}"
+            )
+        lead = settle_lead(node.settings.settle_before_expiry, info.expires_at - info.created_at)
+        if chain_now >= info.expires_at - lead:
+            raise ProtocolError(
+                ErrorCode.SESSION_CLOSED,
+                f"session {session_id} expires at {info.expires_at} and is being settled",
+            )
+        if info.model_id != node.model_id:
+            raise ProtocolError(
+                ErrorCode.MODEL_NOT_SERVED,
+                f"session is for model 0x{info.model_id.hex()}; this node serves "
+                f"{node.model_name} (0x{node.model_id.hex()})",
+            )
+
+    def _release(self) -> None:
+        """Give the session's live slot back (a login refused after reserving it)."""
+        assert self.info is not None
+        if self.reserved and self.node.live.get(self.info.session_id) == self.stop_for_settlement:
+            del self.node.live[self.info.session_id]
+        if self.reserved:
+            self.node.metrics.sessions_active.dec()
+        self.reserved = False
 
     # Streaming ---------------------------------------------------------------------
 
@@ -315,29 +426,26 @@ class Connection:
         except Exception:
             log.exception("generation failed")
             await self.send_error(ProtocolError(ErrorCode.INTERNAL, "generation failed"))
+        finally:
+            if self.meter is not None:
+                self.meter.end_reply()
 
     async def _stream(self, prompt: Prompt) -> None:
-        assert self.info is not None and self.transcript is not None
-        node = self.node
-        left = self.budget - self.generated
-        if left <= 0:
+        assert self.info is not None and self.transcript is not None and self.meter is not None
+        node, meter = self.node, self.meter
+        if time.time() >= self.settles_at:
             raise ProtocolError(
-                ErrorCode.BUDGET_EXHAUSTED,
-                f"the deposit is used up ({self.generated} tokens); open a new session",
+                ErrorCode.SESSION_CLOSING, "the session's max duration is nearly over"
             )
-        if time.time() >= self.deadline:
-            raise ProtocolError(ErrorCode.SESSION_CLOSED, "the session's max duration has passed")
-        record = await asyncio.to_thread(node.state.get_session, self.info.session_id)
-        if record is None or record.status != "open":
-            raise ProtocolError(
-                ErrorCode.SESSION_CLOSED,
-                f"session {self.info.session_id} is being settled (the depositor asked to close, "
-                "or it is about to expire); open a new session",
-            )
-        limit = min(prompt.max_tokens or left, left)
+        messages = [m.model_dump() for m in prompt.messages]
+        capture = node.prover.needs_hidden_states and node.backend.supports_hidden_states
+        try:
+            prompt_ids = await asyncio.to_thread(prompt_token_ids, node.backend, messages)
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc)) from exc
         try:
             params = GenerationParams(
-                max_tokens=limit,
+                max_tokens=prompt.max_tokens or 1,
                 temperature=prompt.temperature,
                 top_p=prompt.top_p,
                 seed=prompt.seed,
@@ -345,26 +453,61 @@ class Connection:
             )
         except (ValueError, TypeError) as exc:
             raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc)) from exc
-        messages = [m.model_dump() for m in prompt.messages]
-        capture = node.prover.needs_hidden_states and node.backend.supports_hidden_states
         try:
-            prompt_ids = await asyncio.to_thread(prompt_token_ids, node.backend, messages)
-        except ValueError as exc:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc)) from exc
+            meter.start_reply(len(prompt_ids))  # the prompt is billed from here on
+        except MeterRefusal as refusal:
+            raise _refused(refusal) from None
+        left = meter.output_left()  # at least 1: start_reply checked it
+        params = dataclasses.replace(params, max_tokens=min(prompt.max_tokens or left, left))
         self.trace = ReplyTrace(prompt_ids, keep_rows=capture)
+        await self.send(
+            ReplyStart(
+                request_id=prompt.request_id,
+                prompt_tokens=len(prompt_ids),
+                input_tokens=meter.served.input,
+            )
+        )
         received = time.monotonic()
+        row = await asyncio.to_thread(
+            node.state.start_request, self.info.session_id, prompt.request_id, len(prompt_ids)
+        )
+        count, reason = await self._generate_reply(prompt, messages, params, capture, received)
+        meter.end_reply()
+        async with self._checkpoint_lock:
+            await self._checkpoint_tail()
+        await asyncio.to_thread(node.state.finish_request, row, count, reason, None)
+        await self.send(
+            Done(
+                request_id=prompt.request_id,
+                finish_reason=reason,
+                prompt_tokens=len(prompt_ids),
+                completion_tokens=count,
+                input_tokens=meter.served.input,
+                output_tokens=meter.served.output,
+            )
+        )
+
+    async def _generate_reply(
+        self,
+        prompt: Prompt,
+        messages: list[dict[str, str]],
+        params: GenerationParams,
+        capture: bool,
+        received: float,
+    ) -> tuple[int, str]:
+        """Run the backend and send its tokens as the meter allows; (tokens sent, reason)."""
+        assert self.trace is not None and self.meter is not None
+        node, meter = self.node, self.meter
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=_HANDOFF_DEPTH)
         stop = threading.Event()
         loop = asyncio.get_running_loop()
-        row = await asyncio.to_thread(
-            node.state.start_request, self.info.session_id, prompt.request_id, 0
-        )
         slots = node.generation_slots()
         node.metrics.generation_queue.inc()
         try:
             await slots.acquire()
         finally:
             node.metrics.generation_queue.dec()
+        count, reason = 0, "length"
         try:
             worker = loop.run_in_executor(
                 node.generation_executor(),
@@ -376,7 +519,6 @@ class Connection:
                 loop,
                 stop,
             )
-            count, reason, prompt_tokens = 0, "length", 0
             try:
                 while True:
                     event = await queue.get()
@@ -385,18 +527,18 @@ class Connection:
                     if isinstance(event, BaseException):
                         raise ProtocolError(ErrorCode.BAD_REQUEST, f"generation refused: {event}")
                     if isinstance(event, Finish):
-                        reason, prompt_tokens = event.reason, event.prompt_tokens or 0
+                        reason = event.reason
                         continue
                     if isinstance(event, Hidden):
                         self.trace.add_rows(event)
                         await self._checkpoint_when_ready()
                         continue
                     await self._wait_for_window()
-                    if time.time() >= self.deadline:
-                        reason = "budget"
+                    stopped = self._stop_reason()
+                    if stopped is not None:
+                        reason = stopped
                         break
                     await self._send_token(prompt.request_id, event)
-                    await self._checkpoint_when_ready()
                     count += 1
                     if count == 1:
                         node.metrics.time_to_first_token.observe(time.monotonic() - received)
@@ -409,23 +551,18 @@ class Connection:
                     await asyncio.sleep(0.001)
         finally:
             slots.release()
-        if count == left:
+        if reason == "length" and meter.output_left() == 0:
             reason = "budget"
-        async with self._checkpoint_lock:
-            await self._checkpoint_tail()
-        await asyncio.to_thread(node.state.add_generated, self.info.session_id, count)
-        await asyncio.to_thread(node.state.finish_request, row, count, reason, prompt_tokens)
-        await self.send(
-            {
-                "type": "done",
-                "request_id": prompt.request_id,
-                "finish_reason": reason,
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": count,
-                "session_tokens": self.generated,
-                "budget_tokens": self.budget,
-            }
-        )
+        return count, reason
+
+    def _stop_reason(self) -> str | None:
+        """Why the next token may not be sent: closing, budget, or None to send it."""
+        assert self.meter is not None
+        if self.meter.phase is not Phase.STREAMING:
+            return "closing"
+        if self.meter.output_left() == 0 or time.time() >= self.settles_at:
+            return "budget"
+        return None
 
     def _generate(
         self,
@@ -459,26 +596,24 @@ class Connection:
 
     async def _send_token(self, request_id: str, token: Token) -> None:
         assert self.info is not None and self.transcript is not None and self.trace is not None
-        self.generated += 1
+        assert self.meter is not None
+        index = self.meter.token_sent(token.token_id, token.text)
         self.transcript.update(token.token_id)
         self.trace.add_token(token.token_id)
         self.node.metrics.tokens_generated.inc()
         await self.send(
-            {
-                "type": "token",
-                "request_id": request_id,
-                "index": self.generated,
-                "token_id": token.token_id,
-                "text": token.text,
-            }
+            TokenFrame(request_id=request_id, index=index, token_id=token.token_id, text=token.text)
         )
-        if self.generated % self.info.proof_interval == 0:
+        if index % self.info.proof_interval == 0:
             self.checkpoint_due = True
+        await self._checkpoint_when_ready()
+        if not self.checkpoint_due and self.meter.receipt_due(self.receipt_every):
+            await self._ask_receipt(self.last_bundle)
 
     async def _wait_for_window(self) -> None:
-        """Block while the client owes a receipt for a whole interval."""
-        assert self.info is not None
-        while self.generated >= self.receipted + self.info.proof_interval:
+        """Block while the client owes a receipt for ``max_unreceipted`` tokens."""
+        assert self.meter is not None
+        while self.meter.waiting_for_receipt():
             self.window.clear()
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
@@ -488,7 +623,7 @@ class Connection:
             except TimeoutError as exc:
                 raise ProtocolError(
                     ErrorCode.RECEIPT_TIMEOUT,
-                    f"no receipt for {self.generated} tokens within "
+                    f"no receipt for {self.meter.served.output} tokens within "
                     f"{self.node.receipt_timeout:.0f}s",
                 ) from exc
 
@@ -500,62 +635,79 @@ class Connection:
         if self.checkpoint_due and self.trace.rows_ready():
             async with self._checkpoint_lock:
                 self.checkpoint_due = False
-                await self._request_receipt()
+                await self._ask_receipt(await self._prove(self.meter))
 
     async def _checkpoint_tail(self) -> None:
-        """At the end of a reply (or on `end`): a checkpoint for tokens not yet covered."""
+        """At the end of a reply (or when it stops): a bundle for output tokens not yet
+        proved, and a receipt request for everything served."""
+        assert self.meter is not None
         self.checkpoint_due = False
-        if self.generated > self.checkpointed:
-            await self._request_receipt()
+        if self.trace is not None and self.meter.served.output > self.checkpointed:
+            await self._prove(self.meter)
+        if not self.meter.settled_up:
+            await self._ask_receipt(self.last_bundle)
 
-    async def _request_receipt(self) -> None:
-        """Prove the tokens since the last checkpoint, store it, then ask for the receipt."""
+    async def _prove(self, meter: Meter | None) -> bytes:
+        """Prove the output tokens since the last bundle and store it; its proof hash."""
         assert self.info is not None and self.transcript is not None and self.trace is not None
+        assert meter is not None
         job = CheckpointJob(
             session_id=self.info.session_id,
             token_start=self.checkpointed,
-            token_end=self.generated,
+            token_end=meter.served.output,
             transcript_hash=self.transcript.value,
             segment=self.trace.take_segment(),
         )
-        self.checkpointed = self.generated
+        self.checkpointed = job.token_end
         # Shielded: once proving starts, its checkpoint row is written even if `end` or a
         # disconnect cancels this task meanwhile.
         record = await asyncio.shield(asyncio.to_thread(build_checkpoint, self.node, job))
-        self.pending[job.token_end] = (record, time.monotonic())
+        self.last_bundle = record.proof_hash
+        self._bundles[record.proof_hash] = record
+        return record.proof_hash
+
+    async def _ask_receipt(self, proof_hash: bytes) -> None:
+        """Record what was served, then ask the client to sign it (all of it)."""
+        assert self.info is not None and self.transcript is not None and self.meter is not None
+        meter = self.meter
+        request = ReceiptRequest(
+            meter.served, proof_hash, self.transcript.value, self._bundles.get(proof_hash)
+        )
+        if (
+            meter.phase is Phase.CLOSED
+            or (meter.pending and meter.pending[-1] == request)
+            or request.counts == meter.receipted
+        ):
+            return
+        await asyncio.to_thread(
+            self.node.state.record_served,
+            self.info.session_id,
+            meter.served,
+            list(meter.tail),
+            meter.abandoned,
+        )
+        meter.request(request)
+        self.sent_at[request.counts] = time.monotonic()
         await self.send(
-            {
-                "type": "receipt_request",
-                "session_id": self.info.session_id,
-                "tokens": job.token_end,
-                "proof_hash": "0x" + record.proof_hash.hex(),
-                "transcript_hash": "0x" + job.transcript_hash.hex(),
-                "proof_uri": proof_uri(record.proof_hash),
-            }
+            ReceiptRequestFrame(
+                session_id=self.info.session_id,
+                input_tokens=request.counts.input,
+                output_tokens=request.counts.output,
+                proof_hash="0x" + proof_hash.hex(),
+                transcript_hash="0x" + request.transcript_hash.hex(),
+                proof_uri=proof_uri(proof_hash) if proof_hash != _NO_BUNDLE else None,
+            )
         )
 
     async def _accept_receipt(self, frame: ReceiptFrame) -> None:
-        assert self.info is not None
-        if frame.tokens <= self.receipted:
-            raise ProtocolError(
-                ErrorCode.RECEIPT_UNEXPECTED,
-                f"receipt for {frame.tokens} tokens ignored: {self.receipted} already receipted",
-            )
-        requested = self.pending.get(frame.tokens)
-        if requested is None:
-            raise ProtocolError(
-                ErrorCode.RECEIPT_MISMATCH,
-                f"receipt for {frame.tokens} tokens, but the node asked for "
-                f"{sorted(self.pending) or 'none'}",
-            )
-        checkpoint, sent_at = requested
-        proof_hash = checkpoint.proof_hash
-        if frame.proof_hash != "0x" + proof_hash.hex():
-            raise ProtocolError(
-                ErrorCode.RECEIPT_MISMATCH,
-                f"receipt for {frame.tokens} tokens carries another proof hash",
-            )
-        receipt = Receipt(self.info.session_id, frame.tokens, proof_hash)
+        assert self.info is not None and self.meter is not None
+        counts = Counts(frame.input_tokens, frame.output_tokens)
+        proof_hash = bytes.fromhex(frame.proof_hash[2:])
+        try:
+            request = self.meter.match(counts, proof_hash)
+        except MeterRefusal as refusal:
+            raise _refused(refusal) from None
+        receipt = Receipt(self.info.session_id, counts.input, counts.output, proof_hash)
         signature = bytes.fromhex(frame.signature[2:])
         try:
             check_receipt_signature(self.node.domain, receipt, signature, self.info.signer)
@@ -564,24 +716,30 @@ class Connection:
         await asyncio.to_thread(
             self.node.state.store_receipt,
             receipt.session_id,
-            receipt.tokens,
+            counts,
             proof_hash,
             signature,
-            checkpoint.transcript_hash,
+            request.transcript_hash,
         )
+        self.meter.accept(request)
         self.node.metrics.checkpoints.labels(state="receipted").inc()
-        await self._queue_on_chain(checkpoint)
-        self.receipted = frame.tokens
-        self.pending = {t: v for t, v in self.pending.items() if t > frame.tokens}
-        self.node.metrics.receipt_round_trip.observe(time.monotonic() - sent_at)
+        checkpoint = request.checkpoint
+        if isinstance(checkpoint, CheckpointRecord) and checkpoint.token_end == counts.output:
+            await self._queue_on_chain(checkpoint)
+        sent_at = self.sent_at.pop(counts, None)
+        self.sent_at = {c: t for c, t in self.sent_at.items() if not counts.covers(c)}
+        if sent_at is not None:
+            self.node.metrics.receipt_round_trip.observe(time.monotonic() - sent_at)
         log.info(
-            "session %s: checkpoint stored: receipt for %s tokens signed (proof_hash 0x%s)",
+            "session %s: checkpoint stored: receipt for %s input / %s output tokens signed "
+            "(proof_hash 0x%s)",
             receipt.session_id,
-            receipt.tokens,
+            counts.input,
+            counts.output,
             proof_hash.hex(),
         )
         self.window.set()
-        await self.send({"type": "receipt_ack", "tokens": frame.tokens})
+        await self.send(ReceiptAck(input_tokens=counts.input, output_tokens=counts.output))
 
     async def _queue_on_chain(self, checkpoint: CheckpointRecord) -> None:
         """Submit this checkpoint on chain too, if the policy says so (default: never)."""
@@ -596,27 +754,56 @@ class Connection:
         )
         self.node.settlement.wake()
 
-    async def _end(self) -> bool:
-        """Stop any reply; ask for a receipt of unreceipted tokens before settling."""
-        async with self._checkpoint_lock:
-            if self.request_task is not None and not self.request_task.done():
-                self.request_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self.request_task
-            if self.generated > self.receipted:
-                await self._checkpoint_tail()
-                self.ending = True
-                return False
-        await self._finish_session()
-        return True
+    # Closing -----------------------------------------------------------------------
 
-    async def _finish_session(self) -> None:
+    def stop_for_settlement(self, reason: str) -> None:
+        """`end`, a close request or the approach of expiry: stop serving, collect the final
+        receipt, then settle. Called on the event loop (the worker uses ``Node.request_stop``)."""
+        if self.meter is None or self.closing_task is not None:
+            return
+        self.close_reason = reason  # type: ignore[assignment]
+        self.meter.begin_close()
+        self.window.set()  # a stream waiting for a receipt stops waiting
+        self.closing_task = asyncio.create_task(self._close())
+
+    async def _close(self) -> None:
+        assert self.info is not None and self.meter is not None
+        meter, sid = self.meter, self.info.session_id
+        if self.request_task is not None and not self.request_task.done():
+            with contextlib.suppress(Exception):
+                await self.request_task  # stops at its next token, proves and asks its tail
+        async with self._checkpoint_lock:
+            await self._checkpoint_tail()
+        deadline = time.monotonic() + self.node.receipt_timeout
+        while not meter.settled_up and time.monotonic() < deadline:
+            self.window.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    await self.window.wait()
+        meter.close()
+        await self._finish_session(sid)
+        with contextlib.suppress(Exception):
+            await self.ws.close()
+
+    async def _finish_session(self, sid: int) -> None:
         """Say goodbye, settle on chain, and tell the client what was paid."""
-        assert self.info is not None
-        sid = self.info.session_id
-        self.ended = True
-        await self._send_session_end()
-        await asyncio.to_thread(self.node.outbox.schedule_settlement, sid, "end", time.time())
+        assert self.meter is not None
+        meter = self.meter
+        await self.send(
+            SessionEnd(
+                session_id=sid,
+                served_input_tokens=meter.served.input,
+                served_output_tokens=meter.served.output,
+                receipted_input_tokens=meter.receipted.input,
+                receipted_output_tokens=meter.receipted.output,
+            )
+        )
+        await asyncio.to_thread(
+            self.node.state.record_served, sid, meter.served, meter.tail, meter.abandoned
+        )
+        await asyncio.to_thread(
+            self.node.outbox.schedule_settlement, sid, self.close_reason, time.time()
+        )
         self.node.settlement.wake()
         deadline = time.monotonic() + self.node.settings.settlement_wait
         while True:
@@ -630,30 +817,19 @@ class Connection:
                 reason = f"the node could not settle: {settlement.last_error}"
             else:
                 reason = (settlement and settlement.last_error) or "settlement is still running"
-            await self.send({"type": "settlement_pending", "session_id": sid, "reason": reason})
+            await self.send(SettlementPending(session_id=sid, reason=reason))
             return
         await self.send(
-            {
-                "type": "settled",
-                "session_id": sid,
-                "tokens": settlement.tokens,
-                "host_amount": settlement.host_amount,
-                "fee": settlement.fee,
-                "refund": settlement.refund,
-                "refund_credited": settlement.refund_credited,
-                "tx_hash": settlement.tx_hash,
-            }
-        )
-
-    async def _send_session_end(self) -> None:
-        assert self.info is not None
-        await self.send(
-            {
-                "type": "session_end",
-                "session_id": self.info.session_id,
-                "tokens_generated": self.generated,
-                "tokens_receipted": self.receipted,
-            }
+            Settled(
+                session_id=sid,
+                input_tokens=settlement.input_tokens,
+                output_tokens=settlement.tokens,
+                host_amount=settlement.host_amount,
+                fee=settlement.fee,
+                refund=settlement.refund,
+                refund_credited=settlement.refund_credited,
+                tx_hash=settlement.tx_hash,
+            )
         )
 
 
@@ -664,7 +840,8 @@ def _record_of(info: SessionInfo) -> SessionRecord:
         signer=info.signer,
         model_id=info.model_id,
         deposit=info.deposit,
-        price_per_mtok=info.price_per_mtok,
+        input_price_per_mtok=info.input_price_per_mtok,
+        output_price_per_mtok=info.output_price_per_mtok,
         proof_interval=info.proof_interval,
         expires_at=info.expires_at,
     )

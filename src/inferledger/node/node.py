@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +16,11 @@ from inferledger.chain.contracts import Contracts
 from inferledger.chain.receipts import ReceiptDomain
 from inferledger.config import ConfigError, Settings
 from inferledger.inference.base import Backend
+from inferledger.node.metering import Meter, Terms
 from inferledger.node.metrics import NodeMetrics
 from inferledger.node.outbox import Outbox
 from inferledger.node.preflight import PreflightReport, configured_prover, run_preflight
-from inferledger.node.state import NodeState, StateError
+from inferledger.node.state import NodeState, SessionRecord, StateError
 from inferledger.paths import home
 from inferledger.proofs.provers import (
     CommitmentProver,
@@ -47,7 +49,11 @@ class Node:
     store: BlobStore
     receipt_timeout: float = RECEIPT_TIMEOUT_SECONDS
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
-    live_sessions: set[int] = field(default_factory=set)
+    # session id -> how to stop its live connection; one entry per session (SESSION_BUSY)
+    live: dict[int, Callable[[str], None]] = field(default_factory=dict)
+    # session id -> its billing meter; outlives connections, so a reconnect resets nothing
+    meters: dict[int, Meter] = field(default_factory=dict)
+    loop: asyncio.AbstractEventLoop | None = None
     _slots: asyncio.Semaphore | None = None
     _executor: ThreadPoolExecutor | None = None
     _settlement: SettlementWorker | None = None
@@ -91,6 +97,30 @@ class Node:
     @property
     def domain(self) -> ReceiptDomain:
         return self.contracts.marketplace.domain()
+
+    def meter_for(self, record: SessionRecord) -> Meter:
+        """The session's meter: the live one, else rebuilt from what the state recorded."""
+        meter = self.meters.get(record.session_id)
+        if meter is None:
+            meter = Meter(
+                Terms(record.deposit, record.input_price_per_mtok, record.output_price_per_mtok),
+                self.settings.max_unreceipted_tokens,
+                served=record.served,
+                receipted=record.receipted,
+                tail=list(record.served_tail),
+                abandoned=record.abandoned,
+            )
+            self.meters[record.session_id] = meter
+        return meter
+
+    def request_stop(self, session_id: int, reason: str) -> bool:
+        """From any thread: ask the session's live connection to stop serving, collect the
+        final receipt and settle. False when no connection is live (settle directly)."""
+        stop, loop = self.live.get(session_id), self.loop
+        if stop is None or loop is None or loop.is_closed():
+            return False
+        loop.call_soon_threadsafe(stop, reason)
+        return True
 
     def generation_slots(self) -> asyncio.Semaphore:
         """Limits concurrent generations per backend; created in the serving loop."""

@@ -5,7 +5,8 @@ crash or a restart loses nothing: the settlement worker reads this table, not me
 
 Checkpoint states: ``proved`` (bundle stored, receipt requested) -> ``receipted`` (the user
 signed it) -> ``queued`` (to submit on chain, by policy) -> ``submitted`` -> ``confirmed``;
-``settled`` once a settlement paid for it; ``abandoned`` when the client left before signing.
+``settled`` once a settlement paid for it. Tokens are never served twice (a resumed session
+must receipt what was streamed), so no checkpoint is ever redone.
 
 Settlement states: ``pending`` (due at ``due_at``) -> ``settled``; ``failed`` only when the
 chain says the session can no longer be settled by this host (the reason is kept).
@@ -20,10 +21,10 @@ from typing import Literal
 from inferledger.node.state import NodeState, UnknownSession
 
 CheckpointStatus = Literal[
-    "proved", "receipted", "queued", "submitted", "confirmed", "settled", "abandoned", "failed"
+    "proved", "receipted", "queued", "submitted", "confirmed", "settled", "failed"
 ]
 SettlementStatus = Literal["pending", "settled", "failed"]
-SettlementReason = Literal["end", "disconnect", "expiry", "close_requested", "restart"]
+SettlementReason = Literal["end", "disconnect", "expiry", "close_requested", "restart", "unpaid"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class SettlementRecord:
     attempts: int
     last_error: str | None
     tx_hash: str | None
+    input_tokens: int | None
     tokens: int | None
     host_amount: int | None
     fee: int | None
@@ -87,6 +89,7 @@ class SettlementRecord:
             "attempts": self.attempts,
             "last_error": self.last_error,
             "tx_hash": self.tx_hash,
+            "input_tokens": self.input_tokens,
             "tokens": self.tokens,
             "host_amount": amount(self.host_amount),
             "fee": amount(self.fee),
@@ -104,7 +107,7 @@ class Outbox:
     # Checkpoints ----------------------------------------------------------------------
 
     def add_checkpoint(self, record: CheckpointRecord) -> None:
-        """Record a proved checkpoint; replaces an abandoned row with the same index."""
+        """Record a proved checkpoint."""
         now = time.time()
         with self.state.transaction() as db:
             if (
@@ -116,7 +119,7 @@ class Outbox:
                 raise UnknownSession(record.session_id)
             db.execute(
                 """
-                INSERT OR REPLACE INTO checkpoints (
+                INSERT INTO checkpoints (
                     session_id, idx, token_start, token_end, proof_hash, transcript_hash,
                     prover, unproven, proof_bytes, proof_ms, prover_error, status,
                     created_at, updated_at
@@ -147,22 +150,12 @@ class Outbox:
         return [_checkpoint(row) for row in rows]
 
     def next_checkpoint_index(self, session_id: int) -> int:
-        """1 + the last checkpoint that was not abandoned."""
+        """1 + the session's last checkpoint index."""
         rows = self.state.query(
-            "SELECT MAX(idx) FROM checkpoints WHERE session_id = ? AND status != 'abandoned'",
+            "SELECT MAX(idx) FROM checkpoints WHERE session_id = ?",
             (session_id,),
         )
         return int(rows[0][0] or 0) + 1
-
-    def abandon_unreceipted(self, session_id: int, receipted: int) -> int:
-        """Mark checkpoints beyond the last receipt abandoned (a resumed session redoes them)."""
-        with self.state.transaction() as db:
-            cursor = db.execute(
-                "UPDATE checkpoints SET status = 'abandoned', updated_at = ? "
-                "WHERE session_id = ? AND token_end > ? AND status = 'proved'",
-                (time.time(), session_id, receipted),
-            )
-            return cursor.rowcount
 
     def set_checkpoint_status(
         self,
@@ -178,7 +171,7 @@ class Outbox:
             db.execute(
                 "UPDATE checkpoints SET status = ?, last_error = COALESCE(?, last_error), "
                 "tx_hash = COALESCE(?, tx_hash), attempts = attempts + ?, updated_at = ? "
-                "WHERE session_id = ? AND token_end = ? AND status != 'abandoned'",
+                "WHERE session_id = ? AND token_end = ?",
                 (status, error, tx_hash, int(attempted), time.time(), session_id, token_end),
             )
 
@@ -274,6 +267,7 @@ class Outbox:
         session_id: int,
         status: Literal["settled", "failed"],
         *,
+        input_tokens: int | None = None,
         tokens: int | None = None,
         host_amount: int | None = None,
         fee: int | None = None,
@@ -286,12 +280,14 @@ class Outbox:
         now = time.time()
         with self.state.transaction() as db:
             db.execute(
-                "UPDATE settlements SET status = ?, tokens = ?, host_amount = ?, fee = ?, "
+                "UPDATE settlements SET status = ?, input_tokens = ?, tokens = ?, host_amount = ?, "
+                "fee = ?, "
                 "refund = ?, refund_credited = ?, tx_hash = ?, "
                 "last_error = COALESCE(?, last_error), attempts = attempts + 1, updated_at = ? "
                 "WHERE session_id = ?",
                 (
                     status,
+                    input_tokens,
                     tokens,
                     _str_or_none(host_amount),
                     _str_or_none(fee),
@@ -380,6 +376,7 @@ def _settlement(row: object) -> SettlementRecord:
         attempts=r["attempts"],
         last_error=r["last_error"],
         tx_hash=r["tx_hash"],
+        input_tokens=r["input_tokens"],
         tokens=r["tokens"],
         host_amount=_int_or_none(r["host_amount"]),
         fee=_int_or_none(r["fee"]),

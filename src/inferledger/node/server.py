@@ -52,14 +52,17 @@ def create_app(node: Node) -> Starlette:
         return Response(node.metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def models(request: Request) -> JSONResponse:
-        price = await asyncio.to_thread(node.contracts.nodes.price_of, node.address, node.model_id)
+        prices = await asyncio.to_thread(
+            node.contracts.nodes.prices_of, node.address, node.model_id
+        )
         return JSONResponse(
             {
                 "models": [
                     {
                         "name": node.model_name,
                         "model_id": "0x" + node.model_id.hex(),
-                        "price_per_mtok": price,
+                        "input_price_per_mtok": prices[0],
+                        "output_price_per_mtok": prices[1],
                         "backend": node.settings.backend,
                     }
                 ]
@@ -83,14 +86,22 @@ def create_app(node: Node) -> Starlette:
                 "session_id": record.session_id,
                 "depositor": record.depositor,
                 "status": record.status,
-                "live": session_id in node.live_sessions,
+                "live": session_id in node.live,
+                "input_tokens_served": record.input_served,
+                "input_tokens_receipted": record.input_receipted,
                 "tokens_generated": record.tokens_generated,
                 "tokens_receipted": record.tokens_receipted,
                 "proof_interval": record.proof_interval,
-                "price_per_mtok": str(record.price_per_mtok),
+                "input_price_per_mtok": str(record.input_price_per_mtok),
+                "output_price_per_mtok": str(record.output_price_per_mtok),
                 "deposit": str(record.deposit),
                 "receipts": [
-                    {"tokens": r.tokens, "proof_hash": "0x" + r.proof_hash.hex()} for r in receipts
+                    {
+                        "input_tokens": r.input_tokens,
+                        "tokens": r.tokens,
+                        "proof_hash": "0x" + r.proof_hash.hex(),
+                    }
+                    for r in receipts
                 ],
                 "checkpoints": [c.as_dict() for c in checkpoints],
                 "settlement": settlement.as_dict() if settlement else None,

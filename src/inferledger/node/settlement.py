@@ -5,9 +5,15 @@ killed at any point picks up where it stopped. It settles a session
 
 - when the client sends ``end`` (at once),
 - when the client disconnects without ``end`` (after ``disconnect_grace`` seconds),
-- shortly before the session expires (``settle_before_expiry``),
+- shortly before the session expires (``settle_before_expiry``, at most a tenth of the
+  session's length),
 - when the depositor calls ``request_close`` (within the close window),
+- when a client keeps leaving without signing for what it was sent (``max_unpaid_resumes``),
 - after a restart, every session left open or ended.
+
+A session with a live connection is not settled under it: the connection is asked to stop
+(``Node.request_stop``), collects the final receipt and then schedules the settlement itself;
+the worker's own schedule is the fallback if it does not within the receipt timeout.
 
 RPC errors, timeouts, nonce conflicts and underpriced gas are retried with exponential backoff
 up to ``settlement_retry_cap``. A receipt the contract keeps refusing is dropped for the last
@@ -24,14 +30,17 @@ import time
 from inferledger.chain.contracts import SessionInfo, SettlementEvent
 from inferledger.chain.errors import ChainError, ContractRevert
 from inferledger.chain.units import format_usdc, settlement_split
+from inferledger.node.metering import Counts, settle_lead
 from inferledger.node.node import Node
-from inferledger.node.outbox import SettlementRecord
+from inferledger.node.outbox import SettlementReason, SettlementRecord
 
 log = logging.getLogger("inferledger.node")
 
 RETRY_BASE_SECONDS = 0.5
 REVERTS_BEFORE_FALLBACK = 2
 """Attempts whose receipt the contract refused before settling at the on-chain checkpoint."""
+STOP_MARGIN_SECONDS = 5.0
+"""Beyond the receipt timeout: how long a stopping connection has before the worker settles."""
 
 
 class SettlementWorker:
@@ -111,23 +120,31 @@ class SettlementWorker:
             held = self.node.state.list_sessions("open") + self.node.state.list_sessions("ended")
             for record in held:
                 info = market.get_session(record.session_id)
+                lead = settle_lead(
+                    self.settings.settle_before_expiry, info.expires_at - info.created_at
+                )
                 if info.close_requested_at:
-                    log.info(
-                        "session %s: the depositor requested close; settling now",
-                        record.session_id,
-                    )
-                    outbox.schedule_settlement(record.session_id, "close_requested", time.time())
-                elif chain_now >= info.expires_at - self.settings.settle_before_expiry:
-                    log.info(
-                        "session %s: expires at %s; settling now",
-                        record.session_id,
-                        info.expires_at,
-                    )
-                    outbox.schedule_settlement(record.session_id, "expiry", time.time())
+                    self._stop_and_settle(record.session_id, "close_requested")
+                elif chain_now >= info.expires_at - lead:
+                    self._stop_and_settle(record.session_id, "expiry")
                 elif not info.is_open:
                     outbox.schedule_settlement(record.session_id, "restart", time.time())
         except ChainError as exc:
             log.warning("settlement worker: cannot watch the chain (%s); will retry", exc)
+
+    def _stop_and_settle(self, session_id: int, reason: SettlementReason) -> None:
+        """Settle now, or, with a live connection, once it has stopped and collected the
+        final receipt (it schedules that itself; this schedule is the fallback)."""
+        outbox = self.node.outbox
+        existing = outbox.settlement(session_id)
+        if existing is not None and existing.status != "pending":
+            return
+        if existing is None or existing.reason != reason:
+            log.info("session %s: %s; stopping and settling", session_id, reason.replace("_", " "))
+        due = time.time()
+        if self.node.request_stop(session_id, reason):
+            due += self.node.receipt_timeout + STOP_MARGIN_SECONDS
+        outbox.schedule_settlement(session_id, reason, due)
 
     # Checkpoints on chain ---------------------------------------------------------------
 
@@ -150,6 +167,7 @@ class SettlementWorker:
                 tx = market.submit_checkpoint(
                     self.sender,
                     sid,
+                    receipt.input_tokens,
                     receipt.tokens,
                     receipt.proof_hash,
                     proof_uri(receipt.proof_hash),
@@ -200,10 +218,16 @@ class SettlementWorker:
                 row = self.node.outbox.start_transaction(sid, action)
                 event = market.finalize(self.sender, sid)
             else:
-                tokens, proof_hash, signature = self._claim(job, info)
+                counts, proof_hash, signature = self._claim(job, info)
                 row = self.node.outbox.start_transaction(sid, action)
                 event = market.complete_session(
-                    self.sender, sid, tokens, proof_hash, proof_uri(proof_hash), signature
+                    self.sender,
+                    sid,
+                    counts.input,
+                    counts.output,
+                    proof_hash,
+                    proof_uri(proof_hash),
+                    signature,
                 )
         except ChainError as exc:
             if row is not None:
@@ -214,25 +238,28 @@ class SettlementWorker:
         self.node.outbox.update_transaction(row, "confirmed", tx_hash=event.tx_hash)
         self._record(job, info, event, "finalize" if action == "finalize" else "complete")
 
-    def _claim(self, job: SettlementRecord, info: SessionInfo) -> tuple[int, bytes, bytes]:
+    def _claim(self, job: SettlementRecord, info: SessionInfo) -> tuple[Counts, bytes, bytes]:
         """The latest receipt, or the on-chain checkpoint when there is nothing newer to claim
         or the contract has refused our receipt before (never leave the deposit stuck)."""
         receipt = self.node.state.latest_receipt(job.session_id)
+        paid = Counts(info.input_tokens_paid, info.output_tokens_paid)
         refused = job.attempts >= REVERTS_BEFORE_FALLBACK and (job.last_error or "").startswith(
             "revert"
         )
-        if receipt is None or receipt.tokens <= info.tokens_paid or refused:
+        if receipt is None or not receipt.counts.covers(paid) or receipt.counts == paid or refused:
             if receipt is not None and refused:
                 log.error(
-                    "session %s: the contract refused the receipt for %s tokens %s times; "
-                    "settling at the %s tokens already on chain",
+                    "session %s: the contract refused the receipt for %s/%s input/output tokens "
+                    "%s times; settling at the %s/%s already on chain",
                     job.session_id,
+                    receipt.input_tokens,
                     receipt.tokens,
                     job.attempts,
-                    info.tokens_paid,
+                    paid.input,
+                    paid.output,
                 )
-            return info.tokens_paid, info.proof_hash, b""
-        return receipt.tokens, receipt.proof_hash, receipt.signature
+            return paid, info.proof_hash, b""
+        return receipt.counts, receipt.proof_hash, receipt.signature
 
     def _settled_meanwhile(self, job: SettlementRecord) -> bool:
         """After a failure: did someone else (a finalize) settle it? Then record that."""
@@ -253,16 +280,26 @@ class SettlementWorker:
         how: str,
     ) -> None:
         if event is not None:
-            tokens, host, fee, refund = event.tokens, event.host_amount, event.fee, event.refund
+            paid = Counts(event.input_tokens, event.output_tokens)
+            host, fee, refund = event.host_amount, event.fee, event.refund
             credited, tx_hash = event.refund_credited, event.tx_hash
         else:
-            tokens = info.tokens_paid
-            split = settlement_split(info.deposit, tokens, info.price_per_mtok, info.fee_bps)
+            paid = Counts(info.input_tokens_paid, info.output_tokens_paid)
+            split = settlement_split(
+                info.deposit,
+                paid.input,
+                paid.output,
+                info.input_price_per_mtok,
+                info.output_price_per_mtok,
+                info.fee_bps,
+            )
             host, fee, refund, credited, tx_hash = split.host, split.fee, split.refund, None, None
+        tokens = paid.output
         outbox = self.node.outbox
         outbox.finish_settlement(
             job.session_id,
             "settled",
+            input_tokens=paid.input,
             tokens=tokens,
             host_amount=host,
             fee=fee,
@@ -277,11 +314,12 @@ class SettlementWorker:
         receipted = self.node.state.get_session(job.session_id)
         unpaid = (receipted.tokens_receipted if receipted else tokens) - tokens
         log.info(
-            "session %s: payment distributed (%s, %s): %s tokens; host %s, treasury %s, "
-            "refund %s USDC%s; tx %s",
+            "session %s: payment distributed (%s, %s): %s input / %s output tokens; host %s, "
+            "treasury %s, refund %s USDC%s; tx %s",
             job.session_id,
             how,
             job.reason,
+            paid.input,
             tokens,
             format_usdc(host),
             format_usdc(fee),

@@ -14,14 +14,17 @@ lock also makes read-modify-write sequences (counters, receipt checks) atomic.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
+
+from inferledger.node.metering import Counts, SentToken
 
 SessionStatus = Literal["open", "ended", "closing", "settled", "failed"]
 """``open``: serving; ``ended``: the client said end or left, settlement pending;
@@ -135,6 +138,33 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
     ),
     ("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",),
+    (
+        # Input (prompt) tokens are billed too; tokens_generated/tokens_receipted count output
+        # tokens. served_tail holds the output tokens sent after the last receipt, replayed
+        # to a resuming client; abandoned counts connections that left owing a receipt.
+        "ALTER TABLE sessions RENAME COLUMN price_per_mtok TO output_price_per_mtok",
+        "ALTER TABLE sessions ADD COLUMN input_price_per_mtok TEXT NOT NULL DEFAULT '0'",
+        "ALTER TABLE sessions ADD COLUMN input_served INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE sessions ADD COLUMN input_receipted INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE sessions ADD COLUMN served_tail TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE sessions ADD COLUMN abandoned INTEGER NOT NULL DEFAULT 0",
+        """
+        CREATE TABLE receipts_v4 (
+            session_id INTEGER NOT NULL REFERENCES sessions (session_id),
+            input_tokens INTEGER NOT NULL,
+            tokens INTEGER NOT NULL,
+            proof_hash TEXT NOT NULL,
+            signature TEXT NOT NULL,
+            received_at REAL NOT NULL,
+            PRIMARY KEY (session_id, input_tokens, tokens)
+        )
+        """,
+        "INSERT INTO receipts_v4 SELECT session_id, 0, tokens, proof_hash, signature, "
+        "received_at FROM receipts",
+        "DROP TABLE receipts",
+        "ALTER TABLE receipts_v4 RENAME TO receipts",
+        "ALTER TABLE settlements ADD COLUMN input_tokens INTEGER",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -156,16 +186,29 @@ class SessionRecord:
     signer: str
     model_id: bytes
     deposit: int
-    price_per_mtok: int
+    input_price_per_mtok: int
+    output_price_per_mtok: int
     proof_interval: int
     expires_at: int
     tokens_generated: int = 0
     tokens_receipted: int = 0
+    input_served: int = 0
+    input_receipted: int = 0
+    served_tail: tuple[SentToken, ...] = ()
+    abandoned: int = 0
     last_proof_hash: bytes | None = None
     last_transcript_hash: bytes | None = None
     status: SessionStatus = "open"
     created_at: float = 0.0
     updated_at: float = 0.0
+
+    @property
+    def served(self) -> Counts:
+        return Counts(self.input_served, self.tokens_generated)
+
+    @property
+    def receipted(self) -> Counts:
+        return Counts(self.input_receipted, self.tokens_receipted)
 
 
 @dataclass(frozen=True)
@@ -182,13 +225,18 @@ class RequestRecord:
 
 @dataclass(frozen=True)
 class ReceiptRecord:
-    """A user's signed receipt for ``tokens`` cumulative tokens of a session."""
+    """A user's signed receipt for cumulative input and output (``tokens``) tokens."""
 
     session_id: int
+    input_tokens: int
     tokens: int
     proof_hash: bytes
     signature: bytes
     received_at: float
+
+    @property
+    def counts(self) -> Counts:
+        return Counts(self.input_tokens, self.tokens)
 
 
 class NodeState:
@@ -260,16 +308,17 @@ class NodeState:
             db.execute(
                 """
                 INSERT INTO sessions (
-                    session_id, depositor, signer, model_id, deposit, price_per_mtok,
-                    proof_interval, expires_at, tokens_generated, tokens_receipted,
-                    last_proof_hash, status, created_at, updated_at
-                ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    session_id, depositor, signer, model_id, deposit, input_price_per_mtok,
+                    output_price_per_mtok, proof_interval, expires_at, tokens_generated,
+                    tokens_receipted, last_proof_hash, status, created_at, updated_at
+                ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT (session_id) DO UPDATE SET
                     depositor = excluded.depositor,
                     signer = excluded.signer,
                     model_id = excluded.model_id,
                     deposit = excluded.deposit,
-                    price_per_mtok = excluded.price_per_mtok,
+                    input_price_per_mtok = excluded.input_price_per_mtok,
+                    output_price_per_mtok = excluded.output_price_per_mtok,
                     proof_interval = excluded.proof_interval,
                     expires_at = excluded.expires_at,
                     updated_at = excluded.updated_at
@@ -280,7 +329,8 @@ class NodeState:
                     record.signer,
                     record.model_id.hex(),
                     str(record.deposit),
-                    str(record.price_per_mtok),
+                    str(record.input_price_per_mtok),
+                    str(record.output_price_per_mtok),
                     record.proof_interval,
                     record.expires_at,
                     record.tokens_generated,
@@ -308,19 +358,20 @@ class NodeState:
             )
         return [_session(row) for row in rows]
 
-    def add_generated(self, session_id: int, n: int) -> int:
-        """Count ``n`` more generated tokens; returns the session's new total."""
-        if n < 0:
-            raise ValueError(f"generated token count must be >= 0, got {n}")
+    def record_served(
+        self, session_id: int, served: Counts, tail: Sequence[SentToken], abandoned: int
+    ) -> None:
+        """Durably note what was served and the unreceipted tail, before a receipt for it is
+        asked: a restarted or resumed session continues from here, never from less."""
+        encoded = json.dumps([[t.index, t.token_id, t.text] for t in tail])
         with self.transaction() as db:
-            row = db.execute(
-                "UPDATE sessions SET tokens_generated = tokens_generated + ?, updated_at = ? "
-                "WHERE session_id = ? RETURNING tokens_generated",
-                (n, time.time(), session_id),
-            ).fetchone()
-            if row is None:
+            cursor = db.execute(
+                "UPDATE sessions SET input_served = ?, tokens_generated = ?, served_tail = ?, "
+                "abandoned = ?, updated_at = ? WHERE session_id = ?",
+                (served.input, served.output, encoded, abandoned, time.time(), session_id),
+            )
+            if cursor.rowcount == 0:
                 raise UnknownSession(session_id)
-            return int(row[0])
 
     def set_status(self, session_id: int, status: SessionStatus) -> None:
         _check_status(status)
@@ -373,17 +424,18 @@ class NodeState:
     def store_receipt(
         self,
         session_id: int,
-        tokens: int,
+        counts: Counts,
         proof_hash: bytes,
         signature: bytes,
         transcript_hash: bytes | None = None,
     ) -> ReceiptRecord:
-        """Durably store a signed receipt and advance the session's receipted count.
+        """Durably store a signed receipt and advance the session's receipted counts.
 
-        Receipts are cumulative, so ``tokens`` must exceed the last stored one: an older or
-        repeated receipt is refused with ValueError rather than silently lowering the claim.
-        The checkpoint the receipt pays for (same ``tokens``) turns ``receipted`` in the same
-        transaction, and ``transcript_hash`` is where a resumed session continues its chain.
+        Receipts are cumulative, so neither count may fall below the last stored receipt's
+        and one must exceed it: an older or repeated receipt is refused with ValueError
+        rather than silently lowering the claim. Checkpoints the receipt covers turn
+        ``receipted`` in the same transaction, and ``transcript_hash`` is where a resumed
+        session continues its chain.
         """
         if len(proof_hash) != 32:
             raise ValueError(f"proof_hash must be 32 bytes, got {len(proof_hash)}")
@@ -392,36 +444,68 @@ class NodeState:
         received_at = time.time()
         with self.transaction() as db:
             row = db.execute(
-                "SELECT tokens_receipted FROM sessions WHERE session_id = ?", (session_id,)
+                "SELECT input_receipted, tokens_receipted, served_tail FROM sessions "
+                "WHERE session_id = ?",
+                (session_id,),
             ).fetchone()
             if row is None:
                 raise UnknownSession(session_id)
-            if tokens <= row[0]:
+            last = Counts(row[0], row[1])
+            if not counts.covers(last) or counts == last:
                 raise ValueError(
-                    f"receipt for {tokens} tokens refused: session {session_id} already has a "
-                    f"receipt for {row[0]} tokens, and receipts must strictly increase"
+                    f"receipt for {counts.input}/{counts.output} input/output tokens refused: "
+                    f"session {session_id} already has a receipt for {last.input}/{last.output}, "
+                    "and receipts must increase"
                 )
             db.execute(
-                "INSERT INTO receipts (session_id, tokens, proof_hash, signature, received_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (session_id, tokens, proof_hash.hex(), signature.hex(), received_at),
+                "INSERT INTO receipts (session_id, input_tokens, tokens, proof_hash, signature, "
+                "received_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    session_id,
+                    counts.input,
+                    counts.output,
+                    proof_hash.hex(),
+                    signature.hex(),
+                    received_at,
+                ),
             )
+            tail = [t for t in json.loads(row[2]) if t[0] > counts.output]
             db.execute(
-                "UPDATE sessions SET tokens_receipted = ?, last_proof_hash = ?, "
+                "UPDATE sessions SET input_receipted = ?, tokens_receipted = ?, "
+                "input_served = MAX(input_served, ?), tokens_generated = MAX(tokens_generated, ?), "
+                "served_tail = ?, last_proof_hash = ?, "
                 "last_transcript_hash = COALESCE(?, last_transcript_hash), updated_at = ? "
                 "WHERE session_id = ?",
-                (tokens, proof_hash.hex(), _hex_or_none(transcript_hash), received_at, session_id),
+                (
+                    counts.input,
+                    counts.output,
+                    counts.input,
+                    counts.output,
+                    json.dumps(tail),
+                    proof_hash.hex(),
+                    _hex_or_none(transcript_hash),
+                    received_at,
+                    session_id,
+                ),
             )
             db.execute(
                 "UPDATE checkpoints SET status = 'receipted', updated_at = ? "
-                "WHERE session_id = ? AND token_end = ? AND proof_hash = ?",
-                (received_at, session_id, tokens, proof_hash.hex()),
+                "WHERE session_id = ? AND token_end <= ? AND status = 'proved'",
+                (received_at, session_id, counts.output),
             )
-        return ReceiptRecord(session_id, tokens, bytes(proof_hash), bytes(signature), received_at)
+        return ReceiptRecord(
+            session_id,
+            counts.input,
+            counts.output,
+            bytes(proof_hash),
+            bytes(signature),
+            received_at,
+        )
 
     def latest_receipt(self, session_id: int) -> ReceiptRecord | None:
         rows = self.query(
-            "SELECT * FROM receipts WHERE session_id = ? ORDER BY tokens DESC LIMIT 1",
+            "SELECT * FROM receipts WHERE session_id = ? "
+            "ORDER BY tokens DESC, input_tokens DESC LIMIT 1",
             (session_id,),
         )
         return _receipt(rows[0]) if rows else None
@@ -429,7 +513,8 @@ class NodeState:
     def receipts(self, session_id: int) -> list[ReceiptRecord]:
         """All receipts of a session, oldest (fewest tokens) first."""
         rows = self.query(
-            "SELECT * FROM receipts WHERE session_id = ? ORDER BY tokens", (session_id,)
+            "SELECT * FROM receipts WHERE session_id = ? ORDER BY tokens, input_tokens",
+            (session_id,),
         )
         return [_receipt(row) for row in rows]
 
@@ -489,11 +574,16 @@ def _session(row: sqlite3.Row) -> SessionRecord:
         signer=row["signer"],
         model_id=bytes.fromhex(row["model_id"]),
         deposit=int(row["deposit"]),
-        price_per_mtok=int(row["price_per_mtok"]),
+        input_price_per_mtok=int(row["input_price_per_mtok"]),
+        output_price_per_mtok=int(row["output_price_per_mtok"]),
         proof_interval=row["proof_interval"],
         expires_at=row["expires_at"],
         tokens_generated=row["tokens_generated"],
         tokens_receipted=row["tokens_receipted"],
+        input_served=row["input_served"],
+        input_receipted=row["input_receipted"],
+        served_tail=tuple(SentToken(*t) for t in json.loads(row["served_tail"])),
+        abandoned=row["abandoned"],
         last_proof_hash=None if proof_hash is None else bytes.fromhex(proof_hash),
         last_transcript_hash=None if transcript is None else bytes.fromhex(transcript),
         status=row["status"],
@@ -505,6 +595,7 @@ def _session(row: sqlite3.Row) -> SessionRecord:
 def _receipt(row: sqlite3.Row) -> ReceiptRecord:
     return ReceiptRecord(
         session_id=row["session_id"],
+        input_tokens=row["input_tokens"],
         tokens=row["tokens"],
         proof_hash=bytes.fromhex(row["proof_hash"]),
         signature=bytes.fromhex(row["signature"]),

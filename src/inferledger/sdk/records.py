@@ -15,18 +15,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr, field_serializer
 
 from inferledger.paths import home, write_atomic
 from inferledger.proofs.transcript import TranscriptHash
 from inferledger.sdk.errors import SdkError
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 
 
 class ReceiptRecord(BaseModel):
-    """A receipt the session signer signed: cumulative tokens and what it committed to."""
+    """A receipt the session signer signed: cumulative input and output (``tokens``)
+    tokens and what it committed to."""
 
+    input_tokens: int = 0
     tokens: int
     proof_hash: str
     transcript_hash: str
@@ -39,13 +41,15 @@ class ReplyRecord(BaseModel):
 
     ``first_token`` is the session's token count before this reply, so the reply's
     tokens are the session's tokens ``first_token + 1 ..= first_token + len(token_ids)``.
-    ``finish_reason`` is None while the reply streams or if it was cut off.
+    ``finish_reason`` is None while the reply streams or if it was cut off;
+    ``prompt_tokens`` is None until the node has said what the prompt is billed.
     """
 
     request_id: str
     messages: list[dict[str, str]]
     params: dict[str, Any] = Field(default_factory=dict)
     first_token: int
+    prompt_tokens: int | None = None
     token_ids: list[int] = Field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -61,10 +65,11 @@ class SessionRecord(BaseModel):
     host: str
     model_id: str
     deposit: int
-    price_per_mtok: int
+    input_price_per_mtok: int
+    output_price_per_mtok: int
     proof_interval: int
     max_duration: int
-    signer_key: str
+    signer_key: SecretStr
     node_url: str
     created_at: float = Field(default_factory=time.time)
     created_block: int = 0
@@ -72,6 +77,12 @@ class SessionRecord(BaseModel):
     replies: list[ReplyRecord] = Field(default_factory=list)
     receipts: list[ReceiptRecord] = Field(default_factory=list)
     settlement: dict[str, Any] | None = None
+    input_tokens: int = 0  # prompt tokens accepted as billed (the node's reply_start frames)
+
+    @field_serializer("signer_key", when_used="json")
+    def _reveal_key(self, key: SecretStr) -> str:
+        # Written to the 0600 record file; shown nowhere else (repr and str print ******).
+        return key.get_secret_value()
 
     @property
     def tokens(self) -> int:
@@ -102,6 +113,13 @@ class SessionRecord(BaseModel):
             kept.append(reply)
         self.replies = kept
         self.receipts = [r for r in self.receipts if r.tokens <= tokens]
+
+    def signed_counts(self) -> tuple[int, int]:
+        """(input, output) counts of the newest receipt signed, (0, 0) before any."""
+        if not self.receipts:
+            return (0, 0)
+        last = self.receipts[-1]
+        return (last.input_tokens, last.tokens)
 
 
 class RecordStore:

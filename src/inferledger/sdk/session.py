@@ -30,7 +30,16 @@ from inferledger.sdk.errors import ConnectionLost, NodeUnreachable, SessionClose
 from inferledger.sdk.models import SessionStatus, Settlement
 from inferledger.sdk.portal import Job, portal
 from inferledger.sdk.records import ReceiptRecord, RecordStore, ReplyRecord, SessionRecord
-from inferledger.sdk.wire import Reply, SessionClient, SessionError, SignedReceipt
+from inferledger.protocol.client import prompt_token_bound
+from inferledger.protocol.server import Settled, SettlementPending
+from inferledger.sdk.wire import (
+    Expectation,
+    History,
+    Reply,
+    SessionClient,
+    SessionError,
+    SignedReceipt,
+)
 
 if TYPE_CHECKING:
     from inferledger.sdk.client import Client
@@ -64,6 +73,8 @@ class Session:
         self._guard: asyncio.Lock | None = None
         self._busy: Job[Any] | None = None
         self._closing = False
+        self._node_closing = False  # the node stopped the session (close request, expiry)
+        self._resumed_base: tuple[list[int], str] | None = None
         self.last_reply: Reply | None = None
         self.connections = 0
         self.settlement: Settlement | None = (
@@ -98,25 +109,36 @@ class Session:
     @property
     def signer(self) -> str:
         """Address of this session's own signing key (not the depositor's)."""
-        return Account.from_key(self.record.signer_key).address
+        return Account.from_key(self.record.signer_key.get_secret_value()).address
 
     @property
     def deposit(self) -> int:
         return self.record.deposit
 
     @property
-    def price_per_mtok(self) -> int:
-        return self.record.price_per_mtok
+    def input_price_per_mtok(self) -> int:
+        return self.record.input_price_per_mtok
+
+    @property
+    def output_price_per_mtok(self) -> int:
+        return self.record.output_price_per_mtok
 
     @property
     def tokens(self) -> int:
-        """Tokens received so far."""
+        """Output tokens received so far."""
         return self.record.tokens
 
     @property
+    def input_tokens(self) -> int:
+        """Prompt tokens billed so far."""
+        return self.record.input_tokens
+
+    @property
     def cost(self) -> int:
-        """What the tokens received so far cost, in base units."""
-        return cost(self.tokens, self.price_per_mtok)
+        """What the tokens so far cost (prompts and replies), in base units."""
+        return cost(
+            self.input_tokens, self.tokens, self.input_price_per_mtok, self.output_price_per_mtok
+        )
 
     @property
     def record_path(self) -> Path:
@@ -275,6 +297,11 @@ class Session:
     ) -> Reply:
         try:
             async with self._lock():
+                if self._node_closing:
+                    raise SessionClosed(
+                        f"the node stopped session {self.id} (a close request, or its expiry "
+                        "is near) and is settling it; close() reports the settlement"
+                    )
                 if self.closed:
                     raise SessionClosed(
                         f"session {self.id} is {self.settlement.status if self.settlement else ''}"
@@ -324,17 +351,20 @@ class Session:
             self._save()
             raise
         self._sync_last_reply()
-        done = wire.last_done or {}
-        entry.finish_reason = done.get("finish_reason")
+        done = wire.last_done
+        entry.finish_reason = done.finish_reason if done else None
         self._save()
         reply = Reply(
             text=entry.text,
             token_ids=list(entry.token_ids),
             finish_reason=entry.finish_reason or "",
-            prompt_tokens=int(done.get("prompt_tokens", 0)),
+            prompt_tokens=done.prompt_tokens if done else 0,
             session_tokens=wire.received,
-            cost=cost(wire.received, self.price_per_mtok),
+            input_tokens=wire.input_tokens,
+            cost=wire.session_cost(),
         )
+        if done is not None and done.finish_reason == "closing":
+            self._node_closing = True
         self.last_reply = reply
         return reply
 
@@ -344,13 +374,29 @@ class Session:
             return self._wire
         await self._drop()
         deadline = time.monotonic() + BUSY_RETRY_SECONDS
+        record = self.record
+        last = record.replies[-1] if record.replies else None
+        reply_open = last is not None and last.finish_reason is None
+        history = History(
+            token_ids=tuple(record.token_ids()),
+            input_tokens=record.input_tokens,
+            signed=record.signed_counts(),
+            reply_open=reply_open,
+            unconfirmed_prompt_bound=(
+                prompt_token_bound(last.messages)
+                if last is not None and reply_open and last.prompt_tokens is None
+                else 0
+            ),
+        )
+        expect = Expectation(self._client.contracts.marketplace.domain(), record.host)
         while True:
             try:
                 wire = await SessionClient.connect(
                     self.url,
                     self.id,
-                    self.record.signer_key,
-                    token_ids=self.record.token_ids(),
+                    record.signer_key.get_secret_value(),
+                    expect=expect,
+                    history=history,
                     on_receipt=self._on_receipt,
                     open_timeout=CONNECT_TIMEOUT,
                 )
@@ -363,12 +409,19 @@ class Session:
                 raise NodeUnreachable(
                     f"cannot reach the node at {self.url}: {exc.__class__.__name__}: {exc}"
                 ) from exc
-        if self.record.tokens > wire.start_tokens:
-            # Tokens after the node's last receipt were on a dropped connection: not billed.
-            self.record.truncate(wire.start_tokens)
-            self._save()
+        if record.tokens > wire.received:
+            # Tokens the node no longer holds (it lost them in a crash): never billed.
+            record.truncate(wire.received)
+        if last is not None and reply_open and last.prompt_tokens is None:
+            grown = wire.input_tokens - record.input_tokens
+            last.prompt_tokens = grown if grown > 0 else None
+        record.input_tokens = wire.input_tokens
         self._wire = wire
+        self._resumed_base = (list(last.token_ids), last.text) if last is not None else None
+        self._sync_last_reply()  # tokens the node replayed join the reply they belong to
+        self._save()
         self.connections += 1
+        await wire.settle_up()
         return wire
 
     async def _drop(self) -> None:
@@ -380,8 +433,11 @@ class Session:
     def _on_receipt(self, receipt: SignedReceipt) -> None:
         """Called before a signed receipt is sent: the record on disk covers it first."""
         self._sync_last_reply()
+        if self._wire is not None:
+            self.record.input_tokens = self._wire.input_tokens
         self.record.receipts.append(
             ReceiptRecord(
+                input_tokens=receipt.input_tokens,
                 tokens=receipt.tokens,
                 proof_hash="0x" + receipt.proof_hash.hex(),
                 transcript_hash="0x" + receipt.transcript_hash.hex(),
@@ -400,6 +456,11 @@ class Session:
         last = self.record.replies[-1]
         offset = last.first_token - wire.start_tokens
         if offset < 0:
+            # A reply resumed on this connection: what earlier ones got, plus the replay.
+            kept = self._resumed_base or ([], "")
+            tokens = wire.tokens
+            last.token_ids = kept[0] + [t.token_id for t in tokens]
+            last.text = kept[1] + "".join(t.text for t in tokens)
             return
         tokens = wire.tokens[offset:]
         last.token_ids = [t.token_id for t in tokens]
@@ -414,7 +475,10 @@ class Session:
         deadline = loop.time() + timeout
         async with self._lock():
             try:
-                wire = await self._connected()
+                if self._node_closing and self._wire is not None:
+                    wire = self._wire  # the node is already ending it: hear it out
+                else:
+                    wire = await self._connected()
             except NodeUnreachable as exc:
                 return None, f"could not reach the node ({exc})"
             except Exception as exc:  # refused (SESSION_CLOSED, ...) or broken
@@ -436,14 +500,14 @@ class Session:
                 await self._drop()
         if frame is None:
             return None, "the node sent no settlement"
-        if frame["type"] == "settlement_pending":
-            return frame, f"the node could not settle yet ({frame.get('reason', 'no reason')})"
+        if isinstance(frame, SettlementPending):
+            return frame, f"the node could not settle yet ({frame.reason})"
         return frame, ""
 
     # Caller side: chain reads and writes --------------------------------------------
 
-    def _conclude(self, frame: dict[str, Any] | None, reason: str) -> Settlement:
-        if frame is not None and frame.get("type") == "settled":
+    def _conclude(self, frame: Settled | SettlementPending | None, reason: str) -> Settlement:
+        if isinstance(frame, Settled):
             contracts = self._client.contracts
             info = settle.require_session(contracts, self.id)
             # The node's transaction is mined; give a lagging RPC endpoint a moment.

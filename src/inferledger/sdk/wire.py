@@ -1,17 +1,21 @@
 """The client side of the session protocol over a WebSocket.
 
-It logs in with the session signer, streams replies, and answers each receipt
-request only after checking that the token count and the transcript hash match
-what it actually received: a node cannot get a receipt for tokens it did not send.
-After ``end`` the node settles on chain and reports the result in a ``settled``
-frame, which ``wait_settlement`` awaits.
+It logs in with the session signer and signs only what it verified itself: the challenge
+must name the chain, marketplace and host the client expects; a fresh session must start
+at zero; a resumed one must match the client's own history (its token ids, the receipts
+it signed, the input tokens it accepted); and every receipt request must equal the tokens
+actually received and the transcript the client computed. A node therefore cannot get a
+receipt for tokens it did not send, nor for prompt tokens beyond what the prompt could
+hold (``prompt_token_bound``). After ``end`` the node settles on chain and reports the
+result in a ``settled`` frame, which ``wait_settlement`` awaits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -29,10 +33,25 @@ from inferledger.chain.receipts import (
 )
 from inferledger.chain.units import cost
 from inferledger.proofs.transcript import TranscriptHash
+from inferledger.protocol.client import prompt_token_bound
+from inferledger.protocol.server import (
+    Challenge,
+    Done,
+    ErrorFrame,
+    NodeFrameError,
+    ReceiptAck,
+    ReceiptRequest,
+    ReplyStart,
+    SessionEnd,
+    SessionReady,
+    Settled,
+    SettlementPending,
+    TokenFrame,
+    parse_node_frame,
+)
 from inferledger.sdk.errors import SdkError
 
 WS_PATH = "/v1/ws"
-SETTLEMENT_FRAMES = ("settled", "settlement_pending")
 
 
 class SessionError(SdkError):
@@ -60,6 +79,7 @@ class Reply:
     finish_reason: str = ""
     prompt_tokens: int = 0
     session_tokens: int = 0
+    input_tokens: int = 0
     cost: int = 0
 
 
@@ -67,11 +87,40 @@ class Reply:
 class SignedReceipt:
     """A receipt this client signed, with the transcript hash it checked first."""
 
+    input_tokens: int
     tokens: int
     proof_hash: bytes
     transcript_hash: bytes
     proof_uri: str | None
     signature: bytes
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """Who the client means to talk to: the deployment's receipt domain and the session's
+    host (from the chain, not from the node). A challenge naming others is refused."""
+
+    domain: ReceiptDomain
+    host: str
+
+
+@dataclass(frozen=True)
+class History:
+    """What the client itself knows of a session, to check a node's claims on resume.
+
+    ``token_ids``: every output token received; ``input_tokens``: the input tokens it
+    accepted (from ``reply_start`` frames); ``signed``: the (input, output) counts of the
+    newest receipt it signed; ``reply_open``: a prompt was sent whose ``done`` never
+    arrived (only then may the node have served tokens we did not see);
+    ``unconfirmed_prompt_bound``: ``prompt_token_bound`` of that prompt if its
+    ``reply_start`` never arrived either (0 if it did).
+    """
+
+    token_ids: tuple[int, ...] = ()
+    input_tokens: int = 0
+    signed: tuple[int, int] = (0, 0)
+    reply_open: bool = False
+    unconfirmed_prompt_bound: int = 0
 
 
 ReceiptHook = Callable[[SignedReceipt], None]
@@ -103,11 +152,87 @@ def http_base(node_url: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, "", ""))
 
 
+def _refuse(message: str) -> SessionError:
+    return SessionError("RECEIPT_REFUSED", message)
+
+
+def check_challenge(challenge: Challenge, expect: Expectation) -> None:
+    """The node must speak for the host, chain and marketplace the client expects."""
+    domain = expect.domain
+    if challenge.chain_id != domain.chain_id:
+        raise SessionError(
+            "WRONG_DOMAIN", f"node says chain id {challenge.chain_id}; expected {domain.chain_id}"
+        )
+    if challenge.marketplace.lower() != domain.marketplace.lower():
+        raise SessionError(
+            "WRONG_DOMAIN",
+            f"node says marketplace {challenge.marketplace}; expected {domain.marketplace}",
+        )
+    if challenge.host.lower() != expect.host.lower():
+        raise SessionError(
+            "WRONG_HOST",
+            f"node says it is host {challenge.host}; the session's host is {expect.host}",
+        )
+
+
+def check_ready(ready: SessionReady, session_id: int, history: History) -> list[int]:
+    """Check a node's account of the session against our own; the output token ids as
+    they stand after the node's replay (ours, extended by tokens we missed)."""
+    if ready.session_id != session_id:
+        raise SessionError("PROTOCOL", f"node logged us in to session {ready.session_id}")
+    receipted = (ready.receipted_input_tokens, ready.receipted_output_tokens)
+    served = (ready.served_input_tokens, ready.served_output_tokens)
+    if receipted[0] > history.signed[0] or receipted[1] > history.signed[1]:
+        raise SessionError(
+            "TRANSCRIPT_MISMATCH",
+            f"node claims a receipt for {receipted[0]}/{receipted[1]} input/output tokens; "
+            f"we signed only {history.signed[0]}/{history.signed[1]}",
+        )
+    if served[0] < receipted[0] or served[1] < receipted[1]:
+        raise SessionError("PROTOCOL", "node says it served less than was receipted")
+    indices = [t.index for t in ready.replay]
+    if indices != list(range(receipted[1] + 1, served[1] + 1)):
+        raise SessionError("PROTOCOL", "node's replay does not cover the unreceipted tokens")
+    ids = list(history.token_ids[: receipted[1]])
+    if len(ids) < receipted[1]:
+        raise SessionError(
+            "TRANSCRIPT_MISMATCH",
+            f"node holds a receipt for {receipted[1]} tokens; we received {len(ids)}",
+        )
+    transcript = TranscriptHash(session_id)
+    for token_id in ids:
+        transcript.update(token_id)
+    if _hex(transcript.value) != ready.transcript_hash:
+        raise SessionError(
+            "TRANSCRIPT_MISMATCH",
+            "the node's transcript differs from ours: it claims tokens we never received",
+        )
+    if served[1] > len(history.token_ids) and not history.reply_open:
+        raise _refuse(
+            f"node says it served {served[1]} tokens; we received {len(history.token_ids)} and "
+            "had no reply in flight"
+        )
+    for token in ready.replay:
+        ours = history.token_ids[token.index - 1] if token.index <= len(history.token_ids) else None
+        if ours is not None and ours != token.token_id:
+            raise SessionError(
+                "TRANSCRIPT_MISMATCH", f"node replays token {token.index} differently"
+            )
+        ids.append(token.token_id)
+    new_input = served[0] - history.input_tokens
+    if new_input > history.unconfirmed_prompt_bound:
+        raise _refuse(
+            f"node bills {served[0]} input tokens; we accepted {history.input_tokens} and sent "
+            f"no prompt that could hold {new_input} more"
+        )
+    return ids
+
+
 class SessionClient:
     """A logged-in session connection; use ``SessionClient.connect``.
 
-    ``token_ids`` holds the ids received on this connection, after the
-    ``start_tokens`` the node had already receipted when it was opened.
+    ``tokens`` holds the tokens received on this connection (replayed ones included),
+    after the ``start_tokens`` the session had when it was opened.
     """
 
     def __init__(
@@ -116,8 +241,9 @@ class SessionClient:
         session_id: int,
         signer: LocalAccount,
         domain: ReceiptDomain,
-        ready: dict[str, Any],
-        transcript: TranscriptHash,
+        ready: SessionReady,
+        token_ids: Sequence[int],
+        start_tokens: int,
         on_receipt: ReceiptHook | None = None,
     ) -> None:
         self.ws = ws
@@ -125,17 +251,26 @@ class SessionClient:
         self.signer = signer
         self.domain = domain
         self.ready = ready
-        self.transcript = transcript
         self.on_receipt = on_receipt
-        self.price_per_mtok = int(ready.get("price_per_mtok", 0))
-        self.received = int(ready["tokens_receipted"])
-        self.start_tokens = self.received
-        self.receipted = self.received
-        self.tokens: list[StreamedToken] = []
+        self.input_price_per_mtok = ready.input_price_per_mtok
+        self.output_price_per_mtok = ready.output_price_per_mtok
+        self.transcript = TranscriptHash(session_id)
+        for token_id in token_ids:
+            self.transcript.update(token_id)
+        self.received = len(token_ids)
+        self.start_tokens = start_tokens
+        self.input_tokens = ready.served_input_tokens  # input tokens we accept as billed
+        self.receipted = (ready.receipted_input_tokens, ready.receipted_output_tokens)
+        self.tokens: list[StreamedToken] = [
+            StreamedToken(t.index, t.token_id, t.text)
+            for t in ready.replay
+            if t.index > start_tokens
+        ]
         self.receipts: list[SignedReceipt] = []
-        self.last_done: dict[str, Any] | None = None
-        self.ended: dict[str, Any] | None = None
-        self.settlement_frame: dict[str, Any] | None = None
+        self.prompt_bound = 0  # prompt_token_bound of the prompt awaiting its reply_start
+        self.last_done: Done | None = None
+        self.ended: SessionEnd | None = None
+        self.settlement_frame: Settled | SettlementPending | None = None
 
     @classmethod
     async def connect(
@@ -144,87 +279,105 @@ class SessionClient:
         session_id: int,
         signer_key: bytes | str,
         *,
-        transcript: TranscriptHash | None = None,
-        token_ids: Sequence[int] | None = None,
+        expect: Expectation,
+        history: History | None = None,
         on_receipt: ReceiptHook | None = None,
         max_size: int = 2**20,
         open_timeout: float = 10.0,
     ) -> SessionClient:
         """Open ``url`` (``ws://host:port/v1/ws``) and log in to ``session_id``.
 
-        To resume, pass the session's ``token_ids`` received so far (or the ``transcript``
-        kept from an earlier connection): the node continues from its last receipt, and
-        the hash over our first ``tokens_receipted`` ids must equal the node's.
+        Without ``history`` the session must be fresh (nothing served, nothing receipted).
+        To resume, pass what we know of it: the node's claims are checked against it, and
+        the tokens it streamed after its last receipt are replayed so that we can check
+        (or learn) them before signing for them.
         """
+        history = history or History()
         signer = Account.from_key(signer_key)
         ws = await websockets.connect(url, max_size=max_size, open_timeout=open_timeout)
         try:
-            challenge = json.loads(await asyncio.wait_for(ws.recv(), open_timeout))
-            _raise_if_error(challenge)
-            domain = ReceiptDomain(int(challenge["chain_id"]), challenge["marketplace"])
-            nonce = bytes.fromhex(challenge["nonce"][2:])
-            auth = SessionAuth(session_id, nonce, challenge["host"])
-            signature = sign_session_auth(signer.key, domain, auth)
+            challenge = _expect(
+                await asyncio.wait_for(_recv(ws), open_timeout), Challenge, "challenge"
+            )
+            check_challenge(challenge, expect)
+            nonce = bytes.fromhex(challenge.nonce[2:])
+            auth = SessionAuth(session_id, nonce, expect.host)
+            signature = sign_session_auth(signer.key, expect.domain, auth)
             await ws.send(
                 json.dumps(
                     {
                         "type": "session_init",
                         "session_id": session_id,
-                        "nonce": challenge["nonce"],
+                        "nonce": challenge.nonce,
                         "signature": _hex(signature),
                     }
                 )
             )
-            ready = json.loads(await asyncio.wait_for(ws.recv(), open_timeout))
-            _raise_if_error(ready)
-            receipted = int(ready["tokens_receipted"])
-            if token_ids is not None:
-                if len(token_ids) < receipted:
-                    raise SessionError(
-                        "TRANSCRIPT_MISMATCH",
-                        f"the node holds a receipt for {receipted} tokens; we received "
-                        f"{len(token_ids)}",
-                    )
-                transcript = TranscriptHash(session_id)
-                for token_id in token_ids[:receipted]:
-                    transcript.update(token_id)
-            transcript = transcript or TranscriptHash(session_id)
-            if _hex(transcript.value) != ready["transcript_hash"]:
-                raise SessionError(
-                    "TRANSCRIPT_MISMATCH",
-                    "the node's transcript differs from ours: it claims tokens we never received",
-                )
+            ready = _expect(
+                await asyncio.wait_for(_recv(ws), open_timeout), SessionReady, "session_ready"
+            )
+            token_ids = check_ready(ready, session_id, history)
         except BaseException:
             await ws.close()
             raise
-        return cls(ws, session_id, signer, domain, ready, transcript, on_receipt)
+        start = min(len(history.token_ids), ready.served_output_tokens)
+        return cls(ws, session_id, signer, expect.domain, ready, token_ids, start, on_receipt)
+
+    async def settle_up(self) -> None:
+        """On resume: sign for what the node served before the connection dropped (it
+        takes no prompt until then). Returns at once for a session with nothing owed."""
+        served = (self.ready.served_input_tokens, self.ready.served_output_tokens)
+        while self.receipted != served:
+            await self._next()
 
     @property
     def is_open(self) -> bool:
         return self.ws.state is websockets.protocol.State.OPEN
 
-    async def send(self, frame: dict[str, Any]) -> None:
-        await self.ws.send(json.dumps(frame))
+    def session_cost(self) -> int:
+        """What the tokens accepted so far cost, in base units."""
+        return cost(
+            self.input_tokens, self.received, self.input_price_per_mtok, self.output_price_per_mtok
+        )
 
-    async def _next(self) -> dict[str, Any]:
+    async def send(self, frame: Mapping[str, Any]) -> None:
+        await self.ws.send(json.dumps(dict(frame)))
+
+    async def _next(self) -> Any:
         """Read one frame and do its bookkeeping: count tokens, sign receipts, raise errors."""
-        frame = json.loads(await self.ws.recv())
-        kind = frame.get("type")
-        if kind == "token":
+        frame = await _recv(self.ws)
+        if isinstance(frame, TokenFrame):
             self.received += 1
-            self.transcript.update(int(frame["token_id"]))
-            if frame["index"] != self.received:
-                raise SessionError("PROTOCOL", f"token index {frame['index']} out of order")
-            self.tokens.append(StreamedToken(frame["index"], frame["token_id"], frame["text"]))
-        elif kind == "receipt_request":
+            if frame.index != self.received:
+                raise SessionError("PROTOCOL", f"token index {frame.index} out of order")
+            self.transcript.update(frame.token_id)
+            self.tokens.append(StreamedToken(frame.index, frame.token_id, frame.text))
+        elif isinstance(frame, ReplyStart):
+            self._accept_input(frame)
+        elif isinstance(frame, ReceiptRequest):
             await self._answer(frame)
-        elif kind == "receipt_ack":
-            self.receipted = max(self.receipted, int(frame["tokens"]))
-        elif kind in SETTLEMENT_FRAMES:
+        elif isinstance(frame, ReceiptAck):
+            self.receipted = max(self.receipted, (frame.input_tokens, frame.output_tokens))
+        elif isinstance(frame, Settled | SettlementPending):
             self.settlement_frame = frame
-        else:
-            _raise_if_error(frame)
+        elif isinstance(frame, ErrorFrame):
+            raise SessionError(frame.code, frame.message)
         return frame
+
+    def _accept_input(self, frame: ReplyStart) -> None:
+        """A prompt's input tokens: no more than the prompt could hold, added once."""
+        if frame.prompt_tokens > self.prompt_bound:
+            raise _refuse(
+                f"node bills {frame.prompt_tokens} tokens for a prompt of at most "
+                f"{self.prompt_bound}"
+            )
+        if frame.input_tokens != self.input_tokens + frame.prompt_tokens:
+            raise _refuse(
+                f"node's input count {frame.input_tokens} is not ours ({self.input_tokens}) plus "
+                f"this prompt's {frame.prompt_tokens}"
+            )
+        self.input_tokens = frame.input_tokens
+        self.prompt_bound = 0
 
     async def stream(
         self,
@@ -234,15 +387,15 @@ class SessionClient:
         **params: Any,
     ) -> AsyncIterator[StreamedToken]:
         """Send a prompt and yield its tokens; receipts are signed along the way."""
+        self.prompt_bound = prompt_token_bound(messages)
         await self.send(
             {"type": "prompt", "request_id": request_id, "messages": list(messages), **params}
         )
         while True:
             frame = await self._next()
-            kind = frame["type"]
-            if kind == "token":
+            if isinstance(frame, TokenFrame):
                 yield self.tokens[-1]
-            elif kind == "done":
+            elif isinstance(frame, Done):
                 self.last_done = frame
                 return
 
@@ -253,27 +406,38 @@ class SessionClient:
             reply.text += token.text
             reply.token_ids.append(token.token_id)
         assert self.last_done is not None
-        reply.finish_reason = self.last_done["finish_reason"]
-        reply.prompt_tokens = self.last_done["prompt_tokens"]
-        reply.session_tokens = self.last_done["session_tokens"]
-        reply.cost = cost(self.received, self.price_per_mtok)
+        reply.finish_reason = self.last_done.finish_reason
+        reply.prompt_tokens = self.last_done.prompt_tokens
+        reply.session_tokens = self.received
+        reply.input_tokens = self.input_tokens
+        reply.cost = self.session_cost()
         return reply
 
-    async def _answer(self, request: dict[str, Any]) -> None:
-        """Sign a receipt only for what we received, with the transcript we computed."""
-        tokens = int(request["tokens"])
-        if tokens != self.received:
-            raise SessionError(
-                "RECEIPT_REFUSED",
-                f"node asks a receipt for {tokens} tokens; we got {self.received}",
+    async def _answer(self, request: ReceiptRequest) -> None:
+        """Sign a receipt only for what we received and accepted, with our transcript."""
+        if request.session_id != self.session_id:
+            raise _refuse(f"node asks a receipt for session {request.session_id}")
+        if request.output_tokens != self.received:
+            raise _refuse(
+                f"node asks a receipt for {request.output_tokens} tokens; we got {self.received}"
             )
-        if request["transcript_hash"] != _hex(self.transcript.value):
-            raise SessionError("RECEIPT_REFUSED", "node's transcript hash differs from ours")
-        proof_hash = bytes.fromhex(request["proof_hash"][2:])
-        receipt = Receipt(self.session_id, tokens, proof_hash)
+        if request.input_tokens != self.input_tokens:
+            raise _refuse(
+                f"node asks a receipt for {request.input_tokens} input tokens; we accepted "
+                f"{self.input_tokens}"
+            )
+        if request.transcript_hash != _hex(self.transcript.value):
+            raise _refuse("node's transcript hash differs from ours")
+        proof_hash = bytes.fromhex(request.proof_hash[2:])
+        receipt = Receipt(self.session_id, request.input_tokens, request.output_tokens, proof_hash)
         signature = sign_receipt(self.signer.key, self.domain, receipt)
         signed = SignedReceipt(
-            tokens, proof_hash, self.transcript.value, request.get("proof_uri"), signature
+            request.input_tokens,
+            request.output_tokens,
+            proof_hash,
+            self.transcript.value,
+            request.proof_uri,
+            signature,
         )
         if self.on_receipt is not None:
             self.on_receipt(signed)  # persisted before the node can use it
@@ -281,25 +445,32 @@ class SessionClient:
         await self.send(
             {
                 "type": "receipt",
-                "tokens": tokens,
-                "proof_hash": request["proof_hash"],
+                "input_tokens": request.input_tokens,
+                "output_tokens": request.output_tokens,
+                "proof_hash": request.proof_hash,
                 "signature": _hex(signature),
             }
         )
 
-    async def end(self) -> dict[str, Any]:
+    async def end(self) -> SessionEnd:
         """Tell the node we are done; returns its ``session_end`` frame.
 
         The connection stays open for the ``settled`` frame: see ``wait_settlement``.
         """
-        await self.send({"type": "end"})
-        while True:
-            frame = await self._next()
-            if frame["type"] == "session_end":
-                self.ended = frame
-                return frame
+        if self.ended is None:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await self.send({"type": "end"})  # a node already closing has said goodbye
+        return await self.wait_session_end()
 
-    async def wait_settlement(self, timeout: float) -> dict[str, Any] | None:
+    async def wait_session_end(self) -> SessionEnd:
+        """Read (signing what is asked) until the node's ``session_end``."""
+        while self.ended is None:
+            frame = await self._next()
+            if isinstance(frame, SessionEnd):
+                self.ended = frame
+        return self.ended
+
+    async def wait_settlement(self, timeout: float) -> Settled | SettlementPending | None:
         """After ``end``: the node's ``settled`` or ``settlement_pending`` frame.
 
         None if neither arrives within ``timeout`` seconds or the connection closes first.
@@ -320,6 +491,16 @@ class SessionClient:
         await self.ws.close()
 
 
-def _raise_if_error(frame: dict[str, Any]) -> None:
-    if frame.get("type") == "error":
-        raise SessionError(frame.get("code", "?"), frame.get("message", ""))
+async def _recv(ws: Any) -> Any:
+    try:
+        return parse_node_frame(await ws.recv())
+    except NodeFrameError as exc:
+        raise SessionError("PROTOCOL", str(exc)) from exc
+
+
+def _expect(frame: Any, kind: type[Any], name: str) -> Any:
+    if isinstance(frame, ErrorFrame):
+        raise SessionError(frame.code, frame.message)
+    if not isinstance(frame, kind):
+        raise SessionError("PROTOCOL", f"expected {name}, node sent {frame.type}")
+    return frame

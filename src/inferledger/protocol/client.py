@@ -1,80 +1,24 @@
-"""The session protocol's frames: what a client may send, what the node answers.
+"""What a client may send a node: the frames, their schemas and the one parser.
 
-Every inbound frame is parsed here into a typed model, so the rest of the node
-never touches raw JSON. Anything malformed becomes a ``ProtocolError`` carrying
-one of the documented error codes (docs/protocol.md lists them all).
+Every inbound frame is parsed here into a typed model, so the node never touches raw
+JSON. Anything malformed becomes a ``ProtocolError`` carrying one of the documented
+error codes (docs/protocol.md lists them all). The SDK builds its frames from the same
+models, so the two sides cannot drift apart.
 """
 
 from __future__ import annotations
 
 import json
-from enum import StrEnum
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION = 1
+from inferledger.protocol.codes import ErrorCode, ProtocolError
 
-
-class ErrorCode(StrEnum):
-    """Error codes sent in ``error`` frames. Fatal ones close the connection."""
-
-    BAD_FRAME = "BAD_FRAME"
-    UNKNOWN_TYPE = "UNKNOWN_TYPE"
-    FRAME_TOO_LARGE = "FRAME_TOO_LARGE"
-    NOT_AUTHENTICATED = "NOT_AUTHENTICATED"
-    ALREADY_AUTHENTICATED = "ALREADY_AUTHENTICATED"
-    BAD_NONCE = "BAD_NONCE"
-    BAD_SIGNATURE = "BAD_SIGNATURE"
-    SESSION_NOT_FOUND = "SESSION_NOT_FOUND"
-    SESSION_CLOSED = "SESSION_CLOSED"
-    WRONG_HOST = "WRONG_HOST"
-    MODEL_NOT_SERVED = "MODEL_NOT_SERVED"
-    SESSION_BUSY = "SESSION_BUSY"
-    NODE_NOT_READY = "NODE_NOT_READY"
-    REQUEST_IN_PROGRESS = "REQUEST_IN_PROGRESS"
-    BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
-    RECEIPT_INVALID = "RECEIPT_INVALID"
-    RECEIPT_MISMATCH = "RECEIPT_MISMATCH"
-    RECEIPT_UNEXPECTED = "RECEIPT_UNEXPECTED"
-    RECEIPT_TIMEOUT = "RECEIPT_TIMEOUT"
-    BAD_REQUEST = "BAD_REQUEST"
-    CHAIN_UNAVAILABLE = "CHAIN_UNAVAILABLE"
-    INTERNAL = "INTERNAL"
-
-
-# Codes after which the node closes the connection; the session itself stays usable.
-FATAL_CODES = frozenset(
-    {
-        ErrorCode.BAD_NONCE,
-        ErrorCode.BAD_SIGNATURE,
-        ErrorCode.SESSION_NOT_FOUND,
-        ErrorCode.SESSION_CLOSED,
-        ErrorCode.WRONG_HOST,
-        ErrorCode.MODEL_NOT_SERVED,
-        ErrorCode.SESSION_BUSY,
-        ErrorCode.NODE_NOT_READY,
-        ErrorCode.RECEIPT_INVALID,
-        ErrorCode.RECEIPT_MISMATCH,
-        ErrorCode.RECEIPT_TIMEOUT,
-    }
-)
-
-
-class ProtocolError(Exception):
-    """A frame or action the node refuses; becomes an ``error`` frame."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    @property
-    def fatal(self) -> bool:
-        return self.code in FATAL_CODES
-
-    def frame(self) -> dict[str, Any]:
-        return {"type": "error", "code": self.code.value, "message": self.message}
+# Tokens a chat template may add around the messages (role markers, a default system
+# prompt); see ``prompt_token_bound``.
+TEMPLATE_ALLOWANCE = 64
 
 
 class _Frame(BaseModel):
@@ -101,7 +45,7 @@ class SessionInit(_Frame):
     """Log in to a session: the session signer's EIP-712 answer to the challenge."""
 
     type: Literal["session_init"]
-    session_id: int = Field(gt=0)
+    session_id: int = Field(gt=0, lt=2**63)
     nonce: Hex32
     signature: Signature
 
@@ -127,10 +71,12 @@ class Prompt(_Frame):
 
 
 class ReceiptFrame(_Frame):
-    """The session signer's signature over (session, cumulative tokens, proof hash)."""
+    """The session signer's signature over (session, cumulative input and output tokens,
+    proof hash): the EIP-712 ``Receipt`` JobMarketplace pays."""
 
     type: Literal["receipt"]
-    tokens: int = Field(gt=0)
+    input_tokens: int = Field(ge=0)
+    output_tokens: int = Field(ge=0)
     proof_hash: Hex32
     signature: Signature
 
@@ -192,3 +138,18 @@ def client_frame_schemas() -> dict[str, dict[str, Any]]:
         "ping": Ping,
     }
     return {name: model.model_json_schema() for name, model in models.items()}
+
+
+def prompt_token_bound(messages: Iterable[Mapping[str, str]]) -> int:
+    """The most input tokens an honest node can bill for ``messages``.
+
+    A byte-level BPE token covers at least one byte, so a chat's tokens are at most its
+    canonical JSON's bytes (which exceed the UTF-8 bytes of the contents and carry more
+    per-message overhead than a chat template's role markers) plus ``TEMPLATE_ALLOWANCE``
+    for a default system prompt. A node without a tokenizer bills exactly the JSON bytes.
+    The SDK refuses to sign a receipt whose input count grew by more than this.
+    """
+    canonical = json.dumps(
+        [dict(m) for m in messages], sort_keys=True, separators=(",", ":")
+    ).encode()
+    return len(canonical) + TEMPLATE_ALLOWANCE

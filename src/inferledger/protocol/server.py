@@ -1,0 +1,220 @@
+"""What a node sends a client: one typed model per frame, shared by the node and the SDK.
+
+The node builds these models and sends ``model_dump``; the SDK parses every inbound frame
+with ``parse_node_frame``, so a frame the node would not send (a missing field, a negative
+count) is a protocol error on the client, not a ``KeyError`` deep in its bookkeeping.
+Their JSON schemas are published in docs/protocol-schemas.json next to the client frames.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from inferledger.protocol.client import Hex32
+
+Count = Annotated[int, Field(ge=0)]
+
+
+class _NodeFrame(BaseModel):
+    # Extra fields are ignored, so a newer node may add some without breaking older clients.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class Challenge(_NodeFrame):
+    """The first frame: who the node is and the nonce the login must sign."""
+
+    type: Literal["challenge"] = "challenge"
+    protocol: int
+    nonce: Hex32
+    host: str
+    chain_id: int
+    marketplace: str
+    model: str
+
+
+class ReplayedToken(BaseModel):
+    """A token streamed after the last receipt, sent again on resume so the client can
+    check (or learn) it before it signs."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    index: int = Field(gt=0)
+    token_id: int
+    text: str
+
+
+class SessionReady(_NodeFrame):
+    """Login accepted. ``receipted_*`` are the last signed receipt's counts and
+    ``transcript_hash`` the chain over its output tokens; ``served_*`` is everything the
+    node has served, and ``replay`` the output tokens between the two. When served exceeds
+    receipted, a ``receipt_request`` for the served counts follows, and no prompt is taken
+    until it is signed."""
+
+    type: Literal["session_ready"] = "session_ready"
+    session_id: int
+    model: str
+    deposit: Count
+    input_price_per_mtok: Count
+    output_price_per_mtok: Count
+    proof_interval: int
+    max_unreceipted_tokens: int
+    receipted_input_tokens: Count
+    receipted_output_tokens: Count
+    served_input_tokens: Count
+    served_output_tokens: Count
+    transcript_hash: Hex32
+    replay: list[ReplayedToken] = Field(default_factory=list)
+    expires_at: int
+    settles_at: int
+
+
+class ReplyStart(_NodeFrame):
+    """A prompt was accepted: its input tokens are now part of the session's bill."""
+
+    type: Literal["reply_start"] = "reply_start"
+    request_id: str
+    prompt_tokens: Count
+    input_tokens: Count
+
+
+class TokenFrame(_NodeFrame):
+    type: Literal["token"] = "token"
+    request_id: str
+    index: int = Field(gt=0)
+    token_id: int
+    text: str
+
+
+class ReceiptRequest(_NodeFrame):
+    """Sign ``Receipt(session_id, input_tokens, output_tokens, proof_hash)``: cumulative
+    counts, and the newest proof bundle's hash (it may cover fewer output tokens)."""
+
+    type: Literal["receipt_request"] = "receipt_request"
+    session_id: int
+    input_tokens: Count
+    output_tokens: Count
+    proof_hash: Hex32
+    transcript_hash: Hex32
+    proof_uri: str | None
+
+
+class ReceiptAck(_NodeFrame):
+    type: Literal["receipt_ack"] = "receipt_ack"
+    input_tokens: Count
+    output_tokens: Count
+
+
+class Done(_NodeFrame):
+    """A reply ended: ``finish_reason`` is stop, length, budget or closing."""
+
+    type: Literal["done"] = "done"
+    request_id: str
+    finish_reason: str
+    prompt_tokens: Count
+    completion_tokens: Count
+    input_tokens: Count
+    output_tokens: Count
+
+
+class SessionEnd(_NodeFrame):
+    type: Literal["session_end"] = "session_end"
+    session_id: int
+    served_input_tokens: Count
+    served_output_tokens: Count
+    receipted_input_tokens: Count
+    receipted_output_tokens: Count
+
+
+class Settled(_NodeFrame):
+    type: Literal["settled"] = "settled"
+    session_id: int
+    input_tokens: Count
+    output_tokens: Count
+    host_amount: Count
+    fee: Count
+    refund: Count
+    refund_credited: bool | None
+    tx_hash: str | None
+
+
+class SettlementPending(_NodeFrame):
+    type: Literal["settlement_pending"] = "settlement_pending"
+    session_id: int
+    reason: str
+
+
+class Pong(_NodeFrame):
+    type: Literal["pong"] = "pong"
+
+
+class ErrorFrame(_NodeFrame):
+    type: Literal["error"] = "error"
+    code: str
+    message: str
+
+
+NodeFrame = Annotated[
+    Challenge
+    | SessionReady
+    | ReplyStart
+    | TokenFrame
+    | ReceiptRequest
+    | ReceiptAck
+    | Done
+    | SessionEnd
+    | Settled
+    | SettlementPending
+    | Pong
+    | ErrorFrame,
+    Field(discriminator="type"),
+]
+NODE_FRAMES: dict[str, type[_NodeFrame]] = {
+    model.model_fields["type"].default: model
+    for model in (
+        Challenge,
+        SessionReady,
+        ReplyStart,
+        TokenFrame,
+        ReceiptRequest,
+        ReceiptAck,
+        Done,
+        SessionEnd,
+        Settled,
+        SettlementPending,
+        Pong,
+        ErrorFrame,
+    )
+}
+_node_frame: TypeAdapter[Any] = TypeAdapter(NodeFrame)
+
+
+class NodeFrameError(ValueError):
+    """A frame from the node that breaks the protocol (not JSON, unknown type, bad field)."""
+
+
+def parse_node_frame(text: str | bytes) -> Any:
+    """One frame from the node as its typed model, or NodeFrameError naming what is wrong."""
+    try:
+        data = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise NodeFrameError(f"node sent a frame that is not JSON: {exc}") from exc
+    kind = data.get("type") if isinstance(data, dict) else None
+    if kind not in NODE_FRAMES:
+        raise NodeFrameError(f"node sent an unknown frame type {kind!r}")
+    try:
+        return _node_frame.validate_python(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"][1:]) or kind
+        raise NodeFrameError(f"node sent a bad {kind} frame: {where}: {first['msg']}") from exc
+
+
+def node_frame_schemas() -> dict[str, dict[str, Any]]:
+    """JSON schema of each frame a node sends, by type (published in docs)."""
+    return {name: model.model_json_schema() for name, model in NODE_FRAMES.items()}
