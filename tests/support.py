@@ -14,6 +14,7 @@ from inferledger.chain.compile import CompiledContract, compile_all, compile_sou
 from inferledger.chain.connect import Chain
 from inferledger.chain.deploy import deploy_compiled
 from inferledger.chain.devchain import (  # noqa: F401 (re-exported for the tests)
+    INPUT_PRICE,
     PRICE,
     PROOF,
     DevWorld,

@@ -19,12 +19,12 @@ from inferledger.chain.devchain import DevWorld
 from inferledger.chain.errors import ContractRevert
 from inferledger.chain.receipts import Receipt, receipt_digest, sign_receipt
 from inferledger.chain.units import cost, settlement_split, usdc
-from support import PRICE, PROOF, URI, deploy_failing_token, open_session, sign
+from support import INPUT_PRICE, PRICE, PROOF, URI, deploy_failing_token, open_session, sign
 
 ZERO = "0x" + "00" * 20
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 WINDOW = 3600  # DeployParams.close_window
-DEPOSIT = usdc("2")  # buys 1000 tokens at PRICE
+DEPOSIT = usdc("2")  # buys 1000 output tokens at PRICE, or 4000 input tokens at INPUT_PRICE
 METHODS = ["submit_checkpoint", "complete_session"]
 
 
@@ -96,7 +96,8 @@ def create_args(world: DevWorld, **overrides: Any) -> dict[str, Any]:
         "host": world.host.address,
         "model_id": world.model_id,
         "deposit": DEPOSIT,
-        "price_per_mtok": PRICE,
+        "max_input_price_per_mtok": INPUT_PRICE,
+        "max_output_price_per_mtok": PRICE,
         "max_duration": 86400,
         "proof_interval": 100,
         "session_signer": Account.create().address,
@@ -104,8 +105,16 @@ def create_args(world: DevWorld, **overrides: Any) -> dict[str, Any]:
     return args | overrides
 
 
-def checkpoint(world: DevWorld, method: str, sender: Any, sid: int, tokens: int, sig: bytes):
-    return getattr(world.contracts.marketplace, method)(sender, sid, tokens, PROOF, URI, sig)
+def checkpoint(
+    world: DevWorld, method: str, sender: Any, sid: int, tokens: tuple[int, int], sig: bytes
+) -> Any:
+    """``method`` with the receipt ``sig`` for cumulative (input, output) ``tokens``."""
+    return getattr(world.contracts.marketplace, method)(sender, sid, *tokens, PROOF, URI, sig)
+
+
+def paid_counts(world: DevWorld, sid: int) -> tuple[int, int]:
+    session = world.contracts.marketplace.get_session(sid)
+    return session.input_tokens_paid, session.output_tokens_paid
 
 
 def split(sig: bytes) -> tuple[bytes, int, int]:
@@ -118,7 +127,9 @@ def split(sig: bytes) -> tuple[bytes, int, int]:
 @pytest.mark.parametrize(
     ("overrides", "reason"),
     [
-        ({"price_per_mtok": PRICE - 1}, "host price above offered price"),
+        ({"max_input_price_per_mtok": INPUT_PRICE - 1}, "host input price above offered price"),
+        ({"max_input_price_per_mtok": 0}, "host input price above offered price"),
+        ({"max_output_price_per_mtok": PRICE - 1}, "host output price above offered price"),
         ({"deposit": 9_999}, "deposit below minimum"),
         ({"deposit": 10_000 * 10**6 + 1}, "deposit above maximum"),
         ({"proof_interval": 9}, "proof interval too small"),
@@ -148,7 +159,9 @@ def test_create_session_accepts_every_boundary_value(world: DevWorld) -> None:
     c.token.approve(world.user, c.marketplace.address, 2**256 - 1)
     for overrides in [
         {"proof_interval": 10},
-        {"proof_interval": 1000},  # exactly one interval: 1000 tokens cost the whole deposit
+        # Exactly one interval: 1000 output tokens cost the whole deposit (the interval
+        # is counted in output tokens only, prompts are not part of it).
+        {"proof_interval": 1000},
         {"max_duration": 60},
         {"max_duration": 30 * 86400},
     ]:
@@ -164,28 +177,52 @@ def test_create_session_accepts_every_boundary_value(world: DevWorld) -> None:
     # interval of 10 tokens, and the maximum.
     cheap = world.funded_sender("cheap host", usdc("10"))
     c.token.approve(cheap, c.nodes.address, usdc("10"))
-    c.nodes.register(cheap, "ws://cheap", {world.model_id: 1_000_000_000}, usdc("10"))
+    c.nodes.register(cheap, "ws://cheap", {world.model_id: (7, 1_000_000_000)}, usdc("10"))
     rich = world.funded_sender("rich user", 10_000 * 10**6 + 10_000)
     c.token.approve(rich, c.marketplace.address, 2**256 - 1)
     low = c.marketplace.create_session(
         rich,
         **create_args(
-            world, host=cheap.address, deposit=10_000, price_per_mtok=10**9, proof_interval=10
+            world,
+            host=cheap.address,
+            deposit=10_000,
+            max_input_price_per_mtok=7,
+            max_output_price_per_mtok=10**9,
+            proof_interval=10,
         ),
     )
     high = c.marketplace.create_session(rich, **create_args(world, deposit=10_000 * 10**6))
     assert c.marketplace.get_session(low).deposit == 10_000
-    assert c.marketplace.get_session(low).price_per_mtok == 10**9
+    low_session = c.marketplace.get_session(low)
+    assert (low_session.input_price_per_mtok, low_session.output_price_per_mtok) == (7, 10**9)
     assert c.marketplace.get_session(high).deposit == 10_000 * 10**6
     assert c.token.balance_of(rich.address) == 0
 
 
-def test_create_session_prices_at_host_price_not_offer(world: DevWorld) -> None:
+def test_create_session_prices_at_host_prices_not_offer(world: DevWorld) -> None:
     c = world.contracts
-    args = create_args(world, price_per_mtok=PRICE * 3)
+    args = create_args(
+        world, max_input_price_per_mtok=INPUT_PRICE * 5, max_output_price_per_mtok=PRICE * 3
+    )
     c.token.approve(world.user, c.marketplace.address, DEPOSIT)
     sid = c.marketplace.create_session(world.user, **args)
-    assert c.marketplace.get_session(sid).price_per_mtok == PRICE
+    session = c.marketplace.get_session(sid)
+    assert (session.input_price_per_mtok, session.output_price_per_mtok) == (INPUT_PRICE, PRICE)
+    # A later price change does not touch the open session's snapshot.
+    c.nodes.set_models(world.host, {world.model_id: (INPUT_PRICE + 1, PRICE + 1)})
+    session = c.marketplace.get_session(sid)
+    assert (session.input_price_per_mtok, session.output_price_per_mtok) == (INPUT_PRICE, PRICE)
+
+
+def test_session_created_event_carries_both_prices(world: DevWorld) -> None:
+    c = world.contracts
+    c.token.approve(world.user, c.marketplace.address, DEPOSIT)
+    receipt = world.user.transact(
+        c.marketplace.contract.functions.create_session(*create_args(world).values())
+    )
+    (event,) = c.marketplace._events("SessionCreated", receipt)
+    prices = (event["args"]["input_price_per_mtok"], event["args"]["output_price_per_mtok"])
+    assert prices == (INPUT_PRICE, PRICE)
 
 
 def test_create_session_rejects_inactive_host(world: DevWorld) -> None:
@@ -269,19 +306,23 @@ def test_checkpoint_rejects_unknown_session(world: DevWorld, method: str) -> Non
     with unchanged(world):
         for tokens in (0, 100):
             with reverts("JobMarketplace: session not open"):
-                checkpoint(world, method, world.host, 999, tokens, sign(world, signer, 999, tokens))
+                checkpoint(
+                    world, method, world.host, 999, (0, tokens), sign(world, signer, 999, 0, tokens)
+                )
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_checkpoint_rejects_settled_session(world: DevWorld, method: str) -> None:
     sid, signer = open_session(world)
     world.contracts.marketplace.complete_session(
-        world.host, sid, 100, PROOF, URI, sign(world, signer, sid, 100)
+        world.host, sid, 0, 100, PROOF, URI, sign(world, signer, sid, 0, 100)
     )
     with unchanged(world, sid):
         for tokens in (100, 200):
             with reverts("JobMarketplace: session not open"):
-                checkpoint(world, method, world.host, sid, tokens, sign(world, signer, sid, tokens))
+                checkpoint(
+                    world, method, world.host, sid, (0, tokens), sign(world, signer, sid, 0, tokens)
+                )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -291,7 +332,7 @@ def test_checkpoint_rejects_caller_other_than_host(world: DevWorld, method: str)
     with unchanged(world, sid):
         for caller in (world.user, stranger, world.owner):
             with reverts("JobMarketplace: caller is not the host"):
-                checkpoint(world, method, caller, sid, 100, sign(world, signer, sid, 100))
+                checkpoint(world, method, caller, sid, (0, 100), sign(world, signer, sid, 0, 100))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -301,51 +342,79 @@ def test_checkpoint_rejects_after_deadline(world: DevWorld, method: str) -> None
     with unchanged(world, sid):
         for tokens in (0, 100):  # even settling at what was already receipted
             with reverts("JobMarketplace: session deadline passed"):
-                checkpoint(world, method, world.host, sid, tokens, sign(world, signer, sid, tokens))
+                checkpoint(
+                    world, method, world.host, sid, (0, tokens), sign(world, signer, sid, 0, tokens)
+                )
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_checkpoint_rejects_tokens_below_last_checkpoint(world: DevWorld, method: str) -> None:
+def test_checkpoint_rejects_either_count_below_last_checkpoint(
+    world: DevWorld, method: str
+) -> None:
     mp = world.contracts.marketplace
     sid, signer = open_session(world)
-    mp.submit_checkpoint(world.host, sid, 200, PROOF, URI, sign(world, signer, sid, 200))
+    mp.submit_checkpoint(world.host, sid, 80, 200, PROOF, URI, sign(world, signer, sid, 80, 200))
     with unchanged(world, sid):
-        for tokens in (199, 100, 0):
-            with reverts("JobMarketplace: tokens must increase"):
-                checkpoint(world, method, world.host, sid, tokens, sign(world, signer, sid, tokens))
+        # Lower output, lower input, both lower, and one lower with the other higher.
+        for tokens in [(80, 199), (79, 200), (0, 0), (79, 300), (100, 199)]:
+            with reverts("JobMarketplace: tokens must not decrease"):
+                checkpoint(
+                    world, method, world.host, sid, tokens, sign(world, signer, sid, *tokens)
+                )
+    assert paid_counts(world, sid) == (80, 200)
 
 
-def test_submit_checkpoint_rejects_repeated_token_count(world: DevWorld) -> None:
+def test_submit_checkpoint_rejects_repeated_token_counts(world: DevWorld) -> None:
     mp = world.contracts.marketplace
     sid, signer = open_session(world)
     rejected(
         world,
         "JobMarketplace: tokens must increase",
-        lambda: mp.submit_checkpoint(world.host, sid, 0, PROOF, URI, sign(world, signer, sid, 0)),
+        lambda: mp.submit_checkpoint(
+            world.host, sid, 0, 0, PROOF, URI, sign(world, signer, sid, 0, 0)
+        ),
         sid,
     )
-    sig = sign(world, signer, sid, 200)
-    mp.submit_checkpoint(world.host, sid, 200, PROOF, URI, sig)
+    sig = sign(world, signer, sid, 80, 200)
+    mp.submit_checkpoint(world.host, sid, 80, 200, PROOF, URI, sig)
     rejected(
         world,
         "JobMarketplace: tokens must increase",
-        lambda: mp.submit_checkpoint(world.host, sid, 200, PROOF, URI, sig),
+        lambda: mp.submit_checkpoint(world.host, sid, 80, 200, PROOF, URI, sig),
         sid,
     )
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_checkpoint_rejects_tokens_beyond_deposit(world: DevWorld, method: str) -> None:
-    mp = world.contracts.marketplace
-    sid, signer = open_session(world)  # 2 USDC at $0.002/token: 1000 tokens
-    rejected(
-        world,
-        "JobMarketplace: tokens exceed budget",
-        lambda: checkpoint(world, method, world.host, sid, 1001, sign(world, signer, sid, 1001)),
-        sid,
-    )
-    checkpoint(world, method, world.host, sid, 1000, sign(world, signer, sid, 1000))
-    assert mp.get_session(sid).tokens_paid == 1000
+    # 2 USDC buys 1000 output tokens at $0.002, or 4000 input tokens at $0.0005; the
+    # budget counts both: 4 input + 999 output tokens cost exactly the deposit.
+    sid, signer = open_session(world)
+    for over in [(0, 1001), (4001, 0), (5, 999)]:
+        rejected(
+            world,
+            "JobMarketplace: tokens exceed budget",
+            lambda t=over: checkpoint(
+                world, method, world.host, sid, t, sign(world, signer, sid, *t)
+            ),
+            sid,
+        )
+    checkpoint(world, method, world.host, sid, (4, 999), sign(world, signer, sid, 4, 999))
+    assert paid_counts(world, sid) == (4, 999)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_checkpoint_rejects_receipt_over_the_wrong_input_count(
+    world: DevWorld, method: str
+) -> None:
+    sid, signer = open_session(world)
+    sig = sign(world, signer, sid, 50, 100)
+    with unchanged(world, sid):
+        for tokens in [(0, 100), (49, 100), (51, 100)]:
+            with reverts("JobMarketplace: receipt not signed by session signer"):
+                checkpoint(world, method, world.host, sid, tokens, sig)
+    checkpoint(world, method, world.host, sid, (50, 100), sig)
+    assert paid_counts(world, sid) == (50, 100)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -354,13 +423,13 @@ def test_checkpoint_rejects_receipt_from_other_key(world: DevWorld, method: str)
     with unchanged(world, sid):
         for key in (Account.create(), Account.from_key(bytes(31) + b"\x01")):
             with reverts("JobMarketplace: receipt not signed by session signer"):
-                checkpoint(world, method, world.host, sid, 100, sign(world, key, sid, 100))
+                checkpoint(world, method, world.host, sid, (0, 100), sign(world, key, sid, 0, 100))
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_checkpoint_rejects_malformed_signatures(world: DevWorld, method: str) -> None:
     sid, signer = open_session(world)
-    sig = sign(world, signer, sid, 100)
+    sig = sign(world, signer, sid, 0, 100)
     cases = [(sig[:length], "receipt signature must be 65 bytes") for length in (0, 1, 64)]
     cases += [(sig[:64] + bytes([v]), "bad receipt signature v") for v in (0, 1, 26, 29, 255)]
     # ecrecover fails (returns the zero address) for r or s outside [1, n - 1].
@@ -372,21 +441,21 @@ def test_checkpoint_rejects_malformed_signatures(world: DevWorld, method: str) -
     with unchanged(world, sid):
         for bad, reason in cases:
             with reverts(f"JobMarketplace: {reason}"):
-                checkpoint(world, method, world.host, sid, 100, bad)
-    checkpoint(world, method, world.host, sid, 100, sig)
-    assert world.contracts.marketplace.get_session(sid).tokens_paid == 100
+                checkpoint(world, method, world.host, sid, (0, 100), bad)
+    checkpoint(world, method, world.host, sid, (0, 100), sig)
+    assert paid_counts(world, sid) == (0, 100)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_checkpoint_rejects_malleable_twin_signature(world: DevWorld, method: str) -> None:
     mp = world.contracts.marketplace
     sid, signer = open_session(world)
-    sig = sign(world, signer, sid, 100)
+    sig = sign(world, signer, sid, 0, 100)
     r, s, v = split(sig)
     assert s <= SECP256K1_N // 2  # eth-account signs low-s
     twin = r + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - v])
     # The twin is a genuine signature by the session signer...
-    digest = receipt_digest(mp.domain(), Receipt(sid, 100, PROOF))
+    digest = receipt_digest(mp.domain(), Receipt(sid, 0, 100, PROOF))
     twin_sig = keys.Signature(vrs=(28 - v, int.from_bytes(r, "big"), SECP256K1_N - s))
     assert twin_sig.recover_public_key_from_msg_hash(digest).to_checksum_address() == (
         signer.address
@@ -396,18 +465,20 @@ def test_checkpoint_rejects_malleable_twin_signature(world: DevWorld, method: st
     with unchanged(world, sid):
         for bad in (twin, over):
             with reverts("JobMarketplace: malleable receipt signature"):
-                checkpoint(world, method, world.host, sid, 100, bad)
-    checkpoint(world, method, world.host, sid, 100, sig)
-    assert mp.get_session(sid).tokens_paid == 100
+                checkpoint(world, method, world.host, sid, (0, 100), bad)
+    checkpoint(world, method, world.host, sid, (0, 100), sig)
+    assert paid_counts(world, sid) == (0, 100)
 
 
 def test_complete_session_at_last_checkpoint_needs_no_new_receipt(world: DevWorld) -> None:
     c = world.contracts
     sid, signer = open_session(world)
-    c.marketplace.submit_checkpoint(world.host, sid, 300, PROOF, URI, sign(world, signer, sid, 300))
-    settled = c.marketplace.complete_session(world.host, sid, 300, PROOF, URI, b"\x00" * 7)
-    expected = settlement_split(DEPOSIT, 300, PRICE, 1000)
-    assert (settled.tokens, settled.host_amount, settled.fee, settled.refund) == (
+    c.marketplace.submit_checkpoint(
+        world.host, sid, 0, 300, PROOF, URI, sign(world, signer, sid, 0, 300)
+    )
+    settled = c.marketplace.complete_session(world.host, sid, 0, 300, PROOF, URI, b"\x00" * 7)
+    expected = settlement_split(DEPOSIT, 0, 300, INPUT_PRICE, PRICE, 1000)
+    assert (settled.output_tokens, settled.host_amount, settled.fee, settled.refund) == (
         300,
         expected.host,
         expected.fee,
@@ -423,7 +494,7 @@ def test_request_close_rejects_unknown_and_settled_sessions(world: DevWorld) -> 
     mp = world.contracts.marketplace
     rejected(world, "JobMarketplace: session not open", lambda: mp.request_close(world.user, 999))
     sid, signer = open_session(world)
-    mp.complete_session(world.host, sid, 100, PROOF, URI, sign(world, signer, sid, 100))
+    mp.complete_session(world.host, sid, 0, 100, PROOF, URI, sign(world, signer, sid, 0, 100))
     rejected(
         world, "JobMarketplace: session not open", lambda: mp.request_close(world.user, sid), sid
     )
@@ -509,13 +580,13 @@ def test_finalize_rejects_expired_session_until_window_passes(world: DevWorld) -
         sid,
     )
     # The host may still checkpoint after expiry, inside the window.
-    mp.submit_checkpoint(world.host, sid, 150, PROOF, URI, sign(world, signer, sid, 150))
+    mp.submit_checkpoint(world.host, sid, 0, 150, PROOF, URI, sign(world, signer, sid, 0, 150))
     world.chain.time_travel(WINDOW)
     stranger = world.funded_sender("stranger")
     user_before = world.contracts.token.balance_of(world.user.address)
     settled = mp.finalize(stranger, sid)
-    expected = settlement_split(DEPOSIT, 150, PRICE, 1000)
-    assert (settled.tokens, settled.host_amount, settled.fee, settled.refund) == (
+    expected = settlement_split(DEPOSIT, 0, 150, INPUT_PRICE, PRICE, 1000)
+    assert (settled.output_tokens, settled.host_amount, settled.fee, settled.refund) == (
         150,
         expected.host,
         expected.fee,
@@ -541,7 +612,9 @@ def test_finalize_only_strictly_after_deadline(world: DevWorld, trigger: str) ->
         sid,
     )
     # The deadline second itself still belongs to the host.
-    receipt = mp.submit_checkpoint(world.host, sid, 100, PROOF, URI, sign(world, signer, sid, 100))
+    receipt = mp.submit_checkpoint(
+        world.host, sid, 0, 100, PROOF, URI, sign(world, signer, sid, 0, 100)
+    )
     assert world.chain.w3.eth.get_block(receipt["blockNumber"])["timestamp"] == deadline
 
     next_block_at(world, deadline + 1)
@@ -549,13 +622,13 @@ def test_finalize_only_strictly_after_deadline(world: DevWorld, trigger: str) ->
         world,
         "JobMarketplace: session deadline passed",
         lambda: mp.submit_checkpoint(
-            world.host, sid, 200, PROOF, URI, sign(world, signer, sid, 200)
+            world.host, sid, 0, 200, PROOF, URI, sign(world, signer, sid, 0, 200)
         ),
         sid,
     )
     settled = mp.finalize(world.owner, sid)
     assert world.chain.now() == deadline + 1
-    assert settled.tokens == 100
+    assert settled.output_tokens == 100
     assert mp.get_session(sid).is_settled
 
 
@@ -565,23 +638,25 @@ def test_finalize_only_strictly_after_deadline(world: DevWorld, trigger: str) ->
 def test_host_can_checkpoint_and_complete_during_close_window(world: DevWorld) -> None:
     mp = world.contracts.marketplace
     sid, signer = open_session(world)
-    mp.submit_checkpoint(world.host, sid, 100, PROOF, URI, sign(world, signer, sid, 100))
+    mp.submit_checkpoint(world.host, sid, 0, 100, PROOF, URI, sign(world, signer, sid, 0, 100))
     mp.request_close(world.user, sid)
     deadline = mp.session_deadline(sid)
     world.chain.time_travel(WINDOW // 2)
-    mp.submit_checkpoint(world.host, sid, 200, PROOF, URI, sign(world, signer, sid, 200))
+    mp.submit_checkpoint(world.host, sid, 0, 200, PROOF, URI, sign(world, signer, sid, 0, 200))
     next_block_at(world, deadline)
-    settled = mp.complete_session(world.host, sid, 300, PROOF, URI, sign(world, signer, sid, 300))
-    assert settled.tokens == 300
+    settled = mp.complete_session(
+        world.host, sid, 0, 300, PROOF, URI, sign(world, signer, sid, 0, 300)
+    )
+    assert settled.output_tokens == 300
     session = mp.get_session(sid)
-    assert (session.tokens_paid, session.checkpoints, session.is_settled) == (300, 3, True)
+    assert (session.output_tokens_paid, session.checkpoints, session.is_settled) == (300, 3, True)
 
 
 def test_anyone_finalizes_after_close_window_at_last_checkpoint(world: DevWorld) -> None:
     c = world.contracts
     mp = c.marketplace
     sid, signer = open_session(world)
-    mp.submit_checkpoint(world.host, sid, 400, PROOF, URI, sign(world, signer, sid, 400))
+    mp.submit_checkpoint(world.host, sid, 150, 400, PROOF, URI, sign(world, signer, sid, 150, 400))
     mp.request_close(world.user, sid)
     world.chain.time_travel(WINDOW + 5)
     for method in METHODS:  # the host is too late with a newer receipt
@@ -589,15 +664,22 @@ def test_anyone_finalizes_after_close_window_at_last_checkpoint(world: DevWorld)
             world,
             "JobMarketplace: session deadline passed",
             lambda m=method: checkpoint(
-                world, m, world.host, sid, 500, sign(world, signer, sid, 500)
+                world, m, world.host, sid, (0, 500), sign(world, signer, sid, 0, 500)
             ),
             sid,
         )
     stranger = world.funded_sender("stranger")
     user_before = c.token.balance_of(world.user.address)
     settled = mp.finalize(stranger, sid)
-    expected = settlement_split(DEPOSIT, 400, PRICE, 1000)
-    assert (settled.tokens, settled.host_amount, settled.fee, settled.refund) == (
+    expected = settlement_split(DEPOSIT, 150, 400, INPUT_PRICE, PRICE, 1000)
+    assert (
+        settled.input_tokens,
+        settled.output_tokens,
+        settled.host_amount,
+        settled.fee,
+        settled.refund,
+    ) == (
+        150,
         400,
         expected.host,
         expected.fee,
@@ -616,12 +698,12 @@ def test_fee_is_snapshotted_at_creation(world: DevWorld) -> None:
     mp.set_fee_bps(world.owner, 2000)
     new, new_signer = open_session(world)
     assert (mp.get_session(old).fee_bps, mp.get_session(new).fee_bps) == (1000, 2000)
-    gross = cost(500, PRICE)
+    gross = cost(0, 500, INPUT_PRICE, PRICE)
     settled_old = mp.complete_session(
-        world.host, old, 500, PROOF, URI, sign(world, old_signer, old, 500)
+        world.host, old, 0, 500, PROOF, URI, sign(world, old_signer, old, 0, 500)
     )
     settled_new = mp.complete_session(
-        world.host, new, 500, PROOF, URI, sign(world, new_signer, new, 500)
+        world.host, new, 0, 500, PROOF, URI, sign(world, new_signer, new, 0, 500)
     )
     assert (settled_old.fee, settled_old.host_amount) == (gross // 10, gross - gross // 10)
     assert (settled_new.fee, settled_new.host_amount) == (gross // 5, gross - gross // 5)
@@ -634,8 +716,10 @@ def test_refund_to_blocked_depositor_is_credited(world: DevWorld) -> None:
     sid, signer = open_session(world)
     c.token.set_blocked(world.owner, world.user.address, True)
     user_before = c.token.balance_of(world.user.address)
-    settled = mp.complete_session(world.host, sid, 250, PROOF, URI, sign(world, signer, sid, 250))
-    expected = settlement_split(DEPOSIT, 250, PRICE, 1000)
+    settled = mp.complete_session(
+        world.host, sid, 0, 250, PROOF, URI, sign(world, signer, sid, 0, 250)
+    )
+    expected = settlement_split(DEPOSIT, 0, 250, INPUT_PRICE, PRICE, 1000)
     assert settled.refund_credited
     assert (settled.host_amount, settled.fee, settled.refund) == (
         expected.host,
@@ -677,7 +761,7 @@ def test_withdraw_treasury_rejects_non_treasury_and_zero_balance(world: DevWorld
         world, "JobMarketplace: treasury balance is zero", lambda: mp.withdraw_treasury(world.owner)
     )
     sid, signer = open_session(world)
-    mp.complete_session(world.host, sid, 500, PROOF, URI, sign(world, signer, sid, 500))
+    mp.complete_session(world.host, sid, 0, 500, PROOF, URI, sign(world, signer, sid, 0, 500))
     fee = mp.treasury_balance()
     assert fee > 0
     with unchanged(world):
@@ -765,23 +849,23 @@ def test_token_transfers_returning_false_revert_or_are_credited(world: DevWorld)
     model = c.models.approve_model(world.owner, "m", keccak(text="m"))
     stake = c.deployment.params.min_stake
     world.owner.transact(token.functions.mint(world.host.address, stake))
-    c.nodes.register(world.host, "ws://failing", {model: PRICE}, stake)
+    c.nodes.register(world.host, "ws://failing", {model: (INPUT_PRICE, PRICE)}, stake)
     world.owner.transact(token.functions.mint(world.user.address, 3 * DEPOSIT))
     signer = Account.create()
     args = create_args(world, model_id=model, session_signer=signer.address)
     paid, refunded = (mp.create_session(world.user, **args) for _ in range(2))
-    receipt = Receipt(session_id=paid, tokens=500, proof_hash=PROOF)
+    receipt = Receipt(paid, 100, 500, PROOF)
     sig = sign_receipt(signer.key, mp.domain(), receipt)
 
     failing(True)
     with reverts("JobMarketplace: deposit transfer failed"):
         mp.create_session(world.user, **args)
     with reverts("JobMarketplace: host payout transfer failed"):
-        mp.complete_session(world.host, paid, 500, PROOF, URI, sig)
+        mp.complete_session(world.host, paid, 100, 500, PROOF, URI, sig)
     assert mp.get_session(paid).is_open
     assert mp.open_deposits() == 2 * DEPOSIT
     # The refund push may fail without blocking settlement (nothing owed to the host).
-    settled = mp.complete_session(world.host, refunded, 0, PROOF, URI, b"")
+    settled = mp.complete_session(world.host, refunded, 0, 0, PROOF, URI, b"")
     assert settled.refund_credited
     assert mp.refund_credit(world.user.address) == DEPOSIT
     with reverts("JobMarketplace: refund transfer failed"):
@@ -789,7 +873,7 @@ def test_token_transfers_returning_false_revert_or_are_credited(world: DevWorld)
     assert mp.refund_credit(world.user.address) == DEPOSIT
 
     failing(False)
-    fee = mp.complete_session(world.host, paid, 500, PROOF, URI, sig).fee
+    fee = mp.complete_session(world.host, paid, 100, 500, PROOF, URI, sig).fee
     assert fee > 0
     failing(True)
     with reverts("JobMarketplace: treasury transfer failed"):
@@ -863,7 +947,7 @@ def test_session_index_rejects_foreign_cursor(world: DevWorld) -> None:
         ({"fee": 2001}, "fee above maximum"),
         ({"min": 0}, "bad deposit bounds"),
         ({"min": 10, "max": 9}, "bad deposit bounds"),
-        ({"max": 2**128}, "bad deposit bounds"),
+        ({"max": 2**96}, "bad deposit bounds"),
         ({"window": 0}, "zero close window"),
     ],
     ids=lambda v: v if isinstance(v, str) else ",".join(v),
@@ -896,14 +980,17 @@ def test_constructor_rejects_bad_parameters(
         world.owner.transact(constructor, "deploy JobMarketplace")
 
 
-# Bounds of the packed session storage (a deployment allowing deposits up to 2**128 - 1) --
+# Bounds of the packed session storage (a deployment allowing deposits up to 2**96 - 1) --
 
 
-BIG = 2**128 - 1
+BIG = 2**96 - 1
+MAX_PRICE = 2**80 - 1
 
 
-def big_deployment(world: DevWorld, prices: dict[str, int]) -> tuple[Contracts, dict[str, bytes]]:
-    """A second full deployment with ``max_deposit = 2**128 - 1`` and the host serving
+def big_deployment(
+    world: DevWorld, prices: dict[str, tuple[int, int]]
+) -> tuple[Contracts, dict[str, bytes]]:
+    """A second full deployment with ``max_deposit = 2**96 - 1`` and the host serving
     one model per entry of ``prices``; returns the contracts and the model ids."""
     c = deploy(world.chain, world.owner, DeployParams(max_deposit=BIG))
     models = {name: c.models.approve_model(world.owner, name, keccak(text=name)) for name in prices}
@@ -918,22 +1005,41 @@ def big_deployment(world: DevWorld, prices: dict[str, int]) -> tuple[Contracts, 
     return c, models
 
 
-def test_create_session_rejects_price_that_does_not_fit_storage(world: DevWorld) -> None:
-    c, models = big_deployment(world, {"too big": 2**128, "largest": 2**128 - 1})
-    args = create_args(world, deposit=BIG, price_per_mtok=2**256 - 1, proof_interval=10)
-    with reverts("JobMarketplace: host price too large"):
-        c.marketplace.create_session(world.user, **(args | {"model_id": models["too big"]}))
+def test_create_session_rejects_prices_that_do_not_fit_storage(world: DevWorld) -> None:
+    c, models = big_deployment(
+        world,
+        {
+            "input too big": (MAX_PRICE + 1, 1),
+            "output too big": (0, MAX_PRICE + 1),
+            "largest": (MAX_PRICE, MAX_PRICE),
+        },
+    )
+    args = create_args(
+        world,
+        deposit=BIG,
+        max_input_price_per_mtok=2**256 - 1,
+        max_output_price_per_mtok=2**256 - 1,
+        proof_interval=10,
+    )
+    for model, which in [("input too big", "input"), ("output too big", "output")]:
+        with reverts(f"JobMarketplace: host {which} price too large"):
+            c.marketplace.create_session(world.user, **(args | {"model_id": models[model]}))
     assert c.marketplace.open_deposits() == 0
     sid = c.marketplace.create_session(world.user, **(args | {"model_id": models["largest"]}))
     session = c.marketplace.get_session(sid)
-    assert (session.deposit, session.price_per_mtok) == (BIG, 2**128 - 1)
+    # Every packed field reads back exactly next to its neighbours at their maxima.
+    assert (session.deposit, session.input_price_per_mtok, session.output_price_per_mtok) == (
+        BIG,
+        MAX_PRICE,
+        MAX_PRICE,
+    )
     assert session.is_open
 
 
 def test_receipted_tokens_are_stored_exactly_or_refused(world: DevWorld) -> None:
-    # At a price of 1 base unit per Mtok a deposit below 2**128 buys up to ~2**148
-    # tokens, but the packed state keeps tokens_paid in 144 bits.
-    c, models = big_deployment(world, {"cheap": 1})
+    # At a price of 1 base unit per Mtok a deposit below 2**96 buys up to ~2**116
+    # tokens of either kind, but the packed state keeps each count in 72 bits.
+    c, models = big_deployment(world, {"cheap": (1, 1)})
     signer = Account.create()
     sid = c.marketplace.create_session(
         world.user,
@@ -941,17 +1047,24 @@ def test_receipted_tokens_are_stored_exactly_or_refused(world: DevWorld) -> None
             world,
             model_id=models["cheap"],
             deposit=BIG,
-            price_per_mtok=1,
+            max_input_price_per_mtok=1,
+            max_output_price_per_mtok=1,
             session_signer=signer.address,
         ),
     )
-    tokens = 2**144 + 1000
-    assert cost(tokens, 1) <= BIG  # within budget, so the contract must accept or refuse it
-    receipt = Receipt(session_id=sid, tokens=tokens, proof_hash=PROOF)
-    sig = sign_receipt(signer.key, c.marketplace.domain(), receipt)
-    try:
-        c.marketplace.submit_checkpoint(world.host, sid, tokens, PROOF, URI, sig)
-    except ContractRevert:
-        assert c.marketplace.get_session(sid).tokens_paid == 0
-    else:
-        assert c.marketplace.get_session(sid).tokens_paid == tokens
+    market = c.marketplace
+    largest = 2**72 - 1
+    for tokens in [(largest + 1, 0), (0, largest + 1), (2**100, 2**100)]:
+        # Within budget, so only the width check can refuse it.
+        assert cost(*tokens, 1, 1) <= BIG
+        sig = sign_receipt(signer.key, market.domain(), Receipt(sid, *tokens, PROOF))
+        with reverts("JobMarketplace: tokens too large"):
+            market.submit_checkpoint(world.host, sid, *tokens, PROOF, URI, sig)
+    assert market.get_session(sid).checkpoints == 0
+    # The largest counts are stored exactly, each next to the other.
+    for tokens in [(largest, 5), (largest, largest)]:
+        sig = sign_receipt(signer.key, market.domain(), Receipt(sid, *tokens, PROOF))
+        market.submit_checkpoint(world.host, sid, *tokens, PROOF, URI, sig)
+        session = market.get_session(sid)
+        assert (session.input_tokens_paid, session.output_tokens_paid) == tokens
+        assert session.is_open and session.proof_interval == 100

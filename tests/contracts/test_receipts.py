@@ -1,6 +1,6 @@
 """EIP-712 receipts: only the session signer's receipt for this session, chain and
-marketplace, for more tokens than already paid, ever pays; and the Python side
-computes the same digest as the contract."""
+marketplace, for more tokens than already paid (input and output counts, neither
+going down), ever pays; and the Python side computes the same digest as the contract."""
 
 from __future__ import annotations
 
@@ -23,11 +23,13 @@ from inferledger.chain.receipts import (
     sign_receipt,
 )
 from inferledger.chain.units import settlement_split, usdc
-from support import PRICE, PROOF, URI, open_session, sign
+from support import INPUT_PRICE, PRICE, PROOF, URI, open_session, sign
 
 METHODS = ["submit_checkpoint", "complete_session"]
 NOT_SIGNER = "JobMarketplace: receipt not signed by session signer"
 NOT_MORE = "JobMarketplace: tokens must increase"
+DECREASES = "JobMarketplace: tokens must not decrease"
+IN, OUT = 120, 300  # the cumulative (input, output) counts most tests receipt
 
 
 @contextmanager
@@ -49,27 +51,41 @@ def ledger(world: DevWorld, *session_ids: int) -> dict[str, Any]:
         "treasury_balance": mp.treasury_balance(),
         "refund_credit": mp.refund_credit(world.user.address),
         "open_deposits": mp.open_deposits(),
-        "paid": [(s.tokens_paid, s.checkpoints, s.proof_hash, s.status) for s in sessions],
+        "paid": [
+            (s.input_tokens_paid, s.output_tokens_paid, s.checkpoints, s.proof_hash, s.status)
+            for s in sessions
+        ],
     }
 
 
 def never_pays(world: DevWorld, reason: str, pay: Callable[[], Any], *session_ids: int) -> None:
-    """``pay`` reverts with ``reason`` and moves no money and no tokens_paid."""
+    """``pay`` reverts with ``reason`` and moves no money and no paid count."""
     before = ledger(world, *session_ids)
     with reverts(reason):
         pay()
     assert ledger(world, *session_ids) == before
 
 
-def submit(world: DevWorld, method: str, sid: int, tokens: int, sig: bytes, proof: bytes = PROOF):
+def submit(
+    world: DevWorld,
+    method: str,
+    sid: int,
+    tokens: tuple[int, int],
+    sig: bytes,
+    proof: bytes = PROOF,
+) -> Any:
+    """Submit (or complete with) the receipt ``sig`` for (input, output) ``tokens``."""
     marketplace = world.contracts.marketplace
-    return getattr(marketplace, method)(world.host, sid, tokens, proof, URI, sig)
+    return getattr(marketplace, method)(world.host, sid, *tokens, proof, URI, sig)
 
 
-def signed(signer: LocalAccount, domain: ReceiptDomain, sid: int, tokens: int) -> bytes:
-    return sign_receipt(
-        signer.key, domain, Receipt(session_id=sid, tokens=tokens, proof_hash=PROOF)
-    )
+def signed(signer: LocalAccount, domain: ReceiptDomain, sid: int, tokens: tuple[int, int]) -> bytes:
+    return sign_receipt(signer.key, domain, Receipt(sid, *tokens, PROOF))
+
+
+def paid(world: DevWorld, sid: int) -> tuple[int, int]:
+    session = world.contracts.marketplace.get_session(sid)
+    return session.input_tokens_paid, session.output_tokens_paid
 
 
 # Receipts that must never pay ------------------------------------------------------
@@ -81,13 +97,17 @@ def test_receipt_for_another_session_never_pays(world: DevWorld, method: str) ->
     signer = Account.create()
     first, _ = open_session(world, signer=signer)
     second, _ = open_session(world, signer=signer)  # same key signs both sessions
-    for_first = sign(world, signer, first, 300)
+    for_first = sign(world, signer, first, IN, OUT)
     never_pays(
-        world, NOT_SIGNER, lambda: submit(world, method, second, 300, for_first), first, second
+        world,
+        NOT_SIGNER,
+        lambda: submit(world, method, second, (IN, OUT), for_first),
+        first,
+        second,
     )
-    submit(world, method, first, 300, for_first)  # it does pay where it belongs
-    assert mp.get_session(first).tokens_paid == 300
-    assert mp.get_session(second).tokens_paid == 0
+    submit(world, method, first, (IN, OUT), for_first)  # it does pay where it belongs
+    assert paid(world, first) == (IN, OUT)
+    assert mp.get_session(second).checkpoints == 0 and paid(world, second) == (0, 0)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -100,10 +120,10 @@ def test_receipt_for_another_domain_never_pays(world: DevWorld, method: str, oth
     address = c.nodes.address if other != "chain id" else domain.marketplace
     foreign = ReceiptDomain(chain_id=chain_id, marketplace=address)
     assert foreign != domain
-    sig = signed(signer, foreign, sid, 300)
-    never_pays(world, NOT_SIGNER, lambda: submit(world, method, sid, 300, sig), sid)
-    submit(world, method, sid, 300, signed(signer, domain, sid, 300))
-    assert c.marketplace.get_session(sid).tokens_paid == 300
+    sig = signed(signer, foreign, sid, (IN, OUT))
+    never_pays(world, NOT_SIGNER, lambda: submit(world, method, sid, (IN, OUT), sig), sid)
+    submit(world, method, sid, (IN, OUT), signed(signer, domain, sid, (IN, OUT)))
+    assert paid(world, sid) == (IN, OUT)
 
 
 def test_receipt_from_a_marketplace_deployed_elsewhere_never_pays(world: DevWorld) -> None:
@@ -113,9 +133,9 @@ def test_receipt_from_a_marketplace_deployed_elsewhere_never_pays(world: DevWorl
     twin = deploy(world.chain, world.owner).marketplace
     sid, signer = open_session(world)
     assert twin.domain() != world.contracts.marketplace.domain()
-    sig = signed(signer, twin.domain(), sid, 300)
+    sig = signed(signer, twin.domain(), sid, (IN, OUT))
     for method in METHODS:
-        never_pays(world, NOT_SIGNER, lambda m=method: submit(world, m, sid, 300, sig), sid)
+        never_pays(world, NOT_SIGNER, lambda m=method: submit(world, m, sid, (IN, OUT), sig), sid)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -123,10 +143,10 @@ def test_receipt_signed_by_another_key_never_pays(world: DevWorld, method: str) 
     sid, signer = open_session(world)
     # A stranger, the host itself and the depositor's own account are not the session signer.
     for key in (Account.create(), world.host.account, world.user.account):
-        sig = sign(world, key, sid, 300)
-        never_pays(world, NOT_SIGNER, lambda s=sig: submit(world, method, sid, 300, s), sid)
-    submit(world, method, sid, 300, sign(world, signer, sid, 300))
-    assert world.contracts.marketplace.get_session(sid).tokens_paid == 300
+        sig = sign(world, key, sid, IN, OUT)
+        never_pays(world, NOT_SIGNER, lambda s=sig: submit(world, method, sid, (IN, OUT), s), sid)
+    submit(world, method, sid, (IN, OUT), sign(world, signer, sid, IN, OUT))
+    assert paid(world, sid) == (IN, OUT)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -134,41 +154,70 @@ def test_receipt_for_other_tokens_or_proof_than_submitted_never_pays(
     world: DevWorld, method: str
 ) -> None:
     sid, signer = open_session(world)
-    sig = sign(world, signer, sid, 300)
-    never_pays(world, NOT_SIGNER, lambda: submit(world, method, sid, 301, sig), sid)
-    never_pays(world, NOT_SIGNER, lambda: submit(world, method, sid, 299, sig), sid)
+    sig = sign(world, signer, sid, IN, OUT)
+    # The wrong input count, the wrong output count, the counts swapped: all rejected.
+    for tokens in [(IN + 1, OUT), (IN - 1, OUT), (0, OUT), (IN, OUT + 1), (IN, OUT - 1), (OUT, IN)]:
+        never_pays(world, NOT_SIGNER, lambda t=tokens: submit(world, method, sid, t, sig), sid)
     other_proof = keccak(text="another bundle")
-    never_pays(world, NOT_SIGNER, lambda: submit(world, method, sid, 300, sig, other_proof), sid)
+    never_pays(
+        world, NOT_SIGNER, lambda: submit(world, method, sid, (IN, OUT), sig, other_proof), sid
+    )
+    submit(world, method, sid, (IN, OUT), sig)
+    assert paid(world, sid) == (IN, OUT)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_receipt_for_fewer_tokens_than_paid_never_pays(world: DevWorld, method: str) -> None:
     mp = world.contracts.marketplace
     sid, signer = open_session(world)
-    mp.submit_checkpoint(world.host, sid, 300, PROOF, URI, sign(world, signer, sid, 300))
-    for tokens in (299, 200, 1):
-        sig = sign(world, signer, sid, tokens)  # genuinely signed, but stale
-        never_pays(world, NOT_MORE, lambda t=tokens, s=sig: submit(world, method, sid, t, s), sid)
-    assert mp.get_session(sid).tokens_paid == 300
+    mp.submit_checkpoint(world.host, sid, IN, OUT, PROOF, URI, sign(world, signer, sid, IN, OUT))
+    # Genuinely signed but stale or lopsided: one count lower never pays, even when the
+    # other one is higher (which would otherwise pay more in total).
+    for tokens in [(IN, OUT - 1), (IN - 1, OUT), (0, 1), (IN - 1, OUT + 100), (IN + 100, OUT - 1)]:
+        sig = sign(world, signer, sid, *tokens)
+        never_pays(world, DECREASES, lambda t=tokens, s=sig: submit(world, method, sid, t, s), sid)
+    assert paid(world, sid) == (IN, OUT)
+
+
+def test_a_checkpoint_may_raise_either_count_alone(world: DevWorld) -> None:
+    mp = world.contracts.marketplace
+    sid, signer = open_session(world)
+    for tokens in [(IN, 0), (IN, OUT), (IN + 50, OUT), (IN + 50, OUT + 1)]:
+        mp.submit_checkpoint(
+            world.host, sid, *tokens, PROOF, URI, sign(world, signer, sid, *tokens)
+        )
+        assert paid(world, sid) == tokens
+    assert mp.get_session(sid).checkpoints == 4
 
 
 def test_replayed_receipt_never_pays_twice(world: DevWorld) -> None:
     c = world.contracts
     mp = c.marketplace
     sid, signer = open_session(world)
-    sig = sign(world, signer, sid, 300)
-    mp.submit_checkpoint(world.host, sid, 300, PROOF, URI, sig)
+    sig = sign(world, signer, sid, IN, OUT)
+    mp.submit_checkpoint(world.host, sid, IN, OUT, PROOF, URI, sig)
     never_pays(
-        world, NOT_MORE, lambda: mp.submit_checkpoint(world.host, sid, 300, PROOF, URI, sig), sid
+        world,
+        NOT_MORE,
+        lambda: mp.submit_checkpoint(world.host, sid, IN, OUT, PROOF, URI, sig),
+        sid,
     )
     assert mp.get_session(sid).checkpoints == 1
 
-    # Completing with the same receipt settles once, at 300 tokens.
+    # Completing with the same receipt settles once, at the receipted counts.
     user_before = c.token.balance_of(world.user.address)
-    settled = mp.complete_session(world.host, sid, 300, PROOF, URI, sig)
-    expected = settlement_split(usdc("2"), 300, PRICE, 1000)
-    assert (settled.tokens, settled.host_amount, settled.fee, settled.refund) == (
-        300,
+    settled = mp.complete_session(world.host, sid, IN, OUT, PROOF, URI, sig)
+    expected = settlement_split(usdc("2"), IN, OUT, INPUT_PRICE, PRICE, 1000)
+    assert expected.gross == (IN * INPUT_PRICE + OUT * PRICE) // 10**6
+    assert (
+        settled.input_tokens,
+        settled.output_tokens,
+        settled.host_amount,
+        settled.fee,
+        settled.refund,
+    ) == (
+        IN,
+        OUT,
         expected.host,
         expected.fee,
         expected.refund,
@@ -181,7 +230,7 @@ def test_replayed_receipt_never_pays_twice(world: DevWorld) -> None:
         never_pays(
             world,
             "JobMarketplace: session not open",
-            lambda m=method: submit(world, m, sid, 300, sig),
+            lambda m=method: submit(world, m, sid, (IN, OUT), sig),
             sid,
         )
 
@@ -190,11 +239,13 @@ def test_replay_on_a_later_session_of_the_same_signer_never_pays(world: DevWorld
     mp = world.contracts.marketplace
     signer = Account.create()
     old, _ = open_session(world, signer=signer)
-    old_sig = sign(world, signer, old, 300)
-    mp.complete_session(world.host, old, 300, PROOF, URI, old_sig)
+    old_sig = sign(world, signer, old, IN, OUT)
+    mp.complete_session(world.host, old, IN, OUT, PROOF, URI, old_sig)
     new, _ = open_session(world, signer=signer)
     for method in METHODS:
-        never_pays(world, NOT_SIGNER, lambda m=method: submit(world, m, new, 300, old_sig), new)
+        never_pays(
+            world, NOT_SIGNER, lambda m=method: submit(world, m, new, (IN, OUT), old_sig), new
+        )
 
 
 # Python side and contract agree ----------------------------------------------------
@@ -204,38 +255,56 @@ def test_receipt_digest_matches_contract(world: DevWorld) -> None:
     mp = world.contracts.marketplace
     sid, _signer = open_session(world)
     domain = mp.domain()
-    for session_id, tokens, proof in [
-        (sid, 300, PROOF),
-        (sid, 0, b"\x00" * 32),
-        (2**256 - 1, 2**256 - 1, b"\xff" * 32),
-        (1, 1, keccak(text="x")),
+    for session_id, input_tokens, output_tokens, proof in [
+        (sid, IN, OUT, PROOF),
+        (sid, 0, 0, b"\x00" * 32),
+        (sid, 7, 0, PROOF),
+        (2**256 - 1, 2**256 - 1, 2**256 - 2, b"\xff" * 32),
+        (1, 1, 1, keccak(text="x")),
     ]:
-        receipt = Receipt(session_id=session_id, tokens=tokens, proof_hash=proof)
-        assert receipt_digest(domain, receipt) == mp.receipt_digest(session_id, tokens, proof)
+        receipt = Receipt(session_id, input_tokens, output_tokens, proof)
+        assert receipt_digest(domain, receipt) == mp.receipt_digest(
+            session_id, input_tokens, output_tokens, proof
+        )
+    receipt = Receipt(sid, IN, OUT, PROOF)
+    # Each count is bound separately: swapping them or moving tokens between them changes it.
+    for other in [(OUT, IN), (IN + 1, OUT - 1), (0, IN + OUT)]:
+        assert mp.receipt_digest(sid, *other, PROOF) != receipt_digest(domain, receipt)
     # The digest is bound to the domain: another chain id gives another digest.
     foreign = ReceiptDomain(chain_id=domain.chain_id + 1, marketplace=domain.marketplace)
-    receipt = Receipt(session_id=sid, tokens=300, proof_hash=PROOF)
-    assert receipt_digest(foreign, receipt) != mp.receipt_digest(sid, 300, PROOF)
+    assert receipt_digest(foreign, receipt) != mp.receipt_digest(sid, IN, OUT, PROOF)
+
+
+def test_receipt_rejects_negative_counts_and_bad_proof_hash() -> None:
+    for bad in [(-1, 0, PROOF), (0, -1, PROOF), (0, 0, b"\x00" * 31)]:
+        with pytest.raises(ValueError):
+            Receipt(1, *bad)
 
 
 def test_recover_receipt_signer_returns_the_signer(world: DevWorld) -> None:
     mp = world.contracts.marketplace
     sid, signer = open_session(world)
     domain = mp.domain()
-    receipt = Receipt(session_id=sid, tokens=300, proof_hash=PROOF)
+    receipt = Receipt(session_id=sid, input_tokens=IN, output_tokens=OUT, proof_hash=PROOF)
     sig = sign_receipt(signer.key, domain, receipt)
     assert len(sig) == 65 and sig[64] in (27, 28)
     assert recover_receipt_signer(domain, receipt, sig) == signer.address
     # Any change to what was signed recovers someone else.
     for other_domain, other_receipt in [
-        (domain, Receipt(session_id=sid, tokens=301, proof_hash=PROOF)),
-        (domain, Receipt(session_id=sid + 1, tokens=300, proof_hash=PROOF)),
-        (domain, Receipt(session_id=sid, tokens=300, proof_hash=keccak(text="other"))),
+        (domain, Receipt(sid, IN + 1, OUT, PROOF)),
+        (domain, Receipt(sid, IN, OUT + 1, PROOF)),
+        (domain, Receipt(sid + 1, IN, OUT, PROOF)),
+        (domain, Receipt(sid, IN, OUT, keccak(text="other"))),
         (ReceiptDomain(domain.chain_id + 1, domain.marketplace), receipt),
         (ReceiptDomain(domain.chain_id, world.contracts.token.address), receipt),
     ]:
         assert recover_receipt_signer(other_domain, other_receipt, sig) != signer.address
     # And the contract agrees with the Python signer: the receipt pays exactly once.
-    mp.submit_checkpoint(world.host, sid, 300, PROOF, URI, sig)
+    mp.submit_checkpoint(world.host, sid, IN, OUT, PROOF, URI, sig)
     session = mp.get_session(sid)
-    assert (session.tokens_paid, session.proof_hash, session.checkpoints) == (300, PROOF, 1)
+    assert (
+        session.input_tokens_paid,
+        session.output_tokens_paid,
+        session.proof_hash,
+        session.checkpoints,
+    ) == (IN, OUT, PROOF, 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from eth_utils import keccak
 
 from inferledger.chain.contracts import NodeRegistry
@@ -21,7 +23,7 @@ from support import (
 
 ZERO = "0x0000000000000000000000000000000000000000"
 HASH = b"\x02" * 32
-PRICE = 2_000_000_000
+PRICES = (500_000_000, 2_000_000_000)  # (input, output) per Mtok
 URL = "ws://10.0.0.2:9000"
 UNKNOWN_MODEL = keccak(text="not/approved.gguf")
 
@@ -51,9 +53,20 @@ def new_host(world: DevWorld, label: str, allowance: int | None = None) -> TxSen
     return host
 
 
-def register_raw(world: DevWorld, host: TxSender, models: list[bytes], prices: list[int]) -> None:
+def register_raw(
+    world: DevWorld,
+    host: TxSender,
+    models: list[bytes],
+    input_prices: list[int],
+    output_prices: list[int],
+) -> None:
+    """Register with the three arrays as given (the wrapper cannot build mismatched ones)."""
     nodes = world.contracts.nodes
-    host.transact(nodes.contract.functions.register(URL, models, prices, min_stake(world)))
+    host.transact(
+        nodes.contract.functions.register(
+            URL, models, input_prices, output_prices, min_stake(world)
+        )
+    )
 
 
 # ModelRegistry -------------------------------------------------------------------
@@ -116,30 +129,39 @@ def test_register_reverts(world: DevWorld) -> None:
     host = new_host(world, "h2")
     stake = min_stake(world)
     with reverts("NodeRegistry: already registered"):
-        nodes.register(world.host, URL, {world.model_id: PRICE}, stake)
+        nodes.register(world.host, URL, {world.model_id: PRICES}, stake)
     with reverts("NodeRegistry: empty API URL"):
-        nodes.register(host, "", {world.model_id: PRICE}, stake)
+        nodes.register(host, "", {world.model_id: PRICES}, stake)
     with reverts("NodeRegistry: stake below minimum"):
-        nodes.register(host, URL, {world.model_id: PRICE}, stake - 1)
+        nodes.register(host, URL, {world.model_id: PRICES}, stake - 1)
     with reverts("NodeRegistry: no models"):
         nodes.register(host, URL, {}, stake)
-    with reverts("NodeRegistry: models and prices differ in length"):
-        register_raw(world, host, [world.model_id], [])
-    with reverts("NodeRegistry: models and prices differ in length"):
-        register_raw(world, host, [world.model_id], [PRICE, PRICE])
+    inp, out = PRICES
+    for input_prices, output_prices in [
+        ([], [out]),
+        ([inp], []),
+        ([inp, inp], [out]),
+        ([inp], [out, out]),
+    ]:
+        with reverts("NodeRegistry: models and prices differ in length"):
+            register_raw(world, host, [world.model_id], input_prices, output_prices)
     with reverts("NodeRegistry: model not approved"):
-        nodes.register(host, URL, {UNKNOWN_MODEL: PRICE}, stake)
-    with reverts("NodeRegistry: zero price"):
-        nodes.register(host, URL, {world.model_id: 0}, stake)
+        nodes.register(host, URL, {UNKNOWN_MODEL: PRICES}, stake)
+    for zero_output in [(0, 0), (inp, 0)]:
+        with reverts("NodeRegistry: zero price"):
+            nodes.register(host, URL, {world.model_id: zero_output}, stake)
     with reverts("NodeRegistry: duplicate model"):
-        register_raw(world, host, [world.model_id, world.model_id], [PRICE, PRICE])
+        register_raw(world, host, [world.model_id, world.model_id], [inp, inp], [out, out])
+    with reverts("NodeRegistry: duplicate model"):  # also with a free prompt
+        register_raw(world, host, [world.model_id, world.model_id], [0, 0], [out, out])
     # Nothing of the failed attempts stuck.
     assert nodes.hosts() == [world.host.address]
     assert not nodes.get_host(host.address).registered
-    assert nodes.price_of(host.address, world.model_id) == 0
+    assert nodes.prices_of(host.address, world.model_id) == (0, 0)
     assert c.token.balance_of(host.address) == usdc("100")
     # The same account registers fine afterwards.
-    nodes.register(host, URL, {world.model_id: PRICE}, stake)
+    nodes.register(host, URL, {world.model_id: PRICES}, stake)
+    assert nodes.prices_of(host.address, world.model_id) == PRICES
     info = nodes.get_host(host.address)
     assert (info.registered, info.active, info.stake, info.api_url) == (True, True, stake, URL)
     assert nodes.hosts() == [world.host.address, host.address]
@@ -150,17 +172,17 @@ def test_register_with_revoked_model_reverts(world: DevWorld) -> None:
     host = new_host(world, "h2")
     world.contracts.models.revoke_model(world.owner, world.model_id)
     with reverts("NodeRegistry: model not approved"):
-        world.contracts.nodes.register(host, URL, {world.model_id: PRICE}, min_stake(world))
+        world.contracts.nodes.register(host, URL, {world.model_id: PRICES}, min_stake(world))
 
 
 def test_register_pulls_stake_with_allowance_only(world: DevWorld) -> None:
     c = world.contracts
     host = new_host(world, "h2", allowance=0)
     with reverts("TestUSDC: allowance too low"):
-        c.nodes.register(host, URL, {world.model_id: PRICE}, min_stake(world))
+        c.nodes.register(host, URL, {world.model_id: PRICES}, min_stake(world))
     c.token.approve(host, c.nodes.address, min_stake(world) - 1)
     with reverts("TestUSDC: allowance too low"):
-        c.nodes.register(host, URL, {world.model_id: PRICE}, min_stake(world))
+        c.nodes.register(host, URL, {world.model_id: PRICES}, min_stake(world))
     assert not c.nodes.get_host(host.address).registered
     assert c.nodes.hosts() == [world.host.address]
     assert c.token.balance_of(host.address) == usdc("100")
@@ -187,35 +209,63 @@ def test_set_models_reverts(world: DevWorld) -> None:
     stranger = world.funded_sender("stranger")
     second = approved_model(world)
     with reverts("NodeRegistry: not registered"):
-        nodes.set_models(stranger, {world.model_id: PRICE})
+        nodes.set_models(stranger, {world.model_id: PRICES})
     with reverts("NodeRegistry: no models"):
         nodes.set_models(world.host, {})
     with reverts("NodeRegistry: models and prices differ in length"):
-        world.host.transact(fn.set_models([world.model_id, second], [PRICE]))
+        world.host.transact(fn.set_models([world.model_id, second], [1, 1], [PRICES[1]]))
+    with reverts("NodeRegistry: models and prices differ in length"):
+        world.host.transact(fn.set_models([world.model_id, second], [1], [2, 2]))
     with reverts("NodeRegistry: model not approved"):
-        nodes.set_models(world.host, {second: PRICE, UNKNOWN_MODEL: PRICE})
+        nodes.set_models(world.host, {second: PRICES, UNKNOWN_MODEL: PRICES})
     with reverts("NodeRegistry: zero price"):
-        nodes.set_models(world.host, {second: 0})
+        nodes.set_models(world.host, {second: (5, 0)})
     with reverts("NodeRegistry: duplicate model"):
-        world.host.transact(fn.set_models([second, second], [PRICE, PRICE]))
+        world.host.transact(fn.set_models([second, second], [1, 1], [2, 2]))
     # The old list survived every failed replacement.
     assert nodes.host_models(world.host.address) == [world.model_id]
-    assert nodes.price_of(world.host.address, world.model_id) == PRICE
-    assert nodes.price_of(world.host.address, second) == 0
+    assert nodes.prices_of(world.host.address, world.model_id) == PRICES
+    assert nodes.prices_of(world.host.address, second) == (0, 0)
 
 
 def test_set_models_replaces_prices(world: DevWorld) -> None:
     nodes = world.contracts.nodes
     host = world.host.address
     second = approved_model(world)
-    nodes.set_models(world.host, {second: 5})
+    receipt = nodes.set_models(world.host, {second: (0, 5)})  # a free prompt is allowed
     assert nodes.host_models(host) == [second]
-    assert nodes.price_of(host, second) == 5
-    assert nodes.price_of(host, world.model_id) == 0
+    assert nodes.prices_of(host, second) == (0, 5)
+    assert nodes.prices_of(host, world.model_id) == (0, 0)
+    # The old model's prices are logged as cleared, then the new ones as set.
+    assert price_events(nodes, receipt) == [(world.model_id, 0, 0), (second, 0, 5)]
     # Re-listing a model that is already listed is a new price, not a duplicate.
-    nodes.set_models(world.host, {second: 7, world.model_id: 9})
+    nodes.set_models(world.host, {second: (3, 7), world.model_id: (4, 9)})
     assert nodes.host_models(host) == [second, world.model_id]
-    assert (nodes.price_of(host, second), nodes.price_of(host, world.model_id)) == (7, 9)
+    assert (nodes.prices_of(host, second), nodes.prices_of(host, world.model_id)) == (
+        (3, 7),
+        (4, 9),
+    )
+
+
+def price_events(nodes: NodeRegistry, receipt: Any) -> list[tuple[bytes, int, int]]:
+    """The (model id, input price, output price) of each ModelPriceSet in ``receipt``."""
+    return [
+        (
+            bytes(e["args"]["model_id"]),
+            e["args"]["input_price_per_mtok"],
+            e["args"]["output_price_per_mtok"],
+        )
+        for e in nodes._events("ModelPriceSet", receipt)
+    ]
+
+
+def test_register_logs_both_prices(world: DevWorld) -> None:
+    nodes = world.contracts.nodes
+    host = new_host(world, "h2")
+    second = approved_model(world)
+    receipt = nodes.register(host, URL, {world.model_id: PRICES, second: (0, 1)}, min_stake(world))
+    assert price_events(nodes, receipt) == [(world.model_id, *PRICES), (second, 0, 1)]
+    assert nodes.prices_of(host.address, second) == (0, 1)
 
 
 def test_add_stake(world: DevWorld) -> None:
@@ -316,7 +366,7 @@ def test_withdraw_blocked_by_open_session_then_reregister(world: DevWorld) -> No
     host = world.host.address
     session_id, signer = open_session(world)
     c.marketplace.submit_checkpoint(
-        world.host, session_id, 100, PROOF, URI, sign(world, signer, session_id, 100)
+        world.host, session_id, 30, 100, PROOF, URI, sign(world, signer, session_id, 30, 100)
     )
     assert nodes.get_host(host).open_sessions == 1
     nodes.request_unstake(world.host)
@@ -327,25 +377,28 @@ def test_withdraw_blocked_by_open_session_then_reregister(world: DevWorld) -> No
     assert c.token.balance_of(nodes.address) == min_stake(world)
 
     # The session expired long ago: anyone may settle it at its last checkpoint.
-    assert c.marketplace.finalize(world.user, session_id).tokens == 100
+    settled = c.marketplace.finalize(world.user, session_id)
+    assert (settled.input_tokens, settled.output_tokens) == (30, 100)
     assert nodes.get_host(host).open_sessions == 0
     before = c.token.balance_of(host)
-    nodes.withdraw_stake(world.host)
+    receipt = nodes.withdraw_stake(world.host)
+    # Withdrawing clears the prices, and says so.
+    assert price_events(nodes, receipt) == [(world.model_id, 0, 0)]
     assert c.token.balance_of(host) == before + min_stake(world)
     assert c.token.balance_of(nodes.address) == 0
     info = nodes.get_host(host)
     assert (info.registered, info.active, info.stake, info.api_url) == (False, False, 0, "")
     assert nodes.host_models(host) == []
-    assert nodes.price_of(host, world.model_id) == 0
+    assert nodes.prices_of(host, world.model_id) == (0, 0)
     with reverts("NodeRegistry: not unbonding"):
         nodes.withdraw_stake(world.host)
 
     # Coming back: a fresh registration, listed once.
     c.token.approve(world.host, nodes.address, min_stake(world))
-    nodes.register(world.host, URL, {world.model_id: PRICE + 1}, min_stake(world))
+    nodes.register(world.host, URL, {world.model_id: (1, PRICES[1] + 1)}, min_stake(world))
     info = nodes.get_host(host)
     assert (info.registered, info.active, info.api_url) == (True, True, URL)
-    assert nodes.price_of(host, world.model_id) == PRICE + 1
+    assert nodes.prices_of(host, world.model_id) == (1, PRICES[1] + 1)
     assert nodes.hosts() == [host]
     assert nodes.contract.functions.host_count().call() == 1
 
@@ -500,11 +553,11 @@ def test_stake_token_returning_false_reverts_every_transfer(world: DevWorld) -> 
     host, other = world.host, world.user
     for account in (host, other):
         world.owner.transact(token.functions.mint(account.address, 1_000))
-    nodes.register(host, URL, {world.model_id: PRICE}, 200)
+    nodes.register(host, URL, {world.model_id: PRICES}, 200)
     world.owner.transact(token.functions.set_failing(True))
 
     with reverts("NodeRegistry: stake transfer failed"):
-        nodes.register(other, URL, {world.model_id: PRICE}, 200)
+        nodes.register(other, URL, {world.model_id: PRICES}, 200)
     assert not nodes.get_host(other.address).registered
     assert nodes.hosts() == [host.address]
     with reverts("NodeRegistry: stake transfer failed"):
@@ -517,7 +570,7 @@ def test_stake_token_returning_false_reverts_every_transfer(world: DevWorld) -> 
         nodes.withdraw_stake(host)
     info = nodes.get_host(host.address)
     assert (info.registered, info.stake) == (True, 200)
-    assert nodes.price_of(host.address, world.model_id) == PRICE
+    assert nodes.prices_of(host.address, world.model_id) == PRICES
     assert token.functions.balanceOf(nodes.address).call() == 200
     # Once the token works again everything goes through.
     world.owner.transact(token.functions.set_failing(False))

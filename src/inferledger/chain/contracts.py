@@ -19,6 +19,7 @@ from inferledger.chain.deployment import Deployment
 from inferledger.chain.errors import translate
 from inferledger.chain.receipts import ReceiptDomain
 from inferledger.chain.tx import TxSender
+from inferledger.chain.units import Prices
 
 STATUS_OPEN = 1
 STATUS_SETTLED = 2
@@ -34,13 +35,15 @@ class SessionInfo:
     signer: str
     model_id: bytes
     deposit: int
-    price_per_mtok: int
+    input_price_per_mtok: int
+    output_price_per_mtok: int
     fee_bps: int
     proof_interval: int
     created_at: int
     expires_at: int
     close_requested_at: int
-    tokens_paid: int
+    input_tokens_paid: int
+    output_tokens_paid: int
     proof_hash: bytes
     checkpoints: int
     status: int
@@ -74,7 +77,8 @@ class SettlementEvent:
     """What a settlement paid, read from its SessionSettled event."""
 
     session_id: int
-    tokens: int
+    input_tokens: int
+    output_tokens: int
     host_amount: int
     fee: int
     refund: int
@@ -152,14 +156,18 @@ class NodeRegistry(_Wrapper):
         self,
         sender: TxSender,
         api_url: str,
-        prices: dict[bytes, int],
+        prices: dict[bytes, tuple[int, int]],
         stake: int,
     ) -> TxReceipt:
-        """Register the sender as a host; ``prices`` maps model id -> price per Mtok."""
-        return self._write(sender, "register", api_url, list(prices), list(prices.values()), stake)
+        """Register the sender as a host.
 
-    def set_models(self, sender: TxSender, prices: dict[bytes, int]) -> TxReceipt:
-        return self._write(sender, "set_models", list(prices), list(prices.values()))
+        ``prices`` maps model id -> (input, output) price per Mtok (a ``Prices`` fits).
+        """
+        return self._write(sender, "register", api_url, *_price_columns(prices), stake)
+
+    def set_models(self, sender: TxSender, prices: dict[bytes, tuple[int, int]]) -> TxReceipt:
+        """Replace the sender's models and prices (model id -> (input, output) per Mtok)."""
+        return self._write(sender, "set_models", *_price_columns(prices))
 
     def update_url(self, sender: TxSender, api_url: str) -> TxReceipt:
         return self._write(sender, "update_url", api_url)
@@ -182,14 +190,29 @@ class NodeRegistry(_Wrapper):
     def get_host(self, host: str) -> HostInfo:
         return HostInfo(host, *self._read("get_host", host))
 
-    def price_of(self, host: str, model_id: bytes) -> int:
-        return self._read("price_per_mtok", host, model_id)
+    def prices_of(self, host: str, model_id: bytes) -> Prices:
+        """The host's (input, output) prices per Mtok for ``model_id``; output 0: not served."""
+        return Prices(
+            self._read("input_price_per_mtok", host, model_id),
+            self._read("output_price_per_mtok", host, model_id),
+        )
 
     def host_models(self, host: str) -> list[bytes]:
         return [bytes(m) for m in self._read("host_models", host)]
 
     def hosts(self) -> list[str]:
         return [self._read("host_at", i) for i in range(self._read("host_count"))]
+
+
+def _price_columns(
+    prices: dict[bytes, tuple[int, int]],
+) -> tuple[list[bytes], list[int], list[int]]:
+    """The contract's three parallel arrays: model ids, input prices, output prices."""
+    return (
+        list(prices),
+        [input_price for input_price, _ in prices.values()],
+        [output_price for _, output_price in prices.values()],
+    )
 
 
 class HostEarnings(_Wrapper):
@@ -214,19 +237,25 @@ class Marketplace(_Wrapper):
         host: str,
         model_id: bytes,
         deposit: int,
-        price_per_mtok: int,
+        max_input_price_per_mtok: int,
+        max_output_price_per_mtok: int,
         max_duration: int,
         proof_interval: int,
         session_signer: str,
     ) -> int:
-        """Open a session (the deposit must be approved) and return its id."""
+        """Open a session (the deposit must be approved) and return its id.
+
+        The session is priced at the host's registered prices, which must not exceed
+        the two maxima.
+        """
         receipt = self._write(
             sender,
             "create_session",
             host,
             model_id,
             deposit,
-            price_per_mtok,
+            max_input_price_per_mtok,
+            max_output_price_per_mtok,
             max_duration,
             proof_interval,
             session_signer,
@@ -238,26 +267,45 @@ class Marketplace(_Wrapper):
         self,
         sender: TxSender,
         session_id: int,
-        tokens: int,
+        input_tokens: int,
+        output_tokens: int,
         proof_hash: bytes,
         proof_uri: str,
         signature: bytes,
     ) -> TxReceipt:
+        """Put the receipt for these cumulative counts on chain (host only)."""
         return self._write(
-            sender, "submit_checkpoint", session_id, tokens, proof_hash, proof_uri, signature
+            sender,
+            "submit_checkpoint",
+            session_id,
+            input_tokens,
+            output_tokens,
+            proof_hash,
+            proof_uri,
+            signature,
         )
 
     def complete_session(
         self,
         sender: TxSender,
         session_id: int,
-        tokens: int,
+        input_tokens: int,
+        output_tokens: int,
         proof_hash: bytes,
         proof_uri: str,
         signature: bytes,
     ) -> SettlementEvent:
+        """Final checkpoint and settlement (host only); counts equal to the paid ones
+        need no signature."""
         receipt = self._write(
-            sender, "complete_session", session_id, tokens, proof_hash, proof_uri, signature
+            sender,
+            "complete_session",
+            session_id,
+            input_tokens,
+            output_tokens,
+            proof_hash,
+            proof_uri,
+            signature,
         )
         return self.settlement_from(receipt)
 
@@ -286,7 +334,8 @@ class Marketplace(_Wrapper):
         args = settled["args"]
         return SettlementEvent(
             session_id=args["session_id"],
-            tokens=args["tokens"],
+            input_tokens=args["input_tokens"],
+            output_tokens=args["output_tokens"],
             host_amount=args["host_amount"],
             fee=args["fee"],
             refund=args["refund"],
@@ -331,8 +380,13 @@ class Marketplace(_Wrapper):
     def close_window(self) -> int:
         return self._read("close_window")
 
-    def receipt_digest(self, session_id: int, tokens: int, proof_hash: bytes) -> bytes:
-        return bytes(self._read("receipt_digest", session_id, tokens, proof_hash))
+    def receipt_digest(
+        self, session_id: int, input_tokens: int, output_tokens: int, proof_hash: bytes
+    ) -> bytes:
+        """The contract's EIP-712 digest of a receipt (to check Python's against)."""
+        return bytes(
+            self._read("receipt_digest", session_id, input_tokens, output_tokens, proof_hash)
+        )
 
     def treasury(self) -> str:
         """The address that may withdraw the fees (it can change after deployment)."""

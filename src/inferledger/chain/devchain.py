@@ -18,10 +18,13 @@ from inferledger.chain.deploy import deploy
 from inferledger.chain.deployment import DeployParams
 from inferledger.chain.receipts import Receipt, sign_receipt
 from inferledger.chain.tx import TxSender
-from inferledger.chain.units import usdc
+from inferledger.chain.units import Prices, usdc
 
 GAS_MONEY = 100 * 10**18
-PRICE = 2_000_000_000  # $0.002 per token, per million tokens in base units
+# The dev host's prices per million tokens in base units. Distinct and both nonzero,
+# so a test that mixes up input and output tokens gets a wrong figure.
+PRICE = 2_000_000_000  # output (completion) tokens: $0.002 per token
+INPUT_PRICE = 500_000_000  # input (prompt) tokens: $0.0005 per token
 PROOF = keccak(text="proof bundle")
 DEV_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/smollm2-135m-instruct-q8_0.gguf"
 
@@ -53,7 +56,8 @@ def build_dev_world(
     chain: Chain,
     *,
     params: DeployParams | None = None,
-    host_price_per_mtok: int = PRICE,
+    host_input_price_per_mtok: int = INPUT_PRICE,
+    host_output_price_per_mtok: int = PRICE,
     host_url: str = "ws://127.0.0.1:8545",
     model_name: str = DEV_MODEL_NAME,
     weights_sha256: bytes = b"\x01" * 32,
@@ -68,7 +72,8 @@ def build_dev_world(
     world.user = world.funded_sender("user", usdc("100"))
     stake = contracts.deployment.params.min_stake
     contracts.token.approve(world.host, contracts.nodes.address, stake)
-    contracts.nodes.register(world.host, host_url, {model_id: host_price_per_mtok}, stake)
+    prices = Prices(host_input_price_per_mtok, host_output_price_per_mtok)
+    contracts.nodes.register(world.host, host_url, {model_id: prices}, stake)
     return world
 
 
@@ -77,13 +82,17 @@ def open_session(
     *,
     user: TxSender | None = None,
     deposit: int = usdc("2"),
-    price: int = PRICE,
+    input_price: int = INPUT_PRICE,
+    output_price: int = PRICE,
     proof_interval: int = 100,
     duration: int = 86400,
     signer: LocalAccount | None = None,
     model_id: bytes | None = None,
 ) -> tuple[int, LocalAccount]:
-    """Approve and create a session with the world's host; returns (id, session signer)."""
+    """Approve and create a session with the world's host; returns (id, session signer).
+
+    ``input_price``/``output_price``: the most the user accepts (default: the dev prices).
+    """
     user = user or world.user
     signer = signer or Account.create()
     c = world.contracts
@@ -93,7 +102,8 @@ def open_session(
         host=world.host.address,
         model_id=model_id or world.model_id,
         deposit=deposit,
-        price_per_mtok=price,
+        max_input_price_per_mtok=input_price,
+        max_output_price_per_mtok=output_price,
         max_duration=duration,
         proof_interval=proof_interval,
         session_signer=signer.address,
@@ -102,8 +112,13 @@ def open_session(
 
 
 def sign(
-    world: DevWorld, signer: LocalAccount, session_id: int, tokens: int, proof: bytes = PROOF
+    world: DevWorld,
+    signer: LocalAccount,
+    session_id: int,
+    input_tokens: int,
+    output_tokens: int,
+    proof: bytes = PROOF,
 ) -> bytes:
-    """The session signer's receipt for ``tokens`` cumulative tokens."""
-    receipt = Receipt(session_id=session_id, tokens=tokens, proof_hash=proof)
+    """The session signer's receipt for these cumulative input and output tokens."""
+    receipt = Receipt(session_id, input_tokens, output_tokens, proof)
     return sign_receipt(signer.key, world.contracts.marketplace.domain(), receipt)

@@ -18,7 +18,8 @@ DOMAIN_NAME = "inferledger"
 DOMAIN_VERSION = "1"
 RECEIPT_FIELDS = [
     {"name": "sessionId", "type": "uint256"},
-    {"name": "tokens", "type": "uint256"},
+    {"name": "inputTokens", "type": "uint256"},
+    {"name": "outputTokens", "type": "uint256"},
     {"name": "proofHash", "type": "bytes32"},
 ]
 SESSION_AUTH_FIELDS = [
@@ -38,13 +39,20 @@ class ReceiptDomain:
 
 @dataclass(frozen=True)
 class Receipt:
-    """Cumulative tokens received in a session, and the checkpoint's proof hash."""
+    """Cumulative prompt (input) and completion (output) tokens of a session, and the
+    checkpoint's proof hash."""
 
     session_id: int
-    tokens: int
+    input_tokens: int
+    output_tokens: int
     proof_hash: bytes
 
     def __post_init__(self) -> None:
+        if self.input_tokens < 0 or self.output_tokens < 0:
+            raise ValueError(
+                f"token counts must be non-negative, got {self.input_tokens} input and "
+                f"{self.output_tokens} output"
+            )
         if len(self.proof_hash) != 32:
             raise ValueError(f"proof_hash must be 32 bytes, got {len(self.proof_hash)}")
 
@@ -95,7 +103,8 @@ def _message(domain: ReceiptDomain, receipt: Receipt) -> SignableMessage:
         RECEIPT_FIELDS,
         {
             "sessionId": receipt.session_id,
-            "tokens": receipt.tokens,
+            "inputTokens": receipt.input_tokens,
+            "outputTokens": receipt.output_tokens,
             "proofHash": receipt.proof_hash,
         },
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import NamedTuple
 
 USDC_DECIMALS = 6
 USDC = 10**USDC_DECIMALS
@@ -34,9 +35,22 @@ def price_per_token_to_mtok(price_per_token: str | Decimal) -> int:
     return usdc(Decimal(str(price_per_token)) * MTOK)
 
 
-def cost(tokens: int, price_per_mtok: int) -> int:
-    """What ``tokens`` cost at ``price_per_mtok``, rounded down like the contract."""
-    return tokens * price_per_mtok // MTOK
+class Prices(NamedTuple):
+    """A host's prices for one model, per million tokens in base units: prompt tokens
+    (input, may be 0) and completion tokens (output, nonzero for a served model).
+
+    A tuple, so ``(input, output)`` pairs and ``Prices`` are interchangeable.
+    """
+
+    input_per_mtok: int
+    output_per_mtok: int
+
+
+def cost(
+    input_tokens: int, output_tokens: int, input_price_per_mtok: int, output_price_per_mtok: int
+) -> int:
+    """What the tokens cost, rounded down once over the sum, exactly like the contract."""
+    return (input_tokens * input_price_per_mtok + output_tokens * output_price_per_mtok) // MTOK
 
 
 @dataclass(frozen=True)
@@ -49,10 +63,20 @@ class Split:
     refund: int
 
 
-def settlement_split(deposit: int, tokens: int, price_per_mtok: int, fee_bps: int) -> Split:
+def settlement_split(
+    deposit: int,
+    input_tokens: int,
+    output_tokens: int,
+    input_price_per_mtok: int,
+    output_price_per_mtok: int,
+    fee_bps: int,
+) -> Split:
     """The contract's settlement formula, for predictions and checks."""
-    gross = cost(tokens, price_per_mtok)
+    gross = cost(input_tokens, output_tokens, input_price_per_mtok, output_price_per_mtok)
     if gross > deposit:
-        raise ValueError(f"{tokens} tokens cost {gross}, more than the deposit {deposit}")
+        raise ValueError(
+            f"{input_tokens} input and {output_tokens} output tokens cost {gross}, "
+            f"more than the deposit {deposit}"
+        )
     fee = gross * fee_bps // BPS
     return Split(gross=gross, fee=fee, host=gross - fee, refund=deposit - gross)

@@ -5,7 +5,9 @@
 @notice Escrowed pay-per-token inference sessions. A user deposits the payment
         token for a session with a host; the host is paid for the tokens the
         user's session signer has receipted (EIP-712), the treasury takes a fee
-        snapshotted at creation, and the user gets the rest back. Every session
+        snapshotted at creation, and the user gets the rest back. Prompt (input)
+        and completion (output) tokens are priced separately, at the host's
+        prices snapshotted at creation. Every session
         ends: the host completes it, the depositor can request a close and, once
         the close window has passed, anyone can finalize it; an expired session
         can be finalized by anyone after the same window.
@@ -16,7 +18,8 @@ from ethereum.ercs import IERC20
 
 interface NodeRegistry:
     def is_active(host: address) -> bool: view
-    def price_per_mtok(host: address, model_id: bytes32) -> uint256: view
+    def input_price_per_mtok(host: address, model_id: bytes32) -> uint256: view
+    def output_price_per_mtok(host: address, model_id: bytes32) -> uint256: view
     def session_opened(host: address): nonpayable
     def session_closed(host: address): nonpayable
 
@@ -38,11 +41,13 @@ MIN_DURATION: constant(uint256) = 60
 MAX_DURATION: constant(uint256) = 30 * 86400
 MAX_PAGE: constant(uint256) = 100
 MASK_160: constant(uint256) = 2**160 - 1
-MASK_128: constant(uint256) = 2**128 - 1
+MASK_96: constant(uint256) = 2**96 - 1
+MASK_80: constant(uint256) = 2**80 - 1
+MASK_72: constant(uint256) = 2**72 - 1
 MASK_40: constant(uint256) = 2**40 - 1
 MASK_32: constant(uint256) = 2**32 - 1
 MASK_16: constant(uint256) = 2**16 - 1
-MAX_TOKENS: constant(uint256) = 2**144 - 1  # tokens_paid's width in the packed state
+MAX_TOKENS: constant(uint256) = MASK_72  # each paid count's width in the packed state
 # Upper half of the secp256k1 order: signatures with a larger s are malleable twins.
 MAX_S: constant(uint256) = 57896044618658097711785492504343953926418782139537452191302581570759080747168
 
@@ -50,7 +55,7 @@ DOMAIN_TYPEHASH: constant(bytes32) = keccak256(
     "EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
 )
 RECEIPT_TYPEHASH: constant(bytes32) = keccak256(
-    "Receipt(uint256 sessionId,uint256 tokens,bytes32 proofHash)"
+    "Receipt(uint256 sessionId,uint256 inputTokens,uint256 outputTokens,bytes32 proofHash)"
 )
 DOMAIN_NAME_HASH: constant(bytes32) = keccak256("inferledger")
 DOMAIN_VERSION_HASH: constant(bytes32) = keccak256("1")
@@ -61,9 +66,12 @@ DOMAIN_VERSION_HASH: constant(bytes32) = keccak256("1")
 #   depositor_link: depositor (bits 0-159) | this depositor's previous session id (160-255)
 #   host_link:      host (0-159)           | this host's previous session id (160-255)
 #   signer_terms:   signer (0-159) | fee_bps (160-175) | created_at (176-215) | expires_at (216-255)
-#   amounts:        deposit (0-127) | price_per_mtok (128-255)
+#   amounts:        deposit (0-95) | input_price_per_mtok (96-175)
+#                   | output_price_per_mtok (176-255)
 #   state:          status (0-7) | proof_interval (8-39) | checkpoints (40-71)
-#                   | close_requested_at (72-111) | tokens_paid (112-255)
+#                   | close_requested_at (72-111) | input_tokens_paid (112-183)
+#                   | output_tokens_paid (184-255)
+# The constructor bounds max_deposit to 96 bits and create_session each price to 80.
 struct Record:
     depositor_link: uint256
     host_link: uint256
@@ -79,13 +87,15 @@ struct Session:
     signer: address
     model_id: bytes32
     deposit: uint256
-    price_per_mtok: uint256
+    input_price_per_mtok: uint256
+    output_price_per_mtok: uint256
     fee_bps: uint256
     proof_interval: uint256
     created_at: uint256
     expires_at: uint256
     close_requested_at: uint256
-    tokens_paid: uint256
+    input_tokens_paid: uint256
+    output_tokens_paid: uint256
     proof_hash: bytes32
     checkpoints: uint256
     status: uint8
@@ -97,7 +107,8 @@ event SessionCreated:
     model_id: bytes32
     signer: address
     deposit: uint256
-    price_per_mtok: uint256
+    input_price_per_mtok: uint256
+    output_price_per_mtok: uint256
     fee_bps: uint256
     proof_interval: uint256
     expires_at: uint256
@@ -105,7 +116,8 @@ event SessionCreated:
 event CheckpointSubmitted:
     session_id: indexed(uint256)
     index: uint256
-    tokens: uint256
+    input_tokens: uint256
+    output_tokens: uint256
     proof_hash: bytes32
     proof_uri: String[256]
 
@@ -118,7 +130,8 @@ event SessionSettled:
     session_id: indexed(uint256)
     host: indexed(address)
     settled_by: indexed(address)
-    tokens: uint256
+    input_tokens: uint256
+    output_tokens: uint256
     host_amount: uint256
     fee: uint256
     refund: uint256
@@ -183,7 +196,7 @@ def __init__(
     assert treasury_address != empty(address), "JobMarketplace: treasury is the zero address"
     assert initial_fee_bps <= MAX_FEE_BPS, "JobMarketplace: fee above maximum"
     assert deposit_min > 0 and deposit_min <= deposit_max, "JobMarketplace: bad deposit bounds"
-    assert deposit_max <= MASK_128, "JobMarketplace: bad deposit bounds"
+    assert deposit_max <= MASK_96, "JobMarketplace: bad deposit bounds"
     assert window > 0, "JobMarketplace: zero close window"
     token = payment_token
     node_registry = nodes
@@ -206,7 +219,8 @@ def create_session(
     host: address,
     model_id: bytes32,
     deposit: uint256,
-    price_per_mtok: uint256,
+    max_input_price_per_mtok: uint256,
+    max_output_price_per_mtok: uint256,
     max_duration: uint256,
     proof_interval: uint256,
     session_signer: address,
@@ -216,18 +230,23 @@ def create_session(
     @param host The host's address in the NodeRegistry.
     @param model_id The model to use; the host must serve it.
     @param deposit Budget in payment-token base units; unused funds are refunded.
-    @param price_per_mtok The most the caller accepts per million tokens. The
-           session is priced at the host's registered price, which is not higher.
+    @param max_input_price_per_mtok The most the caller accepts per million prompt
+           tokens. The session is priced at the host's registered input price,
+           which is not higher.
+    @param max_output_price_per_mtok The same for completion tokens.
     @param max_duration Seconds until the session expires.
-    @param proof_interval Tokens between receipts; the deposit must buy at least one.
+    @param proof_interval Output tokens between receipts; the deposit must buy
+           at least one interval.
     @param session_signer Key that signs receipts for this session.
     @return The new session id (ids start at 1).
     """
     assert staticcall node_registry.is_active(host), "JobMarketplace: host not active"
     assert staticcall model_registry.is_approved(model_id), "JobMarketplace: model not approved"
-    host_price: uint256 = staticcall node_registry.price_per_mtok(host, model_id)
-    assert host_price > 0, "JobMarketplace: host does not serve this model"
-    assert host_price <= price_per_mtok, "JobMarketplace: host price above offered price"
+    input_price: uint256 = staticcall node_registry.input_price_per_mtok(host, model_id)
+    output_price: uint256 = staticcall node_registry.output_price_per_mtok(host, model_id)
+    assert output_price > 0, "JobMarketplace: host does not serve this model"
+    assert input_price <= max_input_price_per_mtok, "JobMarketplace: host input price above offered price"
+    assert output_price <= max_output_price_per_mtok, "JobMarketplace: host output price above offered price"
     assert deposit >= min_deposit, "JobMarketplace: deposit below minimum"
     assert deposit <= max_deposit, "JobMarketplace: deposit above maximum"
     assert proof_interval >= MIN_PROOF_INTERVAL, "JobMarketplace: proof interval too small"
@@ -235,9 +254,9 @@ def create_session(
     assert max_duration >= MIN_DURATION, "JobMarketplace: duration too short"
     assert max_duration <= MAX_DURATION, "JobMarketplace: duration too long"
     assert session_signer != empty(address), "JobMarketplace: signer is the zero address"
-    assert self._cost(proof_interval, host_price) <= deposit, "JobMarketplace: deposit buys less than one proof interval"
-
-    assert host_price <= MASK_128, "JobMarketplace: host price too large"
+    assert input_price <= MASK_80, "JobMarketplace: host input price too large"
+    assert output_price <= MASK_80, "JobMarketplace: host output price too large"
+    assert self._cost(0, proof_interval, input_price, output_price) <= deposit, "JobMarketplace: deposit buys less than one proof interval"
 
     session_id: uint256 = self.session_count + 1
     self.session_count = session_id
@@ -251,8 +270,8 @@ def create_session(
         | (block.timestamp << 176)
         | (expires_at << 216),
         model_id=model_id,
-        amounts=deposit | (host_price << 128),
-        state=self._pack_state(STATUS_OPEN, proof_interval, 0, 0, 0),
+        amounts=deposit | (input_price << 96) | (output_price << 176),
+        state=self._pack_state(STATUS_OPEN, proof_interval, 0, 0, 0, 0),
         proof_hash=empty(bytes32),
     )
     self.latest_of_user[msg.sender] = session_id
@@ -265,7 +284,8 @@ def create_session(
         model_id=model_id,
         signer=session_signer,
         deposit=deposit,
-        price_per_mtok=host_price,
+        input_price_per_mtok=input_price,
+        output_price_per_mtok=output_price,
         fee_bps=fee,
         proof_interval=proof_interval,
         expires_at=expires_at,
@@ -281,45 +301,53 @@ def create_session(
 @nonreentrant
 def submit_checkpoint(
     session_id: uint256,
-    tokens: uint256,
+    input_tokens: uint256,
+    output_tokens: uint256,
     proof_hash: bytes32,
     proof_uri: String[256],
     receipt_sig: Bytes[65],
 ):
     """
-    @notice Record the user's receipt for `tokens` cumulative tokens on chain.
+    @notice Record the user's receipt for cumulative input and output tokens on chain.
     @dev Host only. Optional: a host may hold receipts and only complete.
     @param session_id The session.
-    @param tokens Cumulative tokens receipted; must exceed the last checkpoint.
+    @param input_tokens Cumulative prompt tokens receipted; not below the last checkpoint.
+    @param output_tokens Cumulative completion tokens receipted; not below the last
+           checkpoint. At least one of the two counts must increase.
     @param proof_hash keccak256 of the checkpoint's proof bundle.
     @param proof_uri Where the bundle can be fetched.
     @param receipt_sig The session signer's EIP-712 signature over the receipt.
     """
-    self._checkpoint(session_id, tokens, proof_hash, proof_uri, receipt_sig, True)
+    self._checkpoint(
+        session_id, input_tokens, output_tokens, proof_hash, proof_uri, receipt_sig, False
+    )
 
 
 @external
 @nonreentrant
 def complete_session(
     session_id: uint256,
-    tokens: uint256,
+    input_tokens: uint256,
+    output_tokens: uint256,
     proof_hash: bytes32,
     proof_uri: String[256],
     receipt_sig: Bytes[65],
 ):
     """
     @notice Final checkpoint and settlement in one transaction.
-    @dev Host only. With `tokens` equal to the last checkpoint no new receipt
+    @dev Host only. With both counts equal to the last checkpoint no new receipt
          is needed and the session settles at what was already receipted.
     @param session_id The session.
-    @param tokens Cumulative tokens receipted; at least the last checkpoint.
+    @param input_tokens Cumulative prompt tokens receipted; at least the last checkpoint.
+    @param output_tokens Cumulative completion tokens receipted; at least the last checkpoint.
     @param proof_hash keccak256 of the final proof bundle.
     @param proof_uri Where the bundle can be fetched.
     @param receipt_sig The session signer's signature (ignored when nothing new is paid).
     """
-    is_new: bool = tokens != self._load(session_id).tokens_paid
-    self._checkpoint(session_id, tokens, proof_hash, proof_uri, receipt_sig, is_new)
-    self._settle(session_id)
+    session: Session = self._checkpoint(
+        session_id, input_tokens, output_tokens, proof_hash, proof_uri, receipt_sig, True
+    )
+    self._settle(session_id, session)
 
 
 @external
@@ -353,7 +381,7 @@ def finalize(session_id: uint256):
     assert block.timestamp > self._deadline(
         session.expires_at, session.close_requested_at
     ), "JobMarketplace: close window still open"
-    self._settle(session_id)
+    self._settle(session_id, session)
 
 
 @external
@@ -486,58 +514,89 @@ def domain_separator() -> bytes32:
 
 @view
 @external
-def receipt_digest(session_id: uint256, tokens: uint256, proof_hash: bytes32) -> bytes32:
+def receipt_digest(
+    session_id: uint256, input_tokens: uint256, output_tokens: uint256, proof_hash: bytes32
+) -> bytes32:
     """
     @notice The EIP-712 digest a session signer signs for a receipt.
     """
-    return self._receipt_digest(session_id, tokens, proof_hash)
+    return self._receipt_digest(session_id, input_tokens, output_tokens, proof_hash)
 
 
 @pure
 @external
-def cost(tokens: uint256, price_per_mtok: uint256) -> uint256:
+def cost(
+    input_tokens: uint256,
+    output_tokens: uint256,
+    input_price_per_mtok: uint256,
+    output_price_per_mtok: uint256,
+) -> uint256:
     """
-    @notice Price of `tokens` tokens at `price_per_mtok`, rounded down.
+    @notice Price of `input_tokens` prompt and `output_tokens` completion tokens at
+            the given prices per million tokens, rounded down once over the sum.
     """
-    return self._cost(tokens, price_per_mtok)
+    return self._cost(input_tokens, output_tokens, input_price_per_mtok, output_price_per_mtok)
 
 
 @internal
 def _checkpoint(
     session_id: uint256,
-    tokens: uint256,
+    input_tokens: uint256,
+    output_tokens: uint256,
     proof_hash: bytes32,
     proof_uri: String[256],
     receipt_sig: Bytes[65],
-    is_new: bool,
-):
+    final: bool,
+) -> Session:
+    # Returns the session as stored afterwards. `final`: completing at the
+    # counts already paid needs no receipt.
     session: Session = self._load(session_id)
     assert session.status == STATUS_OPEN, "JobMarketplace: session not open"
     assert msg.sender == session.host, "JobMarketplace: caller is not the host"
     assert block.timestamp <= self._deadline(
         session.expires_at, session.close_requested_at
     ), "JobMarketplace: session deadline passed"
-    if not is_new:
-        return
-    assert tokens > session.tokens_paid, "JobMarketplace: tokens must increase"
-    assert tokens <= MAX_TOKENS, "JobMarketplace: tokens too large"
-    assert self._cost(tokens, session.price_per_mtok) <= session.deposit, "JobMarketplace: tokens exceed budget"
-    signer: address = self._recover(self._receipt_digest(session_id, tokens, proof_hash), receipt_sig)
+    input_changed: bool = input_tokens != session.input_tokens_paid
+    output_changed: bool = output_tokens != session.output_tokens_paid
+    if final and not (input_changed or output_changed):
+        return session
+    assert input_tokens >= session.input_tokens_paid and output_tokens >= session.output_tokens_paid, "JobMarketplace: tokens must not decrease"
+    assert input_changed or output_changed, "JobMarketplace: tokens must increase"
+    assert input_tokens <= MAX_TOKENS and output_tokens <= MAX_TOKENS, "JobMarketplace: tokens too large"
+    assert self._cost(
+        input_tokens, output_tokens, session.input_price_per_mtok, session.output_price_per_mtok
+    ) <= session.deposit, "JobMarketplace: tokens exceed budget"
+    signer: address = self._recover(
+        self._receipt_digest(session_id, input_tokens, output_tokens, proof_hash), receipt_sig
+    )
     assert signer == session.signer, "JobMarketplace: receipt not signed by session signer"
     index: uint256 = session.checkpoints + 1
-    session.tokens_paid = tokens
+    session.input_tokens_paid = input_tokens
+    session.output_tokens_paid = output_tokens
     session.checkpoints = index
+    session.proof_hash = proof_hash
     self._save_state(session_id, session, session.close_requested_at)
     self.records[session_id].proof_hash = proof_hash
     log CheckpointSubmitted(
-        session_id=session_id, index=index, tokens=tokens, proof_hash=proof_hash, proof_uri=proof_uri
+        session_id=session_id,
+        index=index,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        proof_hash=proof_hash,
+        proof_uri=proof_uri,
     )
+    return session
 
 
 @internal
-def _settle(session_id: uint256):
-    session: Session = self._load(session_id)
-    gross: uint256 = self._cost(session.tokens_paid, session.price_per_mtok)
+def _settle(session_id: uint256, session: Session):
+    # `session` is the stored session, freshly loaded or checkpointed by the caller.
+    gross: uint256 = self._cost(
+        session.input_tokens_paid,
+        session.output_tokens_paid,
+        session.input_price_per_mtok,
+        session.output_price_per_mtok,
+    )
     fee: uint256 = gross * session.fee_bps // BPS
     host_amount: uint256 = gross - fee
     refund: uint256 = session.deposit - gross
@@ -550,7 +609,8 @@ def _settle(session_id: uint256):
         session_id=session_id,
         host=session.host,
         settled_by=msg.sender,
-        tokens=session.tokens_paid,
+        input_tokens=session.input_tokens_paid,
+        output_tokens=session.output_tokens_paid,
         host_amount=host_amount,
         fee=fee,
         refund=refund,
@@ -596,8 +656,10 @@ def _deadline(expires_at: uint256, close_requested_at: uint256) -> uint256:
 
 @pure
 @internal
-def _cost(tokens: uint256, price_per_mtok: uint256) -> uint256:
-    return tokens * price_per_mtok // MTOK
+def _cost(
+    input_tokens: uint256, output_tokens: uint256, input_price: uint256, output_price: uint256
+) -> uint256:
+    return (input_tokens * input_price + output_tokens * output_price) // MTOK
 
 
 @view
@@ -610,8 +672,12 @@ def _domain_separator() -> bytes32:
 
 @view
 @internal
-def _receipt_digest(session_id: uint256, tokens: uint256, proof_hash: bytes32) -> bytes32:
-    struct_hash: bytes32 = keccak256(abi_encode(RECEIPT_TYPEHASH, session_id, tokens, proof_hash))
+def _receipt_digest(
+    session_id: uint256, input_tokens: uint256, output_tokens: uint256, proof_hash: bytes32
+) -> bytes32:
+    struct_hash: bytes32 = keccak256(
+        abi_encode(RECEIPT_TYPEHASH, session_id, input_tokens, output_tokens, proof_hash)
+    )
     return keccak256(concat(b"\x19\x01", self._domain_separator(), struct_hash))
 
 
@@ -632,14 +698,20 @@ def _recover(digest: bytes32, signature: Bytes[65]) -> address:
 @pure
 @internal
 def _pack_state(
-    status: uint8, proof_interval: uint256, checkpoints: uint256, closed_at: uint256, tokens: uint256
+    status: uint8,
+    proof_interval: uint256,
+    checkpoints: uint256,
+    closed_at: uint256,
+    input_tokens: uint256,
+    output_tokens: uint256,
 ) -> uint256:
     return (
         convert(status, uint256)
         | (proof_interval << 8)
         | (checkpoints << 40)
         | (closed_at << 72)
-        | (tokens << 112)
+        | (input_tokens << 112)
+        | (output_tokens << 184)
     )
 
 
@@ -650,7 +722,8 @@ def _save_state(session_id: uint256, session: Session, close_requested_at: uint2
         session.proof_interval,
         session.checkpoints,
         close_requested_at,
-        session.tokens_paid,
+        session.input_tokens_paid,
+        session.output_tokens_paid,
     )
 
 
@@ -663,14 +736,16 @@ def _load(session_id: uint256) -> Session:
         host=convert(record.host_link & MASK_160, address),
         signer=convert(record.signer_terms & MASK_160, address),
         model_id=record.model_id,
-        deposit=record.amounts & MASK_128,
-        price_per_mtok=record.amounts >> 128,
+        deposit=record.amounts & MASK_96,
+        input_price_per_mtok=(record.amounts >> 96) & MASK_80,
+        output_price_per_mtok=record.amounts >> 176,
         fee_bps=(record.signer_terms >> 160) & MASK_16,
         proof_interval=(record.state >> 8) & MASK_32,
         created_at=(record.signer_terms >> 176) & MASK_40,
         expires_at=record.signer_terms >> 216,
         close_requested_at=(record.state >> 72) & MASK_40,
-        tokens_paid=record.state >> 112,
+        input_tokens_paid=(record.state >> 112) & MASK_72,
+        output_tokens_paid=record.state >> 184,
         proof_hash=record.proof_hash,
         checkpoints=(record.state >> 40) & MASK_32,
         status=convert(record.state & 255, uint8),

@@ -2,8 +2,8 @@
 # pragma evm-version cancun
 """
 @title NodeRegistry
-@notice Hosts register an API URL, the models they serve with a price per
-        million tokens each, and a stake. Leaving is a two-step unbonding that
+@notice Hosts register an API URL, the models they serve with an input (prompt)
+        and an output (completion) price per million tokens each, and a stake. Leaving is a two-step unbonding that
         cannot complete while the host has open sessions; an arbiter can slash.
 @license Apache-2.0
 """
@@ -44,10 +44,12 @@ event HostUrlUpdated:
     host: indexed(address)
     api_url: String[256]
 
+# Both prices 0: the host no longer serves the model.
 event ModelPriceSet:
     host: indexed(address)
     model_id: indexed(bytes32)
-    price_per_mtok: uint256
+    input_price_per_mtok: uint256
+    output_price_per_mtok: uint256
 
 event StakeAdded:
     host: indexed(address)
@@ -95,7 +97,9 @@ arbiter: public(address)
 marketplace: public(address)
 
 hosts: HashMap[address, Host]
-price_per_mtok: public(HashMap[address, HashMap[bytes32, uint256]])
+# A model is served iff its output price is nonzero; the input price may be 0 (free prompts).
+input_price_per_mtok: public(HashMap[address, HashMap[bytes32, uint256]])
+output_price_per_mtok: public(HashMap[address, HashMap[bytes32, uint256]])
 models_of: HashMap[address, DynArray[bytes32, MAX_MODELS]]
 host_count: public(uint256)
 host_at: public(HashMap[uint256, address])
@@ -119,14 +123,18 @@ def __init__(token: IERC20, registry: ModelRegistry, minimum_stake: uint256, del
 def register(
     api_url: String[256],
     model_ids: DynArray[bytes32, MAX_MODELS],
-    prices: DynArray[uint256, MAX_MODELS],
+    input_prices: DynArray[uint256, MAX_MODELS],
+    output_prices: DynArray[uint256, MAX_MODELS],
     stake: uint256,
 ):
     """
     @notice Register the caller as a host and pull `stake` from it.
     @param api_url Where clients reach the node (ws/http base URL).
     @param model_ids Approved models the host serves.
-    @param prices Price per million tokens for each model, in token base units.
+    @param input_prices Price per million prompt tokens for each model, in token
+           base units; may be 0.
+    @param output_prices Price per million completion tokens for each model, in
+           token base units; must be nonzero.
     @param stake Amount of the stake token to lock; at least `min_stake`.
     """
     assert not self.hosts[msg.sender].registered, "NodeRegistry: already registered"
@@ -147,7 +155,7 @@ def register(
         self.host_at[self.host_count] = msg.sender
         self.host_count += 1
     log HostRegistered(host=msg.sender, api_url=api_url, stake=stake)
-    self._set_models(msg.sender, model_ids, prices)
+    self._set_models(msg.sender, model_ids, input_prices, output_prices)
     assert extcall stake_token.transferFrom(
         msg.sender, self, stake, default_return_value=True
     ), "NodeRegistry: stake transfer failed"
@@ -165,17 +173,22 @@ def update_url(api_url: String[256]):
 
 
 @external
-def set_models(model_ids: DynArray[bytes32, MAX_MODELS], prices: DynArray[uint256, MAX_MODELS]):
+def set_models(
+    model_ids: DynArray[bytes32, MAX_MODELS],
+    input_prices: DynArray[uint256, MAX_MODELS],
+    output_prices: DynArray[uint256, MAX_MODELS],
+):
     """
     @notice Replace the caller's model list and prices.
-    @dev Open sessions keep the price they were created with.
+    @dev Open sessions keep the prices they were created with.
+    @param model_ids Approved models the host serves from now on.
+    @param input_prices Price per million prompt tokens for each model; may be 0.
+    @param output_prices Price per million completion tokens for each model; nonzero.
     """
     assert self.hosts[msg.sender].registered, "NodeRegistry: not registered"
     assert len(model_ids) > 0, "NodeRegistry: no models"
-    for old: bytes32 in self.models_of[msg.sender]:
-        self.price_per_mtok[msg.sender][old] = 0
-        log ModelPriceSet(host=msg.sender, model_id=old, price_per_mtok=0)
-    self._set_models(msg.sender, model_ids, prices)
+    self._clear_models(msg.sender)
+    self._set_models(msg.sender, model_ids, input_prices, output_prices)
 
 
 @external
@@ -236,8 +249,7 @@ def withdraw_stake():
     assert host.unbonding_ends_at != 0, "NodeRegistry: not unbonding"
     assert block.timestamp >= host.unbonding_ends_at, "NodeRegistry: still unbonding"
     assert host.sessions_opened == host.sessions_closed, "NodeRegistry: host has open sessions"
-    for old: bytes32 in self.models_of[msg.sender]:
-        self.price_per_mtok[msg.sender][old] = 0
+    self._clear_models(msg.sender)
     self.models_of[msg.sender] = []
     self.hosts[msg.sender] = empty(Host)
     log StakeWithdrawn(host=msg.sender, amount=host.stake)
@@ -364,16 +376,36 @@ def is_active(host_address: address) -> bool:
 
 
 @internal
+def _clear_models(host_address: address):
+    for old: bytes32 in self.models_of[host_address]:
+        self.input_price_per_mtok[host_address][old] = 0
+        self.output_price_per_mtok[host_address][old] = 0
+        log ModelPriceSet(
+            host=host_address, model_id=old, input_price_per_mtok=0, output_price_per_mtok=0
+        )
+
+
+@internal
 def _set_models(
     host_address: address,
     model_ids: DynArray[bytes32, MAX_MODELS],
-    prices: DynArray[uint256, MAX_MODELS],
+    input_prices: DynArray[uint256, MAX_MODELS],
+    output_prices: DynArray[uint256, MAX_MODELS],
 ):
-    assert len(model_ids) == len(prices), "NodeRegistry: models and prices differ in length"
+    assert len(model_ids) == len(input_prices) and len(model_ids) == len(
+        output_prices
+    ), "NodeRegistry: models and prices differ in length"
     for i: uint256 in range(len(model_ids), bound=MAX_MODELS):
-        assert staticcall model_registry.is_approved(model_ids[i]), "NodeRegistry: model not approved"
-        assert prices[i] > 0, "NodeRegistry: zero price"
-        assert self.price_per_mtok[host_address][model_ids[i]] == 0, "NodeRegistry: duplicate model"
-        self.price_per_mtok[host_address][model_ids[i]] = prices[i]
-        log ModelPriceSet(host=host_address, model_id=model_ids[i], price_per_mtok=prices[i])
+        model_id: bytes32 = model_ids[i]
+        assert staticcall model_registry.is_approved(model_id), "NodeRegistry: model not approved"
+        assert output_prices[i] > 0, "NodeRegistry: zero price"
+        assert self.output_price_per_mtok[host_address][model_id] == 0, "NodeRegistry: duplicate model"
+        self.input_price_per_mtok[host_address][model_id] = input_prices[i]
+        self.output_price_per_mtok[host_address][model_id] = output_prices[i]
+        log ModelPriceSet(
+            host=host_address,
+            model_id=model_id,
+            input_price_per_mtok=input_prices[i],
+            output_price_per_mtok=output_prices[i],
+        )
     self.models_of[host_address] = model_ids
