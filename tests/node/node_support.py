@@ -13,24 +13,35 @@ from pathlib import Path
 import pytest
 
 from inferledger.chain.contracts import Contracts
-from inferledger.chain.devchain import DevWorld, dev_account
+from inferledger.chain.devchain import INPUT_PRICE, PRICE, DevWorld, dev_account
 from inferledger.config import load_settings
 from inferledger.inference import Backend, load_backend
 from inferledger.node.node import Node, create_node
 from inferledger.node.server import BackgroundServer
 from inferledger.node.state import NodeState
+from inferledger.sdk.wire import Expectation
 
 NodeFactory = Callable[..., tuple[Node, BackgroundServer]]
 
 
 def serve_model(
-    world: DevWorld, backend: Backend, sha256: bytes, price: int = 2_000_000_000
+    world: DevWorld,
+    backend: Backend,
+    sha256: bytes,
+    price: int = PRICE,
+    input_price: int = INPUT_PRICE,
 ) -> bytes:
-    """Approve the backend's model and make it the world's host's only model; its id."""
+    """Approve the backend's model and make it the world's host's only model; its id.
+    ``price`` is the output price, ``input_price`` the prompt price, per Mtok."""
     c = world.contracts
     model_id = c.models.approve_model(world.owner, backend.name, sha256)
-    c.nodes.set_models(world.host, {model_id: price})
+    c.nodes.set_models(world.host, {model_id: (input_price, price)})
     return model_id
+
+
+def expect(world: DevWorld) -> Expectation:
+    """What an SDK client of the world's host checks the node's challenge against."""
+    return Expectation(world.contracts.marketplace.domain(), world.host.address)
 
 
 @pytest.fixture

@@ -1,26 +1,40 @@
-"""The client refuses to sign for tokens it did not receive.
+"""The client signs only what it verified itself.
 
-A real node never asks for such receipts, so a small hand-written node plays the
-dishonest host here: it sends tokens, then asks for a receipt with a wrong count or a
-wrong transcript hash, or claims receipted tokens the client never saw.
+A real node never lies, so a small hand-written node plays the hostile host here: it
+names another chain, marketplace or host in its challenge, claims receipts or served
+tokens the client never saw, bills a prompt for more tokens than it could hold, or asks
+for a receipt with a wrong count or transcript. Each lie is refused and nothing is signed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import websockets
 from eth_account import Account
 
+from inferledger.chain.receipts import ReceiptDomain
 from inferledger.proofs.transcript import TranscriptHash
-from inferledger.sdk.wire import SessionClient, SessionError, http_base, ws_endpoint
+from inferledger.protocol.client import prompt_token_bound
+from inferledger.sdk.wire import (
+    Expectation,
+    History,
+    SessionClient,
+    SessionError,
+    http_base,
+    ws_endpoint,
+)
 
 SESSION = 7
 TOKENS = [300, 301, 302]
+HI = [{"role": "user", "content": "hi"}]
+HOST = Account.create().address
+DOMAIN = ReceiptDomain(31337, Account.create().address)
+EXPECT = Expectation(DOMAIN, HOST)
 
 
 def transcript_hex(token_ids: list[int]) -> str:
@@ -30,55 +44,106 @@ def transcript_hex(token_ids: list[int]) -> str:
     return "0x" + transcript.value.hex()
 
 
-async def dishonest_node(
-    request: Callable[[list[int]], dict[str, Any]], receipted: list[int] | None = None
-) -> tuple[str, list[dict[str, Any]]]:
-    """Serve one login and one prompt; return what the client answered."""
+@dataclass
+class Lies:
+    """What the hand-written node says; the defaults are the truth."""
+
+    chain_id: int = DOMAIN.chain_id
+    marketplace: str = DOMAIN.marketplace
+    host: str = HOST
+    receipted: tuple[int, int] = (0, 0)
+    served: tuple[int, int] = (0, 0)
+    replay: list[int] = field(default_factory=list)
+    prompt_tokens: int = 5
+    request_input: int | None = None  # default: what reply_start said
+    request_output: int = len(TOKENS)
+    request_ids: list[int] = field(default_factory=lambda: list(TOKENS))
+
+
+async def hostile_node(lies: Lies) -> tuple[str, list[dict[str, Any]]]:
+    """Serve one login and one prompt; the outcome and what the client sent after login."""
     answers: list[dict[str, Any]] = []
 
     async def handler(ws: Any) -> None:
-        await ws.send(
-            json.dumps(
-                {
-                    "type": "challenge",
-                    "nonce": "0x" + "11" * 32,
-                    "host": Account.create().address,
-                    "chain_id": 31337,
-                    "marketplace": Account.create().address,
-                }
-            )
-        )
+        challenge = {
+            "type": "challenge",
+            "protocol": 2,
+            "nonce": "0x" + "11" * 32,
+            "host": lies.host,
+            "chain_id": lies.chain_id,
+            "marketplace": lies.marketplace,
+            "model": "m",
+        }
+        await ws.send(json.dumps(challenge))
         await ws.recv()  # session_init
-        held = receipted or []
-        await ws.send(
-            json.dumps(
-                {
-                    "type": "session_ready",
-                    "price_per_mtok": 1,
-                    "tokens_receipted": len(held),
-                    "transcript_hash": transcript_hex(held),
-                }
-            )
-        )
+        ready = {
+            "type": "session_ready",
+            "session_id": SESSION,
+            "model": "m",
+            "deposit": 10**6,
+            "input_price_per_mtok": 1,
+            "output_price_per_mtok": 1,
+            "proof_interval": 10,
+            "max_unreceipted_tokens": 32,
+            "receipted_input_tokens": lies.receipted[0],
+            "receipted_output_tokens": lies.receipted[1],
+            "served_input_tokens": lies.served[0],
+            "served_output_tokens": lies.served[1],
+            "transcript_hash": transcript_hex(list(range(lies.receipted[1]))),
+            "replay": [
+                {"index": lies.receipted[1] + i + 1, "token_id": t, "text": "x"}
+                for i, t in enumerate(lies.replay)
+            ],
+            "expires_at": 2**40,
+            "settles_at": 2**40,
+        }
+        await ws.send(json.dumps(ready))
         await ws.recv()  # prompt
+        start = {"type": "reply_start", "request_id": "r1", "prompt_tokens": lies.prompt_tokens}
+        await ws.send(json.dumps({**start, "input_tokens": lies.prompt_tokens}))
         for index, token_id in enumerate(TOKENS, 1):
-            frame = {"type": "token", "index": index, "token_id": token_id, "text": "x"}
+            frame = {
+                "type": "token",
+                "request_id": "r1",
+                "index": index,
+                "token_id": token_id,
+                "text": "x",
+            }
             await ws.send(json.dumps(frame))
-        await ws.send(json.dumps({"type": "receipt_request", **request(TOKENS)}))
-        await ws.send(
-            json.dumps(
-                {"type": "done", "finish_reason": "stop", "prompt_tokens": 1, "session_tokens": 3}
-            )
-        )
+        request = {
+            "type": "receipt_request",
+            "session_id": SESSION,
+            "input_tokens": (
+                lies.prompt_tokens if lies.request_input is None else lies.request_input
+            ),
+            "output_tokens": lies.request_output,
+            "proof_hash": "0x" + "ab" * 32,
+            "transcript_hash": transcript_hex(lies.request_ids),
+            "proof_uri": None,
+        }
+        await ws.send(json.dumps(request))
+        done = {
+            "type": "done",
+            "request_id": "r1",
+            "finish_reason": "stop",
+            "prompt_tokens": lies.prompt_tokens,
+            "completion_tokens": 3,
+            "input_tokens": lies.prompt_tokens,
+            "output_tokens": 3,
+        }
+        await ws.send(json.dumps(done))
         async for message in ws:
             answers.append(json.loads(message))
 
     async with websockets.serve(handler, "127.0.0.1", 0) as server:
         port = server.sockets[0].getsockname()[1]
         url = f"ws://127.0.0.1:{port}/v1/ws"
-        client = await SessionClient.connect(url, SESSION, Account.create().key)
         try:
-            await client.chat([{"role": "user", "content": "hi"}])
+            client = await SessionClient.connect(url, SESSION, Account.create().key, expect=EXPECT)
+        except SessionError as refused:
+            return refused.code, answers
+        try:
+            await client.chat(HI)
         except SessionError as refused:
             await client.close()
             await asyncio.sleep(0.05)
@@ -88,47 +153,142 @@ async def dishonest_node(
         return "signed", answers
 
 
-def receipt_request(tokens: int, token_ids: list[int]) -> dict[str, Any]:
-    return {
-        "session_id": SESSION,
-        "tokens": tokens,
-        "proof_hash": "0x" + "ab" * 32,
-        "transcript_hash": transcript_hex(token_ids),
-        "proof_uri": "/v1/proofs/0x" + "ab" * 32,
-    }
+def outcome(lies: Lies) -> tuple[str, list[dict[str, Any]]]:
+    return asyncio.run(asyncio.wait_for(hostile_node(lies), 10))
 
 
-def test_an_honest_request_is_signed() -> None:
-    code, answers = asyncio.run(dishonest_node(lambda ids: receipt_request(3, ids)))
+def test_an_honest_node_gets_its_receipt() -> None:
+    code, answers = outcome(Lies())
     assert code == "signed"
-    assert [a["type"] for a in answers] == ["receipt"] and answers[0]["tokens"] == 3
+    (receipt,) = answers
+    assert (receipt["type"], receipt["input_tokens"], receipt["output_tokens"]) == (
+        "receipt",
+        5,
+        3,
+    )
 
 
 @pytest.mark.parametrize(
-    "request_for",
+    ("lies", "code"),
     [
-        lambda ids: receipt_request(4, ids),  # more tokens than were sent
-        lambda ids: receipt_request(3, [*ids[:2], 999]),  # another transcript
+        (Lies(request_output=4), "RECEIPT_REFUSED"),  # more tokens than were sent
+        (Lies(request_ids=[300, 301, 999]), "RECEIPT_REFUSED"),  # another transcript
+        (Lies(request_input=50), "RECEIPT_REFUSED"),  # input beyond what reply_start said
+        (Lies(prompt_tokens=prompt_token_bound(HI) + 1), "RECEIPT_REFUSED"),  # prompt too big
+        (Lies(chain_id=1), "WRONG_DOMAIN"),
+        (Lies(marketplace=Account.create().address), "WRONG_DOMAIN"),
+        (Lies(host=Account.create().address), "WRONG_HOST"),
+        # a fresh session the node says is mostly receipted already (to sign 1000 for 10)
+        (Lies(receipted=(0, 990), served=(0, 990)), "TRANSCRIPT_MISMATCH"),
+        # a fresh session the node says it has served tokens of, replayed for signing
+        (Lies(served=(0, 2), replay=[1, 2]), "RECEIPT_REFUSED"),
+        # prompt tokens billed before we sent any prompt
+        (Lies(served=(40, 0)), "RECEIPT_REFUSED"),
     ],
-    ids=["count", "transcript"],
+    ids=[
+        "count",
+        "transcript",
+        "input-count",
+        "prompt-bound",
+        "chain",
+        "marketplace",
+        "host",
+        "inflated-receipted",
+        "unseen-served",
+        "unseen-input",
+    ],
 )
-def test_a_dishonest_request_is_refused_and_nothing_is_signed(
-    request_for: Callable[[list[int]], dict[str, Any]],
-) -> None:
-    code, answers = asyncio.run(dishonest_node(request_for))
-    assert code == "RECEIPT_REFUSED"
+def test_each_lie_is_refused_and_nothing_is_signed(lies: Lies, code: str) -> None:
+    refused, answers = outcome(lies)
+    assert refused == code
     assert answers == []
 
 
-def test_a_node_claiming_unseen_tokens_is_refused_at_login() -> None:
-    async def run() -> str:
-        with pytest.raises(SessionError) as refused:
-            await asyncio.wait_for(
-                dishonest_node(lambda ids: receipt_request(3, ids), receipted=[5, 6]), 10
-            )
-        return refused.value.code
+def test_a_resumed_session_learns_the_replayed_tail_of_an_open_reply() -> None:
+    async def run() -> tuple[SessionClient, list[dict[str, Any]]]:
+        answers: list[dict[str, Any]] = []
 
-    assert asyncio.run(run()) == "TRANSCRIPT_MISMATCH"
+        async def handler(ws: Any) -> None:
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "challenge",
+                        "protocol": 2,
+                        "nonce": "0x" + "22" * 32,
+                        "host": HOST,
+                        "chain_id": DOMAIN.chain_id,
+                        "marketplace": DOMAIN.marketplace,
+                        "model": "m",
+                    }
+                )
+            )
+            await ws.recv()
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "session_ready",
+                        "session_id": SESSION,
+                        "model": "m",
+                        "deposit": 10**6,
+                        "input_price_per_mtok": 1,
+                        "output_price_per_mtok": 1,
+                        "proof_interval": 10,
+                        "max_unreceipted_tokens": 32,
+                        "receipted_input_tokens": 5,
+                        "receipted_output_tokens": 1,
+                        "served_input_tokens": 5,
+                        "served_output_tokens": 3,
+                        "transcript_hash": transcript_hex(TOKENS[:1]),
+                        "replay": [
+                            {"index": 2, "token_id": TOKENS[1], "text": "b"},
+                            {"index": 3, "token_id": TOKENS[2], "text": "c"},
+                        ],
+                        "expires_at": 2**40,
+                        "settles_at": 2**40,
+                    }
+                )
+            )
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "receipt_request",
+                        "session_id": SESSION,
+                        "input_tokens": 5,
+                        "output_tokens": 3,
+                        "proof_hash": "0x" + "cd" * 32,
+                        "transcript_hash": transcript_hex(TOKENS),
+                        "proof_uri": None,
+                    }
+                )
+            )
+            answer = json.loads(await ws.recv())
+            answers.append(answer)
+            await ws.send(
+                json.dumps({"type": "receipt_ack", "input_tokens": 5, "output_tokens": 3})
+            )
+            await ws.wait_closed()
+
+        async with websockets.serve(handler, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            # We had token 1 and the first of the replay, signed 5/1, and the reply was open.
+            history = History(
+                token_ids=tuple(TOKENS[:2]), input_tokens=5, signed=(5, 1), reply_open=True
+            )
+            client = await SessionClient.connect(
+                f"ws://127.0.0.1:{port}/v1/ws",
+                SESSION,
+                Account.create().key,
+                expect=EXPECT,
+                history=history,
+            )
+            await client.settle_up()
+            await client.close()
+            return client, answers
+
+    client, answers = asyncio.run(asyncio.wait_for(run(), 10))
+    assert [t.token_id for t in client.tokens] == TOKENS[2:]  # only what we lacked is new
+    assert client.received == 3
+    assert [(a["input_tokens"], a["output_tokens"]) for a in answers] == [(5, 3)]
 
 
 def test_node_urls() -> None:

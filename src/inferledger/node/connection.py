@@ -673,12 +673,8 @@ class Connection:
         request = ReceiptRequest(
             meter.served, proof_hash, self.transcript.value, self._bundles.get(proof_hash)
         )
-        if (
-            meter.phase is Phase.CLOSED
-            or (meter.pending and meter.pending[-1] == request)
-            or request.counts == meter.receipted
-        ):
-            return
+        if meter.phase is Phase.CLOSED or meter.requested == meter.served:
+            return  # nothing new to sign (asked already, or receipted)
         await asyncio.to_thread(
             self.node.state.record_served,
             self.info.session_id,

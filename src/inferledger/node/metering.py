@@ -241,8 +241,7 @@ class Meter:
         if self.phase is Phase.CLOSED:
             raise RuntimeError("no receipt is requested after the session closed")
         if self.pending and self.pending[-1].counts == request.counts:
-            self.pending[-1] = request  # a newer bundle for the same counts
-            return
+            return  # already asked: the client signs what it was first shown
         if request.counts == self.receipted:
             raise ValueError(f"{request.counts} is already receipted")
         self.pending.append(request)

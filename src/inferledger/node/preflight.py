@@ -379,15 +379,18 @@ def _check_model(ctx: _Context) -> str:
             MODEL_NAME,
             f"set {MODEL_NAME} to an approved model, or have the registry owner approve this one",
         )
-    price = ctx.bound.nodes.price_of(ctx.host, model_id)
-    if price == 0:
+    prices = ctx.bound.nodes.prices_of(ctx.host, model_id)
+    if prices.output_per_mtok == 0:
         raise _Failed(
             f"host {ctx.host} does not serve model {name!r}: no price in NodeRegistry",
             MODEL_NAME,
             f"add the model with a price to the host's models (NodeRegistry.set_models), or "
             f"set {MODEL_NAME} to a model the host serves",
         )
-    return f"{name} approved; host price {price} base units per million tokens"
+    return (
+        f"{name} approved; host prices {prices.input_per_mtok} (input) and "
+        f"{prices.output_per_mtok} (output) base units per million tokens"
+    )
 
 
 def _check_gas(ctx: _Context) -> str:

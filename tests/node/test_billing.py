@@ -1,0 +1,249 @@
+"""Billing integrity against hostile users, over real WebSockets, on both chains.
+
+Each test is an attack from docs/architecture.md's threat model, and asserts what the
+attacker gets: at most ``max_unreceipted_tokens`` unpaid reply tokens (and one prompt)
+per session however often it reconnects, nothing after a settlement starts, one live
+connection per session, and prompt tokens billed at the input price.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import websockets
+from eth_account import Account
+from eth_utils import keccak
+from node_support import NodeFactory, expect, serve_model
+
+from inferledger.chain.devchain import INPUT_PRICE, PRICE, DevWorld
+from inferledger.chain.receipts import ReceiptDomain, SessionAuth, sign_session_auth
+from inferledger.chain.units import settlement_split, usdc
+from inferledger.inference import Backend
+from inferledger.node.metering import Phase
+from inferledger.sdk.wire import SessionClient
+from support import open_session
+
+HELLO = [{"role": "user", "content": "hello"}]
+CAP = 8  # max_unreceipted_tokens for these tests
+
+
+async def login(url: str, session_id: int, key: bytes) -> tuple[Any, dict[str, Any]]:
+    """A raw connection logged in to ``session_id``: (socket, its answer to session_init)."""
+    ws = await websockets.connect(url, max_size=2**22)
+    challenge = json.loads(await ws.recv())
+    domain = ReceiptDomain(int(challenge["chain_id"]), str(challenge["marketplace"]))
+    nonce = bytes.fromhex(challenge["nonce"][2:])
+    signature = sign_session_auth(key, domain, SessionAuth(session_id, nonce, challenge["host"]))
+    await ws.send(
+        json.dumps(
+            {
+                "type": "session_init",
+                "session_id": session_id,
+                "nonce": challenge["nonce"],
+                "signature": "0x" + signature.hex(),
+            }
+        )
+    )
+    return ws, json.loads(await ws.recv())
+
+
+async def frames_until(ws: Any, kind: str) -> list[dict[str, Any]]:
+    """Every frame up to and including the first of ``kind`` (bounded in time)."""
+    seen = []
+    while True:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), 20))
+        seen.append(frame)
+        if frame["type"] == kind:
+            return seen
+
+
+def wait_until(predicate: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_a_user_who_never_signs_gets_at_most_the_cap_over_any_number_of_reconnects(
+    world: DevWorld, scripted: Backend, start_node: NodeFactory
+) -> None:
+    model_id = serve_model(world, scripted, keccak(text="scripted"))
+    session_id, signer = open_session(world, model_id=model_id, proof_interval=1000)
+    node, server = start_node(
+        scripted, max_unreceipted_tokens=CAP, max_unpaid_resumes=2, disconnect_grace=3600
+    )
+
+    async def attack() -> tuple[set[int], list[str]]:
+        new_tokens: set[int] = set()  # distinct token indices ever received
+        codes = []
+        for _ in range(3):
+            ws, ready = await login(server.ws_url, session_id, signer.key)
+            assert ready["type"] == "session_ready"
+            new_tokens |= {t["index"] for t in ready["replay"]}
+            await ws.send(
+                json.dumps(
+                    {"type": "prompt", "request_id": "x", "messages": HELLO, "max_tokens": 500}
+                )
+            )
+            await ws.send(json.dumps({"type": "ping"}))
+            for frame in await frames_until(ws, "pong"):
+                if frame["type"] == "token":
+                    new_tokens.add(frame["index"])
+                if frame["type"] == "error":
+                    codes.append(frame["code"])
+            # The stream is held at the cap: a second ping is answered, no token comes.
+            await ws.send(json.dumps({"type": "ping"}))
+            later = await frames_until(ws, "pong")
+            new_tokens |= {f["index"] for f in later if f["type"] == "token"}
+            await ws.close()
+            wait_until(lambda: session_id not in node.live, "the node to see the disconnect")
+        ws, refused = await login(server.ws_url, session_id, signer.key)
+        codes.append(refused.get("code", refused["type"]))
+        await ws.close()
+        return new_tokens, codes
+
+    received, codes = asyncio.run(attack())
+    assert len(received) <= CAP
+    assert codes[-1] == "SESSION_CLOSED"  # left owing too often: settled at what was signed
+    assert "RECEIPT_OWED" in codes  # a new prompt before signing is refused
+    market = world.contracts.marketplace
+    wait_until(lambda: market.get_session(session_id).is_settled, "the settlement")
+    info = market.get_session(session_id)
+    assert (info.input_tokens_paid, info.output_tokens_paid) == (0, 0)
+    assert node.meters[session_id].served.output <= CAP
+
+
+def test_nothing_streams_after_a_close_request_and_the_last_receipt_is_paid(
+    world: DevWorld, scripted: Backend, start_node: NodeFactory
+) -> None:
+    model_id = serve_model(world, scripted, keccak(text="scripted"))
+    session_id, signer = open_session(world, model_id=model_id, proof_interval=1000)
+    node, server = start_node(scripted, max_unreceipted_tokens=CAP, chain_poll_interval=0.2)
+    market = world.contracts.marketplace
+
+    async def run() -> tuple[int, str, Any]:
+        client = await SessionClient.connect(
+            server.ws_url, session_id, signer.key, expect=expect(world)
+        )
+        got = 0
+        async for _token in client.stream(HELLO, max_tokens=1000):
+            got += 1
+            if got == 20:
+                # Stop reading: the node fills its window and waits for our receipt.
+                await asyncio.to_thread(market.request_close, world.user, session_id)
+                await asyncio.to_thread(
+                    wait_until,
+                    lambda: node.meters[session_id].phase is not Phase.STREAMING,
+                    "the node to stop the session",
+                )
+        assert client.last_done is not None
+        await client.wait_session_end()
+        settled = await client.wait_settlement(30)
+        await client.close()
+        return client.received, client.last_done.finish_reason, settled
+
+    received, reason, settled = asyncio.run(run())
+    assert reason == "closing"
+    assert received <= 20 + CAP  # what was in the window when the close was seen
+    assert settled is not None and settled.type == "settled"
+    info = market.get_session(session_id)
+    assert info.output_tokens_paid == received  # the final receipt covered every token sent
+    assert node.meters[session_id].served.output == received
+
+
+def test_two_logins_at_once_get_one_session(
+    world: DevWorld, scripted: Backend, start_node: NodeFactory
+) -> None:
+    model_id = serve_model(world, scripted, keccak(text="scripted"))
+    sessions = [open_session(world, model_id=model_id) for _ in range(4)]
+    _node, server = start_node(scripted)
+
+    async def race(session_id: int, key: bytes) -> list[str]:
+        results = await asyncio.gather(
+            login(server.ws_url, session_id, key), login(server.ws_url, session_id, key)
+        )
+        kinds = sorted(r[1].get("code", r[1]["type"]) for r in results)
+        for ws, _ in results:
+            await ws.close()
+        return kinds
+
+    async def run() -> list[list[str]]:
+        return [await race(sid, signer.key) for sid, signer in sessions]
+
+    for kinds in asyncio.run(run()):
+        assert kinds == ["SESSION_BUSY", "session_ready"]
+
+
+def test_a_long_prompt_costs_its_input_price(
+    world: DevWorld, scripted: Backend, start_node: NodeFactory
+) -> None:
+    model_id = serve_model(world, scripted, keccak(text="scripted"))
+    session_id, signer = open_session(world, model_id=model_id, deposit=usdc("5"))
+    _node, server = start_node(scripted)
+    prompt = [{"role": "user", "content": "ledger " * 400}]
+
+    async def run() -> tuple[int, int, Any]:
+        client = await SessionClient.connect(
+            server.ws_url, session_id, signer.key, expect=expect(world)
+        )
+        reply = await client.chat(prompt, max_tokens=1)
+        await client.end()
+        settled = await client.wait_settlement(30)
+        await client.close()
+        return reply.prompt_tokens, len(reply.token_ids), settled
+
+    prompt_tokens, output, settled = asyncio.run(run())
+    assert prompt_tokens == len(scripted.tokenize_chat(prompt)) > 400
+    info = world.contracts.marketplace.get_session(session_id)
+    assert (info.input_tokens_paid, info.output_tokens_paid) == (prompt_tokens, output)
+    split = settlement_split(info.deposit, prompt_tokens, output, INPUT_PRICE, PRICE, info.fee_bps)
+    assert settled is not None and (settled.host_amount, settled.fee, settled.refund) == (
+        split.host,
+        split.fee,
+        split.refund,
+    )
+    assert split.gross > output * PRICE // 1_000_000  # the prompt was paid for
+
+
+def test_a_two_minute_session_serves_more_than_one_prompt(
+    world: DevWorld, scripted: Backend, start_node: NodeFactory
+) -> None:
+    model_id = serve_model(world, scripted, keccak(text="scripted"))
+    session_id, signer = open_session(world, model_id=model_id, duration=120)
+    _node, server = start_node(scripted, chain_poll_interval=0.2)
+
+    async def run() -> list[str]:
+        client = await SessionClient.connect(
+            server.ws_url, session_id, signer.key, expect=expect(world)
+        )
+        reasons = []
+        for _ in range(3):
+            await client.chat(HELLO, max_tokens=5)
+            assert client.last_done is not None
+            reasons.append(client.last_done.finish_reason)
+            await asyncio.sleep(0.5)  # the chain watcher polls meanwhile; it must not settle
+        await client.close()
+        return reasons
+
+    assert asyncio.run(run()) == ["length", "length", "length"]
+    assert world.contracts.marketplace.get_session(session_id).is_open
+
+
+def test_a_stranger_cannot_log_in_to_a_session(
+    world: DevWorld, scripted: Backend, start_node: NodeFactory
+) -> None:
+    model_id = serve_model(world, scripted, keccak(text="scripted"))
+    session_id, _signer = open_session(world, model_id=model_id)
+    node, server = start_node(scripted)
+
+    async def run() -> str:
+        ws, answer = await login(server.ws_url, session_id, Account.create().key)
+        await ws.close()
+        return str(answer.get("code"))
+
+    assert asyncio.run(run()) == "BAD_SIGNATURE"
+    assert session_id not in node.live
