@@ -46,7 +46,7 @@ def market(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
         backend = load_backend("scripted", tokens_per_second=0)
         c = world.contracts
         model_id = c.models.approve_model(world.owner, MODEL, keccak(text="scripted"))
-        c.nodes.set_models(world.host, {model_id: 2_000_000_000})
+        c.nodes.set_models(world.host, {model_id: (0, 2_000_000_000)})
         settings = load_settings(
             host_key="0x" + dev_account("host").key.hex(),
             chain_url=anvil.url,
@@ -167,13 +167,17 @@ def test_close_without_a_record_requests_it_on_chain_then_finalize_settles(
 
 def test_host_update_changes_one_price_and_keeps_the_url(market: Market) -> None:
     before = invoke("host", "show").stdout
-    assert f"model 0x{market.model_id.hex()}: 0.002 USDC/token" in before
+    model = f"model 0x{market.model_id.hex()}"
+    assert f"{model}: input 0, output 0.002 USDC/token" in before
     try:
-        updated = invoke("host", "update", "--price", "0.003")
-        assert "0.003 USDC/token" in updated.stdout
+        updated = invoke("host", "update", "--output-price", "0.003")
+        assert "input 0, output 0.003 USDC/token" in updated.stdout
+        # --price is --output-price; the input price changes on its own.
+        invoke("host", "update", "--input-price", "0.0005")
         after = invoke("host", "show").stdout
-        assert f"model 0x{market.model_id.hex()}: 0.003 USDC/token" in after
+        assert f"{model}: input 0.0005, output 0.003 USDC/token" in after
         url = re.search(r"url +(\S+)", before)
         assert url and url.group(1) in after
     finally:
-        invoke("host", "update", "--model", MODEL, "--price", "0.002")
+        invoke("host", "update", "--model", MODEL, "--input-price", "0", "--price", "0.002")
+    assert f"{model}: input 0, output 0.002 USDC/token" in invoke("host", "show").stdout

@@ -42,7 +42,7 @@ def settled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SessionR
     backend = load_backend("scripted", tokens_per_second=0)
     c = world.contracts
     model_id = c.models.approve_model(world.owner, backend.name, keccak(text="scripted"))
-    c.nodes.set_models(world.host, {model_id: 2_000_000_000})
+    c.nodes.set_models(world.host, {model_id: (0, 2_000_000_000)})
     settings = load_settings(
         host_key="0x" + dev_account("host").key.hex(),
         chain_url=chain.url,

@@ -87,7 +87,7 @@ def test_withdraw_with_nothing_to_withdraw(world: DevWorld) -> None:
     # After a settlement the host withdraws once; a second withdrawal has nothing left.
     session_id, signer = open_session(world)
     c.marketplace.complete_session(
-        world.host, session_id, 100, PROOF, URI, sign(world, signer, session_id, 100)
+        world.host, session_id, 20, 100, PROOF, URI, sign(world, signer, session_id, 20, 100)
     )
     earned = c.earnings.balance_of(world.host.address, c.token.address)
     assert earned > 0

@@ -9,10 +9,12 @@ chain is checked against it:
 - the marketplace holds exactly open deposits + treasury balance + credited refunds
   (contract counters and model agree);
 - HostEarnings holds exactly the sum of the host balances;
-- every settlement splits host + fee + refund == deposit, as ``settlement_split`` says;
+- every settlement splits host + fee + refund == deposit exactly, as ``settlement_split``
+  says for the session's input and output counts and prices;
 - a session finalized (or completed) is settled, and one whose deadline has surely
   passed can be finalized by anyone; before its deadline finalize reverts;
-- a session's tokens_paid never decreases, and its stored fields match the model.
+- neither of a session's paid counts (input, output) ever decreases, and its stored
+  fields match the model.
 
 Block timestamps follow the wall clock on both chains, so the model only knows
 the next block's time to within ``SLACK`` seconds; inside that band a
@@ -59,8 +61,10 @@ T = TypeVar("T")
 # The next block's timestamp is in [latest, latest + SLACK] (wall clock drift).
 SLACK = 15
 USER_FUNDS = usdc(1_000_000)
-# Odd prices exercise the rounding of cost and fee; the world's host keeps its own.
-EXTRA_HOST_PRICES = [333_333_337, 7_777_777]
+# (input, output) per Mtok. Odd prices exercise the rounding of cost and fee; one host
+# gives prompts away, the other charges more for them than for completions. The
+# world's host keeps its own prices.
+EXTRA_HOST_PRICES = [(0, 333_333_337), (123_456_789, 7_777_777)]
 MAX_UINT = 2**256 - 1
 
 # Sessions per history: bounds the per-step checks and keeps histories on lifecycles.
@@ -78,7 +82,7 @@ class Market:
     world: DevWorld
     users: list[TxSender]
     hosts: list[TxSender]
-    prices: list[int]
+    prices: list[tuple[int, int]]
     snapshot: Any
 
 
@@ -96,7 +100,7 @@ def build_market(world: DevWorld) -> Market:
         c.token.mint(user, user.address, USER_FUNDS)
         c.token.approve(user, c.marketplace.address, MAX_UINT)
     hosts = [world.host]
-    prices = [c.nodes.price_of(world.host.address, world.model_id)]
+    prices: list[tuple[int, int]] = [c.nodes.prices_of(world.host.address, world.model_id)]
     stake = c.deployment.params.min_stake
     for i, price in enumerate(EXTRA_HOST_PRICES, 1):
         host = world.funded_sender(f"invariant-host-{i}", stake)
@@ -114,12 +118,14 @@ class ModelSession:
     host: int  # index into hosts
     signer: LocalAccount
     deposit: int
-    price: int
+    input_price: int
+    output_price: int
     fee_bps: int
     proof_interval: int
     expires_at: int
     close_requested_at: int = 0
-    tokens_paid: int = 0
+    input_paid: int = 0
+    output_paid: int = 0
     proof_hash: bytes = b"\x00" * 32
     checkpoints: int = 0
     split: Split | None = None
@@ -134,9 +140,25 @@ class ModelSession:
             start = self.close_requested_at
         return start + window
 
-    def max_tokens(self) -> int:
-        """The most tokens whose (rounded-down) cost fits in the deposit."""
-        return ((self.deposit + 1) * MTOK - 1) // self.price
+    @property
+    def paid(self) -> tuple[int, int]:
+        return self.input_paid, self.output_paid
+
+    def cost(self, tokens: tuple[int, int]) -> int:
+        return cost(*tokens, self.input_price, self.output_price)
+
+    def max_output(self, input_tokens: int) -> int:
+        """The most output tokens whose (rounded-down) cost, with ``input_tokens``, fits
+        in the deposit (-1 if the input tokens alone do not fit)."""
+        room = (self.deposit + 1) * MTOK - 1 - input_tokens * self.input_price
+        return room // self.output_price if room >= 0 else -1
+
+    def max_input(self, output_tokens: int) -> int | None:
+        """The same for input tokens with ``output_tokens``; None for free prompts."""
+        if self.input_price == 0:
+            return None
+        room = (self.deposit + 1) * MTOK - 1 - output_tokens * self.output_price
+        return room // self.input_price if room >= 0 else -1
 
 
 def signer_for(sid: int) -> LocalAccount:
@@ -155,7 +177,8 @@ durations = st.one_of(
 )
 # Mostly valid sessions; otherwise one parameter broken, with the revert it must cause.
 CREATE_FAULTS = [None] * 8 + [
-    "offer",
+    "offer_input",
+    "offer_output",
     "deposit_low",
     "deposit_high",
     "interval_low",
@@ -188,7 +211,7 @@ class MarketMachine(RuleBasedStateMachine):
         self.window = self.c.marketplace.close_window()
         self.fee_bps = self.c.marketplace.fee_bps()
         self.sessions: dict[int, ModelSession] = {}
-        self.seen_tokens: dict[int, int] = {}
+        self.seen_tokens: dict[int, tuple[int, int]] = {}
         self.treasury = 0
         self.credit = {u.address: 0 for u in self.users}
         self.earned = {h.address: 0 for h in self.hosts}
@@ -234,31 +257,45 @@ class MarketMachine(RuleBasedStateMachine):
         assert may_succeed, f"call succeeded but should have reverted with one of {reasons}"
         return result
 
-    def token_error(self, s: ModelSession, tokens: int, good_sig: bool) -> str | None:
-        if tokens <= s.tokens_paid:
+    def token_error(self, s: ModelSession, tokens: tuple[int, int], good_sig: bool) -> str | None:
+        """The contract's checks on new (input, output) counts, in its order."""
+        if tokens[0] < s.input_paid or tokens[1] < s.output_paid:
+            return "tokens must not decrease"
+        if tokens == s.paid:
             return "tokens must increase"
-        if tokens > s.max_tokens():
+        if s.cost(tokens) > s.deposit:
             return "tokens exceed budget"
         if not good_sig:
             return "receipt not signed by session signer"
         return None
 
-    def choose_tokens(self, s: ModelSession, kind: str, step: int) -> int:
-        top = s.max_tokens()
-        if kind == "max":
-            return top
-        if kind == "stale":
-            return s.tokens_paid - step % (s.tokens_paid + 1)
-        if kind == "over":
-            return top + 1 + step % 1000
-        if s.tokens_paid >= top:
-            return top
-        return s.tokens_paid + 1 + step % (top - s.tokens_paid)
+    def choose_tokens(self, s: ModelSession, kind: str, step: int) -> tuple[int, int]:
+        """New cumulative (input, output) counts of the given kind (see ``token_kinds``)."""
+        pin, pout = s.paid
+        if kind == "max":  # the most output the deposit buys at the current input
+            return pin, max(pout, s.max_output(pin))
+        if kind == "stale":  # one count lower than paid, the other maybe higher
+            if pin == pout == 0:
+                return 0, 0
+            if pout and (step % 2 or not pin):
+                return pin + step % 3, pout - 1 - step % pout
+            return pin - 1 - step % pin, pout + step % 3
+        if kind == "over":  # one count past the budget
+            top_in = s.max_input(pout)
+            if top_in is not None and step % 2:
+                return max(pin, top_in + 1 + step % 1000), pout
+            return pin, max(pout, s.max_output(pin) + 1 + step % 1000)
+        # valid: mostly both counts grow within the budget (the model judges the rest)
+        new_in = pin + step % 40
+        top_out = s.max_output(new_in)
+        if top_out <= pout:
+            return new_in, pout
+        return new_in, pout + 1 + step % (top_out - pout)
 
     def settle_model(self, s: ModelSession, event: SettlementEvent) -> None:
-        split = settlement_split(s.deposit, s.tokens_paid, s.price, s.fee_bps)
+        split = settlement_split(s.deposit, *s.paid, s.input_price, s.output_price, s.fee_bps)
         assert event.session_id == s.sid
-        assert event.tokens == s.tokens_paid
+        assert (event.input_tokens, event.output_tokens) == s.paid
         assert (event.host_amount, event.fee, event.refund) == (split.host, split.fee, split.refund)
         assert event.host_amount + event.fee + event.refund == s.deposit
         s.split = split
@@ -313,13 +350,16 @@ class MarketMachine(RuleBasedStateMachine):
     ) -> None:
         if new_fee is not None:
             self.set_fee(new_fee)
-        price = self.market.prices[host]
-        offer = price
-        deposit = max(deposit, cost(proof_interval, price))  # buys at least one interval
+        input_price, output_price = self.market.prices[host]
+        offer_in, offer_out = input_price, output_price
+        # Buys at least one interval (of output tokens).
+        deposit = max(deposit, cost(0, proof_interval, input_price, output_price))
         sender = self.users[user]
         expected: str | None = None
-        if fault == "offer":
-            offer, expected = price - 1, "host price above offered price"
+        if fault == "offer_input" and input_price > 0:
+            offer_in, expected = input_price - 1, "host input price above offered price"
+        elif fault in ("offer_input", "offer_output"):
+            offer_out, expected = output_price - 1, "host output price above offered price"
         elif fault == "deposit_low":
             deposit, expected = self.min_deposit - 1, "deposit below minimum"
         elif fault == "deposit_high":
@@ -335,8 +375,8 @@ class MarketMachine(RuleBasedStateMachine):
         elif fault == "budget":
             # The smallest deposit, with an interval one token too long for it.
             deposit = self.min_deposit
-            proof_interval = max(10, ((deposit + 1) * MTOK + price - 1) // price)
-            assert cost(proof_interval, price) > deposit
+            proof_interval = max(10, ((deposit + 1) * MTOK + output_price - 1) // output_price)
+            assert cost(0, proof_interval, input_price, output_price) > deposit
             expected = "deposit buys less than one proof interval"
         elif sender.address in self.blocked:
             expected = "blocked"
@@ -349,7 +389,8 @@ class MarketMachine(RuleBasedStateMachine):
                 host=self.hosts[host].address,
                 model_id=self.world.model_id,
                 deposit=deposit,
-                price_per_mtok=offer,
+                max_input_price_per_mtok=offer_in,
+                max_output_price_per_mtok=offer_out,
                 max_duration=duration,
                 proof_interval=proof_interval,
                 session_signer=signer.address,
@@ -368,16 +409,26 @@ class MarketMachine(RuleBasedStateMachine):
             self.hosts[host].address,
             signer.address,
         )
-        assert (info.deposit, info.price_per_mtok, info.fee_bps, info.proof_interval) == (
+        assert (
+            info.deposit,
+            info.input_price_per_mtok,
+            info.output_price_per_mtok,
+            info.fee_bps,
+            info.proof_interval,
+        ) == (deposit, input_price, output_price, self.fee_bps, proof_interval)
+        self.sessions[sid] = ModelSession(
+            sid,
+            user,
+            host,
+            signer,
             deposit,
-            price,
+            input_price,
+            output_price,
             self.fee_bps,
             proof_interval,
+            info.expires_at,
         )
-        self.sessions[sid] = ModelSession(
-            sid, user, host, signer, deposit, price, self.fee_bps, proof_interval, info.expires_at
-        )
-        self.seen_tokens[sid] = 0
+        self.seen_tokens[sid] = (0, 0)
         self.wallet[sender.address] -= deposit
 
     @precondition(lambda self: self.sessions)
@@ -387,20 +438,25 @@ class MarketMachine(RuleBasedStateMachine):
         tokens = self.choose_tokens(s, kind, step)
         proof = keccak(text=f"proof:{s.sid}:{tokens}")
         signer = INTRUDER if kind == "badsig" else s.signer
-        sig = sign(self.world, signer, s.sid, tokens, proof)
+        sig = sign(self.world, signer, s.sid, *tokens, proof)
         sender = self.caller(s, kind)
         later = self.token_error(s, tokens, kind != "badsig")
         when = self.timing(s.deadline(self.window))
         reasons, may_succeed = self.host_call_outcome(s, kind, later, when)
         receipt = self.attempt(
-            lambda: self.c.marketplace.submit_checkpoint(sender, s.sid, tokens, proof, URI, sig),
+            lambda: self.c.marketplace.submit_checkpoint(sender, s.sid, *tokens, proof, URI, sig),
             reasons,
             may_succeed,
         )
         if receipt is None:
             return
         assert self.block_time(receipt) <= s.deadline(self.window)
-        s.tokens_paid, s.proof_hash, s.checkpoints = tokens, proof, s.checkpoints + 1
+        self.record_checkpoint(s, tokens, proof)
+
+    @staticmethod
+    def record_checkpoint(s: ModelSession, tokens: tuple[int, int], proof: bytes) -> None:
+        (s.input_paid, s.output_paid), s.proof_hash = tokens, proof
+        s.checkpoints += 1
 
     def caller(self, s: Any, kind: str) -> TxSender:
         """The session's host, or another host for the "other" kind."""
@@ -430,16 +486,16 @@ class MarketMachine(RuleBasedStateMachine):
     )
     def complete(self, index: int, kind: str, step: int) -> None:
         s = self.pick(index)
-        tokens = s.tokens_paid if kind == "same" else self.choose_tokens(s, kind, step)
+        tokens = s.paid if kind == "same" else self.choose_tokens(s, kind, step)
         proof = keccak(text=f"final:{s.sid}:{tokens}")
-        is_new = tokens != s.tokens_paid
-        sig = sign(self.world, s.signer, s.sid, tokens, proof) if is_new else b""
+        is_new = tokens != s.paid
+        sig = sign(self.world, s.signer, s.sid, *tokens, proof) if is_new else b""
         sender = self.caller(s, kind)
         later = self.token_error(s, tokens, True) if is_new else None
         when = self.timing(s.deadline(self.window))
         reasons, may_succeed = self.host_call_outcome(s, kind, later, when)
         event = self.attempt(
-            lambda: self.c.marketplace.complete_session(sender, s.sid, tokens, proof, URI, sig),
+            lambda: self.c.marketplace.complete_session(sender, s.sid, *tokens, proof, URI, sig),
             reasons,
             may_succeed,
         )
@@ -447,7 +503,7 @@ class MarketMachine(RuleBasedStateMachine):
             return
         assert self.settlement_time(event) <= s.deadline(self.window)
         if is_new:
-            s.tokens_paid, s.proof_hash, s.checkpoints = tokens, proof, s.checkpoints + 1
+            self.record_checkpoint(s, tokens, proof)
         self.settle_model(s, event)
 
     @precondition(lambda self: self.sessions)
@@ -649,9 +705,12 @@ class MarketMachine(RuleBasedStateMachine):
     def sessions_match_the_model(self) -> None:
         for sid, s in self.sessions.items():
             info = SessionInfo(sid, *self.read(self.c.marketplace, "get_session", sid))
-            assert info.tokens_paid >= self.seen_tokens[sid], "tokens_paid decreased"
-            self.seen_tokens[sid] = info.tokens_paid
-            assert info.tokens_paid == s.tokens_paid
+            paid = (info.input_tokens_paid, info.output_tokens_paid)
+            seen = self.seen_tokens[sid]
+            assert paid[0] >= seen[0], "input_tokens_paid decreased"
+            assert paid[1] >= seen[1], "output_tokens_paid decreased"
+            self.seen_tokens[sid] = paid
+            assert paid == s.paid
             assert bytes(info.proof_hash) == s.proof_hash
             assert info.checkpoints == s.checkpoints
             assert info.close_requested_at == s.close_requested_at
@@ -660,7 +719,9 @@ class MarketMachine(RuleBasedStateMachine):
                 split = s.split
                 assert split is not None
                 assert split.host + split.fee + split.refund == s.deposit
-                assert split == settlement_split(s.deposit, s.tokens_paid, s.price, s.fee_bps)
+                assert split == settlement_split(
+                    s.deposit, *s.paid, s.input_price, s.output_price, s.fee_bps
+                )
 
     def teardown(self) -> None:
         """Checks too costly for every step: every wallet, and the hosts' open counts.

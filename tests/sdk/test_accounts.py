@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 from eth_account import Account
 
-from inferledger.chain.devchain import PROOF, DevWorld, dev_account, sign
-from inferledger.chain.units import usdc
+from inferledger.chain.devchain import INPUT_PRICE, PRICE, PROOF, DevWorld, dev_account, sign
+from inferledger.chain.units import settlement_split, usdc
 from inferledger.sdk import Client, SdkError, Session
 
-SEED = {"tokens": 200, "host": 360_000, "fee": 40_000, "refund": 1_600_000}
+# The seed's figures: 200 output tokens (and no prompt tokens) at $0.002 on 2 USDC.
+SEED = {"tokens": (0, 200), "host": 360_000, "fee": 40_000, "refund": 1_600_000}
 
 
 def client_for(world: DevWorld, label: str, tmp_path) -> Client:
@@ -22,12 +23,13 @@ def client_for(world: DevWorld, label: str, tmp_path) -> Client:
     )
 
 
-def settle_directly(world: DevWorld, session: Session, tokens: int) -> str:
-    """The host completes the session with the session signer's receipt; the tx hash."""
+def settle_directly(world: DevWorld, session: Session, tokens: tuple[int, int]) -> str:
+    """The host completes the session with the session signer's receipt for (input,
+    output) ``tokens``; the tx hash."""
     signer = Account.from_key(session.record.signer_key)
-    signature = sign(world, signer, session.id, tokens, PROOF)
+    signature = sign(world, signer, session.id, *tokens, PROOF)
     event = world.contracts.marketplace.complete_session(
-        world.host, session.id, tokens, PROOF, "test://bundle", signature
+        world.host, session.id, *tokens, PROOF, "test://bundle", signature
     )
     return event.tx_hash
 
@@ -41,13 +43,17 @@ def test_host_earnings_treasury_and_status_after_a_settlement(world: DevWorld, t
     session.detach()
 
     status = user.sessions.status(session.id)
-    assert (status.state, status.can_finalize, status.tokens_paid) == ("open", False, 0)
+    paid = (status.input_tokens_paid, status.output_tokens_paid)
+    assert (status.state, status.can_finalize, paid) == ("open", False, (0, 0))
+    prices = (status.input_price_per_mtok, status.output_price_per_mtok)
+    assert prices == (INPUT_PRICE, PRICE)
     assert (status.host_amount, status.refund, status.settlement_tx) == (0, usdc("2"), None)
 
     tx_hash = settle_directly(world, session, SEED["tokens"])
     status = user.sessions.status(session.id)
     assert status.state == "settled" and status.settlement_tx == tx_hash
-    assert (status.tokens_paid, status.host_amount, status.fee, status.refund) == (
+    paid = (status.input_tokens_paid, status.output_tokens_paid)
+    assert (paid, status.host_amount, status.fee, status.refund) == (
         SEED["tokens"],
         SEED["host"],
         SEED["fee"],
@@ -104,3 +110,34 @@ def test_status_follows_close_requests_and_expiry_and_refunds_can_be_credited(
     assert c.token.balance_of(user.address) == before + usdc("2")
     with pytest.raises(SdkError, match="does not exist"):
         user.sessions.status(999_999)
+
+
+def test_status_prices_prompt_and_completion_tokens(world: DevWorld, tmp_path) -> None:
+    user = client_for(world, "user", tmp_path)
+    session = user.sessions.open(world.host.address, world.model_id, usdc("2"))
+    session.detach()
+    tx_hash = settle_directly(world, session, (1_000, 300))
+    status = user.sessions.status(session.id)
+    expected = settlement_split(usdc("2"), 1_000, 300, INPUT_PRICE, PRICE, 1000)
+    assert expected.gross == 500_000 + 600_000  # 1000 x $0.0005 + 300 x $0.002
+    assert (status.settlement_tx, status.input_tokens_paid, status.output_tokens_paid) == (
+        tx_hash,
+        1_000,
+        300,
+    )
+    assert (status.host_amount, status.fee, status.refund) == (
+        expected.host,
+        expected.fee,
+        expected.refund,
+    )
+
+
+def test_open_refuses_maxima_below_the_host_prices(world: DevWorld, tmp_path) -> None:
+    user = client_for(world, "user", tmp_path)
+    for kind, maxima in [
+        ("input", {"max_input_price_per_mtok": INPUT_PRICE - 1}),
+        ("output", {"max_output_price_per_mtok": PRICE - 1}),
+    ]:
+        with pytest.raises(SdkError, match=f"per Mtok of {kind} tokens"):
+            user.sessions.open(world.host.address, world.model_id, usdc("2"), **maxima)
+    assert world.contracts.marketplace.sessions_of_user(user.address) == []

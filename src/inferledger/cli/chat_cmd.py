@@ -187,7 +187,9 @@ def _pick_host(
             raise CliError(f"--host {host!r} is not an address: give 0x and 40 hex digits")
         address = to_checksum_address(host)
         if model is None:
-            served = [m for m in nodes.host_models(address) if nodes.price_of(address, m)]
+            served = [
+                m for m in nodes.host_models(address) if nodes.prices_of(address, m).output_per_mtok
+            ]
             if len(served) != 1:
                 raise CliError(
                     f"host {address} serves {len(served)} models: say which with --model"

@@ -203,8 +203,11 @@ def parse_usdc(value: str, option: str) -> int:
     return amount
 
 
-def parse_price(value: str, option: str = "--price") -> int:
-    """USDC per token (``"0.002"``) as base units per million tokens."""
+def parse_price(value: str, option: str = "--output-price", *, allow_zero: bool = False) -> int:
+    """USDC per token (``"0.002"``) as base units per million tokens.
+
+    ``allow_zero``: for input prices, where 0 means free prompts.
+    """
     from inferledger.chain.units import price_per_token_to_mtok
 
     try:
@@ -214,8 +217,9 @@ def parse_price(value: str, option: str = "--price") -> int:
             f"{option} {value!r} is not a price: give USDC per token with at most 12 "
             "decimals, e.g. 0.002"
         ) from None
-    if price <= 0:
-        raise CliError(f"{option} must be above zero, e.g. 0.002 (USDC per token)")
+    if price < 0 or (price == 0 and not allow_zero):
+        limit = "zero or more" if allow_zero else "above zero"
+        raise CliError(f"{option} must be {limit}, e.g. 0.002 (USDC per token)")
     return price
 
 
@@ -225,6 +229,11 @@ def price_text(price_per_mtok: int) -> str:
 
     per_token = Decimal(price_per_mtok) / (USDC * MTOK)
     return f"{per_token.normalize():f}"
+
+
+def prices_text(input_price_per_mtok: int, output_price_per_mtok: int) -> str:
+    """Both prices of a model as USDC per token: ``input 0.0005, output 0.002``."""
+    return f"input {price_text(input_price_per_mtok)}, output {price_text(output_price_per_mtok)}"
 
 
 def default_model_name(settings: Settings) -> str:

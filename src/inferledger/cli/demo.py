@@ -79,7 +79,9 @@ def run_demo(
     with console.status("deploying the contracts and registering the host..."):
         world = build_dev_world(
             chain,
-            host_price_per_mtok=PRICE_PER_MTOK,
+            # Free prompts, so the seed's figures (200 output tokens) stay exact.
+            host_input_price_per_mtok=0,
+            host_output_price_per_mtok=PRICE_PER_MTOK,
             host_url=f"ws://127.0.0.1:{port}/v1/ws",
             model_name=backend.name,
             weights_sha256=bytes.fromhex(backend.weights_sha256),
@@ -185,7 +187,7 @@ def _session(
     refund = client.contracts.token.balance_of(client.address) - (refund_before - DEPOSIT)
     return DemoResult(
         session_id=session.id,
-        tokens=settlement.tokens,
+        tokens=settlement.output_tokens,
         settlement=settlement,
         host_earnings=host_earnings,
         treasury=client.treasury.balance(),

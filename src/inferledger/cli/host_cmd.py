@@ -22,7 +22,7 @@ from inferledger.cli.common import (
     out,
     parse_price,
     parse_usdc,
-    price_text,
+    prices_text,
     settings_for,
 )
 
@@ -53,6 +53,9 @@ ModelOption = Annotated[
     ),
 ]
 
+InputPriceHelp = "USDC per prompt (input) token for --model, e.g. 0.0005; 0: free prompts."
+OutputPriceHelp = "USDC per completion (output) token for --model, e.g. 0.002 (--price: same)."
+
 HostArgument = Annotated[
     str | None,
     typer.Argument(help=f"Host address. Default: the address of {HOST_KEY_ENV}."),
@@ -67,8 +70,9 @@ def _host_client(rpc: str | None, deployment: Path | None) -> Client:
 def register(
     url: UrlOption = None,
     model: ModelOption = None,
-    price: Annotated[
-        str, typer.Option("--price", help="USDC per token you charge for --model, e.g. 0.002.")
+    input_price: Annotated[str, typer.Option("--input-price", help=InputPriceHelp)] = "0",
+    output_price: Annotated[
+        str, typer.Option("--output-price", "--price", help=OutputPriceHelp)
     ] = "0.002",
     stake: Annotated[
         str | None,
@@ -79,7 +83,7 @@ def register(
     rpc: RpcOption = None,
     deployment: DeploymentOption = None,
 ) -> None:
-    """Register as a host serving one model at one price, staking USDC.
+    """Register as a host serving one model at an input and an output price, staking USDC.
 
     The model must be approved (`inferledger model approve`); the stake is approved and
     pulled from the host's USDC in the same command. Then start the node with
@@ -93,7 +97,10 @@ def register(
         c = client.contracts
         me = client.account.address
         model_name = model or default_model_name(settings)
-        price_per_mtok = parse_price(price)
+        prices = (
+            parse_price(input_price, "--input-price", allow_zero=True),
+            parse_price(output_price),
+        )
         min_stake = c.deployment.params.min_stake
         amount = min_stake if stake is None else parse_usdc(stake, "--stake")
         api_url = url or _default_url(client, settings.node_port)
@@ -115,12 +122,12 @@ def register(
                 f"{format_usdc(min_stake)} USDC"
             )
         _require_funds(client, amount)
-        tx_hash = client.host.register(api_url, {model_id: price_per_mtok}, amount)
+        tx_hash = client.host.register(api_url, {model_id: prices}, amount)
         out().print(
             f"registered host {me}\n"
             f"  url   {api_url}\n"
             f"  model {model_name} (0x{model_id.hex()})\n"
-            f"  price {price_text(price_per_mtok)} USDC/token\n"
+            f"  price {prices_text(*prices)} USDC/token\n"
             f"  stake {format_usdc(amount)} USDC\n"
             f"  tx    {tx_hash}\n"
             "next: `inferledger node run` serves it",
@@ -135,50 +142,73 @@ def update(
         str | None,
         typer.Option(
             "--model",
-            help="Model whose price --price sets (added if not served yet). Default: the one "
-            "model the host serves.",
+            help="Model whose prices --input-price/--output-price set (added if not served "
+            "yet). Default: the one model the host serves.",
         ),
     ] = None,
-    price: Annotated[
-        str | None, typer.Option("--price", help="New price for --model, USDC per token.")
+    input_price: Annotated[
+        str | None,
+        typer.Option("--input-price", help="New " + InputPriceHelp + " Default: unchanged."),
+    ] = None,
+    output_price: Annotated[
+        str | None,
+        typer.Option(
+            "--output-price", "--price", help="New " + OutputPriceHelp + " Default: unchanged."
+        ),
     ] = None,
     rpc: RpcOption = None,
     deployment: DeploymentOption = None,
 ) -> None:
-    """Change the host's URL and/or one model's price (other models keep theirs).
+    """Change the host's URL and/or one model's prices (other models keep theirs).
 
-    Open sessions keep the price they were opened at.
+    Open sessions keep the prices they were opened at.
     """
     from inferledger.sdk.hosts import model_id_of
 
     with one_line_errors():
-        if url is None and model is None and price is None:
-            raise CliError("nothing to update: pass --url, and/or --price (with --model)")
+        new_input, new_output = (
+            None
+            if input_price is None
+            else parse_price(input_price, "--input-price", allow_zero=True),
+            None if output_price is None else parse_price(output_price),
+        )
+        if url is None and model is None and new_input is None and new_output is None:
+            raise CliError(
+                "nothing to update: pass --url, and/or --input-price/--output-price (with --model)"
+            )
         client = _host_client(rpc, deployment)
         c = client.contracts
         me = client.account.address
         if not c.nodes.get_host(me).registered:
             raise CliError(f"host {me} is not registered: run `inferledger host register` first")
-        prices: dict[str | bytes, int] | None = None
-        if model is not None or price is not None:
-            served: dict[str | bytes, int] = {}
+        prices: dict[str | bytes, tuple[int, int]] | None = None
+        if model is not None or new_input is not None or new_output is not None:
+            served: dict[str | bytes, tuple[int, int]] = {}
             for served_id in c.nodes.host_models(me):
-                if served_price := c.nodes.price_of(me, served_id):
-                    served[served_id] = served_price
+                served_prices = c.nodes.prices_of(me, served_id)
+                if served_prices.output_per_mtok:
+                    served[served_id] = served_prices
             if model is None:
                 if len(served) != 1:
                     raise CliError(f"host {me} serves {len(served)} models: say which with --model")
                 (model_id,) = served
             else:
                 model_id = model_id_of(model)
-            if price is None:
-                raise CliError("--model needs --price (USDC per token)")
+            old_input, old_output = served.get(model_id, (0, None))
+            output_per_mtok = old_output if new_output is None else new_output
+            if output_per_mtok is None:
+                raise CliError(
+                    "a model not served yet needs --output-price (USDC per completion token)"
+                )
+            if new_input is None and new_output is None:
+                raise CliError("--model needs --input-price and/or --output-price")
             if not c.models.is_approved(model_id):
                 raise CliError(
                     f"model {model or '0x' + model_id.hex()} is not approved in ModelRegistry: "
                     "have the registry owner run `inferledger model approve`"
                 )
-            prices = {**served, model_id: parse_price(price)}
+            input_per_mtok = old_input if new_input is None else new_input
+            prices = {**served, model_id: (input_per_mtok, output_per_mtok)}
         hashes = client.host.update(api_url=url, prices=prices)
         console = out()
         if url is not None:
@@ -186,7 +216,7 @@ def update(
         if prices is not None:
             for served_id, value in prices.items():
                 label = served_id if isinstance(served_id, str) else "0x" + served_id.hex()
-                console.print(f"model {label}: {price_text(value)} USDC/token")
+                console.print(f"model {label}: {prices_text(*value)} USDC/token")
         for tx_hash in hashes:
             console.print(f"tx {tx_hash}")
 
@@ -211,9 +241,9 @@ def show(
             markup=False,
         )
         for model_id in c.nodes.host_models(who):
-            value = c.nodes.price_of(who, model_id)
-            if value:
-                console.print(f"  model 0x{model_id.hex()}: {price_text(value)} USDC/token")
+            prices = c.nodes.prices_of(who, model_id)
+            if prices.output_per_mtok:
+                console.print(f"  model 0x{model_id.hex()}: {prices_text(*prices)} USDC/token")
 
 
 @host_app.command("earnings")

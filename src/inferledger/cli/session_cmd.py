@@ -18,7 +18,7 @@ from inferledger.cli.common import (
     make_client,
     one_line_errors,
     out,
-    price_text,
+    prices_text,
 )
 
 if TYPE_CHECKING:
@@ -56,7 +56,8 @@ def list_sessions(rpc: RpcOption = None, deployment: DeploymentOption = None) ->
         for record in records:
             try:
                 status = client.sessions.status(record.session_id)
-                state, paid = status.state, str(status.tokens_paid)
+                paid = f"{status.input_tokens_paid} in / {status.output_tokens_paid} out"
+                state = status.state
             except Exception:
                 state, paid = "unknown", "?"
             table.add_row(
@@ -136,9 +137,11 @@ def print_status(console: Console, client: Client, session_id: int) -> None:
         f"  depositor   {status.depositor}",
         f"  host        {status.host}",
         f"  model       0x{status.model_id.hex()}",
-        f"  price       {price_text(status.price_per_mtok)} USDC/token",
+        f"  price       "
+        f"{prices_text(status.input_price_per_mtok, status.output_price_per_mtok)} USDC/token",
         f"  deposit     {format_usdc(status.deposit)} USDC",
-        f"  tokens paid {status.tokens_paid} (checkpoints on chain: {status.checkpoints})",
+        f"  tokens paid input {status.input_tokens_paid}, output {status.output_tokens_paid} "
+        f"(checkpoints on chain: {status.checkpoints})",
         f"  opened      {fmt_time(status.created_at)}, expires {fmt_time(status.expires_at)}",
     ]
     if status.close_requested_at:
@@ -178,7 +181,8 @@ def print_settlement(console: Console, settlement: Settlement) -> None:
     from inferledger.chain.units import format_usdc
 
     amounts = (
-        f"{settlement.tokens} tokens; host {format_usdc(settlement.host_amount)}, fee "
+        f"{settlement.input_tokens} input + {settlement.output_tokens} output tokens; host "
+        f"{format_usdc(settlement.host_amount)}, fee "
         f"{format_usdc(settlement.fee)}, refund {format_usdc(settlement.refund)} USDC"
     )
     if settlement.settled:

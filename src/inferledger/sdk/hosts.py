@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from eth_utils import keccak
 
 from inferledger.chain.contracts import HostInfo
+from inferledger.chain.units import Prices
 from inferledger.sdk.errors import SdkError
 from inferledger.sdk.models import HostOffer, Withdrawal
 
@@ -32,12 +33,16 @@ class Hosts:
         self._client = client
 
     def list(
-        self, model: str | bytes | None = None, max_price: int | None = None
+        self,
+        model: str | bytes | None = None,
+        max_input_price_per_mtok: int | None = None,
+        max_output_price_per_mtok: int | None = None,
     ) -> list[HostOffer]:
-        """Active hosts' offers, cheapest first (then the larger stake).
+        """Active hosts' offers, cheapest first: by output price (completions are most of
+        a bill), then input price, then the larger stake.
 
-        ``model``: a name or id to keep only its offers; ``max_price``: the most you pay
-        per million tokens, in base units.
+        ``model``: a name or id to keep only its offers; the maxima: the most you pay per
+        million prompt / completion tokens, in base units.
         """
         nodes = self._client.contracts.nodes
         wanted = model_id_of(model) if model is not None else None
@@ -48,11 +53,35 @@ class Hosts:
                 continue
             models = [wanted] if wanted is not None else nodes.host_models(address)
             for model_id in models:
-                price = nodes.price_of(address, model_id)
-                if price == 0 or (max_price is not None and price > max_price):
+                input_price, output_price = nodes.prices_of(address, model_id)
+                if output_price == 0 or not (
+                    _within(input_price, max_input_price_per_mtok)
+                    and _within(output_price, max_output_price_per_mtok)
+                ):
                     continue
-                offers.append(HostOffer(address, info.api_url, model_id, price, info.stake))
-        return sorted(offers, key=lambda o: (o.price_per_mtok, -o.stake, o.address.lower()))
+                offers.append(
+                    HostOffer(
+                        address, info.api_url, model_id, input_price, output_price, info.stake
+                    )
+                )
+        return sorted(
+            offers,
+            key=lambda o: (
+                o.output_price_per_mtok,
+                o.input_price_per_mtok,
+                -o.stake,
+                o.address.lower(),
+            ),
+        )
+
+
+def _within(price: int, maximum: int | None) -> bool:
+    return maximum is None or price <= maximum
+
+
+def _by_id(prices: dict[str | bytes, tuple[int, int]]) -> dict[bytes, Prices]:
+    """Model names or ids -> model ids, with the prices as ``Prices``."""
+    return {model_id_of(model): Prices(*pair) for model, pair in prices.items()}
 
 
 class HostAccount:
@@ -66,33 +95,37 @@ class HostAccount:
         return self._client.contracts.nodes.get_host(address or self._client.account.address)
 
     def register(
-        self, api_url: str, prices: dict[str | bytes, int], stake: int | None = None
+        self, api_url: str, prices: dict[str | bytes, tuple[int, int]], stake: int | None = None
     ) -> str:
         """Approve the stake and register as a host; returns the transaction hash.
 
-        ``prices`` maps each model (name or id) to its price per million tokens in base
-        units; ``stake`` defaults to the deployment's minimum.
+        ``prices`` maps each model (name or id) to its (input, output) prices per million
+        tokens in base units (input may be 0); ``stake`` defaults to the deployment's minimum.
         """
         c = self._client.contracts
         sender = self._client.sender
         stake = c.deployment.params.min_stake if stake is None else stake
         if stake and c.token.allowance(sender.address, c.nodes.address) < stake:
             c.token.approve(sender, c.nodes.address, stake)
-        by_id = {model_id_of(model): price for model, price in prices.items()}
-        return c.nodes.register(sender, api_url, by_id, stake)["transactionHash"].to_0x_hex()
+        return c.nodes.register(sender, api_url, _by_id(prices), stake)[
+            "transactionHash"
+        ].to_0x_hex()
 
     def update(
-        self, *, api_url: str | None = None, prices: dict[str | bytes, int] | None = None
+        self,
+        *,
+        api_url: str | None = None,
+        prices: dict[str | bytes, tuple[int, int]] | None = None,
     ) -> list[str]:
-        """Change the URL and/or the price list (replaces all prices); transaction hashes."""
+        """Change the URL and/or the price list (replaces all models and their
+        (input, output) prices); transaction hashes."""
         c = self._client.contracts
         sender = self._client.sender
         hashes = []
         if api_url is not None:
             hashes.append(c.nodes.update_url(sender, api_url)["transactionHash"].to_0x_hex())
         if prices is not None:
-            by_id = {model_id_of(model): price for model, price in prices.items()}
-            hashes.append(c.nodes.set_models(sender, by_id)["transactionHash"].to_0x_hex())
+            hashes.append(c.nodes.set_models(sender, _by_id(prices))["transactionHash"].to_0x_hex())
         return hashes
 
     def earnings(self, address: str | None = None) -> int:

@@ -12,12 +12,14 @@ SessionState = Literal["open", "closing", "expired", "settled"]
 
 @dataclass(frozen=True)
 class HostOffer:
-    """An active host serving one model at one price."""
+    """An active host serving one model at its prompt (input) and completion (output)
+    prices, per million tokens in base units."""
 
     address: str
     api_url: str
     model_id: bytes
-    price_per_mtok: int
+    input_price_per_mtok: int
+    output_price_per_mtok: int
     stake: int
 
 
@@ -35,7 +37,8 @@ class Settlement:
 
     session_id: int
     status: SettlementStatus
-    tokens: int
+    input_tokens: int
+    output_tokens: int
     host_amount: int
     fee: int
     refund: int
@@ -55,7 +58,7 @@ class Settlement:
 
 @dataclass(frozen=True)
 class SessionStatus:
-    """A session as the chain sees it, with the split it pays at ``tokens_paid``.
+    """A session as the chain sees it, with the split it pays at its paid counts.
 
     ``state``: "open"; "closing" (close requested); "expired" (past ``expires_at``, not
     settled); "settled". Until settled, ``host_amount``/``fee``/``refund`` are what a
@@ -68,10 +71,12 @@ class SessionStatus:
     host: str
     model_id: bytes
     deposit: int
-    price_per_mtok: int
+    input_price_per_mtok: int
+    output_price_per_mtok: int
     fee_bps: int
     proof_interval: int
-    tokens_paid: int
+    input_tokens_paid: int
+    output_tokens_paid: int
     checkpoints: int
     created_at: int
     expires_at: int

@@ -22,6 +22,10 @@ DEFAULT_DURATION = 86400  # one day
 DEFAULT_PROOF_INTERVAL = 100  # tokens; the node asks a final receipt for the tail too
 
 
+def _or_default(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
 class Sessions:
     def __init__(self, client: Client, store: RecordStore) -> None:
         self._client = client
@@ -33,7 +37,8 @@ class Sessions:
         model: str | bytes | None,
         deposit: int,
         *,
-        price_per_mtok: int | None = None,
+        max_input_price_per_mtok: int | None = None,
+        max_output_price_per_mtok: int | None = None,
         max_duration: int = DEFAULT_DURATION,
         proof_interval: int = DEFAULT_PROOF_INTERVAL,
         url: str | None = None,
@@ -42,9 +47,11 @@ class Sessions:
 
         Approves the deposit and creates the session in one call, with a fresh session
         signer key that signs receipts without wallet prompts. ``model`` may be None when
-        ``host`` is a ``HostOffer``. ``price_per_mtok`` defaults to the host's price;
-        ``url`` to the node URL the host registered. The local record (signer key,
-        transcript, receipts) is saved before this returns.
+        ``host`` is a ``HostOffer``. The most you accept per million prompt (input) and
+        completion (output) tokens default to the host's prices (the session is priced at
+        the host's, never above these); ``url`` defaults to the node URL the host
+        registered. The local record (signer key, transcript, receipts) is saved before
+        this returns.
         """
         client = self._client
         c = client.contracts
@@ -57,16 +64,25 @@ class Sessions:
         info = c.nodes.get_host(host)
         if not info.active:
             raise SdkError(f"host {host} is not active in NodeRegistry {c.nodes.address}")
-        host_price = c.nodes.price_of(host, model_id)
-        if host_price == 0:
+        host_prices = c.nodes.prices_of(host, model_id)
+        if host_prices.output_per_mtok == 0:
             raise SdkError(f"host {host} does not serve model 0x{model_id.hex()}")
-        price = host_price if price_per_mtok is None else price_per_mtok
-        if price < host_price:
-            raise SdkError(f"host {host} charges {host_price} per Mtok, above your {price}")
-        if cost(proof_interval, price) > deposit:
+        max_in = _or_default(max_input_price_per_mtok, host_prices.input_per_mtok)
+        max_out = _or_default(max_output_price_per_mtok, host_prices.output_per_mtok)
+        for kind, charged, offered in [
+            ("input", host_prices.input_per_mtok, max_in),
+            ("output", host_prices.output_per_mtok, max_out),
+        ]:
+            if offered < charged:
+                raise SdkError(
+                    f"host {host} charges {charged} per Mtok of {kind} tokens, above your {offered}"
+                )
+        # The contract counts one proof interval in output tokens at the host's price.
+        interval_cost = cost(0, proof_interval, *host_prices)
+        if interval_cost > deposit:
             raise SdkError(
                 f"a deposit of {format_usdc(deposit)} buys fewer than one proof interval "
-                f"({proof_interval} tokens cost {format_usdc(cost(proof_interval, price))})"
+                f"({proof_interval} output tokens cost {format_usdc(interval_cost)})"
             )
         node_url = ws_endpoint(url or info.api_url)
         sender = client.sender
@@ -85,7 +101,8 @@ class Sessions:
             host=host,
             model_id=model_id,
             deposit=deposit,
-            price_per_mtok=price,
+            max_input_price_per_mtok=max_in,
+            max_output_price_per_mtok=max_out,
             max_duration=max_duration,
             proof_interval=proof_interval,
             session_signer=signer.address,
@@ -99,7 +116,8 @@ class Sessions:
             host=host,
             model_id="0x" + model_id.hex(),
             deposit=deposit,
-            price_per_mtok=price,
+            # SessionRecord (adapted separately) still holds one price: the output one.
+            price_per_mtok=max_out,
             proof_interval=proof_interval,
             max_duration=max_duration,
             signer_key="0x" + signer.key.hex(),

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from inferledger.chain.contracts import Contracts, SessionInfo, SettlementEvent
 from inferledger.chain.errors import ContractRevert
-from inferledger.chain.units import settlement_split
+from inferledger.chain.units import Split, settlement_split
 from inferledger.sdk.errors import SdkError
 from inferledger.sdk.models import SessionState, SessionStatus, Settlement, SettlementStatus
 
@@ -23,7 +23,8 @@ def from_event(event: SettlementEvent) -> Settlement:
     return Settlement(
         session_id=event.session_id,
         status="settled",
-        tokens=event.tokens,
+        input_tokens=event.input_tokens,
+        output_tokens=event.output_tokens,
         host_amount=event.host_amount,
         fee=event.fee,
         refund=event.refund,
@@ -38,7 +39,8 @@ def from_frame(frame: dict[str, Any]) -> Settlement:
     return Settlement(
         session_id=int(frame["session_id"]),
         status="settled",
-        tokens=int(frame["tokens"]),
+        input_tokens=int(frame["input_tokens"]),
+        output_tokens=int(frame["output_tokens"]),
         host_amount=int(frame["host_amount"]),
         fee=int(frame["fee"]),
         refund=int(frame["refund"]),
@@ -50,13 +52,26 @@ def from_frame(frame: dict[str, Any]) -> Settlement:
 
 def frame_matches_chain(frame: dict[str, Any], info: SessionInfo) -> bool:
     """The node's figures are the contract's settlement of this session."""
-    if not info.is_settled or int(frame.get("tokens", -1)) != info.tokens_paid:
+    counts = (int(frame.get("input_tokens", -1)), int(frame.get("output_tokens", -1)))
+    if not info.is_settled or counts != (info.input_tokens_paid, info.output_tokens_paid):
         return False
-    split = settlement_split(info.deposit, info.tokens_paid, info.price_per_mtok, info.fee_bps)
+    split = split_of(info)
     return (int(frame["host_amount"]), int(frame["fee"]), int(frame["refund"])) == (
         split.host,
         split.fee,
         split.refund,
+    )
+
+
+def split_of(info: SessionInfo) -> Split:
+    """What settling ``info`` at its paid counts pays, by the contract's formula."""
+    return settlement_split(
+        info.deposit,
+        info.input_tokens_paid,
+        info.output_tokens_paid,
+        info.input_price_per_mtok,
+        info.output_price_per_mtok,
+        info.fee_bps,
     )
 
 
@@ -81,11 +96,12 @@ def from_state(
     finalize_after: int | None = None,
 ) -> Settlement:
     """What settling at the session's on-chain checkpoint pays (the contract's formula)."""
-    split = settlement_split(info.deposit, info.tokens_paid, info.price_per_mtok, info.fee_bps)
+    split = split_of(info)
     return Settlement(
         session_id=info.session_id,
         status=status,
-        tokens=info.tokens_paid,
+        input_tokens=info.input_tokens_paid,
+        output_tokens=info.output_tokens_paid,
         host_amount=split.host,
         fee=split.fee,
         refund=split.refund,
@@ -182,7 +198,7 @@ def status(contracts: Contracts, session_id: int, from_block: int | None = None)
         state = "expired"
     else:
         state = "open"
-    split = settlement_split(info.deposit, info.tokens_paid, info.price_per_mtok, info.fee_bps)
+    split = split_of(info)
     tx_hash, credited = None, None
     if info.is_settled:
         start = contracts.deployment.deploy_block if from_block is None else from_block
@@ -196,10 +212,12 @@ def status(contracts: Contracts, session_id: int, from_block: int | None = None)
         host=info.host,
         model_id=info.model_id,
         deposit=info.deposit,
-        price_per_mtok=info.price_per_mtok,
+        input_price_per_mtok=info.input_price_per_mtok,
+        output_price_per_mtok=info.output_price_per_mtok,
         fee_bps=info.fee_bps,
         proof_interval=info.proof_interval,
-        tokens_paid=info.tokens_paid,
+        input_tokens_paid=info.input_tokens_paid,
+        output_tokens_paid=info.output_tokens_paid,
         checkpoints=info.checkpoints,
         created_at=info.created_at,
         expires_at=info.expires_at,
