@@ -31,12 +31,12 @@ def test_node_status_shows_each_settlement_and_fails_on_a_failed_one(
     node, server = start_node(scripted, disconnect_grace=3600)
 
     async def run() -> None:
-        client = await SessionClient.connect(server.ws_url, ended, ended_signer.key)
+        client = await SessionClient.connect(server.ws_url, ended, ended_signer.key, expect=expect(world))
         await client.chat(HELLO, max_tokens=120)
         await client.end()
         assert (await client.wait_settlement(30))["type"] == "settled"
         await client.close()
-        client = await SessionClient.connect(server.ws_url, left, left_signer.key)
+        client = await SessionClient.connect(server.ws_url, left, left_signer.key, expect=expect(world))
         await client.chat(HELLO, max_tokens=30)
         await asyncio.sleep(0.2)
         await client.close()  # no end: settled only after the grace period

@@ -102,7 +102,9 @@ def test_rpc_unreachable_during_settlement_then_back(
     node, server = start_node(scripted, contracts=contracts, settlement_wait=1.0)
 
     async def run() -> dict[str, object] | None:
-        client = await SessionClient.connect(server.ws_url, session_id, signer.key)
+        client = await SessionClient.connect(
+            server.ws_url, session_id, signer.key, expect=expect(world)
+        )
         await client.chat(HELLO, max_tokens=120)
         proxy.cut()
         await client.end()
@@ -159,7 +161,7 @@ def test_node_killed_mid_session_settles_from_its_sqlite_state_after_restart(
         raise AssertionError("node did not become healthy")
 
     async def chat(url: str) -> None:
-        client = await SessionClient.connect(url, session_id, signer.key)
+        client = await SessionClient.connect(url, session_id, signer.key, expect=expect(world))
         await client.chat(HELLO, max_tokens=150)
         await asyncio.sleep(0.3)  # the tail receipt reaches the node's SQLite
         os.kill(first.pid, signal.SIGKILL)

@@ -9,7 +9,7 @@ import pytest
 import websockets
 from eth_account import Account
 from eth_utils import keccak
-from node_support import NodeFactory, serve_model, wait_for_receipt
+from node_support import NodeFactory, expect, serve_model, wait_for_receipt
 
 from inferledger.chain.devchain import DevWorld
 from inferledger.chain.receipts import Receipt, check_receipt_signature
@@ -28,7 +28,9 @@ def test_session_streams_and_receipts_every_interval(
     node, server = start_node(scripted)
 
     async def run() -> tuple[int, dict[str, object]]:
-        client = await SessionClient.connect(server.ws_url, session_id, signer.key)
+        client = await SessionClient.connect(
+            server.ws_url, session_id, signer.key, expect=expect(world)
+        )
         reply = await client.chat(HELLO, max_tokens=35)
         ended = await client.end()
         return len(reply.token_ids), ended
@@ -130,7 +132,9 @@ def test_bad_input_gets_its_code_while_a_healthy_session_streams(
     url = server.ws_url
 
     async def healthy() -> int:
-        client = await SessionClient.connect(url, healthy_id, healthy_signer.key)
+        client = await SessionClient.connect(
+            url, healthy_id, healthy_signer.key, expect=expect(world)
+        )
         reply = await client.chat(HELLO, max_tokens=300)
         await client.end()
         return len(reply.token_ids)
@@ -155,7 +159,9 @@ def test_bad_input_gets_its_code_while_a_healthy_session_streams(
         codes["expired"] = await _login_error(url, expired_id, expired_signer.key)
         codes["closed"] = await _login_error(url, closed_id, closed_signer.key)
 
-        victim = await SessionClient.connect(url, victim_id, victim_signer.key)
+        victim = await SessionClient.connect(
+            url, victim_id, victim_signer.key, expect=expect(world)
+        )
         codes["busy"] = await _login_error(url, victim_id, victim_signer.key)
         await victim.chat(HELLO, max_tokens=10)  # receipted at 10
         await asyncio.to_thread(wait_for_receipt, node, victim_id, 10)
@@ -208,7 +214,9 @@ def test_budget_ends_a_reply_and_then_refuses_prompts(
     node, server = start_node(scripted)
 
     async def run() -> tuple[str, str, str, int]:
-        client = await SessionClient.connect(server.ws_url, session_id, signer.key)
+        client = await SessionClient.connect(
+            server.ws_url, session_id, signer.key, expect=expect(world)
+        )
         first = await client.chat(HELLO, max_tokens=5)
         second = await client.chat(HELLO)  # no max_tokens: what the budget allows
         with pytest.raises(SessionError) as refused:
@@ -237,7 +245,9 @@ def test_invalid_receipt_signature_stops_the_stream(
     async def run() -> str:
         raw = await RawClient.open(server.ws_url)
         await raw.ws.close()
-        client = await SessionClient.connect(server.ws_url, session_id, signer.key)
+        client = await SessionClient.connect(
+            server.ws_url, session_id, signer.key, expect=expect(world)
+        )
         client.signer = Account.create()  # signs with a key that is not the session signer
         with pytest.raises(SessionError) as stopped:
             await client.chat(HELLO, max_tokens=50)
@@ -262,7 +272,7 @@ def test_degraded_node_refuses_paid_sessions_and_says_why(
 
     async def run() -> str:
         with pytest.raises(SessionError) as refused:
-            await SessionClient.connect(server.ws_url, session_id, signer.key)
+            await SessionClient.connect(server.ws_url, session_id, signer.key, expect=expect(world))
         return refused.value.code
 
     assert asyncio.run(run()) == "NODE_NOT_READY"
@@ -280,7 +290,9 @@ def test_http_endpoints_report_models_sessions_and_metrics(
     _node, server = start_node(scripted)
 
     async def run() -> None:
-        client = await SessionClient.connect(server.ws_url, session_id, signer.key)
+        client = await SessionClient.connect(
+            server.ws_url, session_id, signer.key, expect=expect(world)
+        )
         await client.chat(HELLO, max_tokens=12)
         await client.end()
 
@@ -307,7 +319,9 @@ def test_restarted_node_resumes_a_session_from_its_sqlite_state(
     first_node, first = start_node(scripted, state_db=db)
 
     async def before_restart() -> SessionClient:
-        client = await SessionClient.connect(first.ws_url, session_id, signer.key)
+        client = await SessionClient.connect(
+            first.ws_url, session_id, signer.key, expect=expect(world)
+        )
         await client.chat(HELLO, max_tokens=15)
         await client.close()  # dropped without `end`
         return client

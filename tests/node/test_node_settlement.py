@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from eth_utils import keccak
-from node_support import NodeFactory, serve_model
+from node_support import NodeFactory, expect, serve_model
 
 from inferledger.chain.devchain import DevWorld
 from inferledger.chain.units import settlement_split, usdc
@@ -61,7 +61,7 @@ def wait_settled(node: Node, session_id: int, timeout: float = 30.0) -> None:
 async def _chat_and_end(
     url: str, session_id: int, key: bytes, max_tokens: int
 ) -> tuple[list[int], dict[str, object] | None, list[bytes]]:
-    client = await SessionClient.connect(url, session_id, key)
+    client = await SessionClient.connect(url, session_id, key, expect=expect(world))
     reply = await client.chat(HELLO, max_tokens=max_tokens)
     await client.end()
     settled = await client.wait_settlement(30)
@@ -139,7 +139,9 @@ def test_client_leaving_without_end_is_settled_after_the_grace_period(
     node, server = start_node(scripted, disconnect_grace=0.5)
 
     async def chat_and_drop() -> None:
-        client = await SessionClient.connect(server.ws_url, session_id, signer.key)
+        client = await SessionClient.connect(
+            server.ws_url, session_id, signer.key, expect=expect(world)
+        )
         await client.chat(HELLO, max_tokens=130)
         await asyncio.sleep(0.2)  # let the tail receipt land
         await client.close()
@@ -157,7 +159,9 @@ def test_a_client_returning_within_the_grace_period_keeps_its_session(
     node, server = start_node(scripted, disconnect_grace=30)
 
     async def drop_and_resume() -> tuple[list[int], dict[str, object] | None]:
-        first = await SessionClient.connect(server.ws_url, session_id, signer.key)
+        first = await SessionClient.connect(
+            server.ws_url, session_id, signer.key, expect=expect(world)
+        )
         await first.chat(HELLO, max_tokens=40)
         await asyncio.sleep(0.2)
         await first.close()
@@ -182,7 +186,9 @@ def test_request_close_is_answered_with_the_latest_receipt(
     node, server = start_node(scripted, chain_poll_interval=0.2, disconnect_grace=300)
 
     async def chat() -> None:
-        client = await SessionClient.connect(server.ws_url, session_id, signer.key)
+        client = await SessionClient.connect(
+            server.ws_url, session_id, signer.key, expect=expect(world)
+        )
         await client.chat(HELLO, max_tokens=70)
         await asyncio.sleep(0.2)
         await client.close()
@@ -206,7 +212,9 @@ def test_sessions_about_to_expire_are_settled(
     )
 
     async def chat_until_expiry_nears() -> None:
-        client = await SessionClient.connect(server.ws_url, session_id, signer.key)
+        client = await SessionClient.connect(
+            server.ws_url, session_id, signer.key, expect=expect(world)
+        )
         await client.chat(HELLO, max_tokens=30)
         world.chain.time_travel(3600 - 500)
         await asyncio.to_thread(wait_settled, node, session_id)
@@ -285,7 +293,9 @@ def test_a_nonce_taken_by_another_transaction_of_the_host_key_is_recovered(
     node, server = start_node(scripted, onchain_checkpoints="always")
 
     async def run() -> dict[str, object] | None:
-        client = await SessionClient.connect(server.ws_url, session_id, signer.key)
+        client = await SessionClient.connect(
+            server.ws_url, session_id, signer.key, expect=expect(world)
+        )
         await client.chat(HELLO, max_tokens=50)
         # The worker has sent a checkpoint and cached its next nonce; take that nonce.
         for _ in range(200):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
-from node_support import NodeFactory, serve_model
+from node_support import NodeFactory, expect, serve_model
 from test_node_settlement import DEPOSIT, PRICE, assert_paid_exactly
 
 from inferledger.chain.devchain import DevWorld
@@ -42,7 +42,9 @@ def test_smollm_session_of_200_tokens_settles_90_10_and_its_proofs_verify(
     treasury_before = c.marketplace.treasury_balance()
 
     async def run() -> tuple[list[ReplyTranscript], dict[str, object] | None]:
-        client = await SessionClient.connect(server.ws_url, session_id, signer.key)
+        client = await SessionClient.connect(
+            server.ws_url, session_id, signer.key, expect=expect(world)
+        )
         replies = []
         for question in (STORY, MORE):  # SmolLM2 may end its story before 200 tokens
             first = client.received

@@ -7,12 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from inferledger.node.protocol import (
-    ErrorCode,
-    ProtocolError,
-    client_frame_schemas,
-    parse_client_frame,
-)
+from inferledger.protocol.client import client_frame_schemas, parse_client_frame
+from inferledger.protocol.codes import ErrorCode, ProtocolError
+from inferledger.protocol.server import NodeFrameError, node_frame_schemas, parse_node_frame
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -24,7 +21,12 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
         ('{"type": 5}', ErrorCode.BAD_FRAME),
         ('{"type": "prompt", "request_id": "", "messages": []}', ErrorCode.BAD_FRAME),
         (
-            '{"type": "receipt", "tokens": 1, "proof_hash": "0x12", "signature": "0x"}',
+            '{"type": "receipt", "input_tokens": 0, "output_tokens": 1, "proof_hash": "0x12", '
+            '"signature": "0x"}',
+            ErrorCode.BAD_FRAME,
+        ),
+        (
+            '{"type": "session_init", "session_id": 1e80, "nonce": "0x", "signature": "0x"}',
             ErrorCode.BAD_FRAME,
         ),
         ('{"type": "end", "extra": 1}', ErrorCode.BAD_FRAME),
@@ -55,4 +57,19 @@ def test_docs_list_every_error_code() -> None:
 
 def test_published_schemas_match_the_code() -> None:
     published = json.loads((DOCS / "protocol-schemas.json").read_text())
-    assert published == json.loads(json.dumps(client_frame_schemas()))
+    current = {"client": client_frame_schemas(), "node": node_frame_schemas()}
+    assert published == json.loads(json.dumps(current))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "not json",
+        '{"type": "wat"}',
+        '{"type": "token", "request_id": "r", "index": 0, "token_id": 1, "text": ""}',
+        '{"type": "receipt_request", "session_id": 1, "input_tokens": -1, "output_tokens": 1}',
+    ],
+)
+def test_a_malformed_node_frame_is_a_protocol_error_on_the_client(raw: str) -> None:
+    with pytest.raises(NodeFrameError):
+        parse_node_frame(raw)

@@ -139,7 +139,7 @@ async def hostile_node(lies: Lies) -> tuple[str, list[dict[str, Any]]]:
         port = server.sockets[0].getsockname()[1]
         url = f"ws://127.0.0.1:{port}/v1/ws"
         try:
-            client = await SessionClient.connect(url, SESSION, Account.create().key, expect=EXPECT)
+            client = await SessionClient.connect(url, SESSION, Account.create().key, expect=EXPECT, expect=expect(world))
         except SessionError as refused:
             return refused.code, answers
         try:

@@ -168,7 +168,9 @@ def _session(
     console.print(
         f"session {session.id} open with host {session.host}: "
         f"{model_label(client.contracts, session.model_id)} at "
-        f"{price_text(session.price_per_mtok)} USDC/token, deposit {format_usdc(deposit)} USDC",
+        f"{price_text(session.input_price_per_mtok)} per prompt token and "
+        f"{price_text(session.output_price_per_mtok)} USDC per reply token, deposit "
+        f"{format_usdc(deposit)} USDC",
         markup=False,
     )
     return session

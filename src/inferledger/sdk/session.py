@@ -515,8 +515,8 @@ class Session:
             while not info.is_settled and time.monotonic() < waited:
                 time.sleep(0.2)
                 info = settle.require_session(contracts, self.id)
-            if settle.frame_matches_chain(frame, info):
-                return self._finish(settle.from_frame(frame))
+            if settle.frame_matches_chain(frame.dump(), info):
+                return self._finish(settle.from_frame(frame.dump()))
         return self._finish(
             settle.request_close(
                 self._client, self.id, reason=reason, from_block=self.record.created_block

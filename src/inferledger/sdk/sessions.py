@@ -107,6 +107,7 @@ class Sessions:
             proof_interval=proof_interval,
             session_signer=signer.address,
         )
+        terms = c.marketplace.get_session(session_id)  # the prices the session snapshotted
         record = SessionRecord(
             session_id=session_id,
             chain_id=c.chain.chain_id,
@@ -116,8 +117,8 @@ class Sessions:
             host=host,
             model_id="0x" + model_id.hex(),
             deposit=deposit,
-            # SessionRecord (adapted separately) still holds one price: the output one.
-            price_per_mtok=max_out,
+            input_price_per_mtok=terms.input_price_per_mtok,
+            output_price_per_mtok=terms.output_price_per_mtok,
             proof_interval=proof_interval,
             max_duration=max_duration,
             signer_key="0x" + signer.key.hex(),
