@@ -725,11 +725,6 @@ def test_settle_lead(configured: int, duration: int, lead: int) -> None:
 # Documented defect (see the report): accept() after close() takes any request --------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="metering.py: after close(), accept() skips its pending check and sets receipted "
-    "to whatever request it is given, so a stale one moves receipted backwards",
-)
 def test_accept_after_close_never_moves_receipted_back() -> None:
     meter, requests = three_requests()
     stale = meter.match(requests[0].counts, H1)

@@ -274,6 +274,8 @@ class Meter:
         Older requests and the tail it covers are dropped, since receipts are cumulative."""
         if request not in self.pending and self.phase is not Phase.CLOSED:
             raise ValueError(f"no pending request for {request.counts}")
+        if not request.counts.covers(self.receipted):
+            return  # a stale receipt stored after close: it never lowers what is paid
         counts = request.counts
         self.receipted = counts
         self.pending = [r for r in self.pending if not counts.covers(r.counts)]

@@ -24,14 +24,14 @@ import websockets
 from eth_account import Account
 
 from inferledger.chain.units import cost
+from inferledger.protocol.client import prompt_token_bound
+from inferledger.protocol.server import Settled, SettlementPending
 from inferledger.sdk import lifecycle
 from inferledger.sdk import settlement as settle
 from inferledger.sdk.errors import ConnectionLost, NodeUnreachable, SessionClosed
 from inferledger.sdk.models import SessionStatus, Settlement
 from inferledger.sdk.portal import Job, portal
 from inferledger.sdk.records import ReceiptRecord, RecordStore, ReplyRecord, SessionRecord
-from inferledger.protocol.client import prompt_token_bound
-from inferledger.protocol.server import Settled, SettlementPending
 from inferledger.sdk.wire import (
     Expectation,
     History,
