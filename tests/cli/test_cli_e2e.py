@@ -97,20 +97,26 @@ def test_chat_settles_and_pays_the_host_ninety_percent(tmp_path: Path) -> None:
                          "What does the ledger record?", "--max-tokens", "150")  # fmt: skip
             assert chat.returncode == 0, chat.stderr
             assert "ledger" in chat.stdout  # the streamed reply, alone on stdout
-            assert "cost so far 0.300000 of 2.000000 USDC" in chat.stderr
-            match = re.search(r"session (\d+) settled: 150 tokens", chat.stderr)
+            # Free prompts (no --input-price): 150 tokens x 0.002, the prompt counted too.
+            assert "output tokens, cost so far 0.300000 of 2.000000 USDC" in chat.stderr
+            match = re.search(r"session (\d+) settled: ([1-9]\d*) input \+ 150 output tokens",
+                              chat.stderr)  # fmt: skip
             assert match, chat.stderr
-            session_id = match.group(1)
+            session_id, input_tokens = match.groups()
 
             shown = _run(env, "session", "show", session_id)
             assert f"session {session_id}: settled" in shown
+            assert f"tokens paid input {input_tokens}, output 150" in shown
             assert "settled: host 0.270000, fee 0.030000, refund 1.700000 USDC" in shown
 
             earnings = _run(env, "host", "earnings")
             assert f"host {HOST.address} earnings: 0.270000 USDC" in earnings
 
+            # Receipts every 16 tokens, proofs every 100: the six receipts before the first
+            # bundle name none; the bundles [0, 100) and [100, 150) are each checked once.
             verified = _run(env, "verify", session_id, "--backend", "scripted")
             assert "2 pass, 0 fail, 0 unproven" in verified
+            assert "6 of 11 receipts name no proof bundle" in verified
         finally:
             node.send_signal(signal.SIGINT)
             node.wait(timeout=20)

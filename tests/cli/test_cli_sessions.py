@@ -102,10 +102,15 @@ def test_interactive_chat_streams_shows_the_cost_and_settles_on_quit(
         "chat", "--model", MODEL, "--max-tokens", "7", stdin="What is a token?\n\nAnd?\n/quit\n"
     )
     assert result.stdout.count("assistant> ") == 2
-    assert "cost so far 0.014000 of 2.000000 USDC" in result.stderr  # 7 tokens x 0.002
-    assert "cost so far 0.028000 of 2.000000 USDC" in result.stderr
-    assert re.search(r"session \d+ settled: 14 tokens; host 0.025200, fee 0.002800, refund "
-                     r"1.972000 USDC", result.stderr)  # fmt: skip
+    # Prompts are free on this host: the cost is 7 tokens x 0.002 per reply, input shown.
+    first = re.search(r"\[7 tokens for a (\d+)-token prompt; session (\d+) input \+ 7 output "
+                      r"tokens, cost so far 0.014000 of 2.000000 USDC", result.stderr)  # fmt: skip
+    assert first and first.group(1) == first.group(2), result.stderr
+    second = re.search(r"session (\d+) input \+ 14 output tokens, cost so far 0.028000 of "
+                       r"2.000000 USDC", result.stderr)  # fmt: skip
+    assert second and int(second.group(1)) > int(first.group(2)), result.stderr
+    assert re.search(rf"session \d+ settled: {second.group(1)} input \+ 14 output tokens; host "
+                     r"0.025200, fee 0.002800, refund 1.972000 USDC", result.stderr)  # fmt: skip
 
 
 def test_piped_stdin_is_one_message() -> None:
@@ -113,7 +118,7 @@ def test_piped_stdin_is_one_message() -> None:
                     stdin="Summarise the ledger.\n")  # fmt: skip
     assert result.stdout.strip()  # the reply
     assert f"{MODEL} (0x" in result.stderr  # the model's approved name, read from the chain
-    assert re.search(r"session \d+ settled: 4 tokens", result.stderr)
+    assert re.search(r"session \d+ settled: [1-9]\d* input \+ 4 output tokens", result.stderr)
     assert "refund 0.492000 USDC" in result.stderr
 
 
@@ -124,18 +129,29 @@ def test_a_kept_open_session_is_resumed_then_closed() -> None:
 
     resumed = invoke("chat", "--session", str(session_id), "-m", "more", "--max-tokens", "5",
                      "--keep-open")  # fmt: skip
-    assert f"session {session_id} resumed: 5 tokens so far" in resumed.stderr
+    first_input = re.search(rf"session {session_id} resumed: (\d+) input \+ 5 output tokens "
+                            "so far", resumed.stderr)  # fmt: skip
+    assert first_input and int(first_input.group(1)) > 0, resumed.stderr
     assert "cost so far 0.020000" in resumed.stderr
+    billed = re.search(r"session (\d+) input \+ 10 output tokens", resumed.stderr)
+    assert billed and int(billed.group(1)) > int(first_input.group(1))
+    input_tokens = billed.group(1)
 
     listed = invoke("session", "list")
-    assert re.search(rf"│ {session_id} +│ open +│ 10 ", listed.stdout), listed.stdout
+    row = rf"│ {session_id} +│ open +│ {input_tokens}/10 +│ 0/0 +│"
+    assert re.search(row, listed.stdout), listed.stdout
 
     closed = invoke("session", "close", str(session_id))
-    assert f"session {session_id} settled: 10 tokens; host 0.018000" in closed.stdout
+    assert (f"session {session_id} settled: {input_tokens} input + 10 output tokens; host "
+            "0.018000") in closed.stdout  # fmt: skip
 
     shown = invoke("session", "show", str(session_id))
     assert f"session {session_id}: settled" in shown.stdout
-    assert "replies     2, 10 tokens received" in shown.stdout
+    assert f"tokens paid input {input_tokens}, output 10" in shown.stdout
+    assert "price       input 0, output 0.002 USDC/token" in shown.stdout
+    assert (f"replies     2: {input_tokens} input tokens billed, 10 output tokens "
+            "received") in shown.stdout  # fmt: skip
+    assert f"the last for {input_tokens} input + 10 output tokens" in shown.stdout
     assert "closed      settled" in shown.stdout
 
 
@@ -152,7 +168,7 @@ def test_close_without_a_record_requests_it_on_chain_then_finalize_settles(
     session.detach()
 
     closed = invoke("session", "close", str(session.id))
-    assert f"session {session.id} closing: 0 tokens" in closed.stdout
+    assert f"session {session.id} closing: 0 input + 0 output tokens" in closed.stdout
     assert "no local record" in closed.stdout
 
     early = CliRunner().invoke(app, ["session", "finalize", str(session.id)])
@@ -161,7 +177,7 @@ def test_close_without_a_record_requests_it_on_chain_then_finalize_settles(
 
     market.chain.time_travel(market.world.contracts.deployment.params.close_window + 5)
     final = invoke("session", "finalize", str(session.id))
-    assert f"session {session.id} settled: 0 tokens" in final.stdout
+    assert f"session {session.id} settled: 0 input + 0 output tokens" in final.stdout
     assert "refund 1.000000 USDC" in final.stdout
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,16 +27,32 @@ from inferledger.sdk.verification import (
     BundleUnavailable,
     checkpoints,
     fetch_bundles,
+    unnamed_receipts,
     verify_session,
 )
 
 PROOF_INTERVAL = 10
+WHY = {"role": "user", "content": "Why?"}
+NO_BUNDLE = "0x" + "00" * 32
+
+
+@dataclass
+class Sessions:
+    """Two sessions closed and settled on one node, which keeps serving their proofs.
+
+    ``settled``: two replies (25 + 12 tokens) with a proof every 10 tokens, so every
+    receipt names a bundle. ``early``: two replies (40 + 10 tokens) with a proof every
+    100, so the node asks for receipts at 16 and 32 before the first bundle exists
+    (they name the zero hash), then one naming each reply's tail bundle.
+    """
+
+    settled: SessionRecord
+    early: SessionRecord
+    home: Path
 
 
 @pytest.fixture(scope="module")
-def settled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SessionRecord, Path]]:
-    """A session of two replies (25 + 12 tokens, receipts every 10), closed and settled;
-    its record and the INFERLEDGER_HOME it lives in. The node keeps serving its proofs."""
+def sessions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sessions]:
     tmp = tmp_path_factory.mktemp("verify")
     chain = connect()
     world = build_dev_world(chain)
@@ -62,19 +79,32 @@ def settled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SessionR
             deployment=c.deployment,
             sessions_dir=home / "sessions",
         )
-        with client.sessions.open(
-            world.host.address, model_id, usdc("2"), proof_interval=PROOF_INTERVAL
-        ) as session:
-            first = [{"role": "user", "content": "What is a receipt?"}]
-            reply = session.chat_sync(first, max_tokens=25)
-            follow_up = [*first, {"role": "assistant", "content": reply.text}]
-            session.chat_sync([*follow_up, {"role": "user", "content": "Why?"}], max_tokens=12)
-        assert session.settlement is not None and session.settlement.settled
-        yield session.record, home
+        records = []
+        for interval, lengths in ((PROOF_INTERVAL, (25, 12)), (100, (40, 10))):
+            with client.sessions.open(
+                world.host.address, model_id, usdc("2"), proof_interval=interval
+            ) as session:
+                first = [{"role": "user", "content": "What is a receipt?"}]
+                reply = session.chat_sync(first, max_tokens=lengths[0])
+                follow_up = [*first, {"role": "assistant", "content": reply.text}, WHY]
+                session.chat_sync(follow_up, max_tokens=lengths[1])
+            assert session.settlement is not None and session.settlement.settled
+            records.append(session.record)
+        yield Sessions(records[0], records[1], home)
     finally:
         for open_session in lifecycle.open_sessions():
             lifecycle.unregister(open_session)
         server.stop()
+
+
+@pytest.fixture
+def settled(sessions: Sessions) -> tuple[SessionRecord, Path]:
+    return sessions.settled, sessions.home
+
+
+def _write(record: SessionRecord, path: Path) -> Path:
+    path.write_text(json.dumps(json.loads(record.model_dump_json())))
+    return path
 
 
 def _verify(home: Path, *args: str, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
@@ -89,10 +119,13 @@ def test_verify_passes_every_checkpoint_of_an_honest_session(
 ) -> None:
     record, home = settled
     points = checkpoints(record)
-    # 25 tokens: receipts at 10, 20 and the tail 25; 12 more: 30, then the tail 37.
-    assert [(p.token_start, p.token_end) for p in points] == [
+    # 25 tokens: receipts at 10, 20 and the tail 25; 12 more: 30, then the tail 37. Each
+    # names the bundle built just before it, so each bundle ends where its receipt does.
+    assert [r.tokens for r in record.receipts] == [10, 20, 25, 30, 37]
+    assert [(p.ends_from, p.ends_by) for p in points] == [
         (0, 10), (10, 20), (20, 25), (25, 30), (30, 37),
     ]  # fmt: skip
+    assert [p.proof_hash_hex for p in points] == [r.proof_hash for r in record.receipts]
     code, output = _verify(home, str(record.session_id), monkeypatch=monkeypatch)
     assert code == 0, output
     assert "5 pass, 0 fail, 0 unproven" in output
@@ -120,8 +153,7 @@ def test_verify_fails_a_checkpoint_whose_bundle_is_not_served(
 ) -> None:
     record, home = settled
     moved = record.model_copy(update={"node_url": f"ws://127.0.0.1:{free_port()}/v1/ws"})
-    path = tmp_path / "moved.json"
-    path.write_text(json.dumps(json.loads(moved.model_dump_json())))
+    path = _write(moved, tmp_path / "moved.json")
     code, output = _verify(
         home, str(record.session_id), "--record", str(path), monkeypatch=monkeypatch
     )
@@ -150,3 +182,86 @@ def test_sdk_verification_for_the_demo(settled: tuple[SessionRecord, Path]) -> N
     )
     assert [v.status for v in partial] == ["fail"] + ["pass"] * 4
     assert partial[0].reason == "no proof bundle for this receipt"
+    assert partial[0].tokens == "?-10" and partial[1].tokens == "10-20"
+
+
+def test_receipts_before_the_first_bundle_name_none_and_each_bundle_is_checked_once(
+    sessions: Sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = sessions.early
+    receipts = [(r.tokens, r.proof_hash) for r in record.receipts]
+    assert [tokens for tokens, _ in receipts] == [16, 32, 40, 50]
+    assert [h == NO_BUNDLE for _, h in receipts] == [True, True, False, False]
+    assert unnamed_receipts(record) == 2
+    points = checkpoints(record)
+    assert [(p.ends_from, p.ends_by) for p in points] == [(32, 40), (40, 50)]
+    bundles = fetch_bundles(record)  # the zero hash is never asked for
+    assert [(b.token_start, b.token_end) for b in bundles] == [(0, 40), (40, 50)]
+    backend = load_backend("scripted")
+    verdicts = list(
+        verify_session(record, bundles, backend.prefill_hidden_states, backend.tokenize_chat)
+    )
+    assert [(v.status, v.tokens) for v in verdicts] == [("pass", "0-40"), ("pass", "40-50")]
+
+    code, output = _verify(sessions.home, str(record.session_id), monkeypatch=monkeypatch)
+    assert code == 0, output
+    assert "2 pass, 0 fail, 0 unproven" in output
+    assert "2 of 4 receipts name no proof bundle" in output and "no failure" in output
+
+
+def test_a_bundle_named_once_is_fetched_once(sessions: Sessions) -> None:
+    record = sessions.settled.model_copy(deep=True)
+    again = record.receipts[-1].model_copy()  # signed twice, e.g. across a reconnect
+    record.receipts.append(again)
+    assert len(checkpoints(record)) == 5 and len(fetch_bundles(record)) == 5
+
+
+def test_a_named_bundle_that_is_missing_or_misplaced_fails(
+    sessions: Sessions, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    home, session_id = sessions.home, str(sessions.early.session_id)
+    # A receipt naming a bundle the node does not have: its checkpoint fails, not the rest.
+    unknown = sessions.early.model_copy(deep=True)
+    unknown.receipts[2].proof_hash = "0x" + "ee" * 32
+    unknown.receipts[2].proof_uri = None
+    code, output = _verify(
+        home, session_id, "--record", str(_write(unknown, tmp_path / "unknown.json")),
+        monkeypatch=monkeypatch,
+    )  # fmt: skip
+    assert code == 1, output
+    assert "1 pass, 1 fail" in output and "PROOF_NOT_FOUND" in output
+
+    # The bundles named in the wrong order: each sits where its receipts cannot put it.
+    swapped = sessions.early.model_copy(deep=True)
+    third, fourth = swapped.receipts[2], swapped.receipts[3]
+    third.proof_hash, fourth.proof_hash = fourth.proof_hash, third.proof_hash
+    third.proof_uri, fourth.proof_uri = fourth.proof_uri, third.proof_uri
+    code, output = _verify(
+        home, session_id, "--record", str(_write(swapped, tmp_path / "swapped.json")),
+        monkeypatch=monkeypatch,
+    )  # fmt: skip
+    assert code == 1, output
+    assert "0 pass, 2 fail" in output
+    backend = load_backend("scripted")
+    verdicts = list(
+        verify_session(
+            swapped, fetch_bundles(swapped), backend.prefill_hidden_states, backend.tokenize_chat
+        )
+    )
+    assert [v.reason for v in verdicts] == [
+        "the bundle ends at token 50, but the receipts naming it put its end between 32 and 40",
+        "the bundle covers tokens [0, 40), which overlaps the previous bundle's (it ends at 50)",
+    ]
+
+
+def test_a_session_whose_receipts_name_no_bundle_yet_has_nothing_to_verify(
+    sessions: Sessions, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    early = sessions.early.model_copy(deep=True)
+    early.receipts = early.receipts[:2]  # as it stood after 32 tokens
+    path = _write(early, tmp_path / "early.json")
+    code, output = _verify(
+        sessions.home, str(early.session_id), "--record", str(path), monkeypatch=monkeypatch
+    )
+    assert code == 0, output
+    assert "its 2 receipts name no proof bundle yet" in output

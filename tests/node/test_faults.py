@@ -6,6 +6,7 @@ The embedded chain lives inside the node's process, so neither fault exists ther
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -18,14 +19,23 @@ from pathlib import Path
 import httpx
 import pytest
 from eth_utils import keccak
-from node_support import NodeFactory, serve_model
-from test_node_settlement import DEPOSIT, HELLO, PRICE, assert_paid_exactly, wait_settled
+from node_support import NodeFactory, expect, serve_model
+from test_node_settlement import (
+    DEPOSIT,
+    HELLO,
+    INPUT_PRICE,
+    PRICE,
+    assert_paid_exactly,
+    hello_tokens,
+    wait_settled,
+)
 
 from inferledger.chain.anvil import free_port
 from inferledger.chain.connect import connect
 from inferledger.chain.contracts import Contracts
 from inferledger.chain.devchain import DevWorld, dev_account
 from inferledger.inference import Backend
+from inferledger.protocol.server import Settled, SettlementPending
 from inferledger.sdk.wire import SessionClient
 from support import open_session
 
@@ -59,6 +69,10 @@ class TcpProxy:
 
     def cut(self) -> None:
         assert self._listener is not None
+        # shutdown, not only close: on Linux a socket closed while another thread blocks in
+        # accept() keeps listening (and accepting) until that accept returns.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         for link in self._links:
             link.close()
@@ -95,23 +109,31 @@ def test_rpc_unreachable_during_settlement_then_back(
     proxy = TcpProxy((host, int(port)))
     chain = connect(proxy.url, receipt_timeout=5)
     contracts = Contracts.attach(chain, world.contracts.deployment)
-    model_id = serve_model(world, scripted, keccak(text=scripted.name), PRICE)
+    model_id = serve_model(world, scripted, keccak(text=scripted.name), PRICE, INPUT_PRICE)
     session_id, signer = open_session(
-        world, model_id=model_id, deposit=DEPOSIT, price=PRICE, proof_interval=100
+        world,
+        model_id=model_id,
+        deposit=DEPOSIT,
+        input_price=INPUT_PRICE,
+        output_price=PRICE,
+        proof_interval=100,
     )
     node, server = start_node(scripted, contracts=contracts, settlement_wait=1.0)
 
-    async def run() -> dict[str, object] | None:
+    async def run() -> Settled | SettlementPending | None:
         client = await SessionClient.connect(
             server.ws_url, session_id, signer.key, expect=expect(world)
         )
         await client.chat(HELLO, max_tokens=120)
         proxy.cut()
         await client.end()
-        return await client.wait_settlement(30)
+        pending = await client.wait_settlement(30)
+        await client.close()
+        return pending
 
     pending = asyncio.run(run())
-    assert pending is not None and pending["type"] == "settlement_pending"
+    assert isinstance(pending, SettlementPending), pending
+    assert pending.session_id == session_id and pending.reason
     assert not world.contracts.marketplace.get_session(session_id).is_settled
     stuck = node.outbox.settlement(session_id)
     assert stuck.status == "pending" and stuck.attempts >= 1
@@ -119,16 +141,21 @@ def test_rpc_unreachable_during_settlement_then_back(
 
     proxy.restore()
     wait_settled(node, session_id)
-    assert_paid_exactly(world, session_id, 120)
+    assert_paid_exactly(world, session_id, hello_tokens(scripted), 120)
 
 
 def test_node_killed_mid_session_settles_from_its_sqlite_state_after_restart(
     world: DevWorld, scripted: Backend, tmp_path: Path
 ) -> None:
     _needs_rpc(world)
-    model_id = serve_model(world, scripted, keccak(text=scripted.name), PRICE)
+    model_id = serve_model(world, scripted, keccak(text=scripted.name), PRICE, INPUT_PRICE)
     session_id, signer = open_session(
-        world, model_id=model_id, deposit=DEPOSIT, price=PRICE, proof_interval=100
+        world,
+        model_id=model_id,
+        deposit=DEPOSIT,
+        input_price=INPUT_PRICE,
+        output_price=PRICE,
+        proof_interval=100,
     )
     world.contracts.deployment.save(tmp_path / "deployment.json")
     port = free_port()
@@ -142,6 +169,14 @@ def test_node_killed_mid_session_settles_from_its_sqlite_state_after_restart(
         "INFERLEDGER_BACKEND": "scripted",
         "INFERLEDGER_DISCONNECT_GRACE": "1",
     }
+
+    def receipted_on_disk(tokens: int) -> None:
+        status_url = f"http://127.0.0.1:{port}/v1/sessions/{session_id}"
+        for _ in range(300):
+            if httpx.get(status_url, timeout=5).json()["tokens_receipted"] >= tokens:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"the node never stored the receipt for {tokens} tokens")
 
     def start() -> subprocess.Popen[bytes]:
         process = subprocess.Popen(
@@ -163,7 +198,8 @@ def test_node_killed_mid_session_settles_from_its_sqlite_state_after_restart(
     async def chat(url: str) -> None:
         client = await SessionClient.connect(url, session_id, signer.key, expect=expect(world))
         await client.chat(HELLO, max_tokens=150)
-        await asyncio.sleep(0.3)  # the tail receipt reaches the node's SQLite
+        # The reply's last receipt was sent before its done frame; kill once it is on disk.
+        await asyncio.to_thread(receipted_on_disk, 150)
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=10)
 
@@ -184,6 +220,8 @@ def test_node_killed_mid_session_settles_from_its_sqlite_state_after_restart(
     finally:
         second.terminate()
         second.wait(timeout=10)
-    assert_paid_exactly(world, session_id, 150)
+    billed = hello_tokens(scripted)
+    assert_paid_exactly(world, session_id, billed, 150)
     assert status["settlement"]["reason"] == "restart"
+    assert (status["settlement"]["input_tokens"], status["settlement"]["tokens"]) == (billed, 150)
     assert [c["tokens"] for c in status["checkpoints"]] == [[0, 100], [100, 150]]

@@ -722,7 +722,7 @@ def test_settle_lead(configured: int, duration: int, lead: int) -> None:
     assert settle_lead(configured, duration) == lead
 
 
-# Documented defect (see the report): accept() after close() takes any request --------
+# Regression: a stale receipt accepted after close() never lowers what is paid ----------
 
 
 def test_accept_after_close_never_moves_receipted_back() -> None:
@@ -937,10 +937,18 @@ class MeterMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def hostile_signs(self, data: st.DataObject) -> None:
         """A receipt the node did not ask for: other counts, a stale or made-up bundle."""
-        counts = Counts(
-            data.draw(st.integers(0, self.served.input + 3)),
-            data.draw(st.integers(0, self.served.output + 3)),
-        )
+        kind = data.draw(st.sampled_from(["any", "asked", "paid", "unasked"]))
+        if kind == "asked" and self.pending:  # what was asked, with another bundle
+            counts = data.draw(st.sampled_from([c for c, _ in self.pending]))
+        elif kind == "paid":  # a replay of what is already receipted
+            counts = self.receipted
+        elif kind == "unasked":  # everything served, before the node asked for it
+            counts = self.served
+        else:
+            counts = Counts(
+                data.draw(st.integers(0, self.served.input + 3)),
+                data.draw(st.integers(0, self.served.output + 3)),
+            )
         known = [h for _, h in self.pending] + [self.bundle, b"\xee" * 32]
         proof_hash = data.draw(st.sampled_from(known))
         if (counts, proof_hash) in self.pending:

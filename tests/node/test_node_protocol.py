@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 import websockets
@@ -11,13 +14,21 @@ from eth_account import Account
 from eth_utils import keccak
 from node_support import NodeFactory, expect, serve_model, wait_for_receipt
 
-from inferledger.chain.devchain import DevWorld
+from inferledger.chain.devchain import INPUT_PRICE, PRICE, DevWorld
 from inferledger.chain.receipts import Receipt, check_receipt_signature
+from inferledger.chain.units import cost
 from inferledger.inference import Backend
-from inferledger.sdk.wire import SessionClient, SessionError
+from inferledger.node.metering import Counts
+from inferledger.protocol.server import SessionEnd
+from inferledger.sdk.wire import History, SessionClient, SessionError
 from support import open_session
 
 HELLO = [{"role": "user", "content": "hello"}]
+
+
+def prompt_tokens(backend: Backend) -> int:
+    """What the node bills HELLO as: its chat template's tokens."""
+    return len(backend.tokenize_chat(HELLO))
 
 
 def test_session_streams_and_receipts_every_interval(
@@ -27,26 +38,66 @@ def test_session_streams_and_receipts_every_interval(
     session_id, signer = open_session(world, model_id=model_id, proof_interval=10)
     node, server = start_node(scripted)
 
-    async def run() -> tuple[int, dict[str, object]]:
+    async def run() -> tuple[int, SessionEnd]:
         client = await SessionClient.connect(
             server.ws_url, session_id, signer.key, expect=expect(world)
         )
         reply = await client.chat(HELLO, max_tokens=35)
         ended = await client.end()
+        await client.close()
         return len(reply.token_ids), ended
 
     count, ended = asyncio.run(run())
+    billed = prompt_tokens(scripted)
     assert count == 35
-    assert ended["tokens_receipted"] == 35
+    assert (ended.served_input_tokens, ended.served_output_tokens) == (billed, 35)
+    assert (ended.receipted_input_tokens, ended.receipted_output_tokens) == (billed, 35)
     receipts = node.state.receipts(session_id)
-    assert [r.tokens for r in receipts] == [10, 20, 30, 35]
+    # A receipt at every proof bundle and at the end of the reply, each for the prompt too.
+    assert [r.counts for r in receipts] == [Counts(billed, n) for n in (10, 20, 30, 35)]
+    checkpoints = node.outbox.checkpoints(session_id)
+    assert [(cp.token_start, cp.token_end) for cp in checkpoints] == [
+        (0, 10),
+        (10, 20),
+        (20, 30),
+        (30, 35),
+    ]
+    assert [r.proof_hash for r in receipts] == [cp.proof_hash for cp in checkpoints]
     (request,) = node.state.list_requests(session_id)
     assert (request.request_id, request.completion_tokens) == ("r1", 35)
-    assert request.finish_reason == "length" and request.prompt_tokens > 0
+    assert request.finish_reason == "length" and request.prompt_tokens == billed
     for r in receipts:
-        check_receipt_signature(
-            node.domain, Receipt(session_id, r.tokens, r.proof_hash), r.signature, signer.address
+        receipt = Receipt(session_id, r.input_tokens, r.tokens, r.proof_hash)
+        check_receipt_signature(node.domain, receipt, r.signature, signer.address)
+
+
+def test_receipts_are_asked_every_half_window_between_bundles(
+    world: DevWorld, scripted: Backend, start_node: NodeFactory
+) -> None:
+    model_id = serve_model(world, scripted, keccak(text="scripted"))
+    session_id, signer = open_session(world, model_id=model_id, proof_interval=1000)
+    node, server = start_node(scripted, max_unreceipted_tokens=10)
+
+    async def run() -> list[tuple[int, int]]:
+        client = await SessionClient.connect(
+            server.ws_url, session_id, signer.key, expect=expect(world)
         )
+        await client.chat(HELLO, max_tokens=23)
+        await client.end()
+        await client.close()
+        return [(r.input_tokens, r.tokens) for r in client.receipts]
+
+    billed = prompt_tokens(scripted)
+    signed = asyncio.run(run())
+    # Every 5 tokens (half of max_unreceipted_tokens) and at the end; before the session's
+    # first bundle a receipt names the zero proof hash, and the end-of-reply bundle covers all.
+    assert signed == [(billed, n) for n in (5, 10, 15, 20, 23)]
+    receipts = node.state.receipts(session_id)
+    assert [r.counts for r in receipts] == [Counts(*c) for c in signed]
+    assert {r.proof_hash for r in receipts[:-1]} == {bytes(32)}
+    (checkpoint,) = node.outbox.checkpoints(session_id)
+    assert (checkpoint.token_start, checkpoint.token_end) == (0, 23)
+    assert receipts[-1].proof_hash == checkpoint.proof_hash
 
 
 class RawClient:
@@ -111,10 +162,10 @@ def test_bad_input_gets_its_code_while_a_healthy_session_streams(
     victim_id, victim_signer = open_session(world, model_id=model_id, proof_interval=10)
     expired_id, expired_signer = open_session(world, model_id=model_id, duration=60)
     closed_id, closed_signer = open_session(world, model_id=model_id)
-    c.marketplace.complete_session(world.host, closed_id, 0, b"\0" * 32, "", b"")
+    c.marketplace.complete_session(world.host, closed_id, 0, 0, b"\0" * 32, "", b"")
     other_host = world.funded_sender("other-host", 100_000_000)
     c.token.approve(other_host, c.nodes.address, 10_000_000)
-    c.nodes.register(other_host, "ws://elsewhere", {model_id: 2_000_000_000}, 10_000_000)
+    c.nodes.register(other_host, "ws://elsewhere", {model_id: (INPUT_PRICE, PRICE)}, 10_000_000)
     c.token.approve(world.user, c.marketplace.address, 2_000_000)
     foreign_signer = Account.create()
     foreign_id = c.marketplace.create_session(
@@ -122,7 +173,8 @@ def test_bad_input_gets_its_code_while_a_healthy_session_streams(
         host=other_host.address,
         model_id=model_id,
         deposit=2_000_000,
-        price_per_mtok=2_000_000_000,
+        max_input_price_per_mtok=INPUT_PRICE,
+        max_output_price_per_mtok=PRICE,
         max_duration=86400,
         proof_interval=100,
         session_signer=foreign_signer.address,
@@ -166,16 +218,17 @@ def test_bad_input_gets_its_code_while_a_healthy_session_streams(
         await victim.chat(HELLO, max_tokens=10)  # receipted at 10
         await asyncio.to_thread(wait_for_receipt, node, victim_id, 10)
         stored = node.state.latest_receipt(victim_id)
-        assert stored is not None and stored.tokens == 10
+        assert stored is not None and stored.tokens == 10 and stored.input_tokens > 0
         replay = {
             "type": "receipt",
-            "tokens": 10,
+            "input_tokens": stored.input_tokens,
+            "output_tokens": 10,
             "proof_hash": "0x" + stored.proof_hash.hex(),
             "signature": "0x" + stored.signature.hex(),
         }
         await victim.send(replay)
         codes["replayed"] = str((await RawClient(victim.ws, {}).next_error())["code"])
-        await victim.send({**replay, "tokens": 15})
+        await victim.send({**replay, "output_tokens": 15})
         codes["wrong_count"] = str((await RawClient(victim.ws, {}).next_error())["code"])
         return codes
 
@@ -184,7 +237,7 @@ def test_bad_input_gets_its_code_while_a_healthy_session_streams(
         codes = await bad_inputs()
         return await healthy_task, codes
 
-    healthy_tokens, codes = asyncio.run(run())
+    healthy_tokens, codes = asyncio.run(asyncio.wait_for(run(), 120))
     assert codes == {
         "malformed": "BAD_FRAME",
         "unknown": "UNKNOWN_TYPE",
@@ -209,11 +262,13 @@ def test_budget_ends_a_reply_and_then_refuses_prompts(
     world: DevWorld, scripted: Backend, start_node: NodeFactory
 ) -> None:
     model_id = serve_model(world, scripted, keccak(text="scripted"))
-    # 0.04 USDC at $0.002/token buys exactly 20 tokens.
-    session_id, signer = open_session(world, model_id=model_id, deposit=40_000, proof_interval=10)
+    billed = prompt_tokens(scripted)
+    # Exactly two prompts and 20 reply tokens: 2 * 29 * $0.0005 + 20 * $0.002.
+    deposit = cost(2 * billed, 20, INPUT_PRICE, PRICE)
+    session_id, signer = open_session(world, model_id=model_id, deposit=deposit, proof_interval=10)
     node, server = start_node(scripted)
 
-    async def run() -> tuple[str, str, str, int]:
+    async def run() -> tuple[str, int, str, int, str, SessionEnd]:
         client = await SessionClient.connect(
             server.ws_url, session_id, signer.key, expect=expect(world)
         )
@@ -222,17 +277,25 @@ def test_budget_ends_a_reply_and_then_refuses_prompts(
         with pytest.raises(SessionError) as refused:
             await client.chat(HELLO)
         ended = await client.end()
+        await client.close()
         return (
             first.finish_reason,
+            len(second.token_ids),
             second.finish_reason,
+            second.cost,
             refused.value.code,
-            ended["tokens_receipted"],
+            ended,
         )
 
-    first, second, refused, receipted = asyncio.run(run())
+    first, second_tokens, second, spent, refused, ended = asyncio.run(run())
     assert (first, second, refused) == ("length", "budget", "BUDGET_EXHAUSTED")
-    assert receipted == 20
-    assert node.state.get_session(session_id).tokens_generated == 20
+    assert second_tokens == 15 and spent == deposit
+    # The refused third prompt was never billed.
+    assert (ended.receipted_input_tokens, ended.receipted_output_tokens) == (2 * billed, 20)
+    assert (ended.served_input_tokens, ended.served_output_tokens) == (2 * billed, 20)
+    record = node.state.get_session(session_id)
+    assert record.served == record.receipted == Counts(2 * billed, 20)
+    assert [r.prompt_tokens for r in node.state.list_requests(session_id)] == [billed, billed]
 
 
 def test_invalid_receipt_signature_stops_the_stream(
@@ -255,7 +318,9 @@ def test_invalid_receipt_signature_stops_the_stream(
 
     assert asyncio.run(run()) == "RECEIPT_INVALID"
     assert node.state.latest_receipt(session_id) is None
-    assert node.state.get_session(session_id).tokens_receipted == 0
+    assert node.state.get_session(session_id).receipted == Counts(0, 0)
+    # The stream was held at the receipt window, never beyond it.
+    assert 0 < node.meters[session_id].served.output <= 32
 
 
 def test_degraded_node_refuses_paid_sessions_and_says_why(
@@ -283,9 +348,15 @@ def test_http_endpoints_report_models_sessions_and_metrics(
 ) -> None:
     import httpx
 
-    model_id = serve_model(world, scripted, keccak(text="scripted"), price=3_000_000_000)
+    model_id = serve_model(
+        world, scripted, keccak(text="scripted"), price=3_000_000_000, input_price=700_000_000
+    )
     session_id, signer = open_session(
-        world, model_id=model_id, proof_interval=10, price=3_000_000_000
+        world,
+        model_id=model_id,
+        proof_interval=10,
+        input_price=700_000_000,
+        output_price=3_000_000_000,
     )
     _node, server = start_node(scripted)
 
@@ -300,10 +371,22 @@ def test_http_endpoints_report_models_sessions_and_metrics(
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     (model,) = httpx.get(server.url + "/v1/models").json()["models"]
     assert model["model_id"] == "0x" + model_id.hex()
-    assert model["price_per_mtok"] == 3_000_000_000
+    assert (model["input_price_per_mtok"], model["output_price_per_mtok"]) == (
+        700_000_000,
+        3_000_000_000,
+    )
     session = httpx.get(server.url + f"/v1/sessions/{session_id}").json()
-    assert session["tokens_receipted"] == 12
-    assert [r["tokens"] for r in session["receipts"]] == [10, 12]
+    billed = prompt_tokens(scripted)
+    assert (session["input_tokens_receipted"], session["tokens_receipted"]) == (billed, 12)
+    assert (session["input_tokens_served"], session["tokens_generated"]) == (billed, 12)
+    assert (session["input_price_per_mtok"], session["output_price_per_mtok"]) == (
+        "700000000",
+        "3000000000",
+    )
+    assert [(r["input_tokens"], r["tokens"]) for r in session["receipts"]] == [
+        (billed, 10),
+        (billed, 12),
+    ]
     assert httpx.get(server.url + "/v1/sessions/424242").status_code == 404
     metrics = httpx.get(server.url + "/metrics").text
     assert "inferledger_tokens_generated_total 12.0" in metrics
@@ -311,36 +394,245 @@ def test_http_endpoints_report_models_sessions_and_metrics(
 
 
 def test_restarted_node_resumes_a_session_from_its_sqlite_state(
-    world: DevWorld, scripted: Backend, start_node: NodeFactory, tmp_path
+    world: DevWorld, scripted: Backend, start_node: NodeFactory, tmp_path: Path
 ) -> None:
+    """A reply dropped mid-stream, then the node restarted: the new node knows from SQLite
+    what was served, replays the tokens after the last receipt, has them receipted before
+    any prompt, and bills every token exactly once (docs/protocol.md, Billing)."""
     model_id = serve_model(world, scripted, keccak(text="scripted"))
     session_id, signer = open_session(world, model_id=model_id, proof_interval=10)
     db = tmp_path / "shared.sqlite3"
-    first_node, first = start_node(scripted, state_db=db)
+    first_node, first = start_node(scripted, state_db=db, disconnect_grace=3600)
+    billed = prompt_tokens(scripted)
 
     async def before_restart() -> SessionClient:
         client = await SessionClient.connect(
             first.ws_url, session_id, signer.key, expect=expect(world)
         )
-        await client.chat(HELLO, max_tokens=15)
-        await client.close()  # dropped without `end`
+        await client.chat(HELLO, max_tokens=15)  # receipted at 10 and 15
+        stream = client.stream(HELLO, max_tokens=100)
+        async for token in stream:
+            if token.index == 25:  # receipted at 20; the node streams on meanwhile
+                break
+        await stream.aclose()
+        await client.close()  # dropped mid-reply, without `end`
         return client
 
     dropped = asyncio.run(before_restart())
+    assert dropped.received == 25 and dropped.receipts[-1].tokens == 20
+    wait_until(lambda: session_id not in first_node.live, "the node to see the disconnect")
+    left = first_node.state.get_session(session_id)
+    served = left.tokens_generated
+    assert 25 <= served <= 20 + 32  # never beyond the window past the last receipt
+    assert left.receipted == Counts(2 * billed, 20)
+    assert [t.index for t in left.served_tail] == list(range(21, served + 1))
     first.stop()
     first_node.state.close()
     second_node, second = start_node(scripted, state_db=db)
 
-    async def after_restart() -> tuple[int, int]:
-        client = await SessionClient.connect(
-            second.ws_url, session_id, signer.key, transcript=dropped.transcript
+    async def after_restart() -> tuple[SessionClient, SessionEnd]:
+        history = History(
+            token_ids=tuple(t.token_id for t in dropped.tokens),
+            input_tokens=dropped.input_tokens,
+            signed=(dropped.receipts[-1].input_tokens, dropped.receipts[-1].tokens),
+            reply_open=True,
         )
-        resumed_at = int(client.ready["tokens_receipted"])
+        client = await SessionClient.connect(
+            second.ws_url, session_id, signer.key, expect=expect(world), history=history
+        )
+        with pytest.raises(SessionError) as owed:  # nothing is served before the receipt
+            await client.chat(HELLO, max_tokens=10)
+        assert owed.value.code == "RECEIPT_OWED"
+        await client.settle_up()
         await client.chat(HELLO, max_tokens=10)
         ended = await client.end()
-        return resumed_at, int(ended["tokens_receipted"])
+        await client.close()
+        return client, ended
 
-    resumed_at, receipted = asyncio.run(after_restart())
-    assert resumed_at == 15
-    assert receipted == 25
-    assert [r.tokens for r in second_node.state.receipts(session_id)] == [10, 15, 20, 25]
+    client, ended = asyncio.run(after_restart())
+    ready = client.ready
+    assert (ready.receipted_input_tokens, ready.receipted_output_tokens) == (2 * billed, 20)
+    assert (ready.served_input_tokens, ready.served_output_tokens) == (2 * billed, served)
+    # The replay holds exactly the unreceipted tokens, the ones we had among them unchanged.
+    assert [t.index for t in ready.replay] == list(range(21, served + 1))
+    assert [t.token_id for t in ready.replay[:5]] == [t.token_id for t in dropped.tokens[20:]]
+    # New to us: the replayed tokens we had missed, then the new reply; none twice.
+    assert [t.index for t in client.tokens] == list(range(26, served + 11))
+    assert second_node.metrics.tokens_generated._value.get() == 10  # nothing regenerated
+    total = Counts(3 * billed, served + 10)
+    assert (ended.receipted_input_tokens, ended.receipted_output_tokens) == (
+        total.input,
+        total.output,
+    )
+    assert (ended.served_input_tokens, ended.served_output_tokens) == (total.input, total.output)
+    receipts = [r.counts for r in second_node.state.receipts(session_id)]
+    assert receipts[:4] == [
+        Counts(billed, 10),
+        Counts(billed, 15),
+        Counts(2 * billed, 20),
+        Counts(2 * billed, served),  # the replay, signed before the next prompt
+    ]
+    assert receipts[-1] == total and receipts == sorted(receipts)
+    assert second_node.state.get_session(session_id).served_tail == ()
+
+
+def test_a_client_that_left_owing_its_last_receipt_is_asked_again_on_resume(
+    world: DevWorld, scripted: Backend, start_node: NodeFactory
+) -> None:
+    """The node asked for the whole reply, the client left before signing: on the same
+    node, the resumed connection gets that receipt request again, not silence."""
+    model_id = serve_model(world, scripted, keccak(text="scripted"))
+    session_id, signer = open_session(world, model_id=model_id, proof_interval=1000)
+    node, server = start_node(scripted, disconnect_grace=3600)
+    billed = prompt_tokens(scripted)
+
+    class Crash(Exception):
+        """The client dies before it persists (and sends) the reply's last receipt."""
+
+    def crash_at_the_end(signed: Any) -> None:
+        if signed.tokens == 20:
+            raise Crash
+
+    async def run() -> tuple[SessionClient, SessionClient]:
+        first = await SessionClient.connect(
+            server.ws_url, session_id, signer.key, expect=expect(world), on_receipt=crash_at_the_end
+        )
+        with pytest.raises(Crash):
+            await first.chat(HELLO, max_tokens=20)  # receipts at 16, then 20 at the end
+        await first.close()
+        await asyncio.to_thread(
+            wait_until, lambda: session_id not in node.live, "the node to see the disconnect"
+        )
+        history = History(
+            token_ids=tuple(t.token_id for t in first.tokens),
+            input_tokens=first.input_tokens,
+            signed=(billed, 16),
+            reply_open=True,
+        )
+        again = await SessionClient.connect(
+            server.ws_url, session_id, signer.key, expect=expect(world), history=history
+        )
+        await asyncio.wait_for(again.settle_up(), 20)
+        await again.chat(HELLO, max_tokens=5)
+        await again.end()
+        await again.close()
+        return first, again
+
+    first, again = asyncio.run(run())
+    assert [r.tokens for r in first.receipts] == [16]
+    assert (again.ready.receipted_output_tokens, again.ready.served_output_tokens) == (16, 20)
+    assert [(r.input_tokens, r.tokens) for r in again.receipts] == [
+        (billed, 20),
+        (2 * billed, 25),
+    ]
+    assert node.state.get_session(session_id).receipted == Counts(2 * billed, 25)
+
+
+def wait_until(predicate: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_a_client_leaving_right_after_its_last_receipt_is_no_node_error(
+    world: DevWorld, scripted: Backend, start_node: NodeFactory
+) -> None:
+    """The usual goodbye of a script: sign the reply's receipt, read done, close at once.
+    The receipt is kept, and the ack the node can no longer deliver is not an INTERNAL."""
+    model_id = serve_model(world, scripted, keccak(text="scripted"))
+    node, server = start_node(scripted, disconnect_grace=3600)
+    sessions = [open_session(world, model_id=model_id, proof_interval=1000) for _ in range(3)]
+
+    async def run() -> None:
+        for session_id, signer in sessions:
+            client = await SessionClient.connect(
+                server.ws_url, session_id, signer.key, expect=expect(world)
+            )
+            await client.chat(HELLO, max_tokens=5)
+            await client.close()
+
+    asyncio.run(run())
+    for session_id, _ in sessions:
+        wait_until(lambda sid=session_id: sid not in node.live, "the node to see the disconnect")
+        assert node.state.get_session(session_id).receipted == Counts(prompt_tokens(scripted), 5)
+    assert node.metrics.errors.labels(code="INTERNAL")._value.get() == 0
+
+
+def test_prompts_are_refused_while_streaming_while_owing_and_after_end(
+    world: DevWorld, scripted: Backend, start_node: NodeFactory
+) -> None:
+    """REQUEST_IN_PROGRESS, RECEIPT_OWED and SESSION_CLOSING over the wire, from a hand-driven
+    client that signs exactly when it chooses to."""
+    from inferledger.chain.receipts import SessionAuth, sign_receipt, sign_session_auth
+
+    model_id = serve_model(world, scripted, keccak(text="scripted"))
+    session_id, signer = open_session(world, model_id=model_id, proof_interval=1000)
+    _node, server = start_node(scripted)
+    domain = world.contracts.marketplace.domain()
+    prompt = {"type": "prompt", "messages": HELLO, "max_tokens": 100}
+
+    def receipt_for(request: dict[str, Any]) -> dict[str, Any]:
+        proof_hash = bytes.fromhex(request["proof_hash"][2:])
+        receipt = Receipt(session_id, request["input_tokens"], request["output_tokens"], proof_hash)
+        signature = sign_receipt(signer.key, domain, receipt)
+        return {
+            "type": "receipt",
+            "input_tokens": request["input_tokens"],
+            "output_tokens": request["output_tokens"],
+            "proof_hash": request["proof_hash"],
+            "signature": "0x" + signature.hex(),
+        }
+
+    async def run() -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+        raw = await RawClient.open(server.ws_url)
+        nonce = bytes.fromhex(str(raw.challenge["nonce"])[2:])
+        auth = SessionAuth(session_id, nonce, world.host.address)
+        await raw.send(
+            {
+                "type": "session_init",
+                "session_id": session_id,
+                "nonce": raw.challenge["nonce"],
+                "signature": "0x" + sign_session_auth(signer.key, domain, auth).hex(),
+            }
+        )
+        assert json.loads(await raw.ws.recv())["type"] == "session_ready"
+        codes = []
+        # 100 tokens cannot stream past the 32-token window without our receipts.
+        await raw.send({**prompt, "request_id": "a"})
+        await raw.send({**prompt, "request_id": "b"})
+        held = None
+        while True:
+            frame = json.loads(await asyncio.wait_for(raw.ws.recv(), 20))
+            if frame["type"] == "error":
+                codes.append(frame["code"])
+            elif frame["type"] == "receipt_request" and frame["output_tokens"] < 100:
+                await raw.send(receipt_for(frame))
+            elif frame["type"] == "receipt_request":
+                held = frame  # the reply's last receipt: not signed yet
+            elif frame["type"] == "done":
+                break
+        assert held is not None
+        await raw.send({**prompt, "request_id": "c"})
+        codes.append(str((await raw.next_error())["code"]))
+        await raw.send(receipt_for(held))
+        ack = json.loads(await asyncio.wait_for(raw.ws.recv(), 20))
+        assert ack["type"] == "receipt_ack", ack
+        await raw.send({"type": "end"})
+        await raw.send({**prompt, "request_id": "d"})
+        frames = []
+        while not frames or frames[-1]["type"] not in ("settled", "settlement_pending"):
+            frames.append(json.loads(await asyncio.wait_for(raw.ws.recv(), 30)))
+        codes += [f["code"] for f in frames if f["type"] == "error"]
+        await raw.ws.close()
+        return codes, ack, frames[-1]
+
+    codes, ack, settled = asyncio.run(run())
+    billed = prompt_tokens(scripted)
+    assert codes == ["REQUEST_IN_PROGRESS", "RECEIPT_OWED", "SESSION_CLOSING"]
+    assert (ack["input_tokens"], ack["output_tokens"]) == (billed, 100)
+    assert settled["type"] == "settled"
+    assert (settled["input_tokens"], settled["output_tokens"]) == (billed, 100)
+    info = world.contracts.marketplace.get_session(session_id)
+    assert (info.input_tokens_paid, info.output_tokens_paid) == (billed, 100)

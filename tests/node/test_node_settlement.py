@@ -10,6 +10,7 @@ import asyncio
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,35 +18,68 @@ from eth_utils import keccak
 from node_support import NodeFactory, expect, serve_model
 
 from inferledger.chain.devchain import DevWorld
-from inferledger.chain.units import settlement_split, usdc
+from inferledger.chain.units import cost, settlement_split, usdc
 from inferledger.inference import Backend
 from inferledger.node.node import Node
+from inferledger.node.outbox import CheckpointRecord
 from inferledger.proofs.bundle import ProofBundle
 from inferledger.proofs.verify import ReplyTranscript, verify_bundle
-from inferledger.sdk.wire import SessionClient
+from inferledger.protocol.server import Settled, SettlementPending
+from inferledger.sdk.wire import History, SessionClient
 from support import open_session
 
 HELLO = [{"role": "user", "content": "hello"}]
 DEPOSIT = usdc("2")
-PRICE = 2_000_000_000  # $0.002 per token
+PRICE = 2_000_000_000  # output: $0.002 per token
+INPUT_PRICE = 500_000_000  # input: $0.0005 per token
 EXAMPLE_PROVER = Path(__file__).resolve().parents[2] / "examples" / "provers" / "hash_prover.py"
 
 
-def _open(world: DevWorld, backend: Backend, interval: int = 100) -> tuple[int, object]:
-    model_id = serve_model(world, backend, keccak(text=backend.name), PRICE)
+def _open(world: DevWorld, backend: Backend, interval: int = 100) -> tuple[int, Any]:
+    model_id = serve_model(world, backend, keccak(text=backend.name), PRICE, INPUT_PRICE)
     return open_session(
-        world, model_id=model_id, deposit=DEPOSIT, price=PRICE, proof_interval=interval
+        world,
+        model_id=model_id,
+        deposit=DEPOSIT,
+        input_price=INPUT_PRICE,
+        output_price=PRICE,
+        proof_interval=interval,
     )
 
 
-def assert_paid_exactly(world: DevWorld, session_id: int, tokens: int) -> None:
-    """The session is settled at ``tokens`` and every base unit of the deposit is accounted."""
+def hello_tokens(backend: Backend) -> int:
+    """The input tokens one HELLO prompt is billed."""
+    return len(backend.tokenize_chat(HELLO))
+
+
+def assert_paid_exactly(
+    world: DevWorld, session_id: int, input_tokens: int, output_tokens: int
+) -> None:
+    """The session is settled at exactly these counts, both priced, and every base unit of
+    the deposit is accounted for."""
     info = world.contracts.marketplace.get_session(session_id)
     assert info.is_settled, f"session {session_id} still open"
-    assert info.tokens_paid == tokens
-    split = settlement_split(DEPOSIT, tokens, PRICE, info.fee_bps)
+    assert (info.input_tokens_paid, info.output_tokens_paid) == (input_tokens, output_tokens)
+    assert (info.input_price_per_mtok, info.output_price_per_mtok) == (INPUT_PRICE, PRICE)
+    split = settlement_split(DEPOSIT, input_tokens, output_tokens, INPUT_PRICE, PRICE, info.fee_bps)
+    assert split.gross == cost(input_tokens, output_tokens, INPUT_PRICE, PRICE)
     assert split.host + split.fee + split.refund == DEPOSIT
     assert split.fee == split.gross // 10 and split.host == split.gross - split.fee
+
+
+def newest_bundle(checkpoints: list[CheckpointRecord], tokens: int) -> bytes:
+    """The proof hash a receipt for ``tokens`` output tokens names: the newest bundle
+    built by then (zero before the first)."""
+    built = [cp.proof_hash for cp in checkpoints if cp.token_end <= tokens]
+    return built[-1] if built else bytes(32)
+
+
+def wait_until(predicate: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
 
 
 def wait_settled(node: Node, session_id: int, timeout: float = 30.0) -> None:
@@ -59,14 +93,16 @@ def wait_settled(node: Node, session_id: int, timeout: float = 30.0) -> None:
 
 
 async def _chat_and_end(
-    url: str, session_id: int, key: bytes, max_tokens: int
-) -> tuple[list[int], dict[str, object] | None, list[bytes]]:
+    world: DevWorld, url: str, session_id: int, key: bytes, max_tokens: int
+) -> tuple[list[int], Settled | SettlementPending | None, list[tuple[int, bytes]]]:
+    """One reply, then `end`: its token ids, the node's settlement frame, and the
+    (output tokens, proof hash) of every receipt signed."""
     client = await SessionClient.connect(url, session_id, key, expect=expect(world))
     reply = await client.chat(HELLO, max_tokens=max_tokens)
     await client.end()
     settled = await client.wait_settlement(30)
     await client.close()
-    return reply.token_ids, settled, [r.proof_hash for r in client.receipts]
+    return reply.token_ids, settled, [(r.tokens, r.proof_hash) for r in client.receipts]
 
 
 def test_end_settles_exactly_and_the_stored_proofs_verify(
@@ -77,20 +113,22 @@ def test_end_settles_exactly_and_the_stored_proofs_verify(
     )
     session_id, signer = _open(world, scripted)
     node, server = start_node(scripted)
-    ids, settled, proof_hashes = asyncio.run(
-        _chat_and_end(server.ws_url, session_id, signer.key, 250)
+    ids, settled, signed = asyncio.run(
+        _chat_and_end(world, server.ws_url, session_id, signer.key, 250)
     )
 
+    billed = hello_tokens(scripted)
     assert len(ids) == 250
-    assert settled is not None and settled["type"] == "settled", settled
-    split = settlement_split(DEPOSIT, 250, PRICE, 1000)
-    assert (settled["tokens"], settled["host_amount"], settled["fee"], settled["refund"]) == (
-        250,
+    assert isinstance(settled, Settled), settled
+    split = settlement_split(DEPOSIT, billed, 250, INPUT_PRICE, PRICE, 1000)
+    assert split.gross == billed * 500 + 250 * 2000  # the prompt is paid for too
+    assert (settled.input_tokens, settled.output_tokens) == (billed, 250)
+    assert (settled.host_amount, settled.fee, settled.refund) == (
         split.host,
         split.fee,
         split.refund,
     )
-    assert_paid_exactly(world, session_id, 250)
+    assert_paid_exactly(world, session_id, billed, 250)
     c = world.contracts
     assert c.earnings.balance_of(world.host.address, c.token.address) - host_before == split.host
 
@@ -101,7 +139,12 @@ def test_end_settles_exactly_and_the_stored_proofs_verify(
         (200, 250),
     ]
     assert {cp.status for cp in checkpoints} == {"settled"}
-    assert [cp.proof_hash for cp in checkpoints] == proof_hashes
+    # Receipts every 16 tokens, at every bundle and at the end; each names the newest
+    # bundle when it was asked for, and every bundle was signed for when it was built.
+    counts = [tokens for tokens, _ in signed]
+    assert counts == sorted(set(counts)) and {100, 200, 250} <= set(counts)
+    assert all(b - a <= 16 for a, b in zip([0, *counts], counts, strict=False))
+    assert [h for _, h in signed] == [newest_bundle(checkpoints, n) for n in counts]
     assert {cp.prover for cp in checkpoints} == {"activation"}
 
     prompt = tuple(scripted.tokenize_chat(HELLO))
@@ -125,7 +168,8 @@ def test_end_settles_exactly_and_the_stored_proofs_verify(
 
     status = httpx.get(f"{server.url}/v1/sessions/{session_id}").json()
     assert status["status"] == "settled"
-    assert status["settlement"]["tx_hash"] == settled["tx_hash"]
+    assert status["settlement"]["tx_hash"] == settled.tx_hash
+    assert (status["settlement"]["input_tokens"], status["settlement"]["tokens"]) == (billed, 250)
     assert len(status["checkpoints"]) == 3
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'inferledger_checkpoints_total{state="proved"} 3.0' in metrics
@@ -143,13 +187,12 @@ def test_client_leaving_without_end_is_settled_after_the_grace_period(
             server.ws_url, session_id, signer.key, expect=expect(world)
         )
         await client.chat(HELLO, max_tokens=130)
-        await asyncio.sleep(0.2)  # let the tail receipt land
-        await client.close()
+        await client.close()  # the reply's last receipt went out before its done frame
 
     asyncio.run(chat_and_drop())
     wait_settled(node, session_id)
     assert node.outbox.settlement(session_id).reason == "disconnect"
-    assert_paid_exactly(world, session_id, 130)
+    assert_paid_exactly(world, session_id, hello_tokens(scripted), 130)
 
 
 def test_a_client_returning_within_the_grace_period_keeps_its_session(
@@ -158,25 +201,40 @@ def test_a_client_returning_within_the_grace_period_keeps_its_session(
     session_id, signer = _open(world, scripted)
     node, server = start_node(scripted, disconnect_grace=30)
 
-    async def drop_and_resume() -> tuple[list[int], dict[str, object] | None]:
+    billed = hello_tokens(scripted)
+
+    async def drop_and_resume() -> tuple[list[int], Settled | SettlementPending | None]:
         first = await SessionClient.connect(
             server.ws_url, session_id, signer.key, expect=expect(world)
         )
         await first.chat(HELLO, max_tokens=40)
-        await asyncio.sleep(0.2)
         await first.close()
-        await asyncio.sleep(0.2)
-        again = await SessionClient.connect(
-            server.ws_url, session_id, signer.key, transcript=first.transcript
+        await asyncio.to_thread(
+            wait_until, lambda: session_id not in node.live, "the node to see the disconnect"
         )
+        left = node.outbox.settlement(session_id)
+        assert left is not None and (left.reason, left.status) == ("disconnect", "pending")
+        history = History(
+            token_ids=tuple(t.token_id for t in first.tokens),
+            input_tokens=first.input_tokens,
+            signed=(first.receipts[-1].input_tokens, first.receipts[-1].tokens),
+        )
+        again = await SessionClient.connect(
+            server.ws_url, session_id, signer.key, expect=expect(world), history=history
+        )
+        assert node.outbox.settlement(session_id) is None  # the return cancelled it
+        await again.settle_up()  # nothing owed: returns at once
         reply = await again.chat(HELLO, max_tokens=20)
         await again.end()
-        return reply.token_ids, await again.wait_settlement(30)
+        settled = await again.wait_settlement(30)
+        await again.close()
+        return reply.token_ids, settled
 
     ids, settled = asyncio.run(drop_and_resume())
-    assert len(ids) == 20 and settled is not None and settled["tokens"] == 60
+    assert len(ids) == 20 and isinstance(settled, Settled), settled
+    assert (settled.input_tokens, settled.output_tokens) == (2 * billed, 60)
     assert node.outbox.settlement(session_id).reason == "end"
-    assert_paid_exactly(world, session_id, 60)
+    assert_paid_exactly(world, session_id, 2 * billed, 60)
 
 
 def test_request_close_is_answered_with_the_latest_receipt(
@@ -190,39 +248,58 @@ def test_request_close_is_answered_with_the_latest_receipt(
             server.ws_url, session_id, signer.key, expect=expect(world)
         )
         await client.chat(HELLO, max_tokens=70)
-        await asyncio.sleep(0.2)
         await client.close()
 
     asyncio.run(chat())
+    wait_until(lambda: session_id not in node.live, "the node to see the disconnect")
     world.contracts.marketplace.request_close(world.user, session_id)
     wait_settled(node, session_id)
     assert node.outbox.settlement(session_id).reason == "close_requested"
-    assert_paid_exactly(world, session_id, 70)
+    assert_paid_exactly(world, session_id, hello_tokens(scripted), 70)
 
 
 def test_sessions_about_to_expire_are_settled(
     world: DevWorld, scripted: Backend, start_node: NodeFactory
 ) -> None:
-    model_id = serve_model(world, scripted, keccak(text=scripted.name), PRICE)
+    model_id = serve_model(world, scripted, keccak(text=scripted.name), PRICE, INPUT_PRICE)
     session_id, signer = open_session(
-        world, model_id=model_id, deposit=DEPOSIT, price=PRICE, proof_interval=100, duration=3600
+        world,
+        model_id=model_id,
+        deposit=DEPOSIT,
+        input_price=INPUT_PRICE,
+        output_price=PRICE,
+        proof_interval=100,
+        duration=3600,
     )
     node, server = start_node(
         scripted, chain_poll_interval=0.2, disconnect_grace=300, settle_before_expiry=600
     )
 
-    async def chat_until_expiry_nears() -> None:
+    async def chat_until_expiry_nears() -> tuple[SessionClient, Any]:
         client = await SessionClient.connect(
             server.ws_url, session_id, signer.key, expect=expect(world)
         )
         await client.chat(HELLO, max_tokens=30)
-        world.chain.time_travel(3600 - 500)
-        await asyncio.to_thread(wait_settled, node, session_id)
+        # The node stops min(settle_before_expiry, duration / 10) = 360 s before expiry.
+        assert client.ready.settles_at == client.ready.expires_at - 360
+        world.chain.time_travel(3600 - 300)
+        # The live connection is stopped and told: session_end, then what was paid.
+        await asyncio.wait_for(client.wait_session_end(), 60)
+        settled = await client.wait_settlement(30)
         await client.close()
+        return client, settled
 
-    asyncio.run(chat_until_expiry_nears())
+    client, settled = asyncio.run(chat_until_expiry_nears())
+    billed = hello_tokens(scripted)
+    assert client.ended is not None
+    assert (client.ended.receipted_input_tokens, client.ended.receipted_output_tokens) == (
+        billed,
+        30,
+    )
+    assert isinstance(settled, Settled), settled
+    assert (settled.input_tokens, settled.output_tokens) == (billed, 30)
     assert node.outbox.settlement(session_id).reason == "expiry"
-    assert_paid_exactly(world, session_id, 30)
+    assert_paid_exactly(world, session_id, billed, 30)
 
 
 def _write_prover(tmp_path: Path, *flags: str) -> Path:
@@ -242,10 +319,12 @@ def test_a_prover_failing_mid_session_never_blocks_payment(
         scripted, prover="external", external_prover=prover, external_prover_timeout=1.0
     )
     assert node.ready and node.preflight.get("prover").ok  # the handshake works
-    _, settled, _ = asyncio.run(_chat_and_end(server.ws_url, session_id, signer.key, 120))
+    _, settled, _ = asyncio.run(_chat_and_end(world, server.ws_url, session_id, signer.key, 120))
 
-    assert settled is not None and settled["tokens"] == 120
-    assert_paid_exactly(world, session_id, 120)
+    billed = hello_tokens(scripted)
+    assert isinstance(settled, Settled), settled
+    assert (settled.input_tokens, settled.output_tokens) == (billed, 120)
+    assert_paid_exactly(world, session_id, billed, 120)
     checkpoints = node.outbox.checkpoints(session_id)
     assert [(cp.prover, cp.unproven) for cp in checkpoints] == [("commitment", True)] * 2
     assert all("external prover failed" in (cp.prover_error or "") for cp in checkpoints)
@@ -257,11 +336,11 @@ def test_the_external_prover_attests_every_checkpoint(
 ) -> None:
     session_id, signer = _open(world, scripted)
     node, server = start_node(scripted, prover="external", external_prover=_write_prover(tmp_path))
-    asyncio.run(_chat_and_end(server.ws_url, session_id, signer.key, 50))
+    asyncio.run(_chat_and_end(world, server.ws_url, session_id, signer.key, 50))
     (checkpoint,) = node.outbox.checkpoints(session_id)
     bundle = ProofBundle.decode(node.store.get(checkpoint.proof_hash))
     assert bundle.prover == "external" and len(bundle.attestation) == 32
-    assert_paid_exactly(world, session_id, 50)
+    assert_paid_exactly(world, session_id, hello_tokens(scripted), 50)
 
 
 def test_missing_external_prover_fails_preflight_and_degraded_nodes_still_settle(
@@ -278,9 +357,11 @@ def test_missing_external_prover_fails_preflight_and_degraded_nodes_still_settle
         scripted, prover="external", external_prover=missing, allow_degraded=True
     )
     assert node.ready
-    _, settled, _ = asyncio.run(_chat_and_end(server.ws_url, session_id, signer.key, 150))
-    assert settled is not None and settled["tokens"] == 150
-    assert_paid_exactly(world, session_id, 150)
+    _, settled, _ = asyncio.run(_chat_and_end(world, server.ws_url, session_id, signer.key, 150))
+    billed = hello_tokens(scripted)
+    assert isinstance(settled, Settled), settled
+    assert (settled.input_tokens, settled.output_tokens) == (billed, 150)
+    assert_paid_exactly(world, session_id, billed, 150)
     assert {(cp.prover, cp.unproven) for cp in node.outbox.checkpoints(session_id)} == {
         ("commitment", True)
     }
@@ -292,23 +373,28 @@ def test_a_nonce_taken_by_another_transaction_of_the_host_key_is_recovered(
     session_id, signer = _open(world, scripted, interval=50)
     node, server = start_node(scripted, onchain_checkpoints="always")
 
-    async def run() -> dict[str, object] | None:
+    async def run() -> Settled | SettlementPending | None:
         client = await SessionClient.connect(
             server.ws_url, session_id, signer.key, expect=expect(world)
         )
         await client.chat(HELLO, max_tokens=50)
         # The worker has sent a checkpoint and cached its next nonce; take that nonce.
-        for _ in range(200):
-            if [c.status for c in node.outbox.checkpoints(session_id)] == ["confirmed"]:
-                break
-            await asyncio.sleep(0.05)
+        await asyncio.to_thread(
+            wait_until,
+            lambda: [c.status for c in node.outbox.checkpoints(session_id)] == ["confirmed"],
+            "the first checkpoint on chain",
+        )
         await asyncio.to_thread(world.contracts.nodes.update_url, world.host, "ws://elsewhere")
         await client.chat(HELLO, max_tokens=30)
         await client.end()
-        return await client.wait_settlement(30)
+        settled = await client.wait_settlement(30)
+        await client.close()
+        return settled
 
     settled = asyncio.run(run())
-    assert settled is not None and settled["tokens"] == 80, settled
-    assert_paid_exactly(world, session_id, 80)
+    billed = hello_tokens(scripted)
+    assert isinstance(settled, Settled), settled
+    assert (settled.input_tokens, settled.output_tokens) == (2 * billed, 80)
+    assert_paid_exactly(world, session_id, 2 * billed, 80)
     statuses = [c.status for c in node.outbox.checkpoints(session_id)]
     assert statuses == ["settled", "settled"]

@@ -1,8 +1,9 @@
 """The acceptance path of issue 4: the real SmolLM2, real WebSockets, proofs, settlement.
 
-A 2 USDC session at $0.002/token streams at least 200 tokens with a checkpoint every 100; the
-node settles on `end`, the deposit splits exactly 90/10/refund, and every stored proof
-verifies by one prefill, while a changed token fails.
+A 2 USDC session at $0.0005 per prompt token and $0.002 per reply token streams at least
+200 tokens with a checkpoint every 100; the node settles on `end`, the deposit splits
+exactly 90/10/refund over both counts, and every stored proof verifies by one prefill,
+while a changed token fails.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 
 import httpx
 from node_support import NodeFactory, expect, serve_model
-from test_node_settlement import DEPOSIT, PRICE, assert_paid_exactly
+from test_node_settlement import DEPOSIT, INPUT_PRICE, PRICE, assert_paid_exactly
 
 from inferledger.chain.devchain import DevWorld
 from inferledger.chain.receipts import Receipt, check_receipt_signature
@@ -19,6 +20,7 @@ from inferledger.chain.units import settlement_split
 from inferledger.inference import Backend
 from inferledger.proofs.bundle import ProofBundle
 from inferledger.proofs.verify import ReplyTranscript, verify_bundle
+from inferledger.protocol.server import Settled, SettlementPending
 from inferledger.sdk.wire import SessionClient
 from support import open_session
 
@@ -31,9 +33,14 @@ def test_smollm_session_of_200_tokens_settles_90_10_and_its_proofs_verify(
 ) -> None:
     c = world.contracts
     sha256 = bytes.fromhex(smollm.weights_sha256)  # type: ignore[attr-defined]
-    model_id = serve_model(world, smollm, sha256, PRICE)
+    model_id = serve_model(world, smollm, sha256, PRICE, INPUT_PRICE)
     session_id, signer = open_session(
-        world, model_id=model_id, deposit=DEPOSIT, price=PRICE, proof_interval=100
+        world,
+        model_id=model_id,
+        deposit=DEPOSIT,
+        input_price=INPUT_PRICE,
+        output_price=PRICE,
+        proof_interval=100,
     )
     node, server = start_node(smollm)
     assert node.ready, node.preflight.lines()
@@ -41,7 +48,7 @@ def test_smollm_session_of_200_tokens_settles_90_10_and_its_proofs_verify(
     host_before = c.earnings.balance_of(world.host.address, c.token.address)
     treasury_before = c.marketplace.treasury_balance()
 
-    async def run() -> tuple[list[ReplyTranscript], dict[str, object] | None]:
+    async def run() -> tuple[list[ReplyTranscript], Settled | SettlementPending | None]:
         client = await SessionClient.connect(
             server.ws_url, session_id, signer.key, expect=expect(world)
         )
@@ -50,32 +57,42 @@ def test_smollm_session_of_200_tokens_settles_90_10_and_its_proofs_verify(
             first = client.received
             reply = await client.chat(question, max_tokens=230 - first, temperature=0)
             prompt = tuple(smollm.tokenize_chat(question))
+            assert reply.prompt_tokens == len(prompt)  # billed what the model prefilled
             replies.append(ReplyTranscript(prompt, tuple(reply.token_ids), first))
             if client.received >= 200:
                 break
         await client.end()
-        return replies, await client.wait_settlement(60)
+        settled = await client.wait_settlement(60)
+        await client.close()
+        return replies, settled
 
     replies, settled = asyncio.run(run())
     tokens = replies[-1].first_token + len(replies[-1].reply_ids)
+    prompt_tokens = sum(len(r.prompt_ids) for r in replies)
     assert tokens >= 200, f"SmolLM2 stopped after {tokens} tokens"
-    assert settled is not None and settled["type"] == "settled", settled
+    assert isinstance(settled, Settled), settled
+    assert (settled.input_tokens, settled.output_tokens) == (prompt_tokens, tokens)
 
-    split = settlement_split(DEPOSIT, tokens, PRICE, 1000)
-    assert split.gross == tokens * 2000  # $0.002 = 2000 base units per token
-    assert (settled["host_amount"], settled["fee"], settled["refund"]) == (
+    split = settlement_split(DEPOSIT, prompt_tokens, tokens, INPUT_PRICE, PRICE, 1000)
+    # $0.002 = 2000 base units per reply token, $0.0005 = 500 per prompt token
+    assert split.gross == tokens * 2000 + prompt_tokens * 500
+    assert (settled.host_amount, settled.fee, settled.refund) == (
         split.host,
         split.fee,
         split.refund,
     )
     assert c.earnings.balance_of(world.host.address, c.token.address) - host_before == split.host
     assert c.marketplace.treasury_balance() - treasury_before == split.fee
-    assert_paid_exactly(world, session_id, tokens)
+    assert_paid_exactly(world, session_id, prompt_tokens, tokens)
 
     receipts = node.state.receipts(session_id)
-    assert [r.tokens for r in receipts][:2] == [100, 200] and receipts[-1].tokens == tokens
+    outputs = [r.tokens for r in receipts]
+    # Every 16 tokens at most, and at each bundle (100, 200) and the end of each reply.
+    assert {100, 200} <= set(outputs) and outputs[-1] == tokens
+    assert all(b - a <= 16 for a, b in zip([0, *outputs], outputs, strict=False))
+    assert receipts[-1].input_tokens == prompt_tokens
     for r in receipts:
-        receipt = Receipt(session_id, r.tokens, r.proof_hash)
+        receipt = Receipt(session_id, r.input_tokens, r.tokens, r.proof_hash)
         check_receipt_signature(c.marketplace.domain(), receipt, r.signature, signer.address)
 
     bundles = []

@@ -30,7 +30,7 @@ CHECKS = [
     "prover",
 ]
 MODEL_NAME = "test-org/tiny-model/tiny.gguf"
-PRICE = 2_000_000_000
+PRICES = (500_000_000, 2_000_000_000)  # (input, output) per Mtok
 
 
 @dataclass
@@ -48,7 +48,7 @@ def served(world: DevWorld, tmp_path: Path) -> Served:
     weights.write_bytes(b"GGUF tiny test weights " * 100)
     sha = hashlib.sha256(weights.read_bytes()).digest()
     model_id = world.contracts.models.approve_model(world.owner, MODEL_NAME, sha)
-    world.contracts.nodes.set_models(world.host, {world.model_id: PRICE, model_id: PRICE})
+    world.contracts.nodes.set_models(world.host, {world.model_id: PRICES, model_id: PRICES})
     return Served(MODEL_NAME, weights, "0x" + bytes(world.host.account.key).hex())
 
 
@@ -94,6 +94,7 @@ def test_all_green(world: DevWorld, served: Served) -> None:
     assert all(r.status == "ok" for r in report.results)
     assert report.get("host_key").detail == f"host address {world.host.address}"
     assert "matches ModelRegistry" in report.get("weights").line()
+    assert "host prices 500000000 (input) and 2000000000 (output)" in report.get("model").line()
     health = json.loads(json.dumps(report.as_dict()))
     assert health["ok"] is True
     assert [c["status"] for c in health["checks"]] == ["ok"] * len(CHECKS)
@@ -226,7 +227,7 @@ def test_model_not_approved(world: DevWorld, served: Served) -> None:
 
 
 def test_model_not_served_by_host(world: DevWorld, served: Served) -> None:
-    world.contracts.nodes.set_models(world.host, {world.model_id: PRICE})
+    world.contracts.nodes.set_models(world.host, {world.model_id: PRICES})
     assert_only_failure(
         check(world, served),
         "model",

@@ -9,6 +9,7 @@ from eth_account import Account
 from inferledger.chain.devchain import INPUT_PRICE, PRICE, PROOF, DevWorld, dev_account, sign
 from inferledger.chain.units import settlement_split, usdc
 from inferledger.sdk import Client, SdkError, Session
+from inferledger.sdk.sessions import ShortSessionWarning
 
 # The seed's figures: 200 output tokens (and no prompt tokens) at $0.002 on 2 USDC.
 SEED = {"tokens": (0, 200), "host": 360_000, "fee": 40_000, "refund": 1_600_000}
@@ -26,7 +27,7 @@ def client_for(world: DevWorld, label: str, tmp_path) -> Client:
 def settle_directly(world: DevWorld, session: Session, tokens: tuple[int, int]) -> str:
     """The host completes the session with the session signer's receipt for (input,
     output) ``tokens``; the tx hash."""
-    signer = Account.from_key(session.record.signer_key)
+    signer = Account.from_key(session.record.signer_key.get_secret_value())
     signature = sign(world, signer, session.id, *tokens, PROOF)
     event = world.contracts.marketplace.complete_session(
         world.host, session.id, *tokens, PROOF, "test://bundle", signature
@@ -86,7 +87,10 @@ def test_status_follows_close_requests_and_expiry_and_refunds_can_be_credited(
     c, chain = world.contracts, world.chain
     user = client_for(world, "user", tmp_path)
     closing = user.sessions.open(world.host.address, world.model_id, usdc("2"))
-    expiring = user.sessions.open(world.host.address, world.model_id, usdc("1"), max_duration=60)
+    with pytest.warns(ShortSessionWarning, match="usable for 54s"):
+        expiring = user.sessions.open(
+            world.host.address, world.model_id, usdc("1"), max_duration=60
+        )
     for session in (closing, expiring):
         session.detach()
     c.marketplace.request_close(user.sender, closing.id)

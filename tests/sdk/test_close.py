@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 import pytest
 from eth_account import Account
 
-from inferledger.chain.devchain import PROOF, sign
+from inferledger.chain.devchain import INPUT_PRICE, PRICE, PROOF, sign
 from inferledger.chain.units import settlement_split, usdc
+from inferledger.inference import load_backend
 from inferledger.sdk import SdkError, SessionClosed, SessionRecord, lifecycle
 
 if TYPE_CHECKING:
@@ -33,9 +34,13 @@ def test_close_returns_the_nodes_settlement_checked_against_the_chain(market: Ma
 
     settlement = session.close()
 
-    split = settlement_split(usdc("2"), 35, session.price_per_mtok, c.marketplace.fee_bps())
+    prices = (session.input_price_per_mtok, session.output_price_per_mtok)
+    assert prices == (INPUT_PRICE, PRICE)
+    split = settlement_split(usdc("2"), session.input_tokens, 35, *prices, c.marketplace.fee_bps())
     assert (settlement.status, settlement.reported_by) == ("settled", "node")
-    assert settlement.tokens == 35
+    # Both the prompt and the reply are paid, exactly what the session accepted.
+    assert (settlement.input_tokens, settlement.output_tokens) == (session.input_tokens, 35)
+    assert settlement.input_tokens > 0 and split.gross == session.cost
     assert (settlement.host_amount, settlement.fee, settlement.refund) == (
         split.host,
         split.fee,
@@ -56,12 +61,43 @@ def test_close_returns_the_nodes_settlement_checked_against_the_chain(market: Ma
     assert session.close() is settlement  # closing twice is harmless
 
 
+def test_a_close_request_stops_the_reply_and_the_node_reports_the_settlement(
+    market: Market, start_node: NodeFactory
+) -> None:
+    """SESSION_CLOSING as a user meets it: the depositor asks the chain to close (from
+    another program, say); the node stops the reply in flight with finish_reason
+    "closing", the session takes no more prompts, and close() hears the node out and
+    returns its settlement of everything served."""
+    _node, slow = start_node(
+        load_backend("scripted", tokens_per_second=50), chain_poll_interval=0.05
+    )
+    client = market.client()
+    session = client.sessions.open(
+        market.world.host.address, market.model_id, usdc("2"), url=slow.ws_url
+    )
+    pieces = session.stream_sync(HELLO, max_tokens=500)
+    next(pieces)
+    market.world.contracts.marketplace.request_close(client.sender, session.id)
+    for _ in pieces:  # the node stops the reply at its next token after it sees the request
+        pass
+    reply = session.last_reply
+    assert reply is not None and reply.finish_reason == "closing"
+    assert 1 <= len(reply.token_ids) < 500
+    with pytest.raises(SessionClosed, match="settling"):
+        session.chat_sync(HELLO)
+    settlement = session.close()
+    assert (settlement.status, settlement.reported_by) == ("settled", "node")
+    assert settlement.output_tokens == session.tokens == len(reply.token_ids)
+    assert settlement.input_tokens == session.input_tokens == reply.prompt_tokens > 0
+
+
 def test_context_managers_close_the_session(market: Market) -> None:
     client = market.client()
     host, model = market.world.host.address, market.model_id
     with client.sessions.open(host, model, usdc("1")) as session:
         session.chat_sync(HELLO, max_tokens=3)
-    assert session.settlement is not None and session.settlement.tokens == 3
+    assert session.settlement is not None and session.settlement.output_tokens == 3
+    assert session.settlement.input_tokens == session.input_tokens > 0
 
     async def run() -> int:
         async with client.sessions.open(host, model, usdc("1")) as session:
@@ -99,7 +135,8 @@ def test_without_a_node_close_requests_a_close_on_chain_then_finalize_settles(
     chain.time_travel(c.marketplace.close_window() + 2)
     refund_before = c.token.balance_of(client.address)
     settled = session.finalize()
-    assert (settled.status, settled.tokens, settled.refund) == ("settled", 0, usdc("2"))
+    paid = (settled.input_tokens, settled.output_tokens)
+    assert (settled.status, paid, settled.refund) == ("settled", (0, 0), usdc("2"))
     assert c.token.balance_of(client.address) == refund_before + usdc("2")
     assert client.sessions.status(session.id).settlement_tx == settled.tx_hash
 
@@ -109,15 +146,16 @@ def test_close_reads_a_settlement_the_host_made_directly(market: Market) -> None
     c, world = market.world.contracts, market.world
     client = market.client()
     session = client.sessions.open(world.host.address, market.model_id, usdc("2"))
-    signer = Account.from_key(session.record.signer_key)
-    signature = sign(world, signer, session.id, 200, PROOF)
-    direct = c.marketplace.complete_session(world.host, session.id, 200, PROOF, "", signature)
+    signer = Account.from_key(session.record.signer_key.get_secret_value())
+    signature = sign(world, signer, session.id, 0, 200, PROOF)
+    direct = c.marketplace.complete_session(world.host, session.id, 0, 200, PROOF, "", signature)
 
     settlement = session.close()
     assert (settlement.status, settlement.reported_by) == ("settled", "chain")
     assert settlement.tx_hash == direct.tx_hash
-    assert (settlement.tokens, settlement.host_amount, settlement.fee, settlement.refund) == (
-        200,
+    paid = (settlement.input_tokens, settlement.output_tokens)
+    assert (paid, settlement.host_amount, settlement.fee, settlement.refund) == (
+        (0, 200),
         360_000,
         40_000,
         1_600_000,
@@ -142,7 +180,8 @@ def test_a_node_that_cannot_settle_at_once_is_backed_by_the_chain(
     while not (settled := session.close()).settled:
         assert time.monotonic() < deadline, "the node never settled"
         time.sleep(0.2)
-    assert settled.tokens == 20 and settled.tx_hash is not None
+    assert settled.output_tokens == 20 and settled.tx_hash is not None
+    assert settled.input_tokens == session.input_tokens > 0
 
 
 def test_without_a_record_the_depositor_requests_the_close_and_anyone_finalizes(
@@ -172,7 +211,8 @@ def test_without_a_record_the_depositor_requests_the_close_and_anyone_finalizes(
 
     chain.time_travel(c.marketplace.close_window() + 2)
     settled = host.sessions.finalize(opened.id)
-    assert (settled.status, settled.tokens, settled.refund) == ("settled", 0, usdc("1"))
+    paid = (settled.input_tokens, settled.output_tokens)
+    assert (settled.status, paid, settled.refund) == ("settled", (0, 0), usdc("1"))
     assert depositor.sessions.request_close(opened.id) == settled
     assert depositor.sessions.finalize(opened.id) == settled
 
@@ -184,16 +224,18 @@ def test_a_close_request_that_loses_the_race_to_the_nodes_settlement_reports_it(
     client = market.client()
     session = client.sessions.open(world.host.address, market.model_id, usdc("2"))
     session.detach()
-    signature = sign(world, Account.from_key(session.record.signer_key), session.id, 100, PROOF)
+    signer = Account.from_key(session.record.signer_key.get_secret_value())
+    signature = sign(world, signer, session.id, 7, 100, PROOF)
     request_close = client.contracts.marketplace.request_close
 
     def settled_first(*args: object) -> object:
-        c.marketplace.complete_session(world.host, session.id, 100, PROOF, "", signature)
+        c.marketplace.complete_session(world.host, session.id, 7, 100, PROOF, "", signature)
         return request_close(*args)  # reverts: the session is settled
 
     monkeypatch.setattr(client.contracts.marketplace, "request_close", settled_first)
     settlement = client.sessions.request_close(session.id)
-    assert (settlement.status, settlement.tokens) == ("settled", 100)
+    paid = (settlement.input_tokens, settlement.output_tokens)
+    assert (settlement.status, paid) == ("settled", (7, 100))
     assert settlement.tx_hash == c.marketplace.settlement_event(session.id).tx_hash
 
 

@@ -18,7 +18,7 @@ from eth_account.signers.local import LocalAccount
 from inferledger.chain.anvil import free_port
 from inferledger.chain.deploy import deploy
 from inferledger.chain.devchain import GAS_MONEY, dev_account
-from inferledger.chain.units import usdc
+from inferledger.chain.units import cost, price_per_token_to_mtok, usdc
 from inferledger.config import load_settings
 from inferledger.inference import load_backend
 from inferledger.node.node import create_node
@@ -100,7 +100,18 @@ def test_sdk_docs_examples_run(
     settlement = namespace["settlement"]
     reply = namespace["reply"]
     assert settlement.status == "settled" and settlement.reported_by == "node"  # type: ignore[attr-defined]
-    assert settlement.tokens == len(reply.token_ids) + 20  # type: ignore[attr-defined]
+    assert settlement.output_tokens == len(reply.token_ids) + 20  # type: ignore[attr-defined]
+    # Two prompts were paid too, at the page's input price: the cost was over both.
+    assert settlement.input_tokens > reply.prompt_tokens > 0  # type: ignore[attr-defined]
+    assert reply.input_tokens == reply.prompt_tokens  # type: ignore[attr-defined]
+    assert f"so far {reply.input_tokens} in, {len(reply.token_ids)} out" in output  # type: ignore[attr-defined]
+    paid = cost(
+        settlement.input_tokens,  # type: ignore[attr-defined]
+        settlement.output_tokens,  # type: ignore[attr-defined]
+        price_per_token_to_mtok("0.0005"),
+        price_per_token_to_mtok("0.002"),
+    )
+    assert paid == settlement.host_amount + settlement.fee  # type: ignore[attr-defined]
     assert reply.text and reply.text in output  # type: ignore[attr-defined]
     assert "refund 1." in output  # 2 USDC deposit, a few tokens used
     # Everything the page's sessions paid the host was withdrawn, and the fees too.

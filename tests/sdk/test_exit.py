@@ -13,12 +13,14 @@ import pytest
 
 from inferledger.chain.devchain import dev_account
 from inferledger.chain.units import usdc
+from inferledger.protocol.client import prompt_token_bound
 
 if TYPE_CHECKING:
     from sdk_support import Market
 
 pytest_plugins = ["sdk_support"]
 PROGRAM = Path(__file__).with_name("exit_program.py")
+HELLO = [{"role": "user", "content": "hello"}]  # what the program sends
 
 
 def test_exit_and_signals_close_open_sessions(market: Market, tmp_path: Path) -> None:
@@ -58,4 +60,6 @@ def test_exit_and_signals_close_open_sessions(market: Market, tmp_path: Path) ->
         stderr = outcomes[mode][1]
         assert f"closed session {session_id} at exit: settled" in stderr, stderr
         info = market_.get_session(session_id)
-        assert info.is_settled and info.tokens_paid == 7  # the node settled what was used
+        # The node settled what was used: the reply's 7 tokens and the prompt's.
+        assert info.is_settled and info.output_tokens_paid == 7
+        assert 0 < info.input_tokens_paid <= prompt_token_bound(HELLO)

@@ -60,12 +60,9 @@ class Lies:
     request_ids: list[int] = field(default_factory=lambda: list(TOKENS))
 
 
-async def hostile_node(lies: Lies) -> tuple[str, list[dict[str, Any]]]:
-    """Serve one login and one prompt; the outcome and what the client sent after login."""
-    answers: list[dict[str, Any]] = []
-
-    async def handler(ws: Any) -> None:
-        challenge = {
+def challenge_frame(lies: Lies) -> str:
+    return json.dumps(
+        {
             "type": "challenge",
             "protocol": 2,
             "nonce": "0x" + "11" * 32,
@@ -74,9 +71,12 @@ async def hostile_node(lies: Lies) -> tuple[str, list[dict[str, Any]]]:
             "marketplace": lies.marketplace,
             "model": "m",
         }
-        await ws.send(json.dumps(challenge))
-        await ws.recv()  # session_init
-        ready = {
+    )
+
+
+def ready_frame(lies: Lies, transcript_ids: list[int]) -> str:
+    return json.dumps(
+        {
             "type": "session_ready",
             "session_id": SESSION,
             "model": "m",
@@ -89,7 +89,7 @@ async def hostile_node(lies: Lies) -> tuple[str, list[dict[str, Any]]]:
             "receipted_output_tokens": lies.receipted[1],
             "served_input_tokens": lies.served[0],
             "served_output_tokens": lies.served[1],
-            "transcript_hash": transcript_hex(list(range(lies.receipted[1]))),
+            "transcript_hash": transcript_hex(transcript_ids),
             "replay": [
                 {"index": lies.receipted[1] + i + 1, "token_id": t, "text": "x"}
                 for i, t in enumerate(lies.replay)
@@ -97,7 +97,17 @@ async def hostile_node(lies: Lies) -> tuple[str, list[dict[str, Any]]]:
             "expires_at": 2**40,
             "settles_at": 2**40,
         }
-        await ws.send(json.dumps(ready))
+    )
+
+
+async def hostile_node(lies: Lies) -> tuple[str, list[dict[str, Any]]]:
+    """Serve one login and one prompt; the outcome and what the client sent after login."""
+    answers: list[dict[str, Any]] = []
+
+    async def handler(ws: Any) -> None:
+        await ws.send(challenge_frame(lies))
+        await ws.recv()  # session_init
+        await ws.send(ready_frame(lies, list(range(lies.receipted[1]))))
         await ws.recv()  # prompt
         start = {"type": "reply_start", "request_id": "r1", "prompt_tokens": lies.prompt_tokens}
         await ws.send(json.dumps({**start, "input_tokens": lies.prompt_tokens}))
@@ -139,7 +149,7 @@ async def hostile_node(lies: Lies) -> tuple[str, list[dict[str, Any]]]:
         port = server.sockets[0].getsockname()[1]
         url = f"ws://127.0.0.1:{port}/v1/ws"
         try:
-            client = await SessionClient.connect(url, SESSION, Account.create().key, expect=EXPECT, expect=expect(world))
+            client = await SessionClient.connect(url, SESSION, Account.create().key, expect=EXPECT)
         except SessionError as refused:
             return refused.code, answers
         try:
@@ -208,46 +218,12 @@ def test_a_resumed_session_learns_the_replayed_tail_of_an_open_reply() -> None:
     async def run() -> tuple[SessionClient, list[dict[str, Any]]]:
         answers: list[dict[str, Any]] = []
 
+        resumed = Lies(receipted=(5, 1), served=(5, 3), replay=TOKENS[1:])
+
         async def handler(ws: Any) -> None:
-            await ws.send(
-                json.dumps(
-                    {
-                        "type": "challenge",
-                        "protocol": 2,
-                        "nonce": "0x" + "22" * 32,
-                        "host": HOST,
-                        "chain_id": DOMAIN.chain_id,
-                        "marketplace": DOMAIN.marketplace,
-                        "model": "m",
-                    }
-                )
-            )
+            await ws.send(challenge_frame(resumed))
             await ws.recv()
-            await ws.send(
-                json.dumps(
-                    {
-                        "type": "session_ready",
-                        "session_id": SESSION,
-                        "model": "m",
-                        "deposit": 10**6,
-                        "input_price_per_mtok": 1,
-                        "output_price_per_mtok": 1,
-                        "proof_interval": 10,
-                        "max_unreceipted_tokens": 32,
-                        "receipted_input_tokens": 5,
-                        "receipted_output_tokens": 1,
-                        "served_input_tokens": 5,
-                        "served_output_tokens": 3,
-                        "transcript_hash": transcript_hex(TOKENS[:1]),
-                        "replay": [
-                            {"index": 2, "token_id": TOKENS[1], "text": "b"},
-                            {"index": 3, "token_id": TOKENS[2], "text": "c"},
-                        ],
-                        "expires_at": 2**40,
-                        "settles_at": 2**40,
-                    }
-                )
-            )
+            await ws.send(ready_frame(resumed, TOKENS[:1]))
             await ws.send(
                 json.dumps(
                     {

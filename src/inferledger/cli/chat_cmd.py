@@ -155,8 +155,9 @@ def _session(
             status = session.settlement.status if session.settlement else "closed"
             raise CliError(f"session {session_id} is {status}: start a new chat without --session")
         console.print(
-            f"session {session.id} resumed: {session.tokens} tokens so far, cost "
-            f"{format_usdc(session.cost)} of {format_usdc(session.deposit)} USDC",
+            f"session {session.id} resumed: {session.input_tokens} input + {session.tokens} "
+            f"output tokens so far, cost {format_usdc(session.cost)} of "
+            f"{format_usdc(session.deposit)} USDC",
             markup=False,
         )
         return session
@@ -211,7 +212,7 @@ def _pick_host(
 def _converse(
     session: Session, console: Console, inputs: list[str] | None, params: dict[str, object]
 ) -> None:
-    from inferledger.sdk import SdkError
+    from inferledger.sdk import SdkError, SessionClosed
 
     history = _history(session)
     interactive = inputs is None
@@ -237,6 +238,11 @@ def _converse(
         turn = [*history, {"role": "user", "content": text}]
         try:
             reply = _stream(session, turn, params, interactive)
+        except SessionClosed as exc:
+            if not interactive:
+                raise
+            console.print(f"error: {exc}", style="red", markup=False)
+            return  # no prompt will be taken: settle
         except SdkError as exc:
             if not interactive:
                 raise
@@ -244,6 +250,8 @@ def _converse(
             continue
         history = [*turn, {"role": "assistant", "content": reply}]
         _show_cost(session, console)
+        if session.last_reply is not None and session.last_reply.finish_reason == "closing":
+            return  # the node is settling the session: nothing more will be served
 
 
 def _stream(
@@ -271,11 +279,20 @@ def _show_cost(session: Session, console: Console) -> None:
         return
     note = ""
     if reply.finish_reason == "budget":
-        note = "; the deposit is used up: end here and chat again with a larger --deposit"
+        note = (
+            "; the deposit or the session's time is used up: end here and chat again with a "
+            "larger --deposit"
+        )
     elif reply.finish_reason == "length":
         note = "; cut at --max-tokens"
+    elif reply.finish_reason == "closing":
+        note = (
+            "; the node stopped: the session is being settled (a close request, or its "
+            "expiry is near)"
+        )
     console.print(
-        f"[{len(reply.token_ids)} tokens; session {reply.session_tokens} tokens, cost so far "
+        f"[{len(reply.token_ids)} tokens for a {reply.prompt_tokens}-token prompt; session "
+        f"{reply.input_tokens} input + {reply.session_tokens} output tokens, cost so far "
         f"{format_usdc(reply.cost)} of {format_usdc(session.deposit)} USDC{note}]",
         style="dim",
         markup=False,

@@ -30,7 +30,12 @@ from inferledger.node.node import create_node
 from inferledger.node.preflight import PreflightFailed
 from inferledger.node.server import BackgroundServer
 from inferledger.sdk import Client, Settlement
-from inferledger.sdk.verification import fetch_bundles, verify_session
+from inferledger.sdk.verification import (
+    CheckpointVerdict,
+    fetch_bundles,
+    unnamed_receipts,
+    verify_session,
+)
 
 if TYPE_CHECKING:
     from inferledger.inference.transformers_backend import TransformersBackend
@@ -51,6 +56,9 @@ class DemoResult:
 
     session_id: int
     tokens: int
+    """Output (reply) tokens paid."""
+    input_tokens: int
+    """Input (prompt) tokens paid (free on the demo host)."""
     settlement: Settlement
     host_earnings: int
     treasury: int
@@ -104,8 +112,8 @@ def run_demo(
         if not node.ready:
             raise PreflightFailed("; ".join(r.line() for r in node.preflight.failures))
         console.print(
-            f"[bold]host[/] {node.address} serves {backend.name} at $0.002/token; "
-            f"prover {node.prover.name}"
+            f"[bold]host[/] {node.address} serves {backend.name} at $0.002 per reply token, "
+            f"prompts free; prover {node.prover.name}"
         )
         with BackgroundServer(node, port=port) as server:
             client = Client(
@@ -157,8 +165,8 @@ def _session(
     refund_before = client.contracts.token.balance_of(client.address)
     session = client.sessions.open(offer, None, DEPOSIT, proof_interval=PROOF_INTERVAL)
     console.print(
-        f"[bold]session {session.id}[/]: deposited {format_usdc(DEPOSIT)} USDC, a receipt and "
-        f"a proof every {PROOF_INTERVAL} tokens\n"
+        f"[bold]session {session.id}[/]: deposited {format_usdc(DEPOSIT)} USDC; a proof every "
+        f"{PROOF_INTERVAL} tokens, receipts signed as the tokens stream\n"
     )
     console.print(f"[bold]user>[/] {question}\n[bold]SmolLM2>[/] ", end="")
     started = time.monotonic()
@@ -167,7 +175,8 @@ def _session(
         console.print(text, end="", markup=False, highlight=False)
     elapsed = time.monotonic() - started
     console.print(
-        f"\n\n{session.tokens} tokens in {elapsed:.1f}s, cost {format_usdc(session.cost)} USDC"
+        f"\n\n{session.tokens} reply tokens in {elapsed:.1f}s for a {session.input_tokens}-token "
+        f"prompt, cost {format_usdc(session.cost)} USDC"
     )
     with console.status("ending the session; the node settles on chain..."):
         settlement = session.close()
@@ -181,6 +190,12 @@ def _session(
         ):
             verdicts.append(verdict)
             progress.advance(task)
+    unnamed = unnamed_receipts(record)
+    if unnamed:
+        console.print(
+            f"{unnamed} of {len(record.receipts)} receipts were signed before the first proof "
+            "bundle and name none; each bundle the receipts name is verified once"
+        )
     checkpoints = httpx.get(f"{node_url}/v1/sessions/{session.id}", timeout=10).json()
     console.print(_checkpoint_table(checkpoints["checkpoints"], verdicts))
     host_earnings = client.host.earnings(offer.address)
@@ -188,6 +203,7 @@ def _session(
     return DemoResult(
         session_id=session.id,
         tokens=settlement.output_tokens,
+        input_tokens=settlement.input_tokens,
         settlement=settlement,
         host_earnings=host_earnings,
         treasury=client.treasury.balance(),
@@ -196,12 +212,18 @@ def _session(
     )
 
 
-def _checkpoint_table(checkpoints: list[dict[str, object]], verdicts: list[object]) -> Table:
+def _checkpoint_table(
+    checkpoints: list[dict[str, object]], verdicts: list[CheckpointVerdict]
+) -> Table:
+    """The node's checkpoints, each with the verdict on its bundle (matched by proof hash;
+    "not receipted" for a bundle no receipt names, which nobody paid for)."""
     table = Table(title="Proof generated, checkpoint stored, proof verified")
     for column in ("checkpoint", "tokens", "prover", "bytes", "ms", "state", "verified"):
         table.add_column(column)
-    for checkpoint, verdict in zip(checkpoints, verdicts, strict=True):
+    by_hash = {verdict.proof_hash: verdict for verdict in verdicts}
+    for checkpoint in checkpoints:
         start, end = checkpoint["tokens"]  # type: ignore[misc]
+        verdict = by_hash.get(str(checkpoint["proof_hash"]))
         table.add_row(
             str(checkpoint["index"]),
             f"{start}-{end}",
@@ -209,7 +231,7 @@ def _checkpoint_table(checkpoints: list[dict[str, object]], verdicts: list[objec
             str(checkpoint["proof_bytes"]),
             str(checkpoint["proof_ms"]),
             str(checkpoint["status"]),
-            f"{verdict.status}",  # type: ignore[attr-defined]
+            "not receipted" if verdict is None else verdict.status,
         )
     return table
 
@@ -217,7 +239,7 @@ def _checkpoint_table(checkpoints: list[dict[str, object]], verdicts: list[objec
 def _print_table(console: Console, result: DemoResult, host: str) -> None:
     settlement = result.settlement
     table = Table(
-        title=f"Seed verification: {result.tokens} tokens at $0.002/token, 2 USDC deposit"
+        title=f"Seed verification: {result.tokens} output tokens at $0.002/token, 2 USDC deposit"
     )
     table.add_column("step")
     table.add_column("result")

@@ -73,8 +73,9 @@ def _print_sessions(state: NodeState) -> int:
         name = settlement.status if settlement else "no settlement yet"
         counts[name] = counts.get(name, 0) + 1
         line = (
-            f"session {record.session_id}: {record.status}; {record.tokens_receipted} tokens "
-            f"receipted of {record.tokens_generated} sent; {len(checkpoints)} checkpoints"
+            f"session {record.session_id}: {record.status}; {record.input_receipted} input + "
+            f"{record.tokens_receipted} output tokens receipted of {record.input_served} + "
+            f"{record.tokens_generated} served; {len(checkpoints)} checkpoints"
             + (f" ({unproven} unproven)" if unproven else "")
         )
         if settlement is None:
@@ -83,7 +84,8 @@ def _print_sessions(state: NodeState) -> int:
         line += f"; settlement {settlement.status} ({settlement.reason})"
         if settlement.status == "settled":
             line += (
-                f": host {format_usdc(settlement.host_amount or 0)}, "
+                f": {settlement.input_tokens or 0} input + {settlement.tokens or 0} output "
+                f"tokens paid, host {format_usdc(settlement.host_amount or 0)}, "
                 f"fee {format_usdc(settlement.fee or 0)}, "
                 f"refund {format_usdc(settlement.refund or 0)} USDC; tx {settlement.tx_hash or '-'}"
             )

@@ -52,18 +52,23 @@ def list_sessions(rpc: RpcOption = None, deployment: DeploymentOption = None) ->
                 f"{client.contracts.marketplace.address}; open one with `inferledger chat`"
             )
             return
-        table = Table("id", "state", "received", "paid", "deposit", "host", "opened (UTC)")
+        table = Table("id", "state")
+        # Input/output tokens: accepted by this client (billed or not yet), paid on chain.
+        table.add_column("tokens in/out", no_wrap=True)
+        table.add_column("paid in/out", no_wrap=True)
+        for column in ("deposit", "host", "opened (UTC)"):
+            table.add_column(column)
         for record in records:
             try:
                 status = client.sessions.status(record.session_id)
-                paid = f"{status.input_tokens_paid} in / {status.output_tokens_paid} out"
+                paid = f"{status.input_tokens_paid}/{status.output_tokens_paid}"
                 state = status.state
             except Exception:
                 state, paid = "unknown", "?"
             table.add_row(
                 str(record.session_id),
                 state,
-                str(record.tokens),
+                f"{record.input_tokens}/{record.tokens}",
                 paid,
                 format_usdc(record.deposit),
                 f"{record.host[:6]}...{record.host[-4:]}",
@@ -161,13 +166,18 @@ def print_status(console: Console, client: Client, session_id: int) -> None:
 
 
 def print_record(console: Console, client: Client, record: SessionRecord) -> None:
-    receipts = sorted({r.tokens for r in record.receipts})
+    from inferledger.chain.units import format_usdc
+
+    signed = record.signed_counts()
     path = client.sessions.store.path_of(record)
     lines = [
         f"local record {path}",
         f"  node        {record.node_url}",
-        f"  replies     {len(record.replies)}, {record.tokens} tokens received",
-        f"  receipts    {len(receipts)} signed, last at {receipts[-1] if receipts else 0} tokens",
+        f"  replies     {len(record.replies)}: {record.input_tokens} input tokens billed, "
+        f"{record.tokens} output tokens received",
+        f"  cost        {format_usdc(_record_cost(record))} USDC at the session's prices",
+        f"  receipts    {len(record.receipts)} signed, the last for {signed[0]} input + "
+        f"{signed[1]} output tokens",
     ]
     if record.settlement:
         lines.append(
@@ -200,6 +210,17 @@ def print_settlement(console: Console, settlement: Settlement) -> None:
         f"  after {after}: `inferledger session finalize {settlement.session_id}`"
         + (f"\n  tx {settlement.tx_hash}" if settlement.tx_hash else ""),
         markup=False,
+    )
+
+
+def _record_cost(record: SessionRecord) -> int:
+    from inferledger.chain.units import cost
+
+    return cost(
+        record.input_tokens,
+        record.tokens,
+        record.input_price_per_mtok,
+        record.output_price_per_mtok,
     )
 
 

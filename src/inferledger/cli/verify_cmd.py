@@ -61,27 +61,36 @@ def verify(
 ) -> None:
     """Check every checkpoint of a session you took part in: pass, fail or unproven.
 
-    Fetches each receipted checkpoint's proof bundle from the host's node, checks that it
-    hashes to the proof_hash you signed, is signed by the host and matches the
-    transcript you kept, then re-runs the prefill and compares the activations. Exits 1
-    if any checkpoint fails. Needs the session's local record (only the client that
-    opened the session keeps the transcript); the chain is not needed.
+    Fetches each proof bundle your receipts name (once, however many receipts name it)
+    from the host's node, checks that it hashes to the proof_hash you signed, is signed
+    by the host, sits where your receipts put it and matches the transcript you kept,
+    then re-runs the prefill and compares the activations. Receipts signed before the
+    session's first bundle name none (32 zero bytes): nothing to fetch, not a failure.
+    Exits 1 if any checkpoint fails. Needs the session's local record (only the client
+    that opened the session keeps the transcript); the chain is not needed.
     """
-    from inferledger.sdk.verification import checkpoints
+    from inferledger.sdk.verification import checkpoints, unnamed_receipts
 
     with one_line_errors():
         record = _find_record(session_id, record_file, deployment)
         points = checkpoints(record)
+        unnamed = unnamed_receipts(record)
         console = err()
         if not points:
             console.print(
-                f"session {session_id} has no receipted checkpoints yet: nothing to verify",
+                f"session {session_id}: "
+                + (
+                    f"its {unnamed} receipts name no proof bundle yet (signed before the "
+                    "session's first one): nothing to verify"
+                    if unnamed
+                    else "no receipts yet: nothing to verify"
+                ),
                 markup=False,
             )
             return
         fetched = _fetch_all(points, timeout, console)
         verdicts = _check_all(record, fetched, backend.value, console)
-    _print(out(), session_id, verdicts)
+    _print(out(), session_id, verdicts, unnamed, len(record.receipts))
     if any(verdict.status == "fail" for verdict in verdicts):
         raise typer.Exit(1)
 
@@ -186,7 +195,7 @@ def _progress(console: Console) -> Progress:
 def _fetch_all(
     points: list[Checkpoint], timeout: float, console: Console
 ) -> list[tuple[Checkpoint, ProofBundle | BundleUnavailable]]:
-    """Each checkpoint with its bundle, or why it could not be had."""
+    """Each checkpoint (a distinct named bundle) with its bundle, or why it could not be had."""
     import httpx
 
     from inferledger.sdk.verification import BundleUnavailable, fetch_bundle
@@ -213,7 +222,8 @@ def _check_all(
     (its tokenizer rebuilds the prompts, its prefill re-runs the activations)."""
     from inferledger.sdk.verification import (
         BundleUnavailable,
-        CheckpointVerdict,
+        missing_bundle,
+        next_after,
         transcripts,
         verify_checkpoint,
     )
@@ -225,30 +235,32 @@ def _check_all(
         _warn_on_other_model(model, record, console)
         replies = transcripts(record, model.tokenize_chat)
     verdicts = []
+    after = 0  # where the previous bundle ends: the next starts no earlier
     with _progress(console) as progress:
         task = progress.add_task("re-running the prefill", total=len(fetched))
         for point, item in fetched:
             if isinstance(item, BundleUnavailable):
-                verdict = CheckpointVerdict(
-                    point.index,
-                    point.token_start,
-                    point.token_end,
-                    point.proof_hash_hex,
-                    "fail",
-                    item.problem,
-                )
+                verdict = missing_bundle(point, item.problem)
+                after = next_after(after, point, None)
             else:
                 assert model is not None
                 progress.update(task, description=f"checkpoint {point.index}: re-running prefill")
                 verdict = verify_checkpoint(
-                    record, point, item, model.prefill_hidden_states, replies
+                    record, point, item, model.prefill_hidden_states, replies, after=after
                 )
+                after = next_after(after, point, item)
             verdicts.append(verdict)
             progress.advance(task)
     return verdicts
 
 
-def _print(console: Console, session_id: int, verdicts: list[CheckpointVerdict]) -> None:
+def _print(
+    console: Console,
+    session_id: int,
+    verdicts: list[CheckpointVerdict],
+    unnamed: int = 0,
+    receipts: int = 0,
+) -> None:
     from rich.markup import escape
     from rich.table import Table
 
@@ -258,7 +270,7 @@ def _print(console: Console, session_id: int, verdicts: list[CheckpointVerdict])
     for verdict in verdicts:
         table.add_row(
             str(verdict.checkpoint),
-            f"{verdict.token_start}-{verdict.token_end}",
+            verdict.tokens,
             verdict.prover or "-",
             f"[{STYLES[verdict.status]}]{verdict.status}[/]",
             escape(verdict.reason),
@@ -269,3 +281,10 @@ def _print(console: Console, session_id: int, verdicts: list[CheckpointVerdict])
         f"{counts['pass']} pass, {counts['fail']} fail, {counts['unproven']} unproven",
         markup=False,
     )
+    if unnamed:
+        console.print(
+            f"{unnamed} of {receipts} receipts name no proof bundle (signed before the "
+            "session's first bundle, which covers their tokens): nothing to fetch for them, "
+            "and no failure",
+            markup=False,
+        )

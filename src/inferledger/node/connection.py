@@ -166,6 +166,8 @@ class Connection:
                 await self.send_error(error)
                 if error.fatal:
                     return
+            except WebSocketDisconnect:
+                return  # the client left while we answered it (a receipt's ack, say)
             except Exception:
                 log.exception("internal error while handling a frame")
                 await self.send_error(ProtocolError(ErrorCode.INTERNAL, "internal node error"))
@@ -370,7 +372,14 @@ class Connection:
         )
         if not meter.settled_up:
             # Resumed owing a receipt: nothing more is served until it is signed.
-            await self._ask_receipt(self.last_bundle)
+            asked = meter.pending[-1] if meter.pending else None
+            if asked is not None and asked.counts == meter.served:
+                # Asked on a connection that left before signing: ask again, the same way
+                # (``_ask_receipt`` would skip it as already asked).
+                self.sent_at[asked.counts] = time.monotonic()
+                await self._send_request(asked)
+            else:
+                await self._ask_receipt(self.last_bundle)
 
     def _check_session(self, session_id: int, info: SessionInfo, chain_now: int) -> None:
         node = self.node
@@ -423,6 +432,8 @@ class Connection:
                     await self.ws.close()
         except asyncio.CancelledError:
             raise
+        except WebSocketDisconnect:
+            pass  # the client left mid-reply; the reader sees it and cleans up
         except Exception:
             log.exception("generation failed")
             await self.send_error(ProtocolError(ErrorCode.INTERNAL, "generation failed"))
@@ -538,7 +549,9 @@ class Connection:
                     if stopped is not None:
                         reason = stopped
                         break
-                    await self._send_token(prompt.request_id, event)
+                    # The reply's last token is receipted with its bundle, not before it.
+                    last = count + 1 >= params.max_tokens
+                    await self._send_token(prompt.request_id, event, last=last)
                     count += 1
                     if count == 1:
                         node.metrics.time_to_first_token.observe(time.monotonic() - received)
@@ -558,9 +571,11 @@ class Connection:
     def _stop_reason(self) -> str | None:
         """Why the next token may not be sent: closing, budget, or None to send it."""
         assert self.meter is not None
+        if time.time() >= self.settles_at:
+            self.stop_for_settlement("expiry")  # the session's time is up: settle it now
         if self.meter.phase is not Phase.STREAMING:
             return "closing"
-        if self.meter.output_left() == 0 or time.time() >= self.settles_at:
+        if self.meter.output_left() == 0:
             return "budget"
         return None
 
@@ -594,7 +609,7 @@ class Connection:
             if not stop.is_set():
                 put(_END)
 
-    async def _send_token(self, request_id: str, token: Token) -> None:
+    async def _send_token(self, request_id: str, token: Token, *, last: bool = False) -> None:
         assert self.info is not None and self.transcript is not None and self.trace is not None
         assert self.meter is not None
         index = self.meter.token_sent(token.token_id, token.text)
@@ -607,7 +622,7 @@ class Connection:
         if index % self.info.proof_interval == 0:
             self.checkpoint_due = True
         await self._checkpoint_when_ready()
-        if not self.checkpoint_due and self.meter.receipt_due(self.receipt_every):
+        if not last and not self.checkpoint_due and self.meter.receipt_due(self.receipt_every):
             await self._ask_receipt(self.last_bundle)
 
     async def _wait_for_window(self) -> None:
@@ -684,6 +699,11 @@ class Connection:
         )
         meter.request(request)
         self.sent_at[request.counts] = time.monotonic()
+        await self._send_request(request)
+
+    async def _send_request(self, request: ReceiptRequest) -> None:
+        assert self.info is not None
+        proof_hash = request.proof_hash
         await self.send(
             ReceiptRequestFrame(
                 session_id=self.info.session_id,

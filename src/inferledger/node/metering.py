@@ -73,6 +73,11 @@ class Terms:
     input_price_per_mtok: int
     output_price_per_mtok: int
 
+    def __post_init__(self) -> None:
+        # The contract refuses a served model with a zero output price, so no session has one.
+        if self.output_price_per_mtok <= 0 or self.input_price_per_mtok < 0 or self.deposit < 0:
+            raise ValueError(f"session terms out of range: {self}")
+
     def cost(self, counts: Counts) -> int:
         """What ``counts`` cost, rounded down once, exactly as JobMarketplace charges."""
         return cost(

@@ -1,7 +1,7 @@
 """The node's outbox: checkpoints, settlements and transactions, durable in its SQLite state.
 
-Everything the node owes the chain is written here before it is sent (DESIGN.md R3), so a
-crash or a restart loses nothing: the settlement worker reads this table, not memory.
+Everything the node owes the chain is written here before it is sent (docs/architecture.md,
+R3), so a crash or a restart loses nothing: the settlement worker reads this table, not memory.
 
 Checkpoint states: ``proved`` (bundle stored, receipt requested) -> ``receipted`` (the user
 signed it) -> ``queued`` (to submit on chain, by policy) -> ``submitted`` -> ``confirmed``;

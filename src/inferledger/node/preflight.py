@@ -1,9 +1,10 @@
 """Startup checks: everything a paid session needs, checked before the node accepts one.
 
 The seed incident was a node that served happily and failed only at its first checkpoint,
-so nobody noticed until money was stuck (DESIGN.md R2). Each check here ends in one line that
-names what is broken, the setting that controls it and the fix. A check never raises: an
-unexpected error becomes a failed line, and checks that need a failed one are skipped.
+so nobody noticed until money was stuck (docs/architecture.md, R2). Each check here ends in
+one line that names what is broken, the setting that controls it and the fix. A check never
+raises: an unexpected error becomes a failed line, and checks that need a failed one are
+skipped.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ the worker's own schedule is the fallback if it does not within the receipt time
 RPC errors, timeouts, nonce conflicts and underpriced gas are retried with exponential backoff
 up to ``settlement_retry_cap``. A receipt the contract keeps refusing is dropped for the last
 one already on chain, and after the deadline the worker calls ``finalize``: a deposit never
-stays locked because of the host (DESIGN.md R1).
+stays locked because of the host (docs/architecture.md, R1).
 """
 
 from __future__ import annotations

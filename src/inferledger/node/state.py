@@ -148,6 +148,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE sessions ADD COLUMN input_receipted INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE sessions ADD COLUMN served_tail TEXT NOT NULL DEFAULT '[]'",
         "ALTER TABLE sessions ADD COLUMN abandoned INTEGER NOT NULL DEFAULT 0",
+        # Before v4 tokens after the last receipt were neither billed nor kept: none to replay.
+        "UPDATE sessions SET tokens_generated = tokens_receipted",
         """
         CREATE TABLE receipts_v4 (
             session_id INTEGER NOT NULL REFERENCES sessions (session_id),
@@ -362,16 +364,23 @@ class NodeState:
         self, session_id: int, served: Counts, tail: Sequence[SentToken], abandoned: int
     ) -> None:
         """Durably note what was served and the unreceipted tail, before a receipt for it is
-        asked: a restarted or resumed session continues from here, never from less."""
-        encoded = json.dumps([[t.index, t.token_id, t.text] for t in tail])
+        asked: a restarted or resumed session continues from here, never from less.
+
+        Tokens of ``tail`` that a stored receipt already covers are dropped: the caller's
+        tail may have been taken while that receipt was being stored, and a resumed client
+        is replayed exactly the tokens after the last receipt."""
         with self.transaction() as db:
-            cursor = db.execute(
+            row = db.execute(
+                "SELECT tokens_receipted FROM sessions WHERE session_id = ?", (session_id,)
+            ).fetchone()
+            if row is None:
+                raise UnknownSession(session_id)
+            encoded = json.dumps([[t.index, t.token_id, t.text] for t in tail if t.index > row[0]])
+            db.execute(
                 "UPDATE sessions SET input_served = ?, tokens_generated = ?, served_tail = ?, "
                 "abandoned = ?, updated_at = ? WHERE session_id = ?",
                 (served.input, served.output, encoded, abandoned, time.time(), session_id),
             )
-            if cursor.rowcount == 0:
-                raise UnknownSession(session_id)
 
     def set_status(self, session_id: int, status: SessionStatus) -> None:
         _check_status(status)

@@ -7,8 +7,8 @@
 - ``external``: runs a configured executable (e.g. a zkVM host program), contract below.
 - ``mock``: dev chains only; says on every checkpoint that it proves nothing.
 
-Payment never waits on a proof (DESIGN R4): :func:`prove_checkpoint` falls back to an unproven
-commitment whenever the configured prover fails, and says why.
+Payment never waits on a proof (docs/architecture.md, R4): :func:`prove_checkpoint` falls back
+to an unproven commitment whenever the configured prover fails, and says why.
 
 External prover contract (protocol ``inferledger-prover/1``). The node runs the executable
 with no arguments, writes ONE JSON object to its stdin, closes it, and reads ONE JSON object
@@ -167,7 +167,7 @@ class CommitmentProver:
 
 
 class MockProver:
-    """Dev chains only (DESIGN R5): a bundle labelled ``mock`` that proves nothing."""
+    """Dev chains only (docs/architecture.md, R5): a ``mock`` bundle that proves nothing."""
 
     name = "mock"
     needs_hidden_states = False

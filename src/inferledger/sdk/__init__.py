@@ -27,6 +27,7 @@ from inferledger.sdk.models import HostOffer, SessionStatus, Settlement, Withdra
 from inferledger.sdk.networks import NETWORKS, Network
 from inferledger.sdk.records import SessionRecord
 from inferledger.sdk.session import Session
+from inferledger.sdk.sessions import ShortSessionWarning
 from inferledger.sdk.wire import Reply, SessionError
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "SessionRecord",
     "SessionStatus",
     "Settlement",
+    "ShortSessionWarning",
     "Withdrawal",
     "format_usdc",
     "price_per_token_to_mtok",

@@ -50,6 +50,9 @@ SETTLE_TIMEOUT = 60.0  # seconds to wait for the node's `settled` frame
 CONNECT_TIMEOUT = 10.0
 BUSY_RETRY_SECONDS = 3.0  # a dropped connection may still look live to the node briefly
 _DONE = object()
+# What the SDK says when it refuses a node's claim (inferledger.sdk.wire): the connection
+# is dropped, so nothing the node said on it is trusted further.
+REFUSALS = frozenset({"RECEIPT_REFUSED", "TRANSCRIPT_MISMATCH", "PROTOCOL"})
 
 
 class Session:
@@ -75,6 +78,8 @@ class Session:
         self._closing = False
         self._node_closing = False  # the node stopped the session (close request, expiry)
         self._resumed_base: tuple[list[int], str] | None = None
+        # The reply awaiting its reply_start, with the input count before its prompt.
+        self._unbilled_prompt: tuple[ReplyRecord, int] | None = None
         self.last_reply: Reply | None = None
         self.connections = 0
         self.settlement: Settlement | None = (
@@ -85,7 +90,10 @@ class Session:
 
     def __repr__(self) -> str:
         state = self.settlement.status if self.settlement else "open"
-        return f"<Session {self.id} {state} tokens={self.tokens} host={self.host}>"
+        return (
+            f"<Session {self.id} {state} input_tokens={self.input_tokens} tokens={self.tokens} "
+            f"host={self.host}>"
+        )
 
     # Facts -------------------------------------------------------------------------
 
@@ -243,9 +251,9 @@ class Session:
             frame, reason = None, ""
             if info.is_settled:
                 reason = "settled on chain already"
-            elif info.close_requested_at:
+            elif info.close_requested_at and not self._node_closing:
                 reason = "close was requested already"
-            else:
+            else:  # (a node that stopped the session on a close request reports it)
                 frame, reason = self._portal.run(self._end_on_node(timeout))
             return self._conclude(frame, reason)
         finally:
@@ -307,7 +315,16 @@ class Session:
                         f"session {self.id} is {self.settlement.status if self.settlement else ''}"
                         "; open a new one"
                     )
-                return await self._stream_reply(messages, params, push)
+                try:
+                    return await self._stream_reply(messages, params, push)
+                except SessionError as exc:
+                    if exc.code not in ("SESSION_CLOSING", "SESSION_CLOSED"):
+                        raise
+                    self._node_closing = True  # no prompt will be taken again
+                    raise SessionClosed(
+                        f"{exc.code}: the node is settling session {self.id} or has settled "
+                        f"it ({exc.message}); close() reports the settlement"
+                    ) from exc
         finally:
             if push is not None:
                 push(_DONE)
@@ -324,6 +341,7 @@ class Session:
             first_token=wire.received,
         )
         self.record.replies.append(entry)
+        self._unbilled_prompt = (entry, wire.input_tokens)
         try:
             async for token in wire.stream(messages, request_id=entry.request_id, **params):
                 if push is not None:
@@ -342,12 +360,12 @@ class Session:
                 f"connection to {self.url} lost after {len(entry.token_ids)} tokens of this "
                 "reply; the next call reconnects and resumes from the node's last receipt"
             ) from exc
-        except SessionError:
+        except SessionError as exc:
             self._sync_last_reply()
-            if not entry.token_ids:
-                self.record.replies.remove(entry)
-            if not wire.is_open:
-                await self._drop()
+            if not entry.token_ids and entry.prompt_tokens is None:
+                self.record.replies.remove(entry)  # refused before anything was billed
+            if not wire.is_open or exc.code in REFUSALS:
+                await self._drop()  # the node broke the protocol: start afresh next time
             self._save()
             raise
         self._sync_last_reply()
@@ -425,6 +443,7 @@ class Session:
         return wire
 
     async def _drop(self) -> None:
+        self._unbilled_prompt = None
         wire, self._wire = self._wire, None
         if wire is not None:
             with contextlib.suppress(Exception):
@@ -449,10 +468,17 @@ class Session:
 
     def _sync_last_reply(self) -> None:
         """Copy the tokens of the reply on this connection from the wire into the record
-        (the wire also counts tokens that arrive after ``end`` stopped a reply)."""
+        (the wire also counts tokens that arrive after ``end`` stopped a reply), and the
+        input tokens accepted: the prompt's count once its ``reply_start`` arrived."""
         wire = self._wire
         if wire is None or not self.record.replies:
             return
+        self.record.input_tokens = wire.input_tokens
+        pending = self._unbilled_prompt
+        if pending is not None and wire.prompt_bound == 0:  # its reply_start was accepted
+            entry, before = pending
+            entry.prompt_tokens = wire.input_tokens - before
+            self._unbilled_prompt = None
         last = self.record.replies[-1]
         offset = last.first_token - wire.start_tokens
         if offset < 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 from eth_account import Account
@@ -20,6 +21,41 @@ if TYPE_CHECKING:
 
 DEFAULT_DURATION = 86400  # one day
 DEFAULT_PROOF_INTERVAL = 100  # tokens; the node asks a final receipt for the tail too
+MIN_DURATION = 60  # seconds: JobMarketplace's MIN_DURATION
+MAX_DURATION = 30 * 86400  # seconds: JobMarketplace's MAX_DURATION
+SHORT_DURATION = 300  # below this, the tenth a node keeps for settling is felt: warn
+
+
+class ShortSessionWarning(UserWarning):
+    """A session so short that the time the node keeps for settling it matters."""
+
+
+def check_duration(max_duration: int) -> None:
+    """Refuse a duration the contract rejects; warn about one that is barely usable.
+
+    A node stops serving a session ``min(settle_before_expiry, duration / 10)`` seconds
+    before it expires (docs/protocol.md, "Billing"), so a tenth of a short session goes to
+    settling it.
+    """
+    if max_duration < MIN_DURATION:
+        raise SdkError(
+            f"max_duration {max_duration}s is below the marketplace's minimum of "
+            f"{MIN_DURATION}s: pass max_duration={SHORT_DURATION} or more"
+        )
+    if max_duration > MAX_DURATION:
+        raise SdkError(
+            f"max_duration {max_duration}s is above the marketplace's maximum of "
+            f"{MAX_DURATION}s (30 days)"
+        )
+    if max_duration < SHORT_DURATION:
+        lead = max_duration // 10
+        warnings.warn(
+            f"a {max_duration}s session stops taking prompts {lead}s before it expires (the "
+            f"node settles a tenth of a session early), so it is usable for "
+            f"{max_duration - lead}s; pass max_duration={SHORT_DURATION} or more",
+            ShortSessionWarning,
+            stacklevel=3,
+        )
 
 
 def _or_default(value: int | None, default: int) -> int:
@@ -52,7 +88,12 @@ class Sessions:
         the host's, never above these); ``url`` defaults to the node URL the host
         registered. The local record (signer key, transcript, receipts) is saved before
         this returns.
+
+        ``max_duration`` (seconds) must be at least the contract's 60; below 300 a
+        :class:`ShortSessionWarning` says how much of it is usable, since a node stops a
+        session a tenth of its duration before it expires, to settle it.
         """
+        check_duration(max_duration)
         client = self._client
         c = client.contracts
         if isinstance(host, HostOffer):

@@ -1,11 +1,18 @@
 """Re-check a finished (or running) session's checkpoints from the user's side.
 
-Each receipt the session signer signed commits to a ``proof_hash``, the keccak256 of the
-checkpoint's proof bundle, which the host serves at ``{node}/v1/proofs/0x<proof_hash>``.
-:func:`fetch_bundles` downloads the bundles and checks each against its receipt;
-:func:`verify_session` rebuilds each reply's transcript from the local record (prompt ids =
-``tokenize(messages)``, the reply's token ids, its first session token) and checks every
-bundle with :func:`inferledger.proofs.verify.verify_bundle`, re-running the prefill.
+Each receipt the session signer signed commits to a ``proof_hash``: the keccak256 of the
+newest proof bundle when the node asked for the receipt, which the host serves at
+``{node}/v1/proofs/0x<proof_hash>``, or 32 zero bytes for a receipt signed before the
+session's first bundle (docs/protocol.md, "What a receipt signs"). Several receipts may
+name one bundle (the node asks for receipts between bundles), so a *checkpoint* here is
+one distinct bundle the receipts name, checked once; receipts naming no bundle have
+nothing to fetch and are no failure (:func:`unnamed_receipts` counts them).
+
+:func:`fetch_bundles` downloads the bundles and checks each hashes to its receipts'
+proof hash; :func:`verify_session` rebuilds each reply's transcript from the local record
+(prompt ids = ``tokenize(messages)``, the reply's token ids, its first session token),
+checks that each bundle sits where the receipts put it, and checks every bundle with
+:func:`inferledger.proofs.verify.verify_bundle`, re-running the prefill.
 
 ```python
 from inferledger.sdk.verification import fetch_bundles, verify_session
@@ -55,15 +62,21 @@ class BundleUnavailable(SdkError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One receipted checkpoint of a session: session tokens ``[token_start, token_end)``."""
+    """One proof bundle the session's receipts name (each distinct bundle once).
+
+    The receipts bound where it ends: no earlier than ``ends_from``, the output tokens of
+    the receipts signed before any named it (the node had served that many when it built
+    the bundle), and no later than ``ends_by``, the output tokens of the first receipt
+    naming it (a bundle only covers tokens served before the receipt was asked for).
+    """
 
     index: int
-    """1-based, in token order (the bundle's ``checkpoint_index``)."""
-    token_start: int
-    token_end: int
+    """1-based, in the order the receipts first name the bundles."""
     proof_hash: bytes
     url: str
     """Where the host serves the bundle."""
+    ends_from: int
+    ends_by: int
 
     @property
     def proof_hash_hex(self) -> str:
@@ -76,11 +89,13 @@ class CheckpointVerdict:
 
     ``status``: ``pass`` (every check and the prefill agree), ``fail`` (something does
     not match, or the bundle is missing) or ``unproven`` (everything checkable passed but
-    the bundle carries no model proof to re-run, e.g. a commitment).
+    the bundle carries no model proof to re-run, e.g. a commitment). ``token_start`` and
+    ``token_end`` are the session output tokens the bundle covers; ``token_start`` is None
+    when there is no bundle to say (``token_end`` is then the receipts' ``ends_by``).
     """
 
     checkpoint: int
-    token_start: int
+    token_start: int | None
     token_end: int
     proof_hash: str
     status: VerdictStatus
@@ -91,21 +106,42 @@ class CheckpointVerdict:
     def ok(self) -> bool:
         return self.status == "pass"
 
+    @property
+    def tokens(self) -> str:
+        """The range for display, e.g. ``0-100`` (``?-100`` without a bundle)."""
+        start = "?" if self.token_start is None else str(self.token_start)
+        return f"{start}-{self.token_end}"
+
+
+def _in_order(record: SessionRecord) -> list[ReceiptRecord]:
+    """The record's receipts by their counts, keeping signing order for equal counts."""
+    return sorted(record.receipts, key=lambda r: (r.tokens, r.input_tokens))
+
+
+def _names_a_bundle(receipt: ReceiptRecord) -> bool:
+    return any(_hash_bytes(receipt.proof_hash))
+
 
 def checkpoints(record: SessionRecord) -> list[Checkpoint]:
-    """The record's receipted checkpoints in token order (a receipt signed twice for the
-    same count, e.g. after a reconnect, counts once: the last signature wins)."""
-    latest: dict[int, ReceiptRecord] = {}
-    for receipt in record.receipts:
-        latest[receipt.tokens] = receipt
-    result = []
-    start = 0
-    for index, tokens in enumerate(sorted(latest), start=1):
-        receipt = latest[tokens]
+    """The distinct proof bundles the record's receipts name, in the order they are first
+    named; receipts naming the zero hash (before the session's first bundle) add none."""
+    result: list[Checkpoint] = []
+    seen: set[bytes] = set()
+    receipted = 0  # output tokens of the receipts so far
+    for receipt in _in_order(record):
         proof_hash = _hash_bytes(receipt.proof_hash)
-        result.append(Checkpoint(index, start, tokens, proof_hash, bundle_url(record, receipt)))
-        start = tokens
+        if _names_a_bundle(receipt) and proof_hash not in seen:
+            seen.add(proof_hash)
+            url = bundle_url(record, receipt)
+            result.append(Checkpoint(len(result) + 1, proof_hash, url, receipted, receipt.tokens))
+        receipted = max(receipted, receipt.tokens)
     return result
+
+
+def unnamed_receipts(record: SessionRecord) -> int:
+    """How many receipts name no bundle (signed before the session's first one): they
+    have nothing to verify, and the bundles built later cover their tokens."""
+    return sum(not _names_a_bundle(receipt) for receipt in record.receipts)
 
 
 def bundle_url(record: SessionRecord, receipt: ReceiptRecord) -> str:
@@ -154,9 +190,10 @@ def fetch_bundle(
 
 
 def fetch_bundles(record: SessionRecord, *, timeout: float = FETCH_TIMEOUT) -> list[ProofBundle]:
-    """Every checkpoint's bundle, in order; raises :class:`BundleUnavailable` on the first
-    that cannot be fetched or does not hash to its receipt (use :func:`fetch_bundle` per
-    checkpoint to carry on past failures)."""
+    """Every named bundle once, in checkpoint order (none for receipts naming the zero
+    hash); raises :class:`BundleUnavailable` on the first that cannot be fetched or does
+    not hash to its receipts (use :func:`fetch_bundle` per checkpoint to carry on past
+    failures)."""
     with httpx.Client() as http:
         return [fetch_bundle(cp, timeout=timeout, http=http) for cp in checkpoints(record)]
 
@@ -180,21 +217,27 @@ def verify_checkpoint(
     bundle: ProofBundle,
     prefill: Prefill | None,
     replies: Sequence[ReplyTranscript],
+    *,
+    after: int = 0,
 ) -> CheckpointVerdict:
-    """Check one bundle against its receipt, the session and the kept ``replies``."""
+    """Check one bundle against its receipts, the session and the kept ``replies``.
+
+    ``after``: where the previous checkpoint's bundle ends (0 for the first): bundles are
+    built in token order, so this one starts no earlier.
+    """
 
     def verdict(status: VerdictStatus, reason: str) -> CheckpointVerdict:
         return CheckpointVerdict(
             checkpoint.index,
-            checkpoint.token_start,
-            checkpoint.token_end,
+            bundle.token_start,
+            bundle.token_end,
             checkpoint.proof_hash_hex,
             status,
             reason,
             bundle.prover,
         )
 
-    problem = _session_mismatch(record, checkpoint, bundle)
+    problem = _session_mismatch(record, checkpoint, bundle, after)
     if problem:
         return verdict("fail", problem)
     try:
@@ -210,13 +253,27 @@ def verify_checkpoint(
     return verdict(result.status, result.reason)
 
 
+def missing_bundle(checkpoint: Checkpoint, reason: str) -> CheckpointVerdict:
+    """The verdict on a checkpoint whose bundle could not be had: a failure."""
+    return CheckpointVerdict(
+        checkpoint.index, None, checkpoint.ends_by, checkpoint.proof_hash_hex, "fail", reason
+    )
+
+
+def next_after(after: int, checkpoint: Checkpoint, bundle: ProofBundle | None) -> int:
+    """Where the next bundle may start: this bundle's end, or without it the least the
+    receipts allow."""
+    return max(after, bundle.token_end if bundle is not None else checkpoint.ends_from)
+
+
 def verify_session(
     record: SessionRecord,
     bundles: Sequence[ProofBundle],
     prefill: Prefill | None,
     tokenize: Tokenize,
 ) -> Iterator[CheckpointVerdict]:
-    """Yield one verdict per receipted checkpoint, in order, as each is checked.
+    """Yield one verdict per checkpoint (each named bundle once), in order, as each is
+    checked; receipts naming no bundle are skipped (see :func:`unnamed_receipts`).
 
     ``bundles`` are matched to the receipts by proof hash (as :func:`fetch_bundles`
     returns them, or any subset); a checkpoint without its bundle fails. ``prefill`` runs
@@ -225,35 +282,37 @@ def verify_session(
     """
     by_hash = {bundle.proof_hash(): bundle for bundle in bundles}
     replies = transcripts(record, tokenize)
+    after = 0
     for checkpoint in checkpoints(record):
         bundle = by_hash.get(checkpoint.proof_hash)
         if bundle is None:
-            yield CheckpointVerdict(
-                checkpoint.index,
-                checkpoint.token_start,
-                checkpoint.token_end,
-                checkpoint.proof_hash_hex,
-                "fail",
-                "no proof bundle for this receipt",
-            )
-            continue
-        yield verify_checkpoint(record, checkpoint, bundle, prefill, replies)
+            yield missing_bundle(checkpoint, "no proof bundle for this receipt")
+        else:
+            yield verify_checkpoint(record, checkpoint, bundle, prefill, replies, after=after)
+        after = next_after(after, checkpoint, bundle)
 
 
 def _session_mismatch(
-    record: SessionRecord, checkpoint: Checkpoint, bundle: ProofBundle
+    record: SessionRecord, checkpoint: Checkpoint, bundle: ProofBundle, after: int
 ) -> str | None:
-    """The bundle must be for this session's checkpoint, at the range the receipts give."""
+    """The bundle must be for this session, and sit where the receipts naming it say."""
     if bundle.session_id != record.session_id:
         return f"the bundle is for session {bundle.session_id}, not {record.session_id}"
     if bundle.chain_id != record.chain_id:
         return f"the bundle is for chain id {bundle.chain_id}, not {record.chain_id}"
     if bundle.marketplace.lower() != record.marketplace.lower():
         return f"the bundle is for marketplace {bundle.marketplace}, not {record.marketplace}"
-    if (bundle.token_start, bundle.token_end) != (checkpoint.token_start, checkpoint.token_end):
+    if not checkpoint.ends_from <= bundle.token_end <= checkpoint.ends_by:
         return (
-            f"the bundle covers tokens [{bundle.token_start}, {bundle.token_end}), the "
-            f"receipts give [{checkpoint.token_start}, {checkpoint.token_end})"
+            f"the bundle ends at token {bundle.token_end}, but the receipts naming it put its "
+            f"end between {checkpoint.ends_from} and {checkpoint.ends_by}"
+        )
+    if not after <= bundle.token_start < bundle.token_end:
+        return (
+            f"the bundle covers tokens [{bundle.token_start}, {bundle.token_end}), which "
+            f"overlaps the previous bundle's (it ends at {after})"
+            if bundle.token_start < after
+            else f"the bundle covers no tokens ([{bundle.token_start}, {bundle.token_end}))"
         )
     return None
 
