@@ -22,13 +22,20 @@ from rich.console import Console
 from rich.table import Table
 
 from inferledger.chain.connect import connect
-from inferledger.chain.devchain import DevWorld, build_dev_world, dev_account, open_session
+from inferledger.chain.devchain import (
+    INPUT_PRICE,
+    PRICE,
+    DevWorld,
+    build_dev_world,
+    dev_account,
+    open_session,
+)
 from inferledger.config import load_settings
 from inferledger.inference import Backend, GenerationParams, Token, load_backend
 from inferledger.node.node import create_node
 from inferledger.node.server import BackgroundServer
 from inferledger.node.state import NodeState
-from inferledger.sdk.wire import SessionClient
+from inferledger.sdk.wire import Expectation, SessionClient
 
 QUESTION = [{"role": "user", "content": "Write a detailed story about a lighthouse keeper."}]
 
@@ -36,7 +43,7 @@ QUESTION = [{"role": "user", "content": "Write a detailed story about a lighthou
 def serve(world: DevWorld, backend: Backend, sha256: bytes, slots: int) -> BackgroundServer:
     c = world.contracts
     model_id = c.models.approve_model(world.owner, backend.name, sha256)
-    c.nodes.set_models(world.host, {model_id: 2_000_000_000})
+    c.nodes.set_models(world.host, {model_id: (INPUT_PRICE, PRICE)})
     settings = load_settings(
         host_key="0x" + dev_account("host").key.hex(),
         max_concurrent_generations=slots,
@@ -55,8 +62,14 @@ def backend_alone(backend: Backend, tokens: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-async def through_node(url: str, session_id: int, key: bytes, tokens: int) -> float:
-    client = await SessionClient.connect(url, session_id, key)
+def expect(world: DevWorld) -> Expectation:
+    return Expectation(world.contracts.marketplace.domain(), world.host.address)
+
+
+async def through_node(
+    url: str, session_id: int, key: bytes, tokens: int, expected: Expectation
+) -> float:
+    client = await SessionClient.connect(url, session_id, key, expect=expected)
     start = time.perf_counter()
     reply = await client.chat(QUESTION, max_tokens=tokens, temperature=0, seed=1)
     elapsed = time.perf_counter() - start
@@ -76,7 +89,9 @@ def model_overhead(world: DevWorld, tokens: int, rounds: int) -> tuple[float, fl
     for _ in range(rounds):
         session_id, signer = open_session(world, model_id=model_id, proof_interval=50)
         alone.append(backend_alone(backend, tokens))
-        served.append(asyncio.run(through_node(server.ws_url, session_id, signer.key, tokens)))
+        served.append(
+            asyncio.run(through_node(server.ws_url, session_id, signer.key, tokens, expect(world)))
+        )
     server.stop()
     return sum(alone) / rounds, sum(served) / rounds
 
@@ -97,7 +112,9 @@ def concurrency(world: DevWorld, sessions: int, tokens: int) -> dict[str, float]
 
     async def run() -> dict[str, float]:
         clients = [
-            await SessionClient.connect(server.ws_url, sid, signer.key, max_size=2**22)
+            await SessionClient.connect(
+                server.ws_url, sid, signer.key, expect=expect(world), max_size=2**22
+            )
             for sid, signer in opened
         ]
         start = time.perf_counter()
@@ -108,7 +125,7 @@ def concurrency(world: DevWorld, sessions: int, tokens: int) -> dict[str, float]
         async def settle(client: SessionClient) -> bool:
             await client.end()
             frame = await client.wait_settlement(600)
-            return frame is not None and frame["type"] == "settled"
+            return frame is not None and frame.type == "settled"
 
         start = time.perf_counter()
         settled = await asyncio.gather(*(settle(c) for c in clients))
