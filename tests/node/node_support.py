@@ -87,3 +87,12 @@ def wait_for_receipt(node: Node, session_id: int, tokens: int, timeout: float = 
             return
         time.sleep(0.01)
     raise AssertionError(f"no receipt for {tokens} tokens of session {session_id} in {timeout}s")
+
+
+def wait_until(predicate: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

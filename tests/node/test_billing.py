@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 import websockets
 from eth_account import Account
 from eth_utils import keccak
-from node_support import NodeFactory, expect, serve_model
+from node_support import NodeFactory, expect, serve_model, wait_until
 
 from inferledger.chain.devchain import INPUT_PRICE, PRICE, DevWorld
 from inferledger.chain.receipts import ReceiptDomain, SessionAuth, sign_session_auth
@@ -58,14 +57,6 @@ async def frames_until(ws: Any, kind: str) -> list[dict[str, Any]]:
         seen.append(frame)
         if frame["type"] == kind:
             return seen
-
-
-def wait_until(predicate: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_a_user_who_never_signs_gets_at_most_the_cap_over_any_number_of_reconnects(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import pytest
 import websockets
 from eth_account import Account
 from eth_utils import keccak
-from node_support import NodeFactory, expect, serve_model, wait_for_receipt
+from node_support import NodeFactory, expect, serve_model, wait_for_receipt, wait_until
 
 from inferledger.chain.devchain import INPUT_PRICE, PRICE, DevWorld
 from inferledger.chain.receipts import Receipt, check_receipt_signature
@@ -526,14 +525,6 @@ def test_a_client_that_left_owing_its_last_receipt_is_asked_again_on_resume(
         (2 * billed, 25),
     ]
     assert node.state.get_session(session_id).receipted == Counts(2 * billed, 25)
-
-
-def wait_until(predicate: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_a_client_leaving_right_after_its_last_receipt_is_no_node_error(
