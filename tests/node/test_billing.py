@@ -238,3 +238,33 @@ def test_a_stranger_cannot_log_in_to_a_session(
 
     assert asyncio.run(run()) == "BAD_SIGNATURE"
     assert session_id not in node.live
+
+
+def test_a_login_that_fails_after_reserving_gives_the_session_back(
+    world: DevWorld, scripted: Backend, start_node: NodeFactory
+) -> None:
+    model_id = serve_model(world, scripted, keccak(text="scripted"))
+    session_id, signer = open_session(world, model_id=model_id)
+    node, server = start_node(scripted)
+    real = node.state.upsert_session
+    failures = []
+
+    def fail_once(record: Any) -> Any:
+        if not failures:
+            failures.append(record.session_id)
+            raise OSError("disk full")
+        return real(record)
+
+    node.state.upsert_session = fail_once  # type: ignore[method-assign]
+
+    async def run() -> list[str]:
+        answers = []
+        for _ in range(2):
+            ws, answer = await login(server.ws_url, session_id, signer.key)
+            answers.append(str(answer.get("code", answer["type"])))
+            await ws.close()
+            wait_until(lambda: session_id not in node.live, "the slot to be released")
+        return answers
+
+    assert asyncio.run(run()) == ["INTERNAL", "session_ready"]
+    assert failures == [session_id]

@@ -19,7 +19,7 @@ from inferledger.chain.deployment import Deployment
 from inferledger.chain.errors import translate
 from inferledger.chain.receipts import ReceiptDomain
 from inferledger.chain.tx import TxSender
-from inferledger.chain.units import Prices
+from inferledger.chain.units import Prices, Split, settlement_split
 
 STATUS_OPEN = 1
 STATUS_SETTLED = 2
@@ -59,6 +59,17 @@ class SessionInfo:
     @property
     def is_settled(self) -> bool:
         return self.status == STATUS_SETTLED
+
+    def paid_split(self) -> Split:
+        """What settling at the paid counts pays, by the contract's formula."""
+        return settlement_split(
+            self.deposit,
+            self.input_tokens_paid,
+            self.output_tokens_paid,
+            self.input_price_per_mtok,
+            self.output_price_per_mtok,
+            self.fee_bps,
+        )
 
 
 @dataclass(frozen=True)

@@ -215,14 +215,12 @@ class Connection:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.closing_task
         if self.reserved:
-            assert self.info is not None and self.meter is not None
+            assert self.info is not None
             try:
-                await self._leave(self.info.session_id, self.meter)
+                if self.meter is not None:
+                    await self._leave(self.info.session_id, self.meter)
             finally:
-                if self.node.live.get(self.info.session_id) == self.stop_for_settlement:
-                    del self.node.live[self.info.session_id]
-                self.reserved = False
-                self.node.metrics.sessions_active.dec()
+                self._release()
         if self.ws.application_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 await self.ws.close()
@@ -232,18 +230,11 @@ class Connection:
         meter.end_reply()
         if meter.phase in (Phase.CLOSING, Phase.CLOSED):
             meter.close()
-            await asyncio.to_thread(
-                self.node.outbox.schedule_settlement, sid, self.close_reason, time.time()
-            )
-            self.node.settlement.wake()
+            await self._settle_now(sid, self.close_reason)
             return
-        if (
-            self.trace is not None
-            and self.meter is not None
-            and meter.served.output > self.checkpointed
-        ):
+        if self.trace is not None and meter.served.output > self.checkpointed:
             with contextlib.suppress(Exception):
-                await self._prove(meter)  # every streamed token ends up in some bundle
+                await self._prove()  # every streamed token ends up in some bundle
         if not meter.settled_up:
             meter.abandoned += 1
         await asyncio.to_thread(
@@ -256,10 +247,7 @@ class Connection:
                 sid,
                 meter.abandoned,
             )
-            await asyncio.to_thread(
-                self.node.outbox.schedule_settlement, sid, "unpaid", time.time()
-            )
-            self.node.settlement.wake()
+            await self._settle_now(sid, "unpaid")
             return
         # Left without `end`: settle after a grace period unless the client returns.
         due = time.time() + self.node.settings.disconnect_grace
@@ -269,6 +257,10 @@ class Connection:
             sid,
             self.node.settings.disconnect_grace,
         )
+
+    async def _settle_now(self, sid: int, reason: SettlementReason) -> None:
+        await asyncio.to_thread(self.node.outbox.schedule_settlement, sid, reason, time.time())
+        self.node.settlement.wake()
 
     # Login -------------------------------------------------------------------------
 
@@ -288,7 +280,7 @@ class Connection:
             chain_now = await asyncio.to_thread(node.contracts.chain.now)
         except ChainError as exc:
             raise ProtocolError(ErrorCode.CHAIN_UNAVAILABLE, str(exc)) from exc
-        self._check_session(frame.session_id, info, chain_now)
+        lead = self._check_session(frame.session_id, info, chain_now)
         auth = SessionAuth(frame.session_id, self.nonce, node.address)
         signature = bytes.fromhex(frame.signature[2:])
         try:
@@ -338,7 +330,6 @@ class Connection:
         latest = await asyncio.to_thread(node.outbox.checkpoints, sid)
         if latest:
             self.last_bundle = latest[-1].proof_hash
-        lead = settle_lead(node.settings.settle_before_expiry, info.expires_at - info.created_at)
         self.settles_at = time.time() + (info.expires_at - lead - chain_now)
         log.info(
             "session %s: logged in (receipted %s/%s, served %s/%s input/output tokens)",
@@ -381,7 +372,8 @@ class Connection:
             else:
                 await self._ask_receipt(self.last_bundle)
 
-    def _check_session(self, session_id: int, info: SessionInfo, chain_now: int) -> None:
+    def _check_session(self, session_id: int, info: SessionInfo, chain_now: int) -> int:
+        """Refuse a session this node may not serve now; else its settle lead (seconds)."""
         node = self.node
         if not info.exists:
             raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, f"session {session_id} does not exist")
@@ -410,14 +402,16 @@ class Connection:
                 f"session is for model 0x{info.model_id.hex()}; this node serves "
                 f"{node.model_name} (0x{node.model_id.hex()})",
             )
+        return lead
 
     def _release(self) -> None:
-        """Give the session's live slot back (a login refused after reserving it)."""
+        """Give the session's live slot back, if this connection holds it."""
+        if not self.reserved:
+            return
         assert self.info is not None
-        if self.reserved and self.node.live.get(self.info.session_id) == self.stop_for_settlement:
+        if self.node.live.get(self.info.session_id) == self.stop_for_settlement:
             del self.node.live[self.info.session_id]
-        if self.reserved:
-            self.node.metrics.sessions_active.dec()
+        self.node.metrics.sessions_active.dec()
         self.reserved = False
 
     # Streaming ---------------------------------------------------------------------
@@ -650,7 +644,7 @@ class Connection:
         if self.checkpoint_due and self.trace.rows_ready():
             async with self._checkpoint_lock:
                 self.checkpoint_due = False
-                await self._ask_receipt(await self._prove(self.meter))
+                await self._ask_receipt(await self._prove())
 
     async def _checkpoint_tail(self) -> None:
         """At the end of a reply (or when it stops): a bundle for output tokens not yet
@@ -658,18 +652,18 @@ class Connection:
         assert self.meter is not None
         self.checkpoint_due = False
         if self.trace is not None and self.meter.served.output > self.checkpointed:
-            await self._prove(self.meter)
+            await self._prove()
         if not self.meter.settled_up:
             await self._ask_receipt(self.last_bundle)
 
-    async def _prove(self, meter: Meter | None) -> bytes:
+    async def _prove(self) -> bytes:
         """Prove the output tokens since the last bundle and store it; its proof hash."""
         assert self.info is not None and self.transcript is not None and self.trace is not None
-        assert meter is not None
+        assert self.meter is not None
         job = CheckpointJob(
             session_id=self.info.session_id,
             token_start=self.checkpointed,
-            token_end=meter.served.output,
+            token_end=self.meter.served.output,
             transcript_hash=self.transcript.value,
             segment=self.trace.take_segment(),
         )
@@ -685,11 +679,11 @@ class Connection:
         """Record what was served, then ask the client to sign it (all of it)."""
         assert self.info is not None and self.transcript is not None and self.meter is not None
         meter = self.meter
+        if meter.phase is Phase.CLOSED or meter.requested == meter.served:
+            return  # nothing new to sign (asked already, or receipted)
         request = ReceiptRequest(
             meter.served, proof_hash, self.transcript.value, self._bundles.get(proof_hash)
         )
-        if meter.phase is Phase.CLOSED or meter.requested == meter.served:
-            return  # nothing new to sign (asked already, or receipted)
         await asyncio.to_thread(
             self.node.state.record_served,
             self.info.session_id,
@@ -772,12 +766,12 @@ class Connection:
 
     # Closing -----------------------------------------------------------------------
 
-    def stop_for_settlement(self, reason: str) -> None:
+    def stop_for_settlement(self, reason: SettlementReason) -> None:
         """`end`, a close request or the approach of expiry: stop serving, collect the final
         receipt, then settle. Called on the event loop (the worker uses ``Node.request_stop``)."""
         if self.meter is None or self.closing_task is not None:
             return
-        self.close_reason = reason  # type: ignore[assignment]
+        self.close_reason = reason
         self.meter.begin_close()
         self.window.set()  # a stream waiting for a receipt stops waiting
         self.closing_task = asyncio.create_task(self._close())
@@ -817,10 +811,7 @@ class Connection:
         await asyncio.to_thread(
             self.node.state.record_served, sid, meter.served, meter.tail, meter.abandoned
         )
-        await asyncio.to_thread(
-            self.node.outbox.schedule_settlement, sid, self.close_reason, time.time()
-        )
-        self.node.settlement.wake()
+        await self._settle_now(sid, self.close_reason)
         deadline = time.monotonic() + self.node.settings.settlement_wait
         while True:
             settlement = await asyncio.to_thread(self.node.outbox.settlement, sid)

@@ -18,7 +18,7 @@ from inferledger.config import ConfigError, Settings
 from inferledger.inference.base import Backend
 from inferledger.node.metering import Meter, Terms
 from inferledger.node.metrics import NodeMetrics
-from inferledger.node.outbox import Outbox
+from inferledger.node.outbox import Outbox, SettlementReason
 from inferledger.node.preflight import PreflightReport, configured_prover, run_preflight
 from inferledger.node.state import NodeState, SessionRecord, StateError
 from inferledger.paths import home
@@ -50,7 +50,7 @@ class Node:
     receipt_timeout: float = RECEIPT_TIMEOUT_SECONDS
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
     # session id -> how to stop its live connection; one entry per session (SESSION_BUSY)
-    live: dict[int, Callable[[str], None]] = field(default_factory=dict)
+    live: dict[int, Callable[[SettlementReason], None]] = field(default_factory=dict)
     # session id -> its billing meter; outlives connections, so a reconnect resets nothing
     meters: dict[int, Meter] = field(default_factory=dict)
     loop: asyncio.AbstractEventLoop | None = None
@@ -113,7 +113,7 @@ class Node:
             self.meters[record.session_id] = meter
         return meter
 
-    def request_stop(self, session_id: int, reason: str) -> bool:
+    def request_stop(self, session_id: int, reason: SettlementReason) -> bool:
         """From any thread: ask the session's live connection to stop serving, collect the
         final receipt and settle. False when no connection is live (settle directly)."""
         stop, loop = self.live.get(session_id), self.loop

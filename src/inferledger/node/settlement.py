@@ -29,7 +29,7 @@ import time
 
 from inferledger.chain.contracts import SessionInfo, SettlementEvent
 from inferledger.chain.errors import ChainError, ContractRevert
-from inferledger.chain.units import format_usdc, settlement_split
+from inferledger.chain.units import format_usdc
 from inferledger.node.metering import Counts, settle_lead
 from inferledger.node.node import Node
 from inferledger.node.outbox import SettlementReason, SettlementRecord
@@ -285,14 +285,7 @@ class SettlementWorker:
             credited, tx_hash = event.refund_credited, event.tx_hash
         else:
             paid = Counts(info.input_tokens_paid, info.output_tokens_paid)
-            split = settlement_split(
-                info.deposit,
-                paid.input,
-                paid.output,
-                info.input_price_per_mtok,
-                info.output_price_per_mtok,
-                info.fee_bps,
-            )
+            split = info.paid_split()
             host, fee, refund, credited, tx_hash = split.host, split.fee, split.refund, None, None
         tokens = paid.output
         outbox = self.node.outbox

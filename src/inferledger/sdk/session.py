@@ -452,8 +452,6 @@ class Session:
     def _on_receipt(self, receipt: SignedReceipt) -> None:
         """Called before a signed receipt is sent: the record on disk covers it first."""
         self._sync_last_reply()
-        if self._wire is not None:
-            self.record.input_tokens = self._wire.input_tokens
         self.record.receipts.append(
             ReceiptRecord(
                 input_tokens=receipt.input_tokens,
@@ -541,8 +539,8 @@ class Session:
             while not info.is_settled and time.monotonic() < waited:
                 time.sleep(0.2)
                 info = settle.require_session(contracts, self.id)
-            if settle.frame_matches_chain(frame.dump(), info):
-                return self._finish(settle.from_frame(frame.dump()))
+            if settle.frame_matches_chain(frame, info):
+                return self._finish(settle.from_frame(frame))
         return self._finish(
             settle.request_close(
                 self._client, self.id, reason=reason, from_block=self.record.created_block

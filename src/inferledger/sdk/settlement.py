@@ -7,11 +7,11 @@ Settlement the SDK returns has been checked against ``get_session``.
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from inferledger.chain.contracts import Contracts, SessionInfo, SettlementEvent
 from inferledger.chain.errors import ContractRevert
-from inferledger.chain.units import Split, settlement_split
+from inferledger.protocol.server import Settled
 from inferledger.sdk.errors import SdkError
 from inferledger.sdk.models import SessionState, SessionStatus, Settlement, SettlementStatus
 
@@ -34,45 +34,29 @@ def from_event(event: SettlementEvent) -> Settlement:
     )
 
 
-def from_frame(frame: dict[str, Any]) -> Settlement:
+def from_frame(frame: Settled) -> Settlement:
     """The node's ``settled`` frame (call only after the chain confirmed the settlement)."""
     return Settlement(
-        session_id=int(frame["session_id"]),
+        session_id=frame.session_id,
         status="settled",
-        input_tokens=int(frame["input_tokens"]),
-        output_tokens=int(frame["output_tokens"]),
-        host_amount=int(frame["host_amount"]),
-        fee=int(frame["fee"]),
-        refund=int(frame["refund"]),
-        refund_credited=bool(frame.get("refund_credited", False)),
-        tx_hash=frame.get("tx_hash"),
+        input_tokens=frame.input_tokens,
+        output_tokens=frame.output_tokens,
+        host_amount=frame.host_amount,
+        fee=frame.fee,
+        refund=frame.refund,
+        refund_credited=bool(frame.refund_credited),
+        tx_hash=frame.tx_hash,
         reported_by="node",
     )
 
 
-def frame_matches_chain(frame: dict[str, Any], info: SessionInfo) -> bool:
+def frame_matches_chain(frame: Settled, info: SessionInfo) -> bool:
     """The node's figures are the contract's settlement of this session."""
-    counts = (int(frame.get("input_tokens", -1)), int(frame.get("output_tokens", -1)))
+    counts = (frame.input_tokens, frame.output_tokens)
     if not info.is_settled or counts != (info.input_tokens_paid, info.output_tokens_paid):
         return False
-    split = split_of(info)
-    return (int(frame["host_amount"]), int(frame["fee"]), int(frame["refund"])) == (
-        split.host,
-        split.fee,
-        split.refund,
-    )
-
-
-def split_of(info: SessionInfo) -> Split:
-    """What settling ``info`` at its paid counts pays, by the contract's formula."""
-    return settlement_split(
-        info.deposit,
-        info.input_tokens_paid,
-        info.output_tokens_paid,
-        info.input_price_per_mtok,
-        info.output_price_per_mtok,
-        info.fee_bps,
-    )
+    split = info.paid_split()
+    return (frame.host_amount, frame.fee, frame.refund) == (split.host, split.fee, split.refund)
 
 
 def settled_from_chain(contracts: Contracts, info: SessionInfo, from_block: int) -> Settlement:
@@ -96,7 +80,7 @@ def from_state(
     finalize_after: int | None = None,
 ) -> Settlement:
     """What settling at the session's on-chain checkpoint pays (the contract's formula)."""
-    split = split_of(info)
+    split = info.paid_split()
     return Settlement(
         session_id=info.session_id,
         status=status,
@@ -198,7 +182,7 @@ def status(contracts: Contracts, session_id: int, from_block: int | None = None)
         state = "expired"
     else:
         state = "open"
-    split = split_of(info)
+    split = info.paid_split()
     tx_hash, credited = None, None
     if info.is_settled:
         start = contracts.deployment.deploy_block if from_block is None else from_block
