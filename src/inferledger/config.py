@@ -139,6 +139,12 @@ class Settings(BaseSettings):
         description="Seconds the node waits for the settlement transaction before telling the "
         "client it is pending (it goes on retrying in the background)",
     )
+    settlement_report_timeout: float = Field(
+        default=300.0,
+        ge=0,
+        description="Seconds a closing connection stays open after settlement_pending, to "
+        "report the settlement when it lands",
+    )
     chain_poll_interval: float = Field(
         default=2.0, gt=0, description="Seconds between checks for close requests and expiries"
     )

@@ -49,7 +49,7 @@ from inferledger.node.metering import (
     settle_lead,
 )
 from inferledger.node.node import Node
-from inferledger.node.outbox import CheckpointRecord, SettlementReason
+from inferledger.node.outbox import CheckpointRecord, SettlementReason, SettlementRecord
 from inferledger.node.settlement import proof_uri
 from inferledger.node.state import SessionRecord
 from inferledger.proofs.transcript import TranscriptHash
@@ -811,20 +811,8 @@ class Connection:
         await asyncio.to_thread(
             self.node.state.record_served, sid, meter.served, meter.tail, meter.abandoned
         )
-        await self._settle_now(sid, self.close_reason)
-        deadline = time.monotonic() + self.node.settings.settlement_wait
-        while True:
-            settlement = await asyncio.to_thread(self.node.outbox.settlement, sid)
-            done = settlement is not None and settlement.status != "pending"
-            if done or time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(0.05)
+        settlement = await self._settled_or_pending(sid)
         if settlement is None or settlement.status != "settled":
-            if settlement is not None and settlement.status == "failed":
-                reason = f"the node could not settle: {settlement.last_error}"
-            else:
-                reason = (settlement and settlement.last_error) or "settlement is still running"
-            await self.send(SettlementPending(session_id=sid, reason=reason))
             return
         await self.send(
             Settled(
@@ -838,6 +826,39 @@ class Connection:
                 tx_hash=settlement.tx_hash,
             )
         )
+
+    async def _settled_or_pending(self, sid: int) -> SettlementRecord | None:
+        """Settle now and wait for the worker's word. Past ``settlement_wait`` the client hears
+        ``settlement_pending`` with what the settlement waits for, and the connection stays
+        open for the outcome until ``settlement_report_timeout``."""
+        settings, notices = self.node.settings, self.node.notices
+        future = notices.watch(sid)
+        try:
+            await self._settle_now(sid, self.close_reason)
+            outcome = asyncio.wrap_future(future)
+            settlement = await _within(outcome, settings.settlement_wait)
+            if settlement is None:
+                record = await asyncio.to_thread(self.node.outbox.settlement, sid)
+                reason = (record and record.last_error) or "the settlement transaction is running"
+                await self.send(SettlementPending(session_id=sid, reason=reason))
+                left = max(0.0, settings.settlement_report_timeout - settings.settlement_wait)
+                settlement = await _within(outcome, left)
+        finally:
+            notices.forget(sid, future)
+        if settlement is not None and settlement.status == "failed":
+            reason = f"the node could not settle: {settlement.last_error}"
+            await self.send(SettlementPending(session_id=sid, reason=reason))
+        return settlement
+
+
+async def _within(
+    outcome: asyncio.Future[SettlementRecord], seconds: float
+) -> SettlementRecord | None:
+    """The outcome if it comes within ``seconds`` (the future stays usable after a timeout)."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(outcome), seconds)
+    except TimeoutError:
+        return None
 
 
 def _record_of(info: SessionInfo) -> SessionRecord:

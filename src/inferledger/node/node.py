@@ -18,6 +18,7 @@ from inferledger.config import ConfigError, Settings
 from inferledger.inference.base import Backend
 from inferledger.node.metering import Meter, Terms
 from inferledger.node.metrics import NodeMetrics
+from inferledger.node.notices import SettlementNotices
 from inferledger.node.outbox import Outbox, SettlementReason
 from inferledger.node.preflight import PreflightReport, configured_prover, run_preflight
 from inferledger.node.state import NodeState, SessionRecord, StateError
@@ -49,6 +50,7 @@ class Node:
     store: BlobStore
     receipt_timeout: float = RECEIPT_TIMEOUT_SECONDS
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
+    notices: SettlementNotices = field(default_factory=SettlementNotices)
     # session id -> how to stop its live connection; one entry per session (SESSION_BUSY)
     live: dict[int, Callable[[SettlementReason], None]] = field(default_factory=dict)
     # session id -> its billing meter; outlives connections, so a reconnect resets nothing

@@ -301,6 +301,7 @@ class SettlementWorker:
             tx_hash=tx_hash,
         )
         outbox.mark_settled_checkpoints(job.session_id, tokens)
+        self._publish(job.session_id)
         metrics = self.node.metrics
         metrics.settlements.labels(how=how, reason=job.reason).inc()
         metrics.settlement_seconds.observe(max(0.0, time.time() - job.created_at))
@@ -349,7 +350,14 @@ class SettlementWorker:
 
     def _give_up(self, job: SettlementRecord, reason: str) -> None:
         self.node.outbox.finish_settlement(job.session_id, "failed", error=reason)
+        self._publish(job.session_id)
         log.error("session %s: settlement failed for good: %s", job.session_id, reason)
+
+
+    def _publish(self, session_id: int) -> None:
+        record = self.node.outbox.settlement(session_id)
+        if record is not None:
+            self.node.notices.publish(record)
 
 
 def proof_uri(proof_hash: bytes) -> str:
