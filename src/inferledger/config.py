@@ -146,7 +146,24 @@ class Settings(BaseSettings):
         "report the settlement when it lands",
     )
     chain_poll_interval: float = Field(
-        default=2.0, gt=0, description="Seconds between checks for close requests and expiries"
+        default=2.0,
+        gt=0,
+        description="Seconds between reads of the chain's new blocks (close requests, "
+        "settlements, expiries, confirmations)",
+    )
+    confirmations: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000,
+        description="Blocks (the settlement's own included) before the node treats a "
+        "settlement as final; until then it re-reads the session and settles again if the "
+        "chain lost it. Default 1 on dev chains, 3 elsewhere",
+    )
+    reconcile_interval: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds between comparisons of the node's books with the chain for "
+        "every session it still holds",
     )
 
     @classmethod

@@ -309,7 +309,7 @@ def test_a_version_3_database_migrates_and_keeps_its_receipts(tmp_path: Path) ->
     path = tmp_path / "v3.sqlite3"
     _version_3_database(path)
     with NodeState(path) as migrated:
-        assert migrated.schema_version() == SCHEMA_VERSION == 4
+        assert migrated.schema_version() == SCHEMA_VERSION == 5
         record = migrated.get_session(4)
         assert record is not None
         # The one price was the output price; prompts were free; tokens after the last
@@ -328,6 +328,9 @@ def test_a_version_3_database_migrates_and_keeps_its_receipts(tmp_path: Path) ->
         settlement = Outbox(migrated).settlement(4)
         assert settlement is not None
         assert (settlement.input_tokens, settlement.tokens) == (None, 120)
+        # Settled before confirmations were counted: final (the reconciler re-reads it).
+        assert settlement.confirmed and settlement.block_number is None
+        assert record.starts_at is None and migrated.open_discrepancies() == []
         assert (settlement.host_amount, settlement.status) == (216_000, "settled")
         # The migrated receipts keep refusing to go backwards, and a new one moves forward.
         with pytest.raises(ValueError, match="already has a receipt for 0/120"):

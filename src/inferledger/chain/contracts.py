@@ -95,6 +95,20 @@ class SettlementEvent:
     refund: int
     refund_credited: bool
     tx_hash: str
+    block_number: int = 0
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    """A marketplace log that ends or closes a session, as the node's watcher reads it."""
+
+    name: str  # "CloseRequested" or "SessionSettled"
+    session_id: int
+    block_number: int
+    tx_hash: str
+
+
+WATCHED_EVENTS = ("CloseRequested", "SessionSettled")
 
 
 class _Wrapper:
@@ -352,6 +366,7 @@ class Marketplace(_Wrapper):
             refund=args["refund"],
             refund_credited=bool(credited),
             tx_hash=receipt["transactionHash"].to_0x_hex(),
+            block_number=int(receipt["blockNumber"]),
         )
 
     def get_session(self, session_id: int) -> SessionInfo:
@@ -402,6 +417,37 @@ class Marketplace(_Wrapper):
     def treasury(self) -> str:
         """The address that may withdraw the fees (it can change after deployment)."""
         return self._read("treasury")
+
+    def session_events(self, from_block: int, to_block: int) -> list[SessionEvent]:
+        """CloseRequested and SessionSettled logs of blocks ``from_block..to_block``: one
+        ``eth_getLogs`` call however many sessions are open."""
+        events = {name: getattr(self.contract.events, name)() for name in WATCHED_EVENTS}
+        topics = {str(event.topic).lower(): event for event in events.values()}
+        query = {
+            "address": self.address,
+            "fromBlock": from_block,
+            "toBlock": to_block,
+            "topics": [list(topics)],
+        }
+        try:
+            logs = self.chain.w3.eth.get_logs(query)  # type: ignore[arg-type]
+        except Exception as exc:
+            raise translate(exc, "read session logs", self.chain.url) from exc
+        found = []
+        for entry in logs:
+            event = topics.get("0x" + bytes(entry["topics"][0]).hex())
+            if event is None:
+                continue
+            decoded = event.process_log(entry)
+            found.append(
+                SessionEvent(
+                    name=decoded["event"],
+                    session_id=int(decoded["args"]["session_id"]),
+                    block_number=int(entry["blockNumber"]),
+                    tx_hash=entry["transactionHash"].to_0x_hex(),
+                )
+            )
+        return found
 
     def settlement_event(self, session_id: int, from_block: int = 0) -> SettlementEvent | None:
         """What settled ``session_id``, read back from its SessionSettled log; None if not yet.

@@ -51,7 +51,7 @@ from inferledger.node.metering import (
 from inferledger.node.node import Node
 from inferledger.node.outbox import CheckpointRecord, SettlementReason, SettlementRecord
 from inferledger.node.settlement import proof_uri
-from inferledger.node.state import SessionRecord
+from inferledger.node.state import session_record
 from inferledger.proofs.transcript import TranscriptHash
 from inferledger.protocol.client import (
     End,
@@ -305,7 +305,7 @@ class Connection:
         self.reserved = True
         self.info = info
         node.metrics.sessions_active.inc()
-        record = await asyncio.to_thread(node.state.upsert_session, _record_of(info))
+        record = await asyncio.to_thread(node.state.upsert_session, session_record(info))
         settlement = await asyncio.to_thread(node.outbox.settlement, sid)
         if settlement is not None and not await asyncio.to_thread(
             node.outbox.cancel_disconnect_settlement, sid
@@ -859,17 +859,3 @@ async def _within(
         return await asyncio.wait_for(asyncio.shield(outcome), seconds)
     except TimeoutError:
         return None
-
-
-def _record_of(info: SessionInfo) -> SessionRecord:
-    return SessionRecord(
-        session_id=info.session_id,
-        depositor=info.depositor,
-        signer=info.signer,
-        model_id=info.model_id,
-        deposit=info.deposit,
-        input_price_per_mtok=info.input_price_per_mtok,
-        output_price_per_mtok=info.output_price_per_mtok,
-        proof_interval=info.proof_interval,
-        expires_at=info.expires_at,
-    )

@@ -77,5 +77,23 @@ class NodeMetrics:
             registry=self.registry,
         )
 
+        self.chain_up = Gauge(
+            "inferledger_chain_up",
+            "1 while the chain answers and mines the node's transactions, else 0",
+            registry=self.registry,
+        )
+        self.chain_problems = Counter(
+            "inferledger_chain_problems",
+            "Times the chain became unreachable or stopped mining the node's transactions",
+            ["problem"],
+            registry=self.registry,
+        )
+        self.discrepancies = Counter(
+            "inferledger_discrepancies",
+            "Differences found between the node's books and the chain, by kind",
+            ["kind"],
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
@@ -16,11 +15,13 @@ from inferledger.chain.contracts import Contracts
 from inferledger.chain.receipts import ReceiptDomain
 from inferledger.config import ConfigError, Settings
 from inferledger.inference.base import Backend
+from inferledger.node.chain_health import ChainHealth
 from inferledger.node.metering import Meter, Terms
 from inferledger.node.metrics import NodeMetrics
 from inferledger.node.notices import SettlementNotices
 from inferledger.node.outbox import Outbox, SettlementReason
 from inferledger.node.preflight import PreflightReport, configured_prover, run_preflight
+from inferledger.node.settlement import SettlementWorker
 from inferledger.node.state import NodeState, SessionRecord, StateError
 from inferledger.paths import home
 from inferledger.proofs.provers import (
@@ -29,9 +30,6 @@ from inferledger.proofs.provers import (
     ProverUnavailable,
 )
 from inferledger.store.blobs import BlobStore, default_store
-
-if TYPE_CHECKING:
-    from inferledger.node.settlement import SettlementWorker
 
 RECEIPT_TIMEOUT_SECONDS = 60.0
 
@@ -58,7 +56,12 @@ class Node:
     loop: asyncio.AbstractEventLoop | None = None
     _slots: asyncio.Semaphore | None = None
     _executor: ThreadPoolExecutor | None = None
+    health: ChainHealth | None = None
     _settlement: SettlementWorker | None = None
+
+    def __post_init__(self) -> None:
+        if self.health is None:
+            self.health = ChainHealth(self.metrics)
 
     @property
     def address(self) -> str:
@@ -88,12 +91,30 @@ class Node:
         return Outbox(self.state)
 
     @property
+    def confirmations(self) -> int:
+        """Blocks that make a settlement final: the setting, else 1 on dev chains (they do not
+        reorganise by themselves) and 3 elsewhere."""
+        if self.settings.confirmations is not None:
+            return self.settings.confirmations
+        return 1 if self.contracts.chain.is_dev else 3
+
+    @property
     def settlement(self) -> SettlementWorker:
         """The node's settlement worker (started with the server, see ``server.py``)."""
         if self._settlement is None:
-            from inferledger.node.settlement import SettlementWorker
-
-            self._settlement = SettlementWorker(self)
+            assert self.health is not None
+            self._settlement = SettlementWorker(
+                self.settings,
+                state=self.state,
+                contracts=self.contracts,
+                sender=self.contracts.chain.sender(self.account),
+                metrics=self.metrics,
+                notices=self.notices,
+                health=self.health,
+                stop_live=self.request_stop,
+                receipt_timeout=self.receipt_timeout,
+                confirmations=self.confirmations,
+            )
         return self._settlement
 
     @property

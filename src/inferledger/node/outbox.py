@@ -9,7 +9,10 @@ signed it) -> ``queued`` (to submit on chain, by policy) -> ``submitted`` -> ``c
 must receipt what was streamed), so no checkpoint is ever redone.
 
 Settlement states: ``pending`` (due at ``due_at``) -> ``settled``; ``failed`` only when the
-chain says the session can no longer be settled by this host (the reason is kept).
+chain says the session can no longer be settled by this host (the reason is kept). A settled
+row is ``confirmed`` once the node's ``confirmations`` blocks hold it; until then the worker
+re-reads the session on chain, and a settlement the chain lost (a reorg, a dropped
+transaction) goes back to ``pending`` (``reopen_settlement``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ CheckpointStatus = Literal[
     "proved", "receipted", "queued", "submitted", "confirmed", "settled", "failed"
 ]
 SettlementStatus = Literal["pending", "settled", "failed"]
-SettlementReason = Literal["end", "disconnect", "expiry", "close_requested", "restart", "unpaid"]
+SettlementReason = Literal[
+    "end", "disconnect", "expiry", "close_requested", "restart", "unpaid", "chain"
+]
+"""Why a settlement was scheduled; ``chain``: the chain says the session ended (someone else
+settled or finalized it, or a reconciliation found the node's books behind)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,8 @@ class SettlementRecord:
     refund: int | None
     refund_credited: bool | None
     created_at: float
+    block_number: int | None = None
+    confirmed: bool = False
 
     def as_dict(self) -> dict[str, object]:
         def amount(value: int | None) -> str | None:
@@ -95,6 +104,8 @@ class SettlementRecord:
             "fee": amount(self.fee),
             "refund": amount(self.refund),
             "refund_credited": self.refund_credited,
+            "block_number": self.block_number,
+            "confirmed": self.confirmed,
         }
 
 
@@ -275,16 +286,17 @@ class Outbox:
         refund_credited: bool | None = None,
         tx_hash: str | None = None,
         error: str | None = None,
+        block_number: int | None = None,
+        confirmed: bool = False,
     ) -> None:
         """Record the outcome and the session's final status in one transaction."""
         now = time.time()
         with self.state.transaction() as db:
             db.execute(
                 "UPDATE settlements SET status = ?, input_tokens = ?, tokens = ?, host_amount = ?, "
-                "fee = ?, "
-                "refund = ?, refund_credited = ?, tx_hash = ?, "
-                "last_error = COALESCE(?, last_error), attempts = attempts + 1, updated_at = ? "
-                "WHERE session_id = ?",
+                "fee = ?, refund = ?, refund_credited = ?, tx_hash = ?, block_number = ?, "
+                "confirmed = ?, last_error = COALESCE(?, last_error), attempts = attempts + 1, "
+                "updated_at = ? WHERE session_id = ?",
                 (
                     status,
                     input_tokens,
@@ -294,6 +306,8 @@ class Outbox:
                     _str_or_none(refund),
                     None if refund_credited is None else int(refund_credited),
                     tx_hash,
+                    block_number,
+                    int(confirmed),
                     error,
                     now,
                     session_id,
@@ -302,6 +316,42 @@ class Outbox:
             db.execute(
                 "UPDATE sessions SET status = ?, updated_at = ? WHERE session_id = ?",
                 (status, now, session_id),
+            )
+
+    def unconfirmed_settlements(self) -> list[SettlementRecord]:
+        """Settled on chain, but not yet under the node's ``confirmations`` blocks."""
+        rows = self.state.query(
+            "SELECT * FROM settlements WHERE status = 'settled' AND confirmed = 0 "
+            "ORDER BY session_id"
+        )
+        return [_settlement(row) for row in rows]
+
+    def confirm_settlement(self, session_id: int) -> None:
+        with self.state.transaction() as db:
+            db.execute(
+                "UPDATE settlements SET confirmed = 1, updated_at = ? WHERE session_id = ?",
+                (time.time(), session_id),
+            )
+
+    def reopen_settlement(self, session_id: int, note: str) -> None:
+        """The chain no longer holds this session's settlement: settle it again, now."""
+        now = time.time()
+        with self.state.transaction() as db:
+            db.execute(
+                "UPDATE settlements SET status = 'pending', due_at = ?, tx_hash = NULL, "
+                "block_number = NULL, confirmed = 0, input_tokens = NULL, tokens = NULL, "
+                "host_amount = NULL, fee = NULL, refund = NULL, refund_credited = NULL, "
+                "last_error = ?, updated_at = ? WHERE session_id = ?",
+                (now, note, now, session_id),
+            )
+            db.execute(
+                "UPDATE sessions SET status = 'ended', updated_at = ? WHERE session_id = ?",
+                (now, session_id),
+            )
+            db.execute(
+                "UPDATE checkpoints SET status = 'receipted', updated_at = ? "
+                "WHERE session_id = ? AND status = 'settled'",
+                (now, session_id),
             )
 
     # Transactions ---------------------------------------------------------------------
@@ -383,4 +433,6 @@ def _settlement(row: object) -> SettlementRecord:
         refund=_int_or_none(r["refund"]),
         refund_credited=None if credited is None else bool(credited),
         created_at=r["created_at"],
+        block_number=r["block_number"],
+        confirmed=bool(r["confirmed"]),
     )

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+from inferledger.chain.contracts import SessionInfo
 from inferledger.node.metering import Counts, SentToken
 
 SessionStatus = Literal["open", "ended", "closing", "settled", "failed"]
@@ -167,6 +168,26 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE receipts_v4 RENAME TO receipts",
         "ALTER TABLE settlements ADD COLUMN input_tokens INTEGER",
     ),
+    (
+        # starts_at: the session's creation time on chain (its length sets the settle lead).
+        # A settlement is final once `confirmations` blocks hold it; rows settled before v5
+        # are taken as confirmed (the reconciler re-reads them from the chain at start).
+        "ALTER TABLE sessions ADD COLUMN starts_at INTEGER",
+        "ALTER TABLE settlements ADD COLUMN block_number INTEGER",
+        "ALTER TABLE settlements ADD COLUMN confirmed INTEGER NOT NULL DEFAULT 0",
+        "UPDATE settlements SET confirmed = 1 WHERE status = 'settled'",
+        """
+        CREATE TABLE discrepancies (
+            session_id INTEGER NOT NULL REFERENCES sessions (session_id),
+            kind TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            repaired INTEGER NOT NULL,
+            found_at REAL NOT NULL,
+            resolved_at REAL,
+            PRIMARY KEY (session_id, kind)
+        )
+        """,
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -192,6 +213,7 @@ class SessionRecord:
     output_price_per_mtok: int
     proof_interval: int
     expires_at: int
+    starts_at: int | None = None
     tokens_generated: int = 0
     tokens_receipted: int = 0
     input_served: int = 0
@@ -211,6 +233,16 @@ class SessionRecord:
     @property
     def receipted(self) -> Counts:
         return Counts(self.input_receipted, self.tokens_receipted)
+
+
+@dataclass(frozen=True)
+class Discrepancy:
+    """Where the node's books and the chain disagree about a session (see reconciler.py)."""
+
+    session_id: int
+    kind: str
+    detail: str
+    repaired: bool
 
 
 @dataclass(frozen=True)
@@ -311,9 +343,10 @@ class NodeState:
                 """
                 INSERT INTO sessions (
                     session_id, depositor, signer, model_id, deposit, input_price_per_mtok,
-                    output_price_per_mtok, proof_interval, expires_at, tokens_generated,
-                    tokens_receipted, last_proof_hash, status, created_at, updated_at
-                ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    output_price_per_mtok, proof_interval, expires_at, starts_at,
+                    tokens_generated, tokens_receipted, last_proof_hash, status, created_at,
+                    updated_at
+                ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT (session_id) DO UPDATE SET
                     depositor = excluded.depositor,
                     signer = excluded.signer,
@@ -323,6 +356,7 @@ class NodeState:
                     output_price_per_mtok = excluded.output_price_per_mtok,
                     proof_interval = excluded.proof_interval,
                     expires_at = excluded.expires_at,
+                    starts_at = COALESCE(excluded.starts_at, starts_at),
                     updated_at = excluded.updated_at
                 """,
                 (
@@ -335,6 +369,7 @@ class NodeState:
                     str(record.output_price_per_mtok),
                     record.proof_interval,
                     record.expires_at,
+                    record.starts_at,
                     record.tokens_generated,
                     record.tokens_receipted,
                     _hex_or_none(record.last_proof_hash),
@@ -358,6 +393,14 @@ class NodeState:
             rows = self.query(
                 "SELECT * FROM sessions WHERE status = ? ORDER BY session_id", (status,)
             )
+        return [_session(row) for row in rows]
+
+    def held_sessions(self) -> list[SessionRecord]:
+        """Sessions this node still owes a settlement (open or ended), by id."""
+        rows = self.query(
+            "SELECT * FROM sessions WHERE status IN ('open', 'ended', 'closing') "
+            "ORDER BY session_id"
+        )
         return [_session(row) for row in rows]
 
     def record_served(
@@ -544,6 +587,60 @@ class NodeState:
                     f"{theirs_chain}, not {marketplace} on chain id {chain_id}"
                 )
 
+    def chain_cursor(self) -> tuple[int, str] | None:
+        """The last block the chain watcher scanned, and its hash (None before the first)."""
+        rows = self.query("SELECT value FROM meta WHERE key = 'chain_cursor'")
+        if not rows:
+            return None
+        block, block_hash = rows[0][0].split(":")
+        return int(block), block_hash
+
+    def set_chain_cursor(self, block: int, block_hash: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('chain_cursor', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (f"{block}:{block_hash}",),
+            )
+
+    # Discrepancies with the chain ------------------------------------------------
+
+    def note_discrepancy(self, session_id: int, kind: str, detail: str, repaired: bool) -> bool:
+        """Record what the reconciler found; True when it is new (not already open)."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT resolved_at FROM discrepancies WHERE session_id = ? AND kind = ?",
+                (session_id, kind),
+            ).fetchone()
+            db.execute(
+                "INSERT INTO discrepancies (session_id, kind, detail, repaired, found_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (session_id, kind) DO UPDATE SET "
+                "detail = excluded.detail, repaired = excluded.repaired, "
+                "found_at = CASE WHEN resolved_at IS NULL THEN found_at ELSE excluded.found_at "
+                "END, resolved_at = NULL",
+                (session_id, kind, detail, int(repaired), time.time()),
+            )
+            return row is None or row[0] is not None
+
+    def resolve_discrepancies(self, session_id: int, keep: Sequence[str] = ()) -> None:
+        """The session agrees with the chain again (except for the kinds in ``keep``)."""
+        marks = ", ".join("?" for _ in keep) or "''"
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE discrepancies SET resolved_at = ? WHERE session_id = ? "
+                f"AND resolved_at IS NULL AND kind NOT IN ({marks})",
+                (time.time(), session_id, *keep),
+            )
+
+    def open_discrepancies(self) -> list[Discrepancy]:
+        rows = self.query(
+            "SELECT * FROM discrepancies WHERE resolved_at IS NULL ORDER BY session_id, kind"
+        )
+        return [
+            Discrepancy(r["session_id"], r["kind"], r["detail"], bool(r["repaired"]))
+            for r in rows
+        ]
+
     def schema_version(self) -> int:
         return int(self.query("PRAGMA user_version")[0][0])
 
@@ -563,6 +660,22 @@ class NodeState:
     def _session_row(self, db: sqlite3.Connection, session_id: int) -> SessionRecord:
         row = db.execute("SELECT * FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
         return _session(row)
+
+
+def session_record(info: SessionInfo) -> SessionRecord:
+    """A new record of a session's terms, as the chain has them."""
+    return SessionRecord(
+        session_id=info.session_id,
+        depositor=info.depositor,
+        signer=info.signer,
+        model_id=info.model_id,
+        deposit=info.deposit,
+        input_price_per_mtok=info.input_price_per_mtok,
+        output_price_per_mtok=info.output_price_per_mtok,
+        proof_interval=info.proof_interval,
+        expires_at=info.expires_at,
+        starts_at=info.created_at,
+    )
 
 
 def _check_status(status: str) -> None:
@@ -587,6 +700,7 @@ def _session(row: sqlite3.Row) -> SessionRecord:
         output_price_per_mtok=int(row["output_price_per_mtok"]),
         proof_interval=row["proof_interval"],
         expires_at=row["expires_at"],
+        starts_at=row["starts_at"],
         tokens_generated=row["tokens_generated"],
         tokens_receipted=row["tokens_receipted"],
         input_served=row["input_served"],
