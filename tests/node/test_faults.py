@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from eth_utils import keccak
 from node_support import NodeFactory, expect, serve_model
+from process_support import NodeProcess
 from test_node_settlement import (
     DEPOSIT,
     HELLO,
@@ -33,7 +31,7 @@ from test_node_settlement import (
 from inferledger.chain.anvil import free_port
 from inferledger.chain.connect import connect
 from inferledger.chain.contracts import Contracts
-from inferledger.chain.devchain import DevWorld, dev_account
+from inferledger.chain.devchain import DevWorld
 from inferledger.inference import Backend
 from inferledger.protocol.server import Settled, SettlementPending
 from inferledger.sdk.wire import SessionClient
@@ -157,69 +155,34 @@ def test_node_killed_mid_session_settles_from_its_sqlite_state_after_restart(
         output_price=PRICE,
         proof_interval=100,
     )
-    world.contracts.deployment.save(tmp_path / "deployment.json")
-    port = free_port()
-    env = {
-        **os.environ,
-        "INFERLEDGER_CHAIN_URL": world.chain.url,
-        "INFERLEDGER_DEPLOYMENT_FILE": str(tmp_path / "deployment.json"),
-        "INFERLEDGER_STATE_DB": str(tmp_path / "node.sqlite3"),
-        "INFERLEDGER_PROOF_STORE": str(tmp_path / "proofs"),
-        "INFERLEDGER_HOST_KEY": "0x" + dev_account("host").key.hex(),
-        "INFERLEDGER_BACKEND": "scripted",
-        "INFERLEDGER_DISCONNECT_GRACE": "1",
-    }
+    node = NodeProcess(world, tmp_path, disconnect_grace=1)
 
     def receipted_on_disk(tokens: int) -> None:
-        status_url = f"http://127.0.0.1:{port}/v1/sessions/{session_id}"
         for _ in range(300):
-            if httpx.get(status_url, timeout=5).json()["tokens_receipted"] >= tokens:
+            if node.get(f"/v1/sessions/{session_id}")["tokens_receipted"] >= tokens:
                 return
             time.sleep(0.1)
         raise AssertionError(f"the node never stored the receipt for {tokens} tokens")
 
-    def start() -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
-            [*CLI, "node", "run", "--port", str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+    async def chat() -> None:
+        client = await SessionClient.connect(
+            node.ws_url, session_id, signer.key, expect=expect(world)
         )
-        for _ in range(300):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    return process
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        process.kill()
-        raise AssertionError("node did not become healthy")
-
-    async def chat(url: str) -> None:
-        client = await SessionClient.connect(url, session_id, signer.key, expect=expect(world))
         await client.chat(HELLO, max_tokens=150)
         # The reply's last receipt was sent before its done frame; kill once it is on disk.
         await asyncio.to_thread(receipted_on_disk, 150)
-        os.kill(first.pid, signal.SIGKILL)
-        first.wait(timeout=10)
+        node.stop(signal.SIGKILL)
 
-    first = start()
-    try:
-        asyncio.run(chat(f"ws://127.0.0.1:{port}/v1/ws"))
-    finally:
-        first.kill()
+    with node.start():
+        asyncio.run(chat())
     assert world.contracts.marketplace.get_session(session_id).is_open
 
-    second = start()
-    try:
+    with node.start():
         for _ in range(300):
             if world.contracts.marketplace.get_session(session_id).is_settled:
                 break
             time.sleep(0.1)
-        status = httpx.get(f"http://127.0.0.1:{port}/v1/sessions/{session_id}").json()
-    finally:
-        second.terminate()
-        second.wait(timeout=10)
+        status = node.get(f"/v1/sessions/{session_id}")
     billed = hello_tokens(scripted)
     assert_paid_exactly(world, session_id, billed, 150)
     assert status["settlement"]["reason"] == "restart"

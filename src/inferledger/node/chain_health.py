@@ -31,6 +31,7 @@ class ChainHealth:
         self._lock = threading.Lock()
         self._since: dict[Problem, float] = {}
         self._waiting: dict[Problem, str] = {}
+        self._low_gas: str | None = None
         metrics.chain_up.set(1)
 
     def reachable(self) -> None:
@@ -54,14 +55,25 @@ class ChainHealth:
             self._metrics.chain_up.set(0)
         return problem
 
+    def gas_balance(self, balance: int, minimum: int) -> None:
+        """The host's gas balance as last read: below ``minimum`` it is a problem line."""
+        with self._lock:
+            self._low_gas = (
+                None
+                if balance >= minimum
+                else f"the host's gas balance ({balance} wei) is below min_gas_balance_wei "
+                f"({minimum}): settlement transactions may fail; send the host key ETH"
+            )
+
     def problems(self) -> list[str]:
         """One line per current problem: what, since when, and what waits for it."""
         now = time.time()
         with self._lock:
-            return [
+            lines = [
                 f"{_WHAT[p]} (for {now - since:.0f}s); {self._waiting.get(p, 'nothing')} waits"
                 for p, since in sorted(self._since.items())
             ]
+            return lines + ([self._low_gas] if self._low_gas else [])
 
     @property
     def unreachable(self) -> bool:

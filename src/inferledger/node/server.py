@@ -1,6 +1,6 @@
 """The node's ASGI app (Starlette) and a uvicorn runner.
 
-HTTP: ``/health`` (preflight), ``/metrics`` (Prometheus), ``/v1/models``,
+HTTP: ``/health`` (preflight and the chain), ``/metrics`` (Prometheus), ``/v1/models``,
 ``/v1/sessions/{id}`` (checkpoints and settlement), ``/v1/proofs/{hash}`` (stored bundles).
 WebSocket: ``/v1/ws``, the session protocol. The settlement worker runs for as long as the
 app does (started and stopped by its lifespan).
@@ -38,15 +38,22 @@ def create_app(node: Node) -> Starlette:
         await Connection(node, websocket).run()
 
     async def health(request: Request) -> JSONResponse:
+        """200 while the node takes paid sessions (``degraded`` when something is wrong that
+        does not stop it, e.g. unproven checkpoints or transactions not being mined); 503
+        when it cannot take them. ``problems`` says what is wrong, one line each."""
         report = node.preflight
+        assert node.health is not None
+        problems = [r.line() for r in report.failures] + node.health.problems()
+        accepting = node.ready and not node.health.unreachable
         body = {
-            "status": "ok" if report.ok else "degraded",
-            "accepting_sessions": node.ready,
+            "status": "degraded" if problems else "ok",
+            "accepting_sessions": accepting,
+            "problems": problems,
             "host": node.address,
             "model": node.model_name,
             "checks": report.as_dict(),
         }
-        return JSONResponse(body, status_code=200 if report.ok else 503)
+        return JSONResponse(body, status_code=200 if accepting else 503)
 
     async def metrics(request: Request) -> Response:
         return Response(node.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from inferledger.chain.contracts import Contracts, SessionInfo, SettlementEvent
-from inferledger.chain.errors import ChainError, ContractRevert
+from inferledger.chain.errors import ChainError, ContractRevert, translate
 from inferledger.chain.tx import TxSender
 from inferledger.chain.units import format_usdc
 from inferledger.config import Settings
@@ -269,12 +269,16 @@ class SettlementWorker:
         records = self.state.list_sessions() if everything else self._unfinished()
         found = 0
         try:
+            balance = self.contracts.chain.w3.eth.get_balance(self.sender.address)
+            self.health.gas_balance(balance, self.settings.min_gas_balance_wei)
             for record in records:
                 settlement = self.outbox.settlement(record.session_id)
                 info = self.market.get_session(record.session_id)
                 found += self._apply(record, settlement, info)
-        except ChainError as exc:
-            self._chain_failed(exc, "reconciliation")
+        except Exception as exc:
+            self._chain_failed(
+                translate(exc, "reconcile", self.contracts.chain.url), "reconciliation"
+            )
             self._reconcile_all = everything
             self._next_reconcile = 0.0 if everything else self._next_reconcile
         return found

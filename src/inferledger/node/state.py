@@ -637,8 +637,7 @@ class NodeState:
             "SELECT * FROM discrepancies WHERE resolved_at IS NULL ORDER BY session_id, kind"
         )
         return [
-            Discrepancy(r["session_id"], r["kind"], r["detail"], bool(r["repaired"]))
-            for r in rows
+            Discrepancy(r["session_id"], r["kind"], r["detail"], bool(r["repaired"])) for r in rows
         ]
 
     def schema_version(self) -> int:
