@@ -26,6 +26,10 @@ event EarningsWithdrawn:
 event MarketplaceSet:
     marketplace: indexed(address)
 
+event OwnershipTransferred:
+    previous_owner: indexed(address)
+    new_owner: indexed(address)
+
 owner: public(address)
 marketplace: public(address)
 balance_of: public(HashMap[address, HashMap[address, uint256]])
@@ -34,6 +38,7 @@ balance_of: public(HashMap[address, HashMap[address, uint256]])
 @deploy
 def __init__():
     self.owner = msg.sender
+    log OwnershipTransferred(previous_owner=empty(address), new_owner=msg.sender)
 
 
 @external

@@ -26,6 +26,10 @@ event BlockedSet:
     account: indexed(address)
     blocked: bool
 
+event OwnershipTransferred:
+    previous_owner: indexed(address)
+    new_owner: indexed(address)
+
 name: public(constant(String[32])) = "Test USD Coin"
 symbol: public(constant(String[8])) = "USDC"
 decimals: public(constant(uint8)) = 6
@@ -40,6 +44,7 @@ blocked: public(HashMap[address, bool])
 @deploy
 def __init__():
     self.owner = msg.sender
+    log OwnershipTransferred(previous_owner=empty(address), new_owner=msg.sender)
 
 
 @external
@@ -56,6 +61,7 @@ def transfer(receiver: address, amount: uint256) -> bool:
 def transferFrom(sender: address, receiver: address, amount: uint256) -> bool:
     """
     @notice Move `amount` from `sender` to `receiver` using the caller's allowance.
+    @dev Like USDC, the lowered allowance is not logged as an Approval.
     """
     allowed: uint256 = self.allowance[sender][msg.sender]
     assert allowed >= amount, "TestUSDC: allowance too low"
