@@ -175,6 +175,7 @@ def register(
 def update_url(api_url: String[256]):
     """
     @notice Change the caller's API URL.
+    @param api_url The new URL; not empty.
     """
     assert self.hosts[msg.sender].registered, "NodeRegistry: not registered"
     assert len(api_url) > 0, "NodeRegistry: empty API URL"
@@ -301,6 +302,7 @@ def slash(host_address: address, amount: uint256, recipient: address):
 def session_opened(host_address: address):
     """
     @notice Count a new open session for `host_address`. Marketplace only.
+    @param host_address The session's host.
     """
     assert msg.sender == self.marketplace, "NodeRegistry: caller is not the marketplace"
     opened: uint256 = self.hosts[host_address].sessions_opened + 1
@@ -314,6 +316,7 @@ def session_opened(host_address: address):
 def session_closed(host_address: address):
     """
     @notice Count a settled session for `host_address`. Marketplace only.
+    @param host_address The session's host.
     """
     assert msg.sender == self.marketplace, "NodeRegistry: caller is not the marketplace"
     closed: uint256 = self.hosts[host_address].sessions_closed + 1
@@ -327,6 +330,7 @@ def session_closed(host_address: address):
 def set_marketplace(marketplace: address):
     """
     @notice Name the marketplace allowed to count sessions. Owner only, once.
+    @param marketplace The JobMarketplace; not the zero address.
     """
     assert msg.sender == self.owner, "NodeRegistry: caller is not the owner"
     assert self.marketplace == empty(address), "NodeRegistry: marketplace already set"
@@ -339,6 +343,7 @@ def set_marketplace(marketplace: address):
 def set_arbiter(arbiter: address):
     """
     @notice Name the address allowed to slash. Owner only.
+    @param arbiter The new arbiter.
     """
     assert msg.sender == self.owner, "NodeRegistry: caller is not the owner"
     self.arbiter = arbiter
@@ -349,6 +354,7 @@ def set_arbiter(arbiter: address):
 def transfer_ownership(new_owner: address):
     """
     @notice Hand the owner role to `new_owner`.
+    @param new_owner The next owner; not the zero address.
     """
     assert msg.sender == self.owner, "NodeRegistry: caller is not the owner"
     assert new_owner != empty(address), "NodeRegistry: new owner is the zero address"

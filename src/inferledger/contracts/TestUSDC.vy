@@ -52,6 +52,9 @@ def transfer(receiver: address, amount: uint256) -> bool:
     """
     @notice Move `amount` base units from the caller to `receiver`.
     @dev Reverts when either side is blocked, like USDC's blacklist.
+    @param receiver Who gets the tokens; not the zero address.
+    @param amount Base units to move.
+    @return True; failures revert.
     """
     self._transfer(msg.sender, receiver, amount)
     return True
@@ -62,6 +65,10 @@ def transferFrom(sender: address, receiver: address, amount: uint256) -> bool:
     """
     @notice Move `amount` from `sender` to `receiver` using the caller's allowance.
     @dev Like USDC, the lowered allowance is not logged as an Approval.
+    @param sender Whose tokens move.
+    @param receiver Who gets them; not the zero address.
+    @param amount Base units to move; at most the allowance.
+    @return True; failures revert.
     """
     allowed: uint256 = self.allowance[sender][msg.sender]
     assert allowed >= amount, "TestUSDC: allowance too low"
@@ -75,6 +82,9 @@ def transferFrom(sender: address, receiver: address, amount: uint256) -> bool:
 def approve(spender: address, amount: uint256) -> bool:
     """
     @notice Let `spender` move up to `amount` of the caller's tokens.
+    @param spender Who may spend.
+    @param amount The new allowance; the maximum uint256 never decreases.
+    @return True.
     """
     self.allowance[msg.sender][spender] = amount
     log Approval(owner=msg.sender, spender=spender, value=amount)
@@ -85,6 +95,8 @@ def approve(spender: address, amount: uint256) -> bool:
 def mint(receiver: address, amount: uint256):
     """
     @notice Create `amount` new tokens for `receiver`. Public: dev chains only.
+    @param receiver Who gets the tokens; not the zero address.
+    @param amount Base units to create.
     """
     assert receiver != empty(address), "TestUSDC: mint to zero address"
     self.totalSupply += amount
@@ -97,6 +109,8 @@ def set_blocked(account: address, is_blocked: bool):
     """
     @notice Block or unblock `account` from sending and receiving.
     @dev Owner only; models the USDC blacklist for refund-failure tests.
+    @param account The address to block or unblock.
+    @param is_blocked True to block.
     """
     assert msg.sender == self.owner, "TestUSDC: caller is not the owner"
     self.blocked[account] = is_blocked
