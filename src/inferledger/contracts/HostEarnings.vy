@@ -26,6 +26,10 @@ event EarningsWithdrawn:
 event MarketplaceSet:
     marketplace: indexed(address)
 
+event OwnershipTransferred:
+    previous_owner: indexed(address)
+    new_owner: indexed(address)
+
 owner: public(address)
 marketplace: public(address)
 balance_of: public(HashMap[address, HashMap[address, uint256]])
@@ -34,12 +38,14 @@ balance_of: public(HashMap[address, HashMap[address, uint256]])
 @deploy
 def __init__():
     self.owner = msg.sender
+    log OwnershipTransferred(previous_owner=empty(address), new_owner=msg.sender)
 
 
 @external
 def set_marketplace(marketplace: address):
     """
     @notice Name the marketplace allowed to credit earnings. Owner only, once.
+    @param marketplace The JobMarketplace; not the zero address.
     """
     assert msg.sender == self.owner, "HostEarnings: caller is not the owner"
     assert self.marketplace == empty(address), "HostEarnings: marketplace already set"
@@ -53,6 +59,9 @@ def credit(host: address, token: address, amount: uint256):
     """
     @notice Record `amount` of `token` as earned by `host`.
     @dev Marketplace only, after it has transferred the tokens here.
+    @param host Who earned the tokens.
+    @param token The token transferred in.
+    @param amount Base units of `token` to add to the host's balance.
     """
     assert msg.sender == self.marketplace, "HostEarnings: caller is not the marketplace"
     balance: uint256 = self.balance_of[host][token] + amount
@@ -65,6 +74,7 @@ def credit(host: address, token: address, amount: uint256):
 def withdraw(token: address) -> uint256:
     """
     @notice Send the caller its whole balance of `token`.
+    @param token The token to withdraw; the balance must be nonzero.
     @return The amount sent.
     """
     return self._withdraw(msg.sender, token)
@@ -75,6 +85,7 @@ def withdraw(token: address) -> uint256:
 def withdraw_many(tokens: DynArray[address, MAX_TOKENS]) -> DynArray[uint256, MAX_TOKENS]:
     """
     @notice Send the caller its whole balance of each token in `tokens`.
+    @param tokens Up to 8 tokens, each with a nonzero balance.
     @return The amounts sent, in the order of `tokens`.
     """
     amounts: DynArray[uint256, MAX_TOKENS] = []

@@ -355,6 +355,7 @@ def request_close(session_id: uint256):
     """
     @notice Depositor asks to end the session. The host has `close_window`
             seconds to submit its latest receipt; then anyone can finalize.
+    @param session_id An open session of the caller's, not already closing.
     """
     session: Session = self._load(session_id)
     assert session.status == STATUS_OPEN, "JobMarketplace: session not open"
@@ -375,6 +376,7 @@ def finalize(session_id: uint256):
     @notice Settle a session whose deadline has passed at its last checkpoint.
     @dev Anyone may call: after the close window of a close request, or after
          expiry plus the close window.
+    @param session_id An open session past its deadline.
     """
     session: Session = self._load(session_id)
     assert session.status == STATUS_OPEN, "JobMarketplace: session not open"
@@ -423,6 +425,7 @@ def withdraw_treasury() -> uint256:
 def set_fee_bps(new_fee_bps: uint256):
     """
     @notice Change the fee for sessions created from now on. Owner only.
+    @param new_fee_bps The fee in basis points of the amount paid; at most 2000.
     """
     assert msg.sender == self.owner, "JobMarketplace: caller is not the owner"
     assert new_fee_bps <= MAX_FEE_BPS, "JobMarketplace: fee above maximum"
@@ -434,6 +437,7 @@ def set_fee_bps(new_fee_bps: uint256):
 def set_treasury(new_treasury: address):
     """
     @notice Change the address that withdraws protocol fees. Owner only.
+    @param new_treasury The new treasury; not the zero address.
     """
     assert msg.sender == self.owner, "JobMarketplace: caller is not the owner"
     assert new_treasury != empty(address), "JobMarketplace: treasury is the zero address"
@@ -445,6 +449,7 @@ def set_treasury(new_treasury: address):
 def transfer_ownership(new_owner: address):
     """
     @notice Hand the owner role to `new_owner`.
+    @param new_owner The next owner; not the zero address.
     """
     assert msg.sender == self.owner, "JobMarketplace: caller is not the owner"
     assert new_owner != empty(address), "JobMarketplace: new owner is the zero address"

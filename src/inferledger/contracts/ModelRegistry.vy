@@ -42,6 +42,8 @@ def approve_model(name: String[128], weights_sha256: bytes32) -> bytes32:
     """
     @notice Approve the model `name` ("repo/file") with the given weights hash.
     @dev Re-approving an id updates its hash; revoked ids can be approved again.
+    @param name The model's "repo/file" name; not empty.
+    @param weights_sha256 sha256 of the weights file; not zero.
     @return The model id, keccak256 of `name`.
     """
     assert msg.sender == self.owner, "ModelRegistry: caller is not the owner"
@@ -60,6 +62,7 @@ def approve_model(name: String[128], weights_sha256: bytes32) -> bytes32:
 def revoke_model(model_id: bytes32):
     """
     @notice Withdraw approval of `model_id`; open sessions are not affected.
+    @param model_id An approved model.
     """
     assert msg.sender == self.owner, "ModelRegistry: caller is not the owner"
     assert self.models[model_id].approved, "ModelRegistry: model not approved"
@@ -71,6 +74,7 @@ def revoke_model(model_id: bytes32):
 def transfer_ownership(new_owner: address):
     """
     @notice Hand the owner role to `new_owner`.
+    @param new_owner The next owner; not the zero address.
     """
     assert msg.sender == self.owner, "ModelRegistry: caller is not the owner"
     assert new_owner != empty(address), "ModelRegistry: new owner is the zero address"

@@ -40,6 +40,15 @@ event HostRegistered:
     api_url: String[256]
     stake: uint256
 
+# The host starts or stops accepting new sessions.
+event HostActiveChanged:
+    host: indexed(address)
+    active: bool
+
+# `withdraw_stake` removed the registration: URL, stake and unbonding time are cleared.
+event HostDeregistered:
+    host: indexed(address)
+
 event HostUrlUpdated:
     host: indexed(address)
     api_url: String[256]
@@ -155,6 +164,7 @@ def register(
         self.host_at[self.host_count] = msg.sender
         self.host_count += 1
     log HostRegistered(host=msg.sender, api_url=api_url, stake=stake)
+    log HostActiveChanged(host=msg.sender, active=True)
     self._set_models(msg.sender, model_ids, input_prices, output_prices)
     assert extcall stake_token.transferFrom(
         msg.sender, self, stake, default_return_value=True
@@ -165,6 +175,7 @@ def register(
 def update_url(api_url: String[256]):
     """
     @notice Change the caller's API URL.
+    @param api_url The new URL; not empty.
     """
     assert self.hosts[msg.sender].registered, "NodeRegistry: not registered"
     assert len(api_url) > 0, "NodeRegistry: empty API URL"
@@ -197,15 +208,16 @@ def add_stake(amount: uint256):
     """
     @notice Lock `amount` more of the stake token for the caller.
     @dev Reactivates a host that a slash left below the minimum, unless it is unbonding.
+    @param amount Stake token base units to add; nonzero.
     """
     assert self.hosts[msg.sender].registered, "NodeRegistry: not registered"
     assert amount > 0, "NodeRegistry: zero amount"
     new_stake: uint256 = self.hosts[msg.sender].stake + amount
     self.hosts[msg.sender].stake = new_stake
+    log StakeAdded(host=msg.sender, amount=amount, stake=new_stake)
     # A host slashed below the minimum becomes active again once topped up.
     if new_stake >= min_stake and self.hosts[msg.sender].unbonding_ends_at == 0:
-        self.hosts[msg.sender].active = True
-    log StakeAdded(host=msg.sender, amount=amount, stake=new_stake)
+        self._set_active(msg.sender, True)
     assert extcall stake_token.transferFrom(
         msg.sender, self, amount, default_return_value=True
     ), "NodeRegistry: stake transfer failed"
@@ -220,9 +232,9 @@ def request_unstake():
     assert host.registered, "NodeRegistry: not registered"
     assert host.unbonding_ends_at == 0, "NodeRegistry: already unbonding"
     ends_at: uint256 = block.timestamp + unbonding_delay
-    self.hosts[msg.sender].active = False
     self.hosts[msg.sender].unbonding_ends_at = ends_at
     log UnbondingStarted(host=msg.sender, unbonding_ends_at=ends_at)
+    self._set_active(msg.sender, False)
 
 
 @external
@@ -233,9 +245,9 @@ def cancel_unstake():
     host: Host = self.hosts[msg.sender]
     assert host.unbonding_ends_at != 0, "NodeRegistry: not unbonding"
     assert host.stake >= min_stake, "NodeRegistry: stake below minimum"
-    self.hosts[msg.sender].active = True
     self.hosts[msg.sender].unbonding_ends_at = 0
     log UnbondingCancelled(host=msg.sender)
+    self._set_active(msg.sender, True)
 
 
 @external
@@ -251,7 +263,9 @@ def withdraw_stake():
     assert host.sessions_opened == host.sessions_closed, "NodeRegistry: host has open sessions"
     self._clear_models(msg.sender)
     self.models_of[msg.sender] = []
+    # An unbonding host is already inactive, so only the registration itself goes.
     self.hosts[msg.sender] = empty(Host)
+    log HostDeregistered(host=msg.sender)
     log StakeWithdrawn(host=msg.sender, amount=host.stake)
     if host.stake > 0:
         assert extcall stake_token.transfer(
@@ -265,6 +279,9 @@ def slash(host_address: address, amount: uint256, recipient: address):
     """
     @notice Take `amount` of a host's stake and send it to `recipient`.
     @dev Arbiter only. A host left below the minimum stake stops being active.
+    @param host_address The registered host to slash.
+    @param amount Stake token base units to take; at most the host's stake.
+    @param recipient Who receives the slashed amount.
     """
     assert msg.sender == self.arbiter, "NodeRegistry: caller is not the arbiter"
     assert recipient != empty(address), "NodeRegistry: recipient is the zero address"
@@ -273,9 +290,9 @@ def slash(host_address: address, amount: uint256, recipient: address):
     assert amount > 0 and amount <= host.stake, "NodeRegistry: bad slash amount"
     remaining: uint256 = host.stake - amount
     self.hosts[host_address].stake = remaining
-    if remaining < min_stake:
-        self.hosts[host_address].active = False
     log HostSlashed(host=host_address, amount=amount, recipient=recipient, stake=remaining)
+    if remaining < min_stake:
+        self._set_active(host_address, False)
     assert extcall stake_token.transfer(
         recipient, amount, default_return_value=True
     ), "NodeRegistry: slash transfer failed"
@@ -285,6 +302,7 @@ def slash(host_address: address, amount: uint256, recipient: address):
 def session_opened(host_address: address):
     """
     @notice Count a new open session for `host_address`. Marketplace only.
+    @param host_address The session's host.
     """
     assert msg.sender == self.marketplace, "NodeRegistry: caller is not the marketplace"
     opened: uint256 = self.hosts[host_address].sessions_opened + 1
@@ -298,6 +316,7 @@ def session_opened(host_address: address):
 def session_closed(host_address: address):
     """
     @notice Count a settled session for `host_address`. Marketplace only.
+    @param host_address The session's host.
     """
     assert msg.sender == self.marketplace, "NodeRegistry: caller is not the marketplace"
     closed: uint256 = self.hosts[host_address].sessions_closed + 1
@@ -311,6 +330,7 @@ def session_closed(host_address: address):
 def set_marketplace(marketplace: address):
     """
     @notice Name the marketplace allowed to count sessions. Owner only, once.
+    @param marketplace The JobMarketplace; not the zero address.
     """
     assert msg.sender == self.owner, "NodeRegistry: caller is not the owner"
     assert self.marketplace == empty(address), "NodeRegistry: marketplace already set"
@@ -323,6 +343,7 @@ def set_marketplace(marketplace: address):
 def set_arbiter(arbiter: address):
     """
     @notice Name the address allowed to slash. Owner only.
+    @param arbiter The new arbiter.
     """
     assert msg.sender == self.owner, "NodeRegistry: caller is not the owner"
     self.arbiter = arbiter
@@ -333,6 +354,7 @@ def set_arbiter(arbiter: address):
 def transfer_ownership(new_owner: address):
     """
     @notice Hand the owner role to `new_owner`.
+    @param new_owner The next owner; not the zero address.
     """
     assert msg.sender == self.owner, "NodeRegistry: caller is not the owner"
     assert new_owner != empty(address), "NodeRegistry: new owner is the zero address"
@@ -373,6 +395,14 @@ def is_active(host_address: address) -> bool:
     @notice Whether a host accepts new sessions.
     """
     return self.hosts[host_address].active
+
+
+@internal
+def _set_active(host_address: address, active: bool):
+    # Writes and logs only a real switch, so each HostActiveChanged is one.
+    if self.hosts[host_address].active != active:
+        self.hosts[host_address].active = active
+        log HostActiveChanged(host=host_address, active=active)
 
 
 @internal

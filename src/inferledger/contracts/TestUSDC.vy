@@ -26,6 +26,10 @@ event BlockedSet:
     account: indexed(address)
     blocked: bool
 
+event OwnershipTransferred:
+    previous_owner: indexed(address)
+    new_owner: indexed(address)
+
 name: public(constant(String[32])) = "Test USD Coin"
 symbol: public(constant(String[8])) = "USDC"
 decimals: public(constant(uint8)) = 6
@@ -40,6 +44,7 @@ blocked: public(HashMap[address, bool])
 @deploy
 def __init__():
     self.owner = msg.sender
+    log OwnershipTransferred(previous_owner=empty(address), new_owner=msg.sender)
 
 
 @external
@@ -47,6 +52,9 @@ def transfer(receiver: address, amount: uint256) -> bool:
     """
     @notice Move `amount` base units from the caller to `receiver`.
     @dev Reverts when either side is blocked, like USDC's blacklist.
+    @param receiver Who gets the tokens; not the zero address.
+    @param amount Base units to move.
+    @return True; failures revert.
     """
     self._transfer(msg.sender, receiver, amount)
     return True
@@ -56,6 +64,11 @@ def transfer(receiver: address, amount: uint256) -> bool:
 def transferFrom(sender: address, receiver: address, amount: uint256) -> bool:
     """
     @notice Move `amount` from `sender` to `receiver` using the caller's allowance.
+    @dev Like USDC, the lowered allowance is not logged as an Approval.
+    @param sender Whose tokens move.
+    @param receiver Who gets them; not the zero address.
+    @param amount Base units to move; at most the allowance.
+    @return True; failures revert.
     """
     allowed: uint256 = self.allowance[sender][msg.sender]
     assert allowed >= amount, "TestUSDC: allowance too low"
@@ -69,6 +82,9 @@ def transferFrom(sender: address, receiver: address, amount: uint256) -> bool:
 def approve(spender: address, amount: uint256) -> bool:
     """
     @notice Let `spender` move up to `amount` of the caller's tokens.
+    @param spender Who may spend.
+    @param amount The new allowance; the maximum uint256 never decreases.
+    @return True.
     """
     self.allowance[msg.sender][spender] = amount
     log Approval(owner=msg.sender, spender=spender, value=amount)
@@ -79,6 +95,8 @@ def approve(spender: address, amount: uint256) -> bool:
 def mint(receiver: address, amount: uint256):
     """
     @notice Create `amount` new tokens for `receiver`. Public: dev chains only.
+    @param receiver Who gets the tokens; not the zero address.
+    @param amount Base units to create.
     """
     assert receiver != empty(address), "TestUSDC: mint to zero address"
     self.totalSupply += amount
@@ -91,6 +109,8 @@ def set_blocked(account: address, is_blocked: bool):
     """
     @notice Block or unblock `account` from sending and receiving.
     @dev Owner only; models the USDC blacklist for refund-failure tests.
+    @param account The address to block or unblock.
+    @param is_blocked True to block.
     """
     assert msg.sender == self.owner, "TestUSDC: caller is not the owner"
     self.blocked[account] = is_blocked
