@@ -15,6 +15,9 @@ from inferledger.chain.devchain import INPUT_PRICE, PRICE, DevWorld
 from inferledger.chain.units import format_usdc, settlement_split, usdc
 from inferledger.cli.main import app
 from inferledger.inference import Backend
+from inferledger.node.metering import Counts
+from inferledger.node.outbox import Outbox
+from inferledger.node.state import NodeState, SessionRecord
 from inferledger.sdk.wire import SessionClient
 from support import open_session
 
@@ -82,3 +85,50 @@ def test_node_status_shows_each_settlement_and_fails_on_a_failed_one(
 
     missing = runner.invoke(app, ["node", "status", "--state-db", str(tmp_path / "none.db")])
     assert missing.exit_code == 1 and "no node state at" in missing.output
+
+
+def _settled_session(state: NodeState, session_id: int, receipted: int, paid: int) -> None:
+    """A session whose user signed for ``receipted`` output tokens, settled at ``paid``."""
+    state.upsert_session(
+        SessionRecord(session_id, "0xd", "0xs", b"m" * 32, usdc("1"), 0, PRICE, 100, 10**10)
+    )
+    state.record_served(session_id, Counts(0, receipted), (), 0)
+    state.store_receipt(session_id, Counts(0, receipted), bytes(32), b"\x01" * 65)
+    outbox = Outbox(state)
+    outbox.schedule_settlement(session_id, "end", 0.0)
+    outbox.finish_settlement(
+        session_id, "settled", input_tokens=0, tokens=paid, tx_hash="0xabc", confirmed=True
+    )
+
+
+def test_node_status_flags_unpaid_tokens_disagreements_and_unconfirmed_settlements(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "node.sqlite3"
+    runner = CliRunner()
+    with NodeState(path) as state:
+        _settled_session(state, 1, receipted=120, paid=120)
+    clean = runner.invoke(app, ["node", "status", "--state-db", str(path)])
+    assert clean.exit_code == 0, clean.output
+    assert "needs attention" not in clean.output
+
+    with NodeState(path) as state:
+        _settled_session(state, 2, receipted=150, paid=100)  # settled at an old checkpoint
+        _settled_session(state, 3, receipted=40, paid=40)
+        state.note_discrepancy(3, "settlement_lost", "the chain says open", repaired=True)
+        _settled_session(state, 4, receipted=10, paid=10)
+        Outbox(state).finish_settlement(4, "settled", input_tokens=0, tokens=10, block_number=9)
+    flagged = runner.invoke(app, ["node", "status", "--state-db", str(path)])
+    assert flagged.exit_code == 1, flagged.output
+    lines = {int(line.split(":")[0].split()[1]): line for line in flagged.output.splitlines()
+             if line.startswith("session ")}  # fmt: skip
+    assert "UNPAID: 0 input + 50 output receipted tokens not paid" in lines[2]
+    assert "DISAGREES: settlement lost: the chain says open" in lines[3]
+    assert "UNCONFIRMED: settlement in block 9 awaits confirmations" in lines[4]
+    assert not any(flag in lines[1] for flag in ("UNPAID", "DISAGREES", "UNCONFIRMED"))
+    assert "needs attention: 1 DISAGREES, 1 UNCONFIRMED, 1 UNPAID" in flagged.output
+
+    with NodeState(path) as state:
+        state.resolve_discrepancies(3)
+    resolved = runner.invoke(app, ["node", "status", "--state-db", str(path)])
+    assert "DISAGREES" not in resolved.output
