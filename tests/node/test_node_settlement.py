@@ -362,9 +362,16 @@ def test_missing_external_prover_fails_preflight_and_degraded_nodes_still_settle
     assert isinstance(settled, Settled), settled
     assert (settled.input_tokens, settled.output_tokens) == (billed, 150)
     assert_paid_exactly(world, session_id, billed, 150)
-    assert {(cp.prover, cp.unproven) for cp in node.outbox.checkpoints(session_id)} == {
-        ("commitment", True)
-    }
+    checkpoints = node.outbox.checkpoints(session_id)
+    assert {(cp.prover, cp.unproven) for cp in checkpoints} == {("commitment", True)}
+    # Degraded: each unproven checkpoint counts as a prover failure, none as proved.
+    assert node.metrics.prover_failures._value.get() == len(checkpoints) == 2
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'inferledger_checkpoints_total{state="unproven"} 2.0' in metrics
+    assert 'state="proved"' not in metrics
+    health = httpx.get(server.url + "/health")
+    assert health.status_code == 200 and health.json()["status"] == "degraded"
+    assert any("prover" in problem for problem in health.json()["problems"])
 
 
 def test_a_nonce_taken_by_another_transaction_of_the_host_key_is_recovered(

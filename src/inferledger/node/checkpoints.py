@@ -132,9 +132,12 @@ def build_checkpoint(node: Node, job: CheckpointJob) -> CheckpointRecord:
     metrics = node.metrics
     metrics.proof_seconds.labels(prover=bundle.prover).observe(proved.seconds)
     metrics.proof_bytes.observe(len(proved.encoded))
-    metrics.checkpoints.labels(state="proved").inc()
-    if proved.fell_back:
+    # An unproven bundle proves nothing: it is counted apart, and a node running without its
+    # prover (degraded) counts each one as a prover failure, like a fallback.
+    metrics.checkpoints.labels(state="unproven" if bundle.unproven else "proved").inc()
+    if proved.fell_back or node.prover_degraded:
         metrics.prover_failures.inc()
+    if proved.fell_back:
         log.error(
             "session %s: prover %r failed for checkpoint %s (%s); fell back to an unproven "
             "commitment bundle, payment goes on",

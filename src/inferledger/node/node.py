@@ -87,6 +87,11 @@ class Node:
         return all(r.ok for r in self.preflight.results if r.name not in tolerated)
 
     @property
+    def prover_degraded(self) -> bool:
+        """The configured prover failed its preflight: checkpoints carry unproven bundles."""
+        return not self.preflight.get("prover").ok
+
+    @property
     def outbox(self) -> Outbox:
         return Outbox(self.state)
 
