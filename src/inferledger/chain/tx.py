@@ -308,9 +308,11 @@ class TxSender:
                 continue
             filler = {"to": self.address, "value": 0, "gas": PLAIN_TRANSFER_GAS}
             filler |= {"chainId": self.w3.eth.chain_id, "from": self.address, "nonce": nonce}
-            self._price(filler, "fill a nonce gap")
             try:
+                self._price(filler, "fill a nonce gap")
                 self._send_raw(filler)
+            except FeeCapExceeded:
+                break  # gas costs more than allowed: keep waiting, the next check retries
             except Exception as exc:
                 if _refusal(exc) is None:
                     raise
