@@ -15,7 +15,7 @@ from web3 import Web3
 from web3.providers.eth_tester import EthereumTesterProvider
 
 from inferledger.chain.errors import ChainError, ChainUnreachable
-from inferledger.chain.tx import TxSender
+from inferledger.chain.tx import Nonces, TxSender
 
 EMBEDDED = "embedded"
 _DEV_CLIENTS = ("anvil", "hardhat", "ganache")
@@ -45,7 +45,10 @@ class Chain:
         self._sender_defaults = sender_defaults
         # Direct eth-tester calls (time travel, snapshots) share the provider's lock.
         self.lock = w3.provider.lock if tester is not None else threading.RLock()
-        self._senders: list[TxSender] = []
+        # One sender per key and options, all senders of a key sharing its nonces.
+        self._senders: dict[tuple[str, tuple[tuple[str, Any], ...]], TxSender] = {}
+        self._nonces: dict[str, Nonces] = {}
+        self._senders_lock = threading.Lock()
         try:
             self.chain_id = w3.eth.chain_id
             client = w3.client_version.lower() if tester is None else "eth-tester"
@@ -62,14 +65,23 @@ class Chain:
         return self._tester is not None
 
     def sender(self, account: LocalAccount | str | bytes, **options: Any) -> TxSender:
-        """A TxSender for ``account`` (an account or a private key) on this chain."""
+        """The TxSender for ``account`` (an account or a private key) on this chain.
+
+        The same key always gets the same nonce book: two senders choosing nonces for
+        one key on their own would collide.
+        """
         if not isinstance(account, LocalAccount):
             account = Account.from_key(account)
         defaults = {"estimate_block": None if self.is_embedded else "pending"}
         options = {**defaults, **self._sender_defaults, **options}
-        sender = TxSender(self.w3, account, url=self.url, **options)
-        self._senders.append(sender)
-        return sender
+        key = (account.address, tuple(sorted(options.items())))
+        with self._senders_lock:
+            if key not in self._senders:
+                nonces = self._nonces.setdefault(account.address, Nonces())
+                self._senders[key] = TxSender(
+                    self.w3, account, url=self.url, nonces=nonces, **options
+                )
+            return self._senders[key]
 
     def now(self) -> int:
         """Timestamp of the latest block."""
@@ -135,8 +147,8 @@ class Chain:
             result = self.w3.provider.make_request("evm_revert", [snapshot_id])
             if not result.get("result"):
                 raise ChainError(f"anvil refused to revert to snapshot {snapshot_id}")
-        for sender in self._senders:
-            sender.reset_nonce()
+        for nonces in self._nonces.values():
+            nonces.reset()
 
     def fund(self, address: str, wei: int) -> None:
         """Give ``address`` ``wei`` of gas money from the dev chain's own funds."""

@@ -33,16 +33,36 @@ class ChainUnreachable(ChainError):
 class TxTimeout(ChainError):
     """A transaction was sent but no receipt arrived in time."""
 
-    def __init__(self, tx_hash: str, timeout: float) -> None:
+    def __init__(self, tx_hash: str, timeout: float, known: bool = True) -> None:
         self.tx_hash = tx_hash
+        self.known = known
+        outlook = (
+            "it may still land: check it later or raise the receipt timeout"
+            if known
+            else "the node no longer knows it, so it will not land: send it again"
+        )
+        super().__init__(f"transaction {tx_hash} not mined within {timeout:.0f}s; {outlook}")
+
+
+class TxDropped(ChainError):
+    """A sent transaction vanished from the node unmined (evicted, replaced, rolled back)."""
+
+    def __init__(self, tx_hash: str, action: str = "") -> None:
+        self.tx_hash = tx_hash
+        self.action = action
+        what = f"{action} transaction" if action else "transaction"
         super().__init__(
-            f"transaction {tx_hash} not mined within {timeout:.0f}s; it may still land: "
-            "check it later or raise the receipt timeout"
+            f"{what} {tx_hash} was dropped by the node before it was mined; "
+            "it did not land and may be sent again"
         )
 
 
 class GasCapExceeded(ChainError):
     """The gas estimate is above the configured cap."""
+
+
+class FeeCapExceeded(ChainError):
+    """The chain's gas price is above the configured fee cap."""
 
 
 _REVERT_PREFIXES = ("execution reverted: ", "execution reverted:", "execution reverted")
