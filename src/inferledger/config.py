@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import (
@@ -36,6 +36,17 @@ class Settings(BaseSettings):
     )
     receipt_timeout: float = Field(
         default=120.0, gt=0, description="Seconds to wait for a transaction receipt"
+    )
+    tx_stuck_after: float = Field(
+        default=15.0,
+        gt=0,
+        description="Seconds a sent transaction may stay unmined before it is re-sent with a "
+        "higher fee (or found dropped and sent again)",
+    )
+    max_fee_per_gas_gwei: float | None = Field(
+        default=None,
+        gt=0,
+        description="Most the node pays per gas (gwei), replacements included; none: no cap",
     )
     deployment_file: Path = Field(
         default=Path("deployment.json"), description="Where `deploy` writes the contract addresses"
@@ -165,6 +176,16 @@ class Settings(BaseSettings):
         description="Seconds between comparisons of the node's books with the chain for "
         "every session it still holds",
     )
+
+    def sender_options(self) -> dict[str, Any]:
+        """How every TxSender made from these settings sends (``chain.connect`` defaults)."""
+        cap = self.max_fee_per_gas_gwei
+        return {
+            "gas_cap": self.gas_cap,
+            "receipt_timeout": self.receipt_timeout,
+            "stuck_after": self.tx_stuck_after,
+            "max_fee_per_gas": None if cap is None else int(cap * 10**9),
+        }
 
     @classmethod
     def settings_customise_sources(

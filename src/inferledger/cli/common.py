@@ -105,9 +105,7 @@ def connect_chain(settings: Settings) -> Chain:
             "dies inside one process; start one with `inferledger chain` and pass "
             f"--rpc {LOCAL_CHAIN} (or export INFERLEDGER_CHAIN_URL={LOCAL_CHAIN})"
         )
-    return connect(
-        settings.chain_url, gas_cap=settings.gas_cap, receipt_timeout=settings.receipt_timeout
-    )
+    return connect(settings.chain_url, **settings.sender_options())
 
 
 def require_deployment_file(settings: Settings) -> Path:

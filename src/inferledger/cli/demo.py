@@ -75,9 +75,7 @@ def run_demo(
 ) -> DemoResult:
     console = console or Console()
     backend = _load_model(console)
-    chain = connect(
-        settings.chain_url, gas_cap=settings.gas_cap, receipt_timeout=settings.receipt_timeout
-    )
+    chain = connect(settings.chain_url, **settings.sender_options())
     if not chain.is_dev:
         raise ChainError(
             f"{settings.chain_url} is not a dev chain: the demo mints test USDC; "

@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Literal
 
-from inferledger.chain.errors import ChainError, ChainUnreachable, TxTimeout
+from inferledger.chain.errors import ChainError, ChainUnreachable, TxDropped, TxTimeout
 from inferledger.node.metrics import NodeMetrics
 
 Problem = Literal["unreachable", "not_mining"]
@@ -91,6 +91,6 @@ class ChainHealth:
 def classify(exc: ChainError) -> Problem | None:
     if isinstance(exc, ChainUnreachable):
         return "unreachable"
-    if isinstance(exc, TxTimeout) or type(exc).__name__ == "TxDropped":
+    if isinstance(exc, TxTimeout | TxDropped):
         return "not_mining"
     return None

@@ -278,9 +278,7 @@ def _check_chain(ctx: _Context) -> str:
     fix = f"start the chain node, or point {CHAIN_URL} at a running JSON-RPC endpoint"
     try:
         if ctx.chain is None:
-            ctx.chain = connect(
-                url, gas_cap=ctx.settings.gas_cap, receipt_timeout=ctx.settings.receipt_timeout
-            )
+            ctx.chain = connect(url, **ctx.settings.sender_options())
         chain_id = int(ctx.chain.w3.eth.chain_id)
         block = int(ctx.chain.w3.eth.block_number)
     except ChainUnreachable:

@@ -48,9 +48,7 @@ def prepare_node(settings: Settings) -> Node:
             f"setting deployment_file (INFERLEDGER_DEPLOYMENT_FILE): {settings.deployment_file} "
             "does not exist; deploy the contracts first (`inferledger deploy`)"
         )
-    chain = connect(
-        settings.chain_url, gas_cap=settings.gas_cap, receipt_timeout=settings.receipt_timeout
-    )
+    chain = connect(settings.chain_url, **settings.sender_options())
     contracts = Contracts.attach(chain, Deployment.load(settings.deployment_file))
     return create_node(settings, contracts=contracts, backend=backend_from_settings(settings))
 
