@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from eth_utils import keccak
+from node_support import wait_until
+from test_faults import TcpProxy
 from typer.testing import CliRunner, Result
 
 from inferledger.chain.anvil import start_anvil
@@ -23,7 +25,7 @@ from inferledger.inference import load_backend
 from inferledger.node.node import create_node
 from inferledger.node.server import BackgroundServer
 from inferledger.node.state import NodeState
-from inferledger.sdk import Client, lifecycle
+from inferledger.sdk import Client, SessionRecord, lifecycle
 
 MODEL = "scripted/words"
 
@@ -197,3 +199,41 @@ def test_host_update_changes_one_price_and_keeps_the_url(market: Market) -> None
     finally:
         invoke("host", "update", "--model", MODEL, "--input-price", "0", "--price", "0.002")
     assert f"{model}: input 0, output 0.002 USDC/token" in invoke("host", "show").stdout
+
+
+def test_list_and_show_learn_a_settlement_that_landed_after_close_fell_back(
+    market: Market,
+) -> None:
+    """The client loses the node (here a cut link), so close() falls back to request_close
+    and the record says "closing"; the node, still up, settles on the close request.
+    `session list` updates the record from the chain, and `session show` prints it."""
+    c = market.world.contracts
+    node_url = c.nodes.get_host(market.world.host.address).api_url
+    host, port = node_url.removeprefix("http://").split(":")
+    link = TcpProxy((host, int(port)))
+    client = Client(
+        market.chain, key="0x" + dev_account("user").key.hex(), deployment=market.deployment
+    )
+    session = client.sessions.open(
+        market.world.host.address, market.model_id, usdc("1"), url=link.url
+    )
+    session.chat_sync([{"role": "user", "content": "hello"}], max_tokens=6)
+    link.cut()
+    closing = session.close(timeout=5)
+    assert closing.status == "closing", closing
+    wait_until(
+        lambda: c.marketplace.get_session(session.id).is_settled, "the node's settlement", 60
+    )
+    stale = SessionRecord.model_validate_json(session.record_path.read_text())
+    assert stale.settlement is not None and stale.settlement["status"] == "closing"
+
+    listed = invoke("session", "list")
+    assert re.search(rf"│ {session.id} +│ settled +│", listed.stdout), listed.stdout
+    saved = SessionRecord.model_validate_json(session.record_path.read_text())
+    assert saved.settlement is not None and saved.settlement["status"] == "settled"
+    paid = (saved.settlement["input_tokens"], saved.settlement["output_tokens"])
+    assert paid == (session.input_tokens, 6)
+
+    shown = invoke("session", "show", str(session.id))
+    assert (f"closed      settled (reported by the chain): {session.input_tokens} input + 6 "
+            "output tokens paid") in shown.stdout  # fmt: skip

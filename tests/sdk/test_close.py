@@ -3,23 +3,65 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from eth_account import Account
+from node_support import wait_until
+from test_faults import TcpProxy
 
-from inferledger.chain.devchain import INPUT_PRICE, PRICE, PROOF, sign
+from inferledger.chain.connect import connect
+from inferledger.chain.contracts import Contracts
+from inferledger.chain.devchain import INPUT_PRICE, PRICE, PROOF, dev_account, sign
 from inferledger.chain.units import settlement_split, usdc
-from inferledger.inference import load_backend
-from inferledger.sdk import SdkError, SessionClosed, SessionRecord, lifecycle
+from inferledger.inference import Backend, load_backend
+from inferledger.node import connection
+from inferledger.node.node import Node
+from inferledger.node.server import BackgroundServer
+from inferledger.protocol.server import Settled, SettlementPending
+from inferledger.sdk import Client, SdkError, SessionClosed, SessionRecord, lifecycle
 
 if TYPE_CHECKING:
     from sdk_support import Market, NodeFactory
 
 pytest_plugins = ["sdk_support"]
 HELLO = [{"role": "user", "content": "hello"}]
+
+
+@dataclass
+class Rpc:
+    """The chain's RPC behind a proxy that a test cuts and restores, and the deployment's
+    contracts reached through it."""
+
+    proxy: TcpProxy
+    contracts: Contracts
+
+
+@pytest.fixture
+def rpc(market: Market) -> Iterator[Rpc]:
+    if market.world.chain.is_embedded:
+        pytest.skip("the embedded chain runs in-process: there is no RPC to lose")
+    host, port = market.world.chain.url.removeprefix("http://").split(":")
+    proxy = TcpProxy((host, int(port)))
+    chain = connect(proxy.url, receipt_timeout=5)
+    yield Rpc(proxy, Contracts.attach(chain, market.world.contracts.deployment))
+    proxy.cut()
+
+
+def held_up_node(
+    start_node: NodeFactory, scripted: Backend, rpc: Rpc
+) -> tuple[Node, BackgroundServer]:
+    """A node whose chain is behind ``rpc``: it says settlement_pending at once and retries
+    at least every half second."""
+    return start_node(
+        scripted, contracts=rpc.contracts, settlement_wait=0, settlement_retry_cap=0.5
+    )
 
 
 def test_close_returns_the_nodes_settlement_checked_against_the_chain(market: Market) -> None:
@@ -162,26 +204,189 @@ def test_close_reads_a_settlement_the_host_made_directly(market: Market) -> None
     )
 
 
-def test_a_node_that_cannot_settle_at_once_is_backed_by_the_chain(
-    market: Market, start_node: NodeFactory, scripted: object
+def test_close_hears_settlement_pending_out_and_returns_the_nodes_settlement(
+    market: Market, start_node: NodeFactory, scripted: Backend
 ) -> None:
-    """settlement_pending: the SDK falls back to the chain; the node still settles in the
-    close window, and a second close() reports it."""
-    _node, patient = start_node(scripted, settlement_wait=0)
+    """settlement_pending is progress, not the answer: close() reads on to the node's
+    ``settled`` frame and returns it, and the depositor never asks the chain to close."""
+    _node, patient = start_node(scripted, settlement_wait=0)  # pending before every settled
+    c = market.world.contracts
     client = market.client()
     session = client.sessions.open(
         market.world.host.address, market.model_id, usdc("2"), url=patient.ws_url
     )
     session.chat_sync(HELLO, max_tokens=20)
-    first = session.close()
-    assert first.reported_by == "chain"
-    assert first.status in ("settled", "closing")
-    deadline = time.monotonic() + 20
-    while not (settled := session.close()).settled:
-        assert time.monotonic() < deadline, "the node never settled"
-        time.sleep(0.2)
-    assert settled.output_tokens == 20 and settled.tx_hash is not None
-    assert settled.input_tokens == session.input_tokens > 0
+    seen: list[SettlementPending] = []
+
+    settled = session.close(on_pending=seen.append)
+
+    assert (settled.status, settled.reported_by) == ("settled", "node")
+    assert (settled.input_tokens, settled.output_tokens) == (session.input_tokens, 20)
+    assert seen and {frame.session_id for frame in seen} == {session.id}
+    assert seen[0].reason in settled.message  # what the close waited for
+    info = c.marketplace.get_session(session.id)
+    assert info.is_settled and info.close_requested_at == 0
+    event = c.marketplace.settlement_event(session.id)
+    assert event is not None and settled.tx_hash == event.tx_hash
+
+
+def test_an_rpc_outage_during_settlement_is_waited_out_without_a_close_request(
+    market: Market, start_node: NodeFactory, scripted: Backend, rpc: Rpc
+) -> None:
+    """The operators' incident: the RPC is down for the node and the client when the
+    session closes. close() asks the node without reading the chain, hears
+    settlement_pending, keeps waiting while the node's attempts fail, and once the RPC is
+    back returns the node's settlement, checked against the chain; no request_close."""
+    node, server = held_up_node(start_node, scripted, rpc)
+    client = Client(
+        connect(rpc.proxy.url),  # the client's own connection through the same RPC
+        key="0x" + dev_account("user").key.hex(),
+        deployment=rpc.contracts.deployment,
+        sessions_dir=market.sessions_dir,
+    )
+    session = client.sessions.open(
+        market.world.host.address, market.model_id, usdc("2"), url=server.ws_url
+    )
+    session.chat_sync(HELLO, max_tokens=40)
+    heard = threading.Event()
+    seen: list[SettlementPending] = []
+
+    def pending(frame: SettlementPending) -> None:
+        seen.append(frame)
+        heard.set()
+
+    def failed_attempt() -> bool:
+        settlement = node.outbox.settlement(session.id)
+        return settlement is not None and settlement.attempts >= 1 and bool(settlement.last_error)
+
+    rpc.proxy.cut()
+    with ThreadPoolExecutor(1) as pool:
+        closing = pool.submit(session.close, 90, on_pending=pending)
+        assert heard.wait(60), "no settlement_pending from the node"
+        wait_until(failed_attempt, "the node's settlement attempt to fail on the cut RPC", 60)
+        assert not closing.done()  # still waiting for the node's word
+        rpc.proxy.restore()
+        settled = closing.result(timeout=120)
+
+    assert (settled.status, settled.reported_by) == ("settled", "node")
+    assert (settled.input_tokens, settled.output_tokens) == (session.input_tokens, 40)
+    assert seen and seen[0].session_id == session.id
+    info = market.world.contracts.marketplace.get_session(session.id)
+    assert info.is_settled and info.close_requested_at == 0
+    assert (info.input_tokens_paid, info.output_tokens_paid) == (session.input_tokens, 40)
+    saved = SessionRecord.model_validate_json(session.record_path.read_text())
+    assert saved.settlement is not None and saved.settlement["status"] == "settled"
+
+
+def test_a_settlement_that_lands_after_close_stopped_waiting_is_learned_by_refresh(
+    market: Market, start_node: NodeFactory, scripted: Backend, rpc: Rpc
+) -> None:
+    """The node's chain is down past close()'s timeout: the depositor's request_close is
+    the fallback ("closing"). The node settles when its RPC is back, within the close
+    window, and refresh (here by another client, as another process would) records it."""
+    node, server = held_up_node(start_node, scripted, rpc)
+    c = market.world.contracts
+    client = market.client()
+    session = client.sessions.open(
+        market.world.host.address, market.model_id, usdc("2"), url=server.ws_url
+    )
+    session.chat_sync(HELLO, max_tokens=30)
+    rpc.proxy.cut()
+
+    closing = session.close(timeout=5)
+
+    assert (closing.status, closing.reported_by) == ("closing", "chain")
+    assert "still pending" in closing.message and "no word after 5s" in closing.message
+    assert c.marketplace.get_session(session.id).close_requested_at > 0
+    assert client.sessions.refresh(session.id).settlement == closing.as_dict()  # not yet
+    rpc.proxy.restore()
+    wait_until(lambda: c.marketplace.get_session(session.id).is_settled, "its settlement", 60)
+
+    record = market.client().sessions.refresh(session.id)
+    assert record.settlement is not None
+    learned = record.settlement
+    assert learned["status"] == "settled"
+    assert (learned["input_tokens"], learned["output_tokens"]) == (session.input_tokens, 30)
+    event = c.marketplace.settlement_event(session.id)
+    assert event is not None and learned["tx_hash"] == event.tx_hash
+    assert node.outbox.settlement(session.id).tx_hash == event.tx_hash  # the node's own
+    settled = session.close()  # the live session refreshes from the chain too
+    assert (settled.status, settled.output_tokens) == ("settled", 30)
+    assert settled.tx_hash == event.tx_hash
+
+
+def test_a_node_that_gives_up_is_not_waited_for_and_refresh_learns_the_later_settlement(
+    market: Market, start_node: NodeFactory, scripted: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node's second settlement_pending says it gave up: close() requests the close at
+    once instead of waiting out its timeout. The host settles later with the receipt its
+    node holds, and ``refresh_all`` records the node's counts."""
+    node, server = start_node(scripted, settlement_wait=0)
+    worker = node.settlement
+    c, world = market.world.contracts, market.world
+    client = market.client()
+    session = client.sessions.open(
+        world.host.address, market.model_id, usdc("2"), url=server.ws_url
+    )
+    session.chat_sync(HELLO, max_tokens=20)
+    monkeypatch.setattr(worker, "settle", lambda job: worker._give_up(job, "no gas left"))
+    seen: list[SettlementPending] = []
+
+    started = time.monotonic()
+    closing = session.close(timeout=120, on_pending=seen.append)
+
+    assert time.monotonic() - started < 60
+    assert (closing.status, closing.reported_by) == ("closing", "chain")
+    assert "the node could not settle: no gas left" in closing.message
+    assert seen[-1].reason == "the node could not settle: no gas left"
+    assert c.marketplace.get_session(session.id).close_requested_at > 0
+    receipt = node.state.latest_receipt(session.id)
+    assert receipt is not None and receipt.tokens == 20
+    c.marketplace.complete_session(
+        world.host,
+        session.id,
+        receipt.input_tokens,
+        receipt.tokens,
+        receipt.proof_hash,
+        "",
+        receipt.signature,
+    )
+
+    (record,) = [r for r in market.client().sessions.refresh_all() if r.session_id == session.id]
+    assert record.settlement is not None and record.settlement["status"] == "settled"
+    paid = (record.settlement["input_tokens"], record.settlement["output_tokens"])
+    assert paid == (session.input_tokens, 20)
+    on_disk = SessionRecord.model_validate_json(session.record_path.read_text())
+    assert on_disk.settlement == record.settlement
+
+
+@pytest.mark.parametrize("lie", [{"output_tokens": 5}, {"host_amount": 1, "refund": -1}])
+def test_a_settled_frame_the_chain_does_not_confirm_is_not_believed(
+    market: Market,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    lie: dict[str, int],
+) -> None:
+    """A hostile node settles honestly but reports more: close() returns the chain's
+    settlement, not the node's figures."""
+
+    def inflated(**fields: Any) -> Settled:
+        return Settled(**{**fields, **{name: fields[name] + more for name, more in lie.items()}})
+
+    monkeypatch.setattr(connection, "Settled", inflated)
+    c = market.world.contracts
+    session = market.client().sessions.open(market.world.host.address, market.model_id, usdc("2"))
+    session.chat_sync(HELLO, max_tokens=15)
+
+    settlement = session.close()
+
+    assert (settlement.status, settlement.reported_by) == ("settled", "chain")
+    assert (settlement.input_tokens, settlement.output_tokens) == (session.input_tokens, 15)
+    info = c.marketplace.get_session(session.id)
+    split = info.paid_split()
+    assert (settlement.host_amount, settlement.refund) == (split.host, split.refund)
+    assert info.close_requested_at == 0
+    assert "is not what the chain shows" in caplog.text
 
 
 def test_without_a_record_the_depositor_requests_the_close_and_anyone_finalizes(

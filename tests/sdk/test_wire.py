@@ -267,6 +267,80 @@ def test_a_resumed_session_learns_the_replayed_tail_of_an_open_reply() -> None:
     assert [(a["input_tokens"], a["output_tokens"]) for a in answers] == [(5, 3)]
 
 
+def pending(reason: str) -> dict[str, Any]:
+    return {"type": "settlement_pending", "session_id": SESSION, "reason": reason}
+
+
+SETTLED = {
+    "type": "settled",
+    "session_id": SESSION,
+    "input_tokens": 0,
+    "output_tokens": 0,
+    "host_amount": 0,
+    "fee": 0,
+    "refund": 10**6,
+    "refund_credited": False,
+    "tx_hash": "0x" + "ee" * 32,
+}
+
+
+@pytest.mark.parametrize(
+    ("after_end", "then_close", "final", "heard"),
+    [
+        # progress, then the outcome on the same connection
+        ([pending("chain unreachable"), SETTLED], False, "settled", ["chain unreachable"]),
+        # progress, then the node gives up: no need to wait out the timeout
+        (
+            [pending("chain unreachable"), pending("the node could not settle: no gas")],
+            False,
+            "the node could not settle: no gas",
+            ["chain unreachable", "the node could not settle: no gas"],
+        ),
+        # progress, then the node hangs up: its last word is all there is
+        ([pending("chain unreachable")], True, "chain unreachable", ["chain unreachable"]),
+    ],
+    ids=["settled", "gave-up", "hung-up"],
+)
+def test_wait_settlement_reads_through_pending_to_the_nodes_final_word(
+    after_end: list[dict[str, Any]], then_close: bool, final: str, heard: list[str]
+) -> None:
+    """settlement_pending is progress: the wait goes on (reporting each one) until the
+    node's ``settled``, its give-up or its hang-up, well before the timeout."""
+    seen: list[str] = []
+
+    async def run() -> Any:
+        async def handler(ws: Any) -> None:
+            await ws.send(challenge_frame(Lies()))
+            await ws.recv()  # session_init
+            await ws.send(ready_frame(Lies(), []))
+            await ws.recv()  # end
+            end = {
+                "type": "session_end",
+                "session_id": SESSION,
+                "served_input_tokens": 0,
+                "served_output_tokens": 0,
+                "receipted_input_tokens": 0,
+                "receipted_output_tokens": 0,
+            }
+            for frame in [end, *after_end]:
+                await ws.send(json.dumps(frame))
+            if not then_close:
+                await ws.wait_closed()  # the connection stays open: the client must decide
+
+        async with websockets.serve(handler, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            url = f"ws://127.0.0.1:{port}/v1/ws"
+            client = await SessionClient.connect(url, SESSION, Account.create().key, expect=EXPECT)
+            await client.end()
+            word = await client.wait_settlement(60, on_pending=lambda f: seen.append(f.reason))
+            await client.close()
+            return word
+
+    word = asyncio.run(asyncio.wait_for(run(), 20))  # far below the 60 s timeout
+    assert (word.type if final == "settled" else word.reason) == final
+    assert seen == heard
+
+
 def test_node_urls() -> None:
     assert ws_endpoint("http://10.0.0.1:8080") == "ws://10.0.0.1:8080/v1/ws"
     assert ws_endpoint("https://node.example.com/") == "wss://node.example.com/v1/ws"

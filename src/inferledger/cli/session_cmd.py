@@ -37,7 +37,9 @@ SessionId = Annotated[int, typer.Argument(help="The session id (as `chat` printe
 def list_sessions(rpc: RpcOption = None, deployment: DeploymentOption = None) -> None:
     """List the sessions recorded on this machine for this deployment, newest first.
 
-    Records live in $INFERLEDGER_HOME/sessions; the state column is read from the chain.
+    Records live in $INFERLEDGER_HOME/sessions; the state column is read from the chain,
+    and a record the chain shows settled since (a node that settled after `close` stopped
+    waiting) is updated with its settlement.
     """
     from rich.table import Table
 
@@ -60,6 +62,7 @@ def list_sessions(rpc: RpcOption = None, deployment: DeploymentOption = None) ->
             table.add_column(column)
         for record in records:
             try:
+                client.sessions.refresh(record.session_id)
                 status = client.sessions.status(record.session_id)
                 paid = f"{status.input_tokens_paid}/{status.output_tokens_paid}"
                 state = status.state
@@ -79,13 +82,13 @@ def list_sessions(rpc: RpcOption = None, deployment: DeploymentOption = None) ->
 
 @session_app.command("show")
 def show(session_id: SessionId, rpc: RpcOption = None, deployment: DeploymentOption = None) -> None:
-    """Print a session's on-chain state and money, and its local record if there is one."""
+    """Print a session's on-chain state and money, and its local record if there is one
+    (updated first if the chain shows the session settled since)."""
     with one_line_errors():
         client = make_client(rpc, deployment)
         print_status(out(), client, session_id)
-        record = _local_record(client, session_id)
-        if record is not None:
-            print_record(out(), client, record)
+        if _local_record(client, session_id) is not None:
+            print_record(out(), client, client.sessions.refresh(session_id))
 
 
 @session_app.command("close")
@@ -94,9 +97,10 @@ def close(
 ) -> None:
     """End a session you deposited for (INFERLEDGER_KEY) and print how it settled.
 
-    Asks the host's node to settle; if it does not, requests the close on chain, after
-    which the host has the close window to submit its last receipt and anyone can
-    `inferledger session finalize`.
+    Asks the host's node to settle and waits for it (through any settlement_pending, up
+    to two minutes); if it does not settle, requests the close on chain, after which the
+    host has the close window to submit its last receipt and anyone can
+    `inferledger session finalize`. `session show` learns a settlement that lands later.
     """
     with one_line_errors():
         client = make_client(rpc, deployment, key=_key(USER_KEY_ENV))
@@ -104,8 +108,14 @@ def close(
             settlement = client.sessions.request_close(session_id, reason=NO_RECORD)
         else:
             session = client.sessions.resume(session_id, auto_close=False)
-            with err().status(f"closing session {session_id}: asking the node to settle..."):
-                settlement = session.close()
+            spinner = err().status(f"closing session {session_id}: asking the node to settle...")
+            with spinner:
+                settlement = session.close(
+                    on_pending=lambda frame: spinner.update(
+                        f"closing session {session_id}: the node's settlement is pending "
+                        f"({frame.reason}); waiting for it..."
+                    )
+                )
         print_settlement(out(), settlement)
 
 
@@ -180,9 +190,11 @@ def print_record(console: Console, client: Client, record: SessionRecord) -> Non
         f"{signed[1]} output tokens",
     ]
     if record.settlement:
+        closed = record.settlement
         lines.append(
-            f"  closed      {record.settlement['status']} "
-            f"(reported by the {record.settlement['reported_by']})"
+            f"  closed      {closed['status']} (reported by the {closed['reported_by']}): "
+            f"{closed['input_tokens']} input + {closed['output_tokens']} output tokens paid"
+            + (" if finalized now" if closed["status"] == "closing" else "")
         )
     console.print("\n".join(lines), markup=False)
 

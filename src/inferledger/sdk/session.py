@@ -5,18 +5,23 @@ the async methods (``chat``, ``stream``, ``aclose``) and their sync twins
 (``chat_sync``, ``stream_sync``, ``close``) share one implementation, and the exit
 and signal handlers can close a session whatever the program was doing.
 
-Closing asks the node to settle (it sends ``settled`` after its transaction); if the
-node cannot, is gone, or the connection dropped, the depositor asks the chain to
-close instead, so the deposit never waits on a node (R1).
+Closing asks the node to settle before anything is read from the chain, so a chain
+outage cannot keep the node from being asked; the node reports ``settled`` after its
+transaction, perhaps after ``settlement_pending`` frames while it is held up. If the
+node gives up, is gone, or the time runs out, the depositor asks the chain to close
+instead, so the deposit never waits on a node (R1); ``refresh`` learns a settlement
+that lands later.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +30,7 @@ from eth_account import Account
 
 from inferledger.chain.units import cost
 from inferledger.protocol.client import prompt_token_bound
-from inferledger.protocol.server import Settled, SettlementPending
+from inferledger.protocol.server import Settled
 from inferledger.sdk import lifecycle
 from inferledger.sdk import settlement as settle
 from inferledger.sdk.errors import ConnectionLost, NodeUnreachable, SessionClosed
@@ -35,6 +40,7 @@ from inferledger.sdk.records import ReceiptRecord, RecordStore, ReplyRecord, Ses
 from inferledger.sdk.wire import (
     Expectation,
     History,
+    PendingHook,
     Reply,
     SessionClient,
     SessionError,
@@ -45,14 +51,27 @@ if TYPE_CHECKING:
     from inferledger.sdk.client import Client
 
 Messages = Sequence[dict[str, str]]
+log = logging.getLogger("inferledger.sdk")
 
-SETTLE_TIMEOUT = 60.0  # seconds to wait for the node's `settled` frame
+# Seconds close() waits for the node's `settled` frame: a node's settlement_wait (30 s by
+# default) plus a chain outage of a minute or so and the node's retry backoff.
+SETTLE_TIMEOUT = 120.0
 CONNECT_TIMEOUT = 10.0
+CHAIN_LAG = 5.0  # seconds an RPC endpoint may lag behind the node's settlement transaction
 BUSY_RETRY_SECONDS = 3.0  # a dropped connection may still look live to the node briefly
 _DONE = object()
 # What the SDK says when it refuses a node's claim (inferledger.sdk.wire): the connection
 # is dropped, so nothing the node said on it is trusted further.
 REFUSALS = frozenset({"RECEIPT_REFUSED", "TRANSCRIPT_MISMATCH", "PROTOCOL"})
+
+
+@dataclass(frozen=True)
+class NodeWord:
+    """What the node said to ``end``: its ``settled`` frame (still to be checked against the
+    chain) or None, and ``why``: why there is none, or what the settlement waited for."""
+
+    settled: Settled | None
+    why: str
 
 
 class Session:
@@ -233,35 +252,46 @@ class Session:
 
     # Close -------------------------------------------------------------------------
 
-    def close(self, timeout: float = SETTLE_TIMEOUT) -> Settlement:
-        """End the session and return how it settled.
+    def close(
+        self, timeout: float = SETTLE_TIMEOUT, *, on_pending: PendingHook | None = None
+    ) -> Settlement:
+        """End the session and return how it settled, as the chain confirms it.
 
-        Sends ``end`` and waits up to ``timeout`` seconds for the node's ``settled``
-        frame. Without it (node pending, gone, or the connection lost) the chain is read:
-        a settled session is reported from its settlement log; an open one gets a
+        The node is asked first, without reading the chain before (an RPC outage must not
+        keep the node from being asked): ``end``, then up to ``timeout`` seconds for its
+        ``settled`` frame, through any ``settlement_pending`` frames (each passed to
+        ``on_pending``) while its transaction is held up. The frame counts only once
+        ``get_session`` agrees, read (and retried) within what is left of ``timeout``. If
+        the node gives up, is unreachable, or the time runs out, the chain is read: a
+        settled session is reported from its settlement log; an open one gets a
         ``request_close`` from the depositor and comes back with status "closing" (call
-        ``finalize()`` after ``finalize_after``).
+        ``finalize()`` after ``finalize_after``; ``refresh()`` learns a later settlement).
+        A session closing already is only refreshed from the chain.
         """
-        if self.settlement is not None and self.settlement.settled:
+        if self.settlement is not None:  # settled, or closing on chain: the chain says more
+            self.refresh()
             return self.settlement
         self._closing = True
         try:
             self._cancel_busy()
-            info = settle.require_session(self._client.contracts, self.id)
-            frame, reason = None, ""
-            if info.is_settled:
-                reason = "settled on chain already"
-            elif info.close_requested_at and not self._node_closing:
-                reason = "close was requested already"
-            else:  # (a node that stopped the session on a close request reports it)
-                frame, reason = self._portal.run(self._end_on_node(timeout))
-            return self._conclude(frame, reason)
+            deadline = time.monotonic() + timeout
+            word = self._portal.run(self._end_on_node(timeout, on_pending))
+            return self._conclude(word, deadline)
         finally:
             self._closing = False
 
-    async def aclose(self, timeout: float = SETTLE_TIMEOUT) -> Settlement:
+    async def aclose(
+        self, timeout: float = SETTLE_TIMEOUT, *, on_pending: PendingHook | None = None
+    ) -> Settlement:
         """``close`` for async callers."""
-        return await asyncio.to_thread(self.close, timeout)
+        return await asyncio.to_thread(self.close, timeout, on_pending=on_pending)
+
+    def refresh(self) -> Settlement | None:
+        """Re-read the chain for a session not recorded as settled, and record its settlement
+        once the chain shows one: a node may settle after ``close()`` returned "closing".
+        Returns the settlement as recorded now (None while the session is open)."""
+        learned = settle.settled_since(self._client.contracts, self.record)
+        return self._finish(learned) if learned is not None else self.settlement
 
     def finalize(self) -> Settlement:
         """Settle at the last checkpoint once the close window has passed (anyone may)."""
@@ -493,8 +523,8 @@ class Session:
     def _save(self) -> None:
         self._store.save(self.record)
 
-    async def _end_on_node(self, timeout: float) -> tuple[dict[str, Any] | None, str]:
-        """Ask the node to end and settle; (its settlement frame or None, why not)."""
+    async def _end_on_node(self, timeout: float, on_pending: PendingHook | None) -> NodeWord:
+        """Ask the node to end and settle, and hear it out until its final word."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         async with self._lock():
@@ -504,46 +534,62 @@ class Session:
                 else:
                     wire = await self._connected()
             except NodeUnreachable as exc:
-                return None, f"could not reach the node ({exc})"
+                return NodeWord(None, f"could not reach the node ({exc})")
             except Exception as exc:  # refused (SESSION_CLOSED, ...) or broken
-                return None, f"the node did not take the session back ({exc})"
+                return NodeWord(None, f"the node did not take the session back ({exc})")
             try:
                 await asyncio.wait_for(wire.end(), max(deadline - loop.time(), 0.1))
             except Exception as exc:
                 self._sync_last_reply()
                 self._save()
                 await self._drop()
-                return None, f"the node did not end the session ({exc.__class__.__name__}: {exc})"
+                why = f"the node did not end the session ({exc.__class__.__name__}: {exc})"
+                return NodeWord(None, why)
             self._sync_last_reply()
             self._save()
             try:
-                frame = await wire.wait_settlement(max(deadline - loop.time(), 0.1))
+                final = await wire.wait_settlement(max(deadline - loop.time(), 0.1), on_pending)
             except Exception as exc:
-                return None, f"the node did not report a settlement ({exc})"
+                return NodeWord(None, f"the node did not report a settlement ({exc})")
             finally:
+                open_at_end = wire.is_open
                 await self._drop()
-        if frame is None:
-            return None, "the node sent no settlement"
-        if isinstance(frame, SettlementPending):
-            return frame, f"the node could not settle yet ({frame.reason})"
-        return frame, ""
+        waited = "; ".join(dict.fromkeys(frame.reason for frame in wire.pending))
+        if isinstance(final, Settled):
+            return NodeWord(final, waited and f"the node's settlement was pending ({waited})")
+        if wire.node_gave_up:
+            return NodeWord(None, wire.pending[-1].reason)
+        stopped = f"no word after {timeout:g}s" if open_at_end else "the node closed the connection"
+        if waited:
+            return NodeWord(None, f"the node's settlement is still pending ({waited}; {stopped})")
+        return NodeWord(None, f"the node reported no settlement ({stopped})")
 
     # Caller side: chain reads and writes --------------------------------------------
 
-    def _conclude(self, frame: Settled | SettlementPending | None, reason: str) -> Settlement:
-        if isinstance(frame, Settled):
-            contracts = self._client.contracts
-            info = settle.require_session(contracts, self.id)
-            # The node's transaction is mined; give a lagging RPC endpoint a moment.
-            waited = time.monotonic() + 5.0
-            while not info.is_settled and time.monotonic() < waited:
-                time.sleep(0.2)
-                info = settle.require_session(contracts, self.id)
-            if settle.frame_matches_chain(frame, info):
-                return self._finish(settle.from_frame(frame))
+    def _conclude(self, word: NodeWord, deadline: float) -> Settlement:
+        """Check the node's word against the chain, or fall back to the chain (R1)."""
+        # Chain reads are retried until the deadline, and a few seconds past it: the node's
+        # transaction may be mined a moment before a lagging RPC endpoint shows it.
+        until = max(deadline, time.monotonic() + CHAIN_LAG)
+        why = word.why
+        if word.settled is not None:
+            info = settle.read_session(self._client.contracts, self.id, until=until, settled=True)
+            if settle.frame_matches_chain(word.settled, info):
+                return self._finish(settle.from_frame(word.settled, message=why))
+            log.warning(
+                "session %s: the node's settled frame (%s) is not what the chain shows; "
+                "the chain's word is reported instead",
+                self.id,
+                word.settled.model_dump_json(),
+            )
+            why = "the node reported a settlement the chain does not show"
         return self._finish(
             settle.request_close(
-                self._client, self.id, reason=reason, from_block=self.record.created_block
+                self._client,
+                self.id,
+                reason=why,
+                from_block=self.record.created_block,
+                until=until,
             )
         )
 

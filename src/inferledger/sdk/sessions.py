@@ -189,6 +189,28 @@ class Sessions:
         c = self._client.contracts
         return self.store.list(c.chain.chain_id, c.marketplace.address)
 
+    def refresh(self, session_id: int) -> SessionRecord:
+        """A session's local record, brought up to date with the chain.
+
+        A record not yet settled (left open, or "closing" after ``close()`` fell back to the
+        chain) becomes settled, with the amounts of the SessionSettled log, once the chain
+        shows the session settled: a node that settled after the client stopped waiting is
+        learned this way. Other records are returned as they are.
+        """
+        c = self._client.contracts
+        return self._refreshed(self.store.load(c.chain.chain_id, c.marketplace.address, session_id))
+
+    def refresh_all(self) -> list[SessionRecord]:
+        """``refresh`` for every local record of this chain and marketplace, newest first."""
+        return [self._refreshed(record) for record in self.records()]
+
+    def _refreshed(self, record: SessionRecord) -> SessionRecord:
+        learned = settle.settled_since(self._client.contracts, record)
+        if learned is not None:
+            record.settlement = learned.as_dict()
+            self.store.save(record)
+        return record
+
     def status(self, session_id: int) -> SessionStatus:
         """A session's on-chain state, with the split it pays (or would pay if settled now)."""
         return settle.status(self._client.contracts, session_id)

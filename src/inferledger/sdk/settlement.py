@@ -7,16 +7,20 @@ Settlement the SDK returns has been checked against ``get_session``.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import TYPE_CHECKING
 
 from inferledger.chain.contracts import Contracts, SessionInfo, SettlementEvent
-from inferledger.chain.errors import ContractRevert
+from inferledger.chain.errors import ChainError, ContractRevert
 from inferledger.protocol.server import Settled
 from inferledger.sdk.errors import SdkError
 from inferledger.sdk.models import SessionState, SessionStatus, Settlement, SettlementStatus
 
 if TYPE_CHECKING:
     from inferledger.sdk.client import Client
+    from inferledger.sdk.records import SessionRecord
+
+CHAIN_RETRY_PAUSE = 0.25  # seconds between chain reads retried while waiting on the chain
 
 
 def from_event(event: SettlementEvent) -> Settlement:
@@ -34,7 +38,7 @@ def from_event(event: SettlementEvent) -> Settlement:
     )
 
 
-def from_frame(frame: Settled) -> Settlement:
+def from_frame(frame: Settled, message: str = "") -> Settlement:
     """The node's ``settled`` frame (call only after the chain confirmed the settlement)."""
     return Settlement(
         session_id=frame.session_id,
@@ -47,6 +51,7 @@ def from_frame(frame: Settled) -> Settlement:
         refund_credited=bool(frame.refund_credited),
         tx_hash=frame.tx_hash,
         reported_by="node",
+        message=message,
     )
 
 
@@ -107,16 +112,47 @@ def require_session(contracts: Contracts, session_id: int) -> SessionInfo:
     return info
 
 
-def request_close(client: Client, session_id: int, *, reason: str, from_block: int) -> Settlement:
+def read_session(
+    contracts: Contracts, session_id: int, *, until: float = 0.0, settled: bool = False
+) -> SessionInfo:
+    """``get_session`` of an existing session, retried on chain errors until the monotonic
+    time ``until`` (an RPC briefly down must not decide how a session ends), and with
+    ``settled`` also while the session is not settled yet (an RPC endpoint lagging behind
+    the node's). The last error is raised if the chain never answered."""
+    while True:
+        try:
+            info = require_session(contracts, session_id)
+        except ChainError:
+            if time.monotonic() >= until:
+                raise
+        else:
+            if info.is_settled or not settled or time.monotonic() >= until:
+                return info
+        time.sleep(CHAIN_RETRY_PAUSE)
+
+
+def settled_since(contracts: Contracts, record: SessionRecord) -> Settlement | None:
+    """The settlement of a session its record does not show settled, if the chain now
+    shows one (a node that settled after the client stopped waiting); else None."""
+    if record.settlement is not None and record.settlement["status"] == "settled":
+        return None
+    info = require_session(contracts, record.session_id)
+    return settled_from_chain(contracts, info, record.created_block) if info.is_settled else None
+
+
+def request_close(
+    client: Client, session_id: int, *, reason: str, from_block: int, until: float = 0.0
+) -> Settlement:
     """The depositor's way out when the node did not settle (R1): ask the chain to close.
 
     Returns the "closing" Settlement (``finalize`` settles after its ``finalize_after``),
     or the settled one if the session is settled already or the node settled meanwhile.
-    ``reason`` says why the node did not settle; ``from_block`` bounds the log search.
+    ``reason`` says why the node did not settle; ``from_block`` bounds the log search;
+    the first chain read is retried until the monotonic time ``until``.
     """
     contracts = client.contracts
     market = contracts.marketplace
-    info = require_session(contracts, session_id)
+    info = read_session(contracts, session_id, until=until)
     if info.is_settled:
         return settled_from_chain(contracts, info, from_block)
     tx_hash = None

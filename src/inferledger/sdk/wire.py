@@ -7,7 +7,8 @@ it signed, the input tokens it accepted); and every receipt request must equal t
 actually received and the transcript the client computed. A node therefore cannot get a
 receipt for tokens it did not send, nor for prompt tokens beyond what the prompt could
 hold (``prompt_token_bound``). After ``end`` the node settles on chain and reports the
-result in a ``settled`` frame, which ``wait_settlement`` awaits.
+result in a ``settled`` frame, which ``wait_settlement`` awaits through any
+``settlement_pending`` frames (progress reports while the transaction is held up).
 """
 
 from __future__ import annotations
@@ -124,6 +125,9 @@ class History:
 
 
 ReceiptHook = Callable[[SignedReceipt], None]
+PendingHook = Callable[[SettlementPending], None]
+# How a node's last settlement_pending begins when it stopped trying (docs/protocol.md).
+GAVE_UP = "the node could not settle:"
 
 
 def _hex(raw: bytes) -> str:
@@ -270,7 +274,8 @@ class SessionClient:
         self.prompt_bound = 0  # prompt_token_bound of the prompt awaiting its reply_start
         self.last_done: Done | None = None
         self.ended: SessionEnd | None = None
-        self.settlement_frame: Settled | SettlementPending | None = None
+        self.settled: Settled | None = None
+        self.pending: list[SettlementPending] = []  # in order; the reasons the node gave
 
     @classmethod
     async def connect(
@@ -358,8 +363,10 @@ class SessionClient:
             await self._answer(frame)
         elif isinstance(frame, ReceiptAck):
             self.receipted = max(self.receipted, (frame.input_tokens, frame.output_tokens))
-        elif isinstance(frame, Settled | SettlementPending):
-            self.settlement_frame = frame
+        elif isinstance(frame, Settled):
+            self.settled = frame
+        elif isinstance(frame, SettlementPending):
+            self.pending.append(frame)
         elif isinstance(frame, ErrorFrame):
             raise SessionError(frame.code, frame.message)
         return frame
@@ -470,22 +477,42 @@ class SessionClient:
                 self.ended = frame
         return self.ended
 
-    async def wait_settlement(self, timeout: float) -> Settled | SettlementPending | None:
-        """After ``end``: the node's ``settled`` or ``settlement_pending`` frame.
+    async def wait_settlement(
+        self, timeout: float, on_pending: PendingHook | None = None
+    ) -> Settled | SettlementPending | None:
+        """After ``end``: the node's final word on the settlement.
 
-        None if neither arrives within ``timeout`` seconds or the connection closes first.
+        ``settlement_pending`` is progress, not the answer: each one is kept in ``pending``
+        and passed to ``on_pending``, and reading goes on until ``settled``, the node's
+        give-up (``node_gave_up``), the connection closing, or ``timeout`` seconds. Returns the
+        ``settled`` frame, else the last ``settlement_pending`` seen, else None.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self.settlement_frame is None:
+        heard = 0
+        while True:
+            if on_pending is not None:
+                for frame in self.pending[heard:]:
+                    on_pending(frame)
+            heard = len(self.pending)
+            final = self.settled if self.settled is not None else self.last_pending
             left = deadline - loop.time()
-            if left <= 0:
-                return None
+            if self.settled is not None or self.node_gave_up or left <= 0:
+                return final
             try:
                 await asyncio.wait_for(self._next(), left)
             except (TimeoutError, websockets.ConnectionClosed):
-                return None
-        return self.settlement_frame
+                return final
+
+    @property
+    def last_pending(self) -> SettlementPending | None:
+        return self.pending[-1] if self.pending else None
+
+    @property
+    def node_gave_up(self) -> bool:
+        """The node's last ``settlement_pending`` says it stopped trying to settle."""
+        last = self.last_pending
+        return last is not None and last.reason.startswith(GAVE_UP)
 
     async def close(self) -> None:
         await self.ws.close()
