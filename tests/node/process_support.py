@@ -86,7 +86,7 @@ class NodeProcess:
         return httpx.get(self.url + path, timeout=10).json()
 
     def __enter__(self) -> NodeProcess:
-        return self.start()
+        return self if self.process is not None else self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()

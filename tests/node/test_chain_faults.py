@@ -27,6 +27,7 @@ from test_node_settlement import (
 
 from inferledger.chain.devchain import DevWorld
 from inferledger.inference import Backend
+from inferledger.protocol.server import SettlementPending
 from inferledger.sdk.wire import SessionClient
 from support import open_session
 
@@ -137,49 +138,59 @@ def test_a_close_requested_while_the_node_was_down_is_settled_soon_after_it_rest
 def test_a_chain_that_stops_answering_mid_settlement_degrades_health_then_settles(
     scripted: Backend, tmp_path: Path
 ) -> None:
+    """anvil stopped (SIGSTOP) while the node settles: /health says degraded and why; after
+    SIGCONT the node settles, the SDK's close() returns that settlement (no close request)
+    and the user's local record says settled."""
     from inferledger.chain.anvil import start_anvil
     from inferledger.chain.connect import connect
-    from inferledger.chain.devchain import build_dev_world
+    from inferledger.chain.devchain import build_dev_world, dev_account
+    from inferledger.sdk import Client
 
     with start_anvil() as anvil:
         world = build_dev_world(connect(anvil.url))
         model_id = serve_model(world, scripted, keccak(text=scripted.name), PRICE, INPUT_PRICE)
-        session_id, key = _open(world, model_id)
-        node = NodeProcess(world, tmp_path, settlement_wait=1, **FAST)
-        with node:
+        with NodeProcess(world, tmp_path, settlement_wait=1, **FAST) as node:
+            client = Client(
+                connect(anvil.url),
+                key="0x" + dev_account("user").key.hex(),
+                deployment=world.contracts.deployment,
+                sessions_dir=tmp_path / "sessions",
+            )
+            session = client.sessions.open(world.host.address, model_id, DEPOSIT, url=node.ws_url)
+            session.chat_sync(HELLO, max_tokens=60)
+            pending: list[str] = []
 
-            async def run() -> list[str]:
-                client = await SessionClient.connect(
-                    node.ws_url, session_id, key, expect=expect(world)
-                )
-                await client.chat(HELLO, max_tokens=60)
-                anvil.process.send_signal(signal.SIGSTOP)
-                try:
-                    await client.end()
-                    await asyncio.to_thread(
-                        wait_until,
-                        lambda: _degraded(node),
-                        "/health to say the chain does not answer",
-                        90,
-                    )
-                finally:
-                    anvil.process.send_signal(signal.SIGCONT)
-                frames = []
-                while (frame := await client.wait_settlement(120)) is not None:
-                    frames.append(frame.type)
-                    if frame.type == "settled":
-                        break
-                await client.close()
-                return frames
+            def stopped_until_health_says_so(frame: SettlementPending) -> None:
+                pending.append(frame.reason)
+                if len(pending) == 1:
+                    try:
+                        wait_until(
+                            lambda: _degraded(node), "/health to say the chain does not answer", 90
+                        )
+                    finally:
+                        anvil.process.send_signal(signal.SIGCONT)
 
-            frames = asyncio.run(run())
-            assert frames[-1] == "settled", frames
+            anvil.process.send_signal(signal.SIGSTOP)
+            try:
+                settlement = session.close(on_pending=stopped_until_health_says_so)
+            finally:
+                anvil.process.send_signal(signal.SIGCONT)
+            assert pending, "the node never said settlement_pending"
+            assert settlement.status == "settled", settlement
+            assert (settlement.input_tokens, settlement.output_tokens) == (
+                hello_tokens(scripted),
+                60,
+            )
             wait_until(
                 lambda: httpx.get(node.url + "/health", timeout=5).status_code == 200,
                 "/health to recover",
                 60,
             )
-        assert_paid_exactly(world, session_id, hello_tokens(scripted), 60)
+        info = world.contracts.marketplace.get_session(session.id)
+        assert info.close_requested_at == 0  # the SDK waited for the node instead
+        assert_paid_exactly(world, session.id, hello_tokens(scripted), 60)
+        record = client.sessions.refresh(session.id)
+        assert record.settlement is not None and record.settlement["status"] == "settled"
 
 
 def _degraded(node: NodeProcess) -> bool:

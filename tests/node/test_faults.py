@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from eth_utils import keccak
-from node_support import NodeFactory, expect, serve_model
+from node_support import NodeFactory, expect, serve_model, wait_until
 from process_support import NodeProcess
 from test_node_settlement import (
     DEPOSIT,
@@ -25,7 +25,6 @@ from test_node_settlement import (
     PRICE,
     assert_paid_exactly,
     hello_tokens,
-    wait_settled,
 )
 
 from inferledger.chain.anvil import free_port
@@ -117,6 +116,19 @@ def test_rpc_unreachable_during_settlement_then_back(
         proof_interval=100,
     )
     node, server = start_node(scripted, contracts=contracts, settlement_wait=1.0)
+    market = world.contracts.marketplace
+    seen: list[tuple[SettlementPending, bool, str]] = []
+
+    def failed_attempt() -> str:
+        settlement = node.outbox.settlement(session_id)
+        return settlement.last_error or "" if settlement and settlement.attempts else ""
+
+    def hear_out_then_restore(frame: SettlementPending) -> None:
+        """At the node's first settlement_pending: note what stands, bring the RPC back."""
+        if not seen:
+            wait_until(failed_attempt, "a failed settlement attempt")
+            seen.append((frame, market.get_session(session_id).is_settled, failed_attempt()))
+            proxy.restore()
 
     async def run() -> Settled | SettlementPending | None:
         client = await SessionClient.connect(
@@ -125,20 +137,18 @@ def test_rpc_unreachable_during_settlement_then_back(
         await client.chat(HELLO, max_tokens=120)
         proxy.cut()
         await client.end()
-        pending = await client.wait_settlement(30)
+        final = await client.wait_settlement(120, on_pending=hear_out_then_restore)
         await client.close()
-        return pending
+        return final
 
-    pending = asyncio.run(run())
-    assert isinstance(pending, SettlementPending), pending
+    final = asyncio.run(run())
+    (pending, settled_then, error), *_ = seen
     assert pending.session_id == session_id and pending.reason
-    assert not world.contracts.marketplace.get_session(session_id).is_settled
-    stuck = node.outbox.settlement(session_id)
-    assert stuck.status == "pending" and stuck.attempts >= 1
-    assert "ChainUnreachable" in stuck.last_error or "cannot reach" in stuck.last_error
-
-    proxy.restore()
-    wait_settled(node, session_id)
+    assert not settled_then  # pending meant it: nothing had landed
+    assert "ChainUnreachable" in error or "cannot reach" in error, error
+    # The same connection then hears the settlement once the RPC is back.
+    assert isinstance(final, Settled), final
+    assert (final.input_tokens, final.output_tokens) == (hello_tokens(scripted), 120)
     assert_paid_exactly(world, session_id, hello_tokens(scripted), 120)
 
 

@@ -17,14 +17,20 @@ ANVIL_PACKAGE = "@foundry-rs/anvil@1.7.1"
 
 
 def find_anvil() -> str | None:
-    """``$INFERLEDGER_ANVIL``, else ``node_modules`` of this checkout, else PATH."""
+    """``$INFERLEDGER_ANVIL``, else ``node_modules`` of this checkout, else PATH.
+
+    In ``node_modules`` the platform package's binary comes first: ``.bin/anvil`` is a
+    Node.js launcher, and a signal sent to it (a stop, SIGSTOP in the fault tests) would
+    not reach the chain it started."""
     configured = os.environ.get("INFERLEDGER_ANVIL")
     if configured:
         return configured
     for parent in [Path.cwd(), *Path(__file__).resolve().parents]:
-        candidate = parent / "node_modules" / ".bin" / "anvil"
-        if candidate.exists():
-            return str(candidate)
+        modules = parent / "node_modules"
+        binaries = sorted(modules.glob("@foundry-rs/anvil-*/bin/anvil"))
+        for candidate in [*binaries, modules / ".bin" / "anvil"]:
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
     return shutil.which("anvil")
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import requests
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.providers.eth_tester import EthereumTesterProvider
+from web3.providers.rpc.utils import ExceptionRetryConfiguration
 
 from inferledger.chain.errors import ChainError, ChainUnreachable
 from inferledger.chain.tx import Nonces, TxSender
@@ -175,7 +177,15 @@ def connect(url: str = EMBEDDED, *, timeout: float = 10.0, **sender_defaults: An
         provider = _LockedTesterProvider(tester)
         return Chain(Web3(provider), url, tester, **sender_defaults)
     if url.startswith(("http://", "https://")):
-        provider = Web3.HTTPProvider(url, request_kwargs={"timeout": timeout})
+        # A refused connection is retried briefly; a read timeout is not: a chain that
+        # accepts but does not answer should surface after ``timeout``, not after web3's
+        # five retries (the node's own backoff and /health take it from there).
+        retry = ExceptionRetryConfiguration(
+            errors=(requests.exceptions.ConnectionError,), retries=2
+        )
+        provider = Web3.HTTPProvider(
+            url, request_kwargs={"timeout": timeout}, exception_retry_configuration=retry
+        )
     else:
         raise ChainError(
             f"unsupported chain URL {url!r}: use 'embedded' or an http(s):// JSON-RPC URL"
