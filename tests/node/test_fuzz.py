@@ -22,7 +22,7 @@ import httpx
 import pytest
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from node_support import NodeFactory, expect, serve_model
 from websockets.exceptions import ConnectionClosed
@@ -380,14 +380,13 @@ def test_hostile_frames_and_requests_never_fail_the_node_or_a_healthy_session(
     healthy.start()
     assert healthy.streaming.wait(30) and healthy.error is None, healthy.error
     prober = Prober(server.ws_url, fuzz_id, fuzz_signer, node.domain)
-    statuses: list[tuple[int, str, str]] = []
+    statuses: set[int] = set()
 
     @settings(
-        max_examples=300,
+        max_examples=150,
         deadline=timedelta(seconds=10),
         derandomize=True,
         database=None,
-        suppress_health_check=[HealthCheck.too_slow],
     )
     @given(frame=frames, request=requests)
     def fuzz(frame: tuple[str | bytes, bool, bool], request: tuple[str, str, str]) -> None:
@@ -395,12 +394,13 @@ def test_hostile_frames_and_requests_never_fail_the_node_or_a_healthy_session(
         assume(not (logged_in and isinstance(_parsed(text), End)))  # would settle the prober
         if as_binary and isinstance(text, str):
             text = text.encode()
+        seen = len(prober.answers)
         prober.probe(text, logged_in)
+        assert [a for a in prober.answers[seen:] if a.get("code") == "INTERNAL"] == []
         method, route, segment = request
-        url = server.url + route.format(segment)
-        statuses.append((httpx.request(method, url, timeout=10).status_code, method, url))
-        assert [a for a in prober.answers if a.get("code") == "INTERNAL"] == []
-        assert [s for s in statuses if s[0] >= 500] == []
+        status = httpx.request(method, server.url + route.format(segment), timeout=10).status_code
+        statuses.add(status)
+        assert status < 500
 
     try:
         fuzz()
@@ -412,7 +412,7 @@ def test_hostile_frames_and_requests_never_fail_the_node_or_a_healthy_session(
     assert [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info] == []
     codes = {a["code"] for a in prober.answers if a["type"] == "error"}
     assert codes >= {"BAD_FRAME", "UNKNOWN_TYPE", "FRAME_TOO_LARGE", "NOT_AUTHENTICATED"}, codes
-    assert {s[0] for s in statuses} >= {200, 400, 404}
+    assert statuses >= {200, 400, 404}, statuses
     _assert_billed_exactly(world, node, healthy)
 
 
