@@ -42,11 +42,16 @@ from inferledger.inference import Backend, load_backend
 from inferledger.node.metering import Counts
 from inferledger.protocol.client import INT64_MAX, End, Prompt, parse_client_frame
 from inferledger.protocol.codes import ProtocolError
-from inferledger.protocol.server import Settled, SettlementPending
+from inferledger.protocol.server import (
+    NodeFrameError,
+    Settled,
+    SettlementPending,
+    parse_node_frame,
+)
 from inferledger.sdk.wire import Reply, SessionClient
 from support import open_session
 
-pytestmark = pytest.mark.parametrize("chain", ["embedded"], indirect=True)
+embedded_only = pytest.mark.parametrize("chain", ["embedded"], indirect=True)
 
 HELLO = [{"role": "user", "content": "hello"}]
 MAX_FRAME_BYTES = 4096
@@ -56,10 +61,11 @@ NONCE = "<the connection's nonce>"  # replaced at send time, so a login reaches 
 SIGNATURE = "0x" + "11" * 65
 
 
-# The two known bugs --------------------------------------------------------------------
+# Bounds, and the two known bugs ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("session_id", [2**63, 2**256])
+@embedded_only
 def test_a_session_id_beyond_int64_is_a_bad_frame(
     world: DevWorld, scripted: Backend, start_node: NodeFactory, session_id: int
 ) -> None:
@@ -74,6 +80,7 @@ def test_a_session_id_beyond_int64_is_a_bad_frame(
 
 
 @pytest.mark.parametrize("segment", [str(2**63), str(2**256), "0", "-1", "abc", "9" * 5000])
+@embedded_only
 def test_a_session_path_id_out_of_bounds_is_a_400(
     world: DevWorld, scripted: Backend, start_node: NodeFactory, segment: str
 ) -> None:
@@ -84,6 +91,28 @@ def test_a_session_path_id_out_of_bounds_is_a_400(
         "error": "BAD_REQUEST",
         "message": f"session_id must be an integer from 1 to {2**63 - 1}",
     }
+
+
+@pytest.mark.parametrize(
+    ("frame", "field", "bound"),
+    [
+        ({"type": "token", "request_id": "r", "index": 1, "text": ""}, "token_id", INT64_MAX),
+        ({"type": "receipt_ack", "input_tokens": 0}, "output_tokens", INT64_MAX),
+        (
+            {"type": "settled", "session_id": 1, "input_tokens": 0, "output_tokens": 0}
+            | {"fee": 0, "refund": 0, "refund_credited": None, "tx_hash": None},
+            "host_amount",
+            2**256 - 1,
+        ),
+    ],
+)
+def test_a_node_frame_integer_beyond_its_bound_is_refused_by_the_client(
+    frame: dict[str, Any], field: str, bound: int
+) -> None:
+    """A hostile node's huge token id would otherwise overflow the SDK's transcript hash."""
+    assert parse_node_frame(json.dumps(frame | {field: bound})).type == frame["type"]
+    with pytest.raises(NodeFrameError, match=field):
+        parse_node_frame(json.dumps(frame | {field: bound + 1}))
 
 
 # Hostile values ------------------------------------------------------------------------
@@ -362,6 +391,7 @@ def _parsed(frame: str | bytes) -> object:
 # The fuzz test -------------------------------------------------------------------------
 
 
+@embedded_only
 def test_hostile_frames_and_requests_never_fail_the_node_or_a_healthy_session(
     world: DevWorld, start_node: NodeFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
