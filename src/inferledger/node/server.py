@@ -25,12 +25,30 @@ from starlette.websockets import WebSocket
 
 from inferledger.node.connection import Connection
 from inferledger.node.node import Node
+from inferledger.protocol.client import INT64_MAX
 from inferledger.store.blobs import BlobNotFound, CorruptBlob
 
 # uvicorn closes the socket above this size; frames between max_frame_bytes and this
 # get a FRAME_TOO_LARGE error frame and the connection stays usable.
 HARD_FRAME_LIMIT = 16 * 1024 * 1024
 _PROOF_HASH = re.compile(r"0x[0-9a-f]{64}")
+_ID = re.compile(r"[1-9][0-9]{0,18}")  # 1 .. 10**19 - 1: never more digits than int64 has
+
+
+class BadPathParameter(Exception):
+    """A path parameter outside its bounds: a 400 with the reason, never a 500."""
+
+
+def _path_id(request: Request, name: str) -> int:
+    """Path parameter ``name`` as an id the node's SQLite can hold (1 .. 2**63 - 1)."""
+    text = request.path_params[name]
+    if not _ID.fullmatch(text) or int(text) > INT64_MAX:
+        raise BadPathParameter(f"{name} must be an integer from 1 to {INT64_MAX}")
+    return int(text)
+
+
+async def _bad_path_parameter(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"error": "BAD_REQUEST", "message": str(exc)}, status_code=400)
 
 
 def create_app(node: Node) -> Starlette:
@@ -77,7 +95,7 @@ def create_app(node: Node) -> Starlette:
         )
 
     async def session(request: Request) -> JSONResponse:
-        session_id = request.path_params["session_id"]
+        session_id = _path_id(request, "session_id")
         record = await asyncio.to_thread(node.state.get_session, session_id)
         if record is None:
             return JSONResponse(
@@ -148,10 +166,11 @@ def create_app(node: Node) -> Starlette:
             Route("/health", health),
             Route("/metrics", metrics),
             Route("/v1/models", models),
-            Route("/v1/sessions/{session_id:int}", session),
+            Route("/v1/sessions/{session_id}", session),
             Route("/v1/proofs/{proof_hash}", proof),
         ],
         lifespan=lifespan,
+        exception_handlers={BadPathParameter: _bad_path_parameter},
     )
 
 

@@ -20,9 +20,17 @@ from inferledger.protocol.codes import ErrorCode, ProtocolError
 # prompt); see ``prompt_token_bound``.
 TEMPLATE_ALLOWANCE = 64
 
+# The node keeps session ids and token counts in SQLite, whose integers are int64: every
+# integer a client sends is bounded by it, so none can overflow a column or a comparison.
+INT64_MAX = 2**63 - 1
+
+Int64 = Annotated[int, Field(ge=0, le=INT64_MAX)]  # a token count, a seed
+PositiveInt64 = Annotated[int, Field(gt=0, le=INT64_MAX)]  # a session id, max_tokens
+
 
 class _Frame(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: JSON `true`, `1.0` or `"5"` is not an integer, and a float is a finite number.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 def _hex_bytes(value: str, length: int, what: str) -> str:
@@ -45,7 +53,7 @@ class SessionInit(_Frame):
     """Log in to a session: the session signer's EIP-712 answer to the challenge."""
 
     type: Literal["session_init"]
-    session_id: int = Field(gt=0, lt=2**63)
+    session_id: PositiveInt64
     nonce: Hex32
     signature: Signature
 
@@ -61,10 +69,10 @@ class Prompt(_Frame):
     type: Literal["prompt"]
     request_id: str = Field(min_length=1, max_length=64)
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(default=None, gt=0)
+    max_tokens: PositiveInt64 | None = None
     temperature: float = Field(default=0.0, ge=0, le=5)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    seed: Int64 | None = None
     stop: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         default_factory=list, max_length=8
     )
@@ -75,8 +83,8 @@ class ReceiptFrame(_Frame):
     proof hash): the EIP-712 ``Receipt`` JobMarketplace pays."""
 
     type: Literal["receipt"]
-    input_tokens: int = Field(ge=0)
-    output_tokens: int = Field(ge=0)
+    input_tokens: Int64
+    output_tokens: Int64
     proof_hash: Hex32
     signature: Signature
 
@@ -111,6 +119,8 @@ def parse_client_frame(
         data = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"frame is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # `[[[[...` deeper than the parser's stack
+        raise ProtocolError(ErrorCode.BAD_FRAME, "frame nests too deeply to be a frame") from exc
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise ProtocolError(ErrorCode.BAD_FRAME, "frame must be a JSON object with a string 'type'")
     if data["type"] not in CLIENT_FRAME_TYPES:

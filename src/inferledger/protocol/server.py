@@ -13,9 +13,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from inferledger.protocol.client import Hex32
+from inferledger.protocol.client import Hex32, Int64, PositiveInt64
 
-Count = Annotated[int, Field(ge=0)]
+# Token counts, ids and session ids come from the node's SQLite (int64); the SDK packs token
+# ids as int64 into the transcript hash. Money and the chain id are uint256 on chain.
+Count = Int64
+Amount = Annotated[int, Field(ge=0, le=2**256 - 1)]
 
 
 class _NodeFrame(BaseModel):
@@ -33,7 +36,7 @@ class Challenge(_NodeFrame):
     protocol: int
     nonce: Hex32
     host: str
-    chain_id: int
+    chain_id: Amount
     marketplace: str
     model: str
 
@@ -44,8 +47,8 @@ class ReplayedToken(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    index: int = Field(gt=0)
-    token_id: int
+    index: PositiveInt64
+    token_id: Count
     text: str
 
 
@@ -57,11 +60,11 @@ class SessionReady(_NodeFrame):
     until it is signed."""
 
     type: Literal["session_ready"] = "session_ready"
-    session_id: int
+    session_id: PositiveInt64
     model: str
-    deposit: Count
-    input_price_per_mtok: Count
-    output_price_per_mtok: Count
+    deposit: Amount
+    input_price_per_mtok: Amount
+    output_price_per_mtok: Amount
     proof_interval: int
     max_unreceipted_tokens: int
     receipted_input_tokens: Count
@@ -86,8 +89,8 @@ class ReplyStart(_NodeFrame):
 class TokenFrame(_NodeFrame):
     type: Literal["token"] = "token"
     request_id: str
-    index: int = Field(gt=0)
-    token_id: int
+    index: PositiveInt64
+    token_id: Count
     text: str
 
 
@@ -96,7 +99,7 @@ class ReceiptRequest(_NodeFrame):
     counts, and the newest proof bundle's hash (it may cover fewer output tokens)."""
 
     type: Literal["receipt_request"] = "receipt_request"
-    session_id: int
+    session_id: PositiveInt64
     input_tokens: Count
     output_tokens: Count
     proof_hash: Hex32
@@ -124,7 +127,7 @@ class Done(_NodeFrame):
 
 class SessionEnd(_NodeFrame):
     type: Literal["session_end"] = "session_end"
-    session_id: int
+    session_id: PositiveInt64
     served_input_tokens: Count
     served_output_tokens: Count
     receipted_input_tokens: Count
@@ -133,19 +136,19 @@ class SessionEnd(_NodeFrame):
 
 class Settled(_NodeFrame):
     type: Literal["settled"] = "settled"
-    session_id: int
+    session_id: PositiveInt64
     input_tokens: Count
     output_tokens: Count
-    host_amount: Count
-    fee: Count
-    refund: Count
+    host_amount: Amount
+    fee: Amount
+    refund: Amount
     refund_credited: bool | None
     tx_hash: str | None
 
 
 class SettlementPending(_NodeFrame):
     type: Literal["settlement_pending"] = "settlement_pending"
-    session_id: int
+    session_id: PositiveInt64
     reason: str
 
 
