@@ -309,7 +309,7 @@ def test_oversized_frames_from_another_process_are_not_buffered(
     model_id = serve_model(world, scripted, keccak(text=scripted.name))
     sessions = [open_session(world, model_id=model_id) for _ in range(2)]
     node = NodeProcess(world, tmp_path)
-    with node.start():
+    with node:  # __enter__ starts it (node.start() here would start a second one)
         assert node.process is not None
         url, pid = node.ws_url, node.process.pid
         # Warm up first (imports, the first session), so growth is what the frames cost.
