@@ -30,11 +30,15 @@ from inferledger.store.blobs import BlobNotFound, CorruptBlob
 _PROOF_HASH = re.compile(r"0x[0-9a-f]{64}")
 
 
+# Frames up to this much above max_frame_bytes are read, to answer FRAME_TOO_LARGE and keep
+# the connection usable; anything larger is not read at all.
+FRAME_SLACK = 64 * 1024
+
+
 def ws_max_size(max_frame_bytes: int) -> int:
     """The largest frame the WebSocket layer reads: above it the socket is closed (1009)
-    after the frame's header, before its payload is buffered. Frames between
-    ``max_frame_bytes`` and this get FRAME_TOO_LARGE and the connection stays usable."""
-    return 2 * max_frame_bytes
+    after the frame's header, before its payload is buffered."""
+    return max_frame_bytes + FRAME_SLACK
 
 
 def create_app(node: Node) -> Starlette:
