@@ -47,6 +47,10 @@ def serve(world: DevWorld, backend: Backend, sha256: bytes, slots: int) -> Backg
     settings = load_settings(
         host_key="0x" + dev_account("host").key.hex(),
         max_concurrent_generations=slots,
+        # One depositor on loopback runs every session: the per-client limits do not apply.
+        max_connections=max(slots, 256),
+        max_connections_per_ip=slots,
+        max_replies_per_depositor=slots,
     )
     state = NodeState(Path(tempfile.mkdtemp()) / "node.sqlite3")
     node = create_node(settings, contracts=c, backend=backend, state=state)

@@ -92,7 +92,27 @@ class Settings(BaseSettings):
         default=64 * 1024, ge=1024, description="Largest WebSocket frame the node accepts"
     )
     max_concurrent_generations: int = Field(
-        default=4, ge=1, description="Generations run at once per backend; others queue"
+        default=4,
+        ge=1,
+        description="Generations run at once per backend; others queue. A reply waiting for "
+        "the user's receipt gives its slot back",
+    )
+    login_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="Seconds a new connection has to log in (session_init) before it is closed",
+    )
+    max_connections: int = Field(
+        default=256, ge=1, description="Live WebSockets the node keeps at once, logged in or not"
+    )
+    max_connections_per_ip: int = Field(
+        default=16, ge=1, description="Live WebSockets the node keeps at once from one address"
+    )
+    max_replies_per_depositor: int = Field(
+        default=2,
+        ge=1,
+        description="Replies in flight at once over all sessions of one depositor",
     )
     max_unreceipted_tokens: int = Field(
         default=32,

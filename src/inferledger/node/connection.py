@@ -1,10 +1,13 @@
 """One client connection: login, prompts, metered streaming and the receipt window.
 
 The reader loop parses every inbound frame and answers bad ones with an error frame; a
-reply streams in its own task, so receipts keep arriving while tokens flow. Generation
-runs in a worker thread that hands tokens over a small bounded queue: a client that stops
-sending receipts pauses its own stream (and, after the receipt timeout, loses the
-connection) without slowing anyone else.
+reply streams in its own task, so receipts keep arriving while tokens flow. The backend's
+events are pulled one at a time in the generation pool while the reply holds a generation
+slot; a reply waiting for its receipt gives the slot back, so a client that stops signing
+pauses only its own stream (and, after the receipt timeout, loses the connection).
+
+What all connections share, so that no one client can take it all, is the node's
+:class:`Gate`: live sockets in total and per address, replies in flight per depositor.
 
 What may be served and what must be receipted is decided by the session's
 :class:`~inferledger.node.metering.Meter`, which the node keeps across connections; this
@@ -18,8 +21,10 @@ import contextlib
 import dataclasses
 import logging
 import os
-import threading
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -33,7 +38,8 @@ from inferledger.chain.receipts import (
     check_receipt_signature,
     recover_session_auth_signer,
 )
-from inferledger.inference.base import Finish, GenerationParams, Hidden, Token
+from inferledger.config import Settings
+from inferledger.inference.base import Backend, Event, Finish, GenerationParams, Hidden, Token
 from inferledger.node.checkpoints import (
     CheckpointJob,
     ReplyTrace,
@@ -82,7 +88,7 @@ from inferledger.protocol.server import ReceiptRequest as ReceiptRequestFrame
 log = logging.getLogger("inferledger.node")
 
 _END = object()
-_HANDOFF_DEPTH = 8  # tokens a worker may run ahead of what has been sent
+_TRY_AGAIN_LATER = 1013  # WebSocket close code: the node is at a connection limit
 _NO_BUNDLE = bytes(32)  # the proof hash a receipt names before the session's first bundle
 
 
@@ -90,10 +96,134 @@ def _refused(refusal: MeterRefusal) -> ProtocolError:
     return ProtocolError(ErrorCode(refusal.code), refusal.message)
 
 
+@dataclasses.dataclass
+class Gate:
+    """The node's shared limits, counted on the event loop (no locks needed): a stranger
+    cannot hold every socket, nor a depositor with many sessions every generation slot."""
+
+    max_connections: int
+    max_per_address: int
+    max_replies: int
+    sockets: Counter[str] = dataclasses.field(default_factory=Counter)
+    replies: Counter[str] = dataclasses.field(default_factory=Counter)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Gate:
+        return cls(
+            settings.max_connections,
+            settings.max_connections_per_ip,
+            settings.max_replies_per_depositor,
+        )
+
+    def socket(self, address: str) -> contextlib.AbstractContextManager[None]:
+        """Count one live socket from ``address`` while the returned block runs; raises at
+        once (nothing counted) when the node or the address has no connection left."""
+        if self.sockets.total() >= self.max_connections:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_CONNECTIONS,
+                f"the node has its {self.max_connections} connections; try again later",
+            )
+        if self.sockets[address] >= self.max_per_address:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_CONNECTIONS,
+                f"{self.max_per_address} connections from this address already; close one",
+            )
+        return _counted(self.sockets, address)
+
+    def reply(self, depositor: str) -> contextlib.AbstractContextManager[None]:
+        """Count one reply in flight for ``depositor`` while the returned block runs; raises
+        at once when the depositor has no reply left."""
+        key = depositor.lower()
+        if self.replies[key] >= self.max_replies:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_REPLIES,
+                f"the depositor already has {self.max_replies} replies in flight on this node; "
+                "wait for one to finish",
+            )
+        return _counted(self.replies, key)
+
+
+@contextlib.contextmanager
+def _counted(counter: Counter[str], key: str) -> Iterator[None]:
+    counter[key] += 1
+    try:
+        yield
+    finally:
+        counter[key] -= 1
+        if counter[key] <= 0:
+            del counter[key]
+
+
+def _check_context(backend: Backend, prompt_tokens: int) -> None:
+    """Refuse, before it is billed, a prompt that leaves the model no room to reply."""
+    context = getattr(backend, "context_length", None)  # backends without one take any length
+    if isinstance(context, int) and prompt_tokens >= context:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"prompt is {prompt_tokens} tokens; the model's context holds {context}",
+        )
+
+
+class _Slot:
+    """One of the node's generation slots, held by a reply only while it computes tokens."""
+
+    def __init__(self, node: Node) -> None:
+        self._slots = node.generation_slots()
+        self._queue = node.metrics.generation_queue
+        self.held = False
+
+    async def take(self) -> None:
+        self._queue.inc()
+        try:
+            await self._slots.acquire()
+        finally:
+            self._queue.dec()
+        self.held = True
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self._slots.release()
+
+
+class _Steps:
+    """A backend's events, each computed by its own call in the generation pool: between
+    calls a reply holds no worker thread, so a paused reply blocks no one."""
+
+    def __init__(self, executor: Executor, start: Callable[[], Iterator[Event]]) -> None:
+        self._executor = executor
+        self._start = start
+        self._events: Iterator[Event] | None = None
+        self._step: asyncio.Future[Any] | None = None
+
+    def _advance(self) -> Any:
+        if self._events is None:
+            self._events = self._start()
+        return next(self._events, _END)
+
+    async def next(self) -> Any:
+        """The next event, or ``_END``; a backend failure is the client's BAD_REQUEST."""
+        self._step = asyncio.get_running_loop().run_in_executor(self._executor, self._advance)
+        try:
+            # Shielded: a cancelled reply leaves the step to finish; ``close`` waits for it.
+            return await asyncio.shield(self._step)
+        except Exception as exc:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"generation refused: {exc}") from exc
+
+    async def close(self) -> None:
+        """Let a step still running end, then close the backend's generator."""
+        if self._step is not None:
+            with contextlib.suppress(Exception):
+                await self._step
+        if self._events is not None:
+            await asyncio.to_thread(self._events.close)
+
+
 class Connection:
-    def __init__(self, node: Node, websocket: WebSocket) -> None:
+    def __init__(self, node: Node, websocket: WebSocket, gate: Gate) -> None:
         self.node = node
         self.ws = websocket
+        self.gate = gate
         self.nonce = os.urandom(32)
         self.info: SessionInfo | None = None
         self.meter: Meter | None = None
@@ -130,6 +260,28 @@ class Connection:
     # Lifecycle ---------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Admit the socket (or refuse it before any work), then serve it until it ends."""
+        address = self.ws.client.host if self.ws.client else "unknown"
+        try:
+            held = self.gate.socket(address)
+        except ProtocolError as refused:
+            await self._refuse(refused)
+            return
+        with held:
+            await self._serve()
+
+    async def _refuse(self, refused: ProtocolError) -> None:
+        """One error frame and close code 1013 (try again later); counted, not logged, as a
+        flood of these is what the limit is for."""
+        self.node.metrics.errors.labels(code=refused.code.value).inc()
+        with contextlib.suppress(Exception):
+            await self.ws.accept()
+            await self.ws.send_json(
+                ErrorFrame(code=refused.code.value, message=refused.message).dump()
+            )
+            await self.ws.close(code=_TRY_AGAIN_LATER)
+
+    async def _serve(self) -> None:
         await self.ws.accept()
         self.node.loop = asyncio.get_running_loop()
         await self.send(
@@ -149,9 +301,20 @@ class Connection:
 
     async def _read_loop(self) -> None:
         max_bytes = self.node.settings.max_frame_bytes
+        login_by = asyncio.get_running_loop().time() + self.node.settings.login_timeout
         while True:
             try:
-                message = await self.ws.receive()
+                # Until it has logged in, a socket lives only until the login deadline.
+                async with asyncio.timeout_at(None if self.info else login_by):
+                    message = await self.ws.receive()
+            except TimeoutError:
+                await self.send_error(
+                    ProtocolError(
+                        ErrorCode.LOGIN_TIMEOUT,
+                        f"no session_init within {self.node.settings.login_timeout:g}s",
+                    )
+                )
+                return
             except (WebSocketDisconnect, RuntimeError):
                 return
             if message["type"] == "websocket.disconnect":
@@ -417,8 +580,10 @@ class Connection:
     # Streaming ---------------------------------------------------------------------
 
     async def _serve_prompt(self, prompt: Prompt) -> None:
+        assert self.info is not None
         try:
-            await self._stream(prompt)
+            with self.gate.reply(self.info.depositor):
+                await self._stream(prompt)
         except ProtocolError as error:
             await self.send_error(error)
             if error.fatal:
@@ -448,6 +613,7 @@ class Connection:
             prompt_ids = await asyncio.to_thread(prompt_token_ids, node.backend, messages)
         except ValueError as exc:
             raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc)) from exc
+        _check_context(node.backend, len(prompt_ids))
         try:
             params = GenerationParams(
                 max_tokens=prompt.max_tokens or 1,
@@ -500,64 +666,45 @@ class Connection:
         capture: bool,
         received: float,
     ) -> tuple[int, str]:
-        """Run the backend and send its tokens as the meter allows; (tokens sent, reason)."""
+        """Run the backend and send its tokens as the meter allows; (tokens sent, reason).
+
+        The reply holds a generation slot while it computes and gives it back while it waits
+        for a receipt, so clients that never sign cannot keep others from being served."""
         assert self.trace is not None and self.meter is not None
         node, meter = self.node, self.meter
-        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=_HANDOFF_DEPTH)
-        stop = threading.Event()
-        loop = asyncio.get_running_loop()
-        slots = node.generation_slots()
-        node.metrics.generation_queue.inc()
-        try:
-            await slots.acquire()
-        finally:
-            node.metrics.generation_queue.dec()
+        steps = _Steps(
+            node.generation_executor(),
+            lambda: node.backend.generate(messages, params, capture_hidden_states=capture),
+        )
+        slot = _Slot(node)
         count, reason = 0, "length"
         try:
-            worker = loop.run_in_executor(
-                node.generation_executor(),
-                self._generate,
-                messages,
-                params,
-                capture,
-                queue,
-                loop,
-                stop,
-            )
-            try:
-                while True:
-                    event = await queue.get()
-                    if event is _END:
-                        break
-                    if isinstance(event, BaseException):
-                        raise ProtocolError(ErrorCode.BAD_REQUEST, f"generation refused: {event}")
-                    if isinstance(event, Finish):
-                        reason = event.reason
-                        continue
-                    if isinstance(event, Hidden):
-                        self.trace.add_rows(event)
-                        await self._checkpoint_when_ready()
-                        continue
+            await slot.take()
+            while (event := await steps.next()) is not _END:
+                if isinstance(event, Finish):
+                    reason = event.reason
+                    continue
+                if isinstance(event, Hidden):
+                    self.trace.add_rows(event)
+                    await self._checkpoint_when_ready()
+                    continue
+                if meter.waiting_for_receipt():
+                    slot.give_back()
                     await self._wait_for_window()
-                    stopped = self._stop_reason()
-                    if stopped is not None:
-                        reason = stopped
-                        break
-                    # The reply's last token is receipted with its bundle, not before it.
-                    last = count + 1 >= params.max_tokens
-                    await self._send_token(prompt.request_id, event, last=last)
-                    count += 1
-                    if count == 1:
-                        node.metrics.time_to_first_token.observe(time.monotonic() - received)
-            finally:
-                # Stop the worker and keep the queue empty until it has let go of the model.
-                stop.set()
-                while not worker.done():
-                    with contextlib.suppress(asyncio.QueueEmpty):
-                        queue.get_nowait()
-                    await asyncio.sleep(0.001)
+                    await slot.take()
+                stopped = self._stop_reason()
+                if stopped is not None:
+                    reason = stopped
+                    break
+                # The reply's last token is receipted with its bundle, not before it.
+                last = count + 1 >= params.max_tokens
+                await self._send_token(prompt.request_id, event, last=last)
+                count += 1
+                if count == 1:
+                    node.metrics.time_to_first_token.observe(time.monotonic() - received)
         finally:
-            slots.release()
+            await steps.close()  # before the slot goes: a step may still be computing
+            slot.give_back()
         if reason == "length" and meter.output_left() == 0:
             reason = "budget"
         return count, reason
@@ -572,36 +719,6 @@ class Connection:
         if self.meter.output_left() == 0:
             return "budget"
         return None
-
-    def _generate(
-        self,
-        messages: list[dict[str, str]],
-        params: GenerationParams,
-        capture: bool,
-        queue: asyncio.Queue[Any],
-        loop: asyncio.AbstractEventLoop,
-        stop: threading.Event,
-    ) -> None:
-        """Worker thread: run the backend and hand each event to the event loop."""
-
-        def put(item: Any) -> None:
-            asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
-
-        events = None
-        try:
-            events = self.node.backend.generate(messages, params, capture_hidden_states=capture)
-            for event in events:
-                if stop.is_set():
-                    return
-                put(event)
-        except Exception as exc:
-            if not stop.is_set():
-                put(exc)
-        finally:
-            if events is not None:
-                events.close()
-            if not stop.is_set():
-                put(_END)
 
     async def _send_token(self, request_id: str, token: Token, *, last: bool = False) -> None:
         assert self.info is not None and self.transcript is not None and self.trace is not None

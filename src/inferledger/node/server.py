@@ -23,14 +23,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from inferledger.node.connection import Connection
+from inferledger.node.connection import Connection, Gate
 from inferledger.node.node import Node
 from inferledger.protocol.client import INT64_MAX
 from inferledger.store.blobs import BlobNotFound, CorruptBlob
 
-# uvicorn closes the socket above this size; frames between max_frame_bytes and this
-# get a FRAME_TOO_LARGE error frame and the connection stays usable.
-HARD_FRAME_LIMIT = 16 * 1024 * 1024
 _PROOF_HASH = re.compile(r"0x[0-9a-f]{64}")
 _ID = re.compile(r"[1-9][0-9]{0,18}")  # 1 .. 10**19 - 1: never more digits than int64 has
 
@@ -51,9 +48,22 @@ async def _bad_path_parameter(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": "BAD_REQUEST", "message": str(exc)}, status_code=400)
 
 
+# Frames up to this much above max_frame_bytes are read, to answer FRAME_TOO_LARGE and keep
+# the connection usable; anything larger is not read at all.
+FRAME_SLACK = 64 * 1024
+
+
+def ws_max_size(max_frame_bytes: int) -> int:
+    """The largest frame the WebSocket layer reads: above it the socket is closed (1009)
+    after the frame's header, before its payload is buffered."""
+    return max_frame_bytes + FRAME_SLACK
+
+
 def create_app(node: Node) -> Starlette:
+    gate = Gate.from_settings(node.settings)
+
     async def websocket_endpoint(websocket: WebSocket) -> None:
-        await Connection(node, websocket).run()
+        await Connection(node, websocket, gate).run()
 
     async def health(request: Request) -> JSONResponse:
         """200 while the node takes paid sessions (``degraded`` when something is wrong that
@@ -179,7 +189,7 @@ def uvicorn_config(node: Node, host: str, port: int, **options: Any) -> uvicorn.
         create_app(node),
         host=host,
         port=port,
-        ws_max_size=HARD_FRAME_LIMIT,
+        ws_max_size=ws_max_size(node.settings.max_frame_bytes),
         log_level=options.pop("log_level", "warning"),
         lifespan="on",
         **options,
