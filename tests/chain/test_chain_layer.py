@@ -68,7 +68,7 @@ def test_gas_cap_refuses_expensive_transactions(world: DevWorld) -> None:
 
 
 def test_receipt_timeout_names_the_transaction(world: DevWorld) -> None:
-    sender = world.chain.sender(dev_account("owner"), receipt_timeout=0.3)
+    sender = world.chain.sender(dev_account("owner"), tx_receipt_timeout=0.3)
     world.chain.set_automine(False)
     try:
         with pytest.raises(TxTimeout, match="not mined within"):

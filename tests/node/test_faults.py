@@ -105,7 +105,7 @@ def test_rpc_unreachable_during_settlement_then_back(
     _needs_rpc(world)
     host, port = world.chain.url.removeprefix("http://").split(":")
     proxy = TcpProxy((host, int(port)))
-    chain = connect(proxy.url, receipt_timeout=5)
+    chain = connect(proxy.url, tx_receipt_timeout=5)
     contracts = Contracts.attach(chain, world.contracts.deployment)
     model_id = serve_model(world, scripted, keccak(text=scripted.name), PRICE, INPUT_PRICE)
     session_id, signer = open_session(

@@ -16,6 +16,7 @@ from web3.providers.eth_tester import EthereumTesterProvider
 
 from inferledger.chain.errors import ChainError, ChainUnreachable
 from inferledger.chain.tx import TxSender
+from inferledger.config import setting_ref
 
 EMBEDDED = "embedded"
 _DEV_CLIENTS = ("anvil", "hardhat", "ganache")
@@ -52,7 +53,7 @@ class Chain:
         except Exception as exc:
             raise ChainUnreachable(
                 f"cannot reach the chain at {url}: {exc.__class__.__name__}; is the node "
-                "running? check the chain URL setting (INFERLEDGER_CHAIN_URL)"
+                f"running? check the chain URL, {setting_ref('chain_url')}"
             ) from exc
         self.client = client
         self.is_dev = tester is not None or any(name in client for name in _DEV_CLIENTS)
@@ -153,7 +154,7 @@ class Chain:
 def connect(url: str = EMBEDDED, *, timeout: float = 10.0, **sender_defaults: Any) -> Chain:
     """Open ``url`` (an http(s) JSON-RPC endpoint) or the embedded chain.
 
-    ``sender_defaults`` (gas_cap, receipt_timeout, ...) apply to every ``TxSender``
+    ``sender_defaults`` (gas_cap, tx_receipt_timeout, ...) apply to every ``TxSender``
     made by ``Chain.sender``.
     """
     if url == EMBEDDED:

@@ -24,9 +24,10 @@ from inferledger.chain.errors import (
     TxTimeout,
     translate,
 )
+from inferledger.config import setting_ref
 
 DEFAULT_GAS_CAP = 8_000_000
-DEFAULT_RECEIPT_TIMEOUT = 120.0
+DEFAULT_TX_RECEIPT_TIMEOUT = 120.0
 # How nodes say "that nonce is taken": geth/anvil wording, then py-evm's.
 _NONCE_ERRORS = (
     "nonce too low",
@@ -47,7 +48,7 @@ class TxSender:
         url: str = "embedded",
         gas_cap: int = DEFAULT_GAS_CAP,
         gas_margin: float = 1.25,
-        receipt_timeout: float = DEFAULT_RECEIPT_TIMEOUT,
+        tx_receipt_timeout: float = DEFAULT_TX_RECEIPT_TIMEOUT,
         poll_interval: float = 0.02,
         estimate_block: str | None = "pending",
     ) -> None:
@@ -56,7 +57,7 @@ class TxSender:
         self.url = url
         self.gas_cap = gas_cap
         self.gas_margin = gas_margin
-        self.receipt_timeout = receipt_timeout
+        self.tx_receipt_timeout = tx_receipt_timeout
         self.poll_interval = poll_interval
         # Estimate against the block the transaction lands in: time-bound checks differ
         # from the latest block. None: the node's default (eth-tester takes no block here).
@@ -109,7 +110,7 @@ class TxSender:
         if estimate > self.gas_cap:
             raise GasCapExceeded(
                 f"{action} needs {estimate} gas, above the cap of {self.gas_cap}; "
-                "raise the gas cap setting (INFERLEDGER_GAS_CAP) if this is expected"
+                f"raise the gas cap, {setting_ref('gas_cap')}, if this is expected"
             )
         tx["gas"] = min(int(estimate * self.gas_margin), self.gas_cap)
         tx["chainId"] = self.w3.eth.chain_id
@@ -135,7 +136,7 @@ class TxSender:
         raise ChainError(f"{action}: could not find a free nonce for {self.address}")
 
     def _wait(self, tx_hash: HexBytes) -> TxReceipt:
-        deadline = time.monotonic() + self.receipt_timeout
+        deadline = time.monotonic() + self.tx_receipt_timeout
         while True:
             try:
                 return self.w3.eth.get_transaction_receipt(tx_hash)
@@ -143,7 +144,7 @@ class TxSender:
                 if "not found" not in str(exc).lower() and "unknown" not in str(exc).lower():
                     raise
             if time.monotonic() > deadline:
-                raise TxTimeout(tx_hash.to_0x_hex(), self.receipt_timeout)
+                raise TxTimeout(tx_hash.to_0x_hex(), self.tx_receipt_timeout)
             time.sleep(self.poll_interval)
 
     def _replay_reason(self, tx: dict[str, Any], receipt: TxReceipt) -> str:

@@ -86,13 +86,13 @@ def one_line_errors() -> Iterator[None]:
         raise typer.Exit(1) from exc
 
 
-def settings_for(rpc: str | None = None, deployment: Path | None = None) -> Settings:
-    overrides: dict[str, object] = {}
-    if rpc:
-        overrides["chain_url"] = rpc
-    if deployment is not None:
-        overrides["deployment_file"] = deployment
-    return load_settings(**overrides)
+def settings_for(
+    rpc: str | None = None, deployment: Path | None = None, **options: object
+) -> Settings:
+    """The settings with the command's options applied; an option left out (None) keeps the
+    setting."""
+    given = {"chain_url": rpc or None, "deployment_file": deployment, **options}
+    return load_settings(**{name: value for name, value in given.items() if value is not None})
 
 
 def connect_chain(settings: Settings) -> Chain:
@@ -106,7 +106,7 @@ def connect_chain(settings: Settings) -> Chain:
             f"--rpc {LOCAL_CHAIN} (or export INFERLEDGER_CHAIN_URL={LOCAL_CHAIN})"
         )
     return connect(
-        settings.chain_url, gas_cap=settings.gas_cap, receipt_timeout=settings.receipt_timeout
+        settings.chain_url, gas_cap=settings.gas_cap, tx_receipt_timeout=settings.tx_receipt_timeout
     )
 
 

@@ -76,7 +76,7 @@ def run_demo(
     console = console or Console()
     backend = _load_model(console)
     chain = connect(
-        settings.chain_url, gas_cap=settings.gas_cap, receipt_timeout=settings.receipt_timeout
+        settings.chain_url, gas_cap=settings.gas_cap, tx_receipt_timeout=settings.tx_receipt_timeout
     )
     if not chain.is_dev:
         raise ChainError(

