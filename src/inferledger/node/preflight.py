@@ -343,7 +343,7 @@ def _check_gas(ctx: _Context) -> str:
 def _check_weights(ctx: _Context) -> str:
     name, path = ctx.built.model_name, ctx.built.weights_path
     if path is None:
-        raise _Skipped("remote backend: no local weights file to check", applies=False)
+        raise _Skipped("no local weights file to check (remote or scripted backend)", applies=False)
     ctx.require("contracts")
     models = ctx.bound.models
     if not models.is_approved(ctx.model_id):
