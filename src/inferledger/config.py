@@ -222,9 +222,7 @@ def _env_variable(name: str) -> str:
 
 def _renamed(old: str) -> str:
     new = RENAMED_SETTINGS[old]
-    return (
-        f"setting {old} ({_env_variable(old)}) was renamed: use {setting_ref(new)} instead"
-    )
+    return f"setting {old} ({_env_variable(old)}) was renamed: use {setting_ref(new)} instead"
 
 
 def _problem(err: ErrorDetails) -> str:

@@ -9,7 +9,7 @@ import typer
 
 from inferledger.cli.common import DeploymentOption, RpcOption, one_line_errors, settings_for
 from inferledger.cli.demo import MAX_TOKENS, QUESTION
-from inferledger.config import ConfigError, load_settings
+from inferledger.config import ConfigError, env_name, load_settings, setting_ref
 
 app = typer.Typer(
     help="inferledger: pay-per-token LLM inference with escrowed USDC sessions.",
@@ -134,7 +134,7 @@ def node_run(
         str | None,
         typer.Option(
             "--prover",
-            help="auto, activation, commitment, external (set INFERLEDGER_EXTERNAL_PROVER) "
+            help=f"auto, activation, commitment, external (set {env_name('external_prover')}) "
             "or mock (dev chains only). Default: prover setting (auto).",
         ),
     ] = None,
@@ -196,8 +196,8 @@ def deploy(
         settings = load_settings(**overrides)
         if settings.chain_url == EMBEDDED:
             raise ConfigError(
-                "setting chain_url (INFERLEDGER_CHAIN_URL): deploying to the embedded chain "
-                "keeps nothing after this process; pass --rpc with a chain URL"
+                f"{setting_ref('chain_url')}: deploying to the embedded chain keeps nothing "
+                "after this process; pass --rpc with a chain URL"
             )
         chain = connect(settings.chain_url, gas_cap=settings.gas_cap)
         if settings.deployer_key is not None:
@@ -206,9 +206,7 @@ def deploy(
             sender = chain.sender(dev_account("owner"))
             chain.fund(sender.address, GAS_MONEY)
         else:
-            raise ConfigError(
-                "setting deployer_key (INFERLEDGER_DEPLOYER_KEY): required on a non-dev chain"
-            )
+            raise ConfigError(f"{setting_ref('deployer_key')}: required on a non-dev chain")
         contracts = deploy_contracts(chain, sender, DeployParams(token=token))
         path = out or settings.deployment_file
         contracts.deployment.save(path)
