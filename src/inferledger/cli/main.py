@@ -80,8 +80,8 @@ def doctor(
 
     Builds the node's parts exactly as `inferledger node run` does (it loads the model and
     opens the node's state) and stops after the preflight: it fails exactly when `node run`
-    refuses to start. Each failing line names the broken part, the setting that controls it
-    and the fix.
+    without --allow-degraded refuses to start. Each failing line names the broken part, the
+    setting that controls it and the fix.
     """
     from rich.console import Console
 
