@@ -64,7 +64,8 @@ def build_node_parts(
     backend: Backend | None = None,
     state: NodeState | None = None,
 ) -> NodeParts:
-    """Build chain, contracts, backend, prover, state and store, then run the preflight.
+    """Build chain, contracts, backend, prover, account, state and store, then run the
+    preflight over them.
 
     Arguments stand in for the parts built from the settings (tests; the embedded chain can
     only be passed in, as every connect to it makes a new, empty chain). Raises only for
@@ -80,10 +81,10 @@ def build_node_parts(
         contracts = _attach(chain, deployment)
     backend = backend or backend_from_settings(settings)
     prover, prover_error = _prover(settings, chain, backend)
+    account = _host_account(settings)
     if contracts is not None:
         state = _bound_state(settings, contracts, state)
     store = BlobStore(settings.proof_store) if settings.proof_store else default_store()
-    account = _host_account(settings)
     report = run_preflight(
         settings,
         Built(
