@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError
+from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -34,8 +35,10 @@ class Settings(BaseSettings):
     gas_cap: int = Field(
         default=8_000_000, gt=21_000, description="Most gas one transaction may use"
     )
-    receipt_timeout: float = Field(
-        default=120.0, gt=0, description="Seconds to wait for a transaction receipt"
+    tx_receipt_timeout: float = Field(
+        default=120.0,
+        gt=0,
+        description="Seconds to wait for a sent transaction to be mined (its transaction receipt)",
     )
     tx_stuck_after: float = Field(
         default=15.0,
@@ -121,6 +124,12 @@ class Settings(BaseSettings):
         description="Most reply tokens a node sends beyond the user's last signed receipt, "
         "whatever the session's proof_interval: the most a user can take without paying",
     )
+    user_receipt_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds a reply waits for the user's signed receipt before the node "
+        "closes the connection (RECEIPT_TIMEOUT) and settles at what was receipted",
+    )
     max_unpaid_resumes: int = Field(
         default=3,
         ge=0,
@@ -202,7 +211,7 @@ class Settings(BaseSettings):
         cap = self.max_fee_per_gas_gwei
         return {
             "gas_cap": self.gas_cap,
-            "receipt_timeout": self.receipt_timeout,
+            "receipt_timeout": self.tx_receipt_timeout,
             "stuck_after": self.tx_stuck_after,
             "max_fee_per_gas": None if cap is None else int(cap * 10**9),
         }
@@ -220,14 +229,46 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file))
 
 
+RENAMED_SETTINGS = {"receipt_timeout": "tx_receipt_timeout"}
+"""Old name -> new name: an old name in a config is an error that says what to write now."""
+
+
+def env_name(setting: str) -> str:
+    """The environment variable of a setting; a name that is no setting fails loudly, so a
+    renamed field cannot leave a stale variable name in a message."""
+    if setting not in Settings.model_fields:
+        raise KeyError(f"no setting named {setting!r}")
+    return _env_variable(setting)
+
+
+def setting_ref(setting: str) -> str:
+    """How messages name a setting: ``setting state_db (INFERLEDGER_STATE_DB)``."""
+    return f"setting {setting} ({env_name(setting)})"
+
+
 def load_settings(**overrides: object) -> Settings:
     """Settings from overrides, the environment and the TOML file, or a ConfigError."""
+    stale = [old for old in RENAMED_SETTINGS if _env_variable(old) in os.environ]
+    if stale:
+        raise ConfigError("; ".join(_renamed(old) for old in stale))
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"setting {'.'.join(str(p) for p in err['loc'])} "
-            f"(INFERLEDGER_{str(err['loc'][0]).upper()}): {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ConfigError(problems) from exc
+        raise ConfigError("; ".join(_problem(err) for err in exc.errors())) from exc
+
+
+def _env_variable(name: str) -> str:
+    return f"{Settings.model_config['env_prefix']}{name.upper()}"
+
+
+def _renamed(old: str) -> str:
+    new = RENAMED_SETTINGS[old]
+    return f"setting {old} ({_env_variable(old)}) was renamed: use {setting_ref(new)} instead"
+
+
+def _problem(err: ErrorDetails) -> str:
+    name = str(err["loc"][0])
+    if err["type"] == "extra_forbidden" and name in RENAMED_SETTINGS:
+        return _renamed(name)
+    where = ".".join(str(part) for part in err["loc"])
+    return f"setting {where} ({_env_variable(name)}): {err['msg']}"

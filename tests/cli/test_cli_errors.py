@@ -128,3 +128,25 @@ def test_chain_fund_wants_the_deployment_before_sending_anything(
     line = one_error_line(invoke("chain", "fund", ADDRESS, "--deployment", str(missing)))
     assert f"deployment record {missing} not found" in line and "inferledger deploy" in line
     assert sent == []
+
+
+@pytest.mark.parametrize("where", ["env", "toml"])
+def test_an_old_setting_name_says_the_new_one(
+    where: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    if where == "env":
+        monkeypatch.setenv("INFERLEDGER_RECEIPT_TIMEOUT", "30")
+    else:
+        (tmp_path / "old.toml").write_text("receipt_timeout = 30\n")
+        monkeypatch.setenv("INFERLEDGER_CONFIG", str(tmp_path / "old.toml"))
+    line = one_error_line(invoke("doctor"))
+    assert "receipt_timeout (INFERLEDGER_RECEIPT_TIMEOUT) was renamed" in line
+    assert "tx_receipt_timeout (INFERLEDGER_TX_RECEIPT_TIMEOUT)" in line
+
+
+def test_env_name_refuses_a_name_that_is_no_setting() -> None:
+    from inferledger.config import env_name
+
+    assert env_name("tx_receipt_timeout") == "INFERLEDGER_TX_RECEIPT_TIMEOUT"
+    with pytest.raises(KeyError, match="receipt_timeout"):
+        env_name("receipt_timeout")

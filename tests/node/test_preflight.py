@@ -12,12 +12,14 @@ import pytest
 from typer.testing import CliRunner
 
 from inferledger.chain.anvil import free_port
+from inferledger.chain.deployment import Deployment
 from inferledger.chain.devchain import DevWorld
 from inferledger.cli.main import app
 from inferledger.config import Settings
-from inferledger.inference.model_cache import GGUF_FILENAME, GGUF_PACKAGE
+from inferledger.inference.scripted import ScriptedBackend
 from inferledger.node import preflight
-from inferledger.node.preflight import PreflightReport, resolve_model, run_preflight
+from inferledger.node.compose import build_node_parts
+from inferledger.node.preflight import PreflightReport
 
 CHECKS = [
     "chain",
@@ -40,6 +42,8 @@ class Served:
     name: str
     weights: Path
     host_key: str
+    home: Path
+    """Where this test's deployment record, node state and proofs go."""
 
 
 @pytest.fixture
@@ -49,31 +53,35 @@ def served(world: DevWorld, tmp_path: Path) -> Served:
     sha = hashlib.sha256(weights.read_bytes()).digest()
     model_id = world.contracts.models.approve_model(world.owner, MODEL_NAME, sha)
     world.contracts.nodes.set_models(world.host, {world.model_id: PRICES, model_id: PRICES})
-    return Served(MODEL_NAME, weights, "0x" + bytes(world.host.account.key).hex())
+    return Served(MODEL_NAME, weights, "0x" + bytes(world.host.account.key).hex(), tmp_path)
 
 
-def settings_for(world: DevWorld, served: Served, **changes: Any) -> Settings:
+def settings_for(served: Served, **changes: Any) -> Settings:
     fields: dict[str, Any] = {
-        "chain_url": world.chain.url,
         "host_key": served.host_key,
-        "deployment_file": Path("not-used-when-a-deployment-is-passed.json"),
+        "deployment_file": served.home / "deployment.json",
+        "state_db": served.home / "node.sqlite3",
+        "proof_store": served.home / "proofs",
     }
     fields.update(changes)
     return Settings(**fields)
 
 
 def check(world: DevWorld, served: Served, **changes: Any) -> PreflightReport:
-    """Preflight against the world with the setting/argument ``changes`` applied."""
-    arguments = {
-        "chain": world.chain,
-        "deployment": world.contracts.deployment,
-        "model_name": served.name,
-        "weights_path": served.weights,
-    }
-    for key in list(changes):
-        if key in arguments:
-            arguments[key] = changes.pop(key)
-    return run_preflight(settings_for(world, served, **changes), **arguments)
+    """Preflight over the parts the composition root builds from the world's chain, its
+    deployment record and a backend of the served model, with ``changes`` applied: a
+    setting, or ``chain`` (None: connect to chain_url), ``deployment`` (None: the
+    deployment_file setting as given), ``model_name`` or ``weights_path`` (the backend's)."""
+    chain = changes.pop("chain", world.chain)
+    deployment: Deployment | None = changes.pop("deployment", world.contracts.deployment)
+    backend = ScriptedBackend(name=changes.pop("model_name", served.name))
+    backend.weights_path = changes.pop("weights_path", served.weights)
+    settings = settings_for(served, **{"chain_url": world.chain.url, **changes})
+    if deployment is not None:
+        deployment.save(settings.deployment_file)
+    parts = build_node_parts(settings, chain=chain, backend=backend)
+    parts.close()
+    return parts.preflight
 
 
 def assert_only_failure(report: PreflightReport, name: str, *words: str) -> str:
@@ -283,7 +291,7 @@ def test_remote_backend_skips_weights_but_stays_green(world: DevWorld, served: S
     report = check(world, served, weights_path=None)
     weights = report.get("weights")
     assert (weights.status, weights.ok) == ("skipped", True)
-    assert "remote backend" in weights.line()
+    assert "no local weights file" in weights.line()
     assert report.ok
 
 
@@ -301,34 +309,24 @@ def test_unexpected_exception_becomes_a_failed_line(
     assert "disk on fire" in line
 
 
-def test_resolve_model_follows_the_transformers_backend_naming() -> None:
-    packaged_name, packaged_path = resolve_model(Settings(backend="transformers"))
-    assert packaged_name == f"{GGUF_PACKAGE}/{GGUF_FILENAME}"
-    assert packaged_path is not None and packaged_path.name == GGUF_FILENAME
-
-    custom = Path("/models/other.gguf")
-    assert resolve_model(Settings(), weights_path=custom) == ("other.gguf", custom)
-    assert resolve_model(Settings(weights_path=custom, model_name="org/m")) == ("org/m", custom)
-    name, path = resolve_model(Settings(backend="openai_http"), model_name="org/remote")
-    assert (name, path) == ("org/remote", None)
-
-
 def test_doctor_command(
     world: DevWorld, served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if world.chain.is_embedded:
-        # A new embedded chain would be empty: hand the command the world's chain instead.
-        monkeypatch.setattr(preflight, "connect", lambda *args, **kwargs: world.chain)
+        pytest.skip("doctor connects to chain_url; the embedded chain lives in one process")
     deployment = tmp_path / "deployment.json"
     world.contracts.deployment.save(deployment)
     monkeypatch.setenv("INFERLEDGER_CHAIN_URL", world.chain.url)
     monkeypatch.setenv("INFERLEDGER_HOST_KEY", served.host_key)
+    monkeypatch.setenv("INFERLEDGER_BACKEND", "scripted")
+    monkeypatch.setenv("INFERLEDGER_STATE_DB", str(tmp_path / "node.sqlite3"))
     runner = CliRunner()
-    args = ["doctor", "--model-name", served.name, "--weights", str(served.weights)]
+    args = ["doctor", "--model-name", served.name]
 
     green = runner.invoke(app, [*args, "--deployment", str(deployment)])
     assert green.exit_code == 0, green.output
-    assert [line.split()[0] for line in green.output.splitlines()] == ["OK"] * len(CHECKS)
+    statuses = {line.split()[1].rstrip(":"): line.split()[0] for line in green.output.splitlines()}
+    assert statuses == {name: "SKIPPED" if name == "weights" else "OK" for name in CHECKS}
 
     missing = tmp_path / "missing.json"
     red = runner.invoke(app, [*args, "--deployment", str(missing)])

@@ -18,6 +18,7 @@ from web3.providers.rpc.utils import ExceptionRetryConfiguration
 
 from inferledger.chain.errors import ChainError, ChainUnreachable
 from inferledger.chain.tx import Nonces, TxSender
+from inferledger.config import setting_ref
 
 EMBEDDED = "embedded"
 _DEV_CLIENTS = ("anvil", "hardhat", "ganache")
@@ -57,7 +58,7 @@ class Chain:
         except Exception as exc:
             raise ChainUnreachable(
                 f"cannot reach the chain at {url}: {exc.__class__.__name__}; is the node "
-                "running? check the chain URL setting (INFERLEDGER_CHAIN_URL)"
+                f"running? check the chain URL, {setting_ref('chain_url')}"
             ) from exc
         self.client = client
         self.is_dev = tester is not None or any(name in client for name in _DEV_CLIENTS)

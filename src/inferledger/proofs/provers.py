@@ -45,13 +45,14 @@ from typing import Any, Protocol
 import numpy as np
 from eth_utils import keccak
 
+from inferledger.config import env_name
 from inferledger.proofs.activation import build_chunk_proofs, segment_chunks
 from inferledger.proofs.bundle import ProofBundle, Segment, prompt_hash
 
 PROTOCOL = "inferledger-prover/1"
-PROVER_SETTING = "INFERLEDGER_PROVER"
-PATH_SETTING = "INFERLEDGER_EXTERNAL_PROVER"
-TIMEOUT_SETTING = "INFERLEDGER_EXTERNAL_PROVER_TIMEOUT"
+PROVER_SETTING = env_name("prover")
+PATH_SETTING = env_name("external_prover")
+TIMEOUT_SETTING = env_name("external_prover_timeout")
 
 log = logging.getLogger(__name__)
 _HEX = re.compile(r"0x(?:[0-9a-fA-F]{2})+")

@@ -18,6 +18,7 @@ from inferledger.chain.connect import EMBEDDED, Chain, connect
 from inferledger.chain.contracts import Contracts
 from inferledger.chain.deployment import Deployment
 from inferledger.chain.tx import TxSender
+from inferledger.config import env_name
 from inferledger.sdk.errors import ConfigurationError
 from inferledger.sdk.hosts import HostAccount, Hosts, Treasury
 from inferledger.sdk.networks import Network, check_chain, embedded_chain, get_network
@@ -25,7 +26,8 @@ from inferledger.sdk.records import RecordStore
 from inferledger.sdk.sessions import Sessions
 
 KEY_ENV = "INFERLEDGER_KEY"
-DEPLOYMENT_ENV = "INFERLEDGER_DEPLOYMENT_FILE"
+DEPLOYMENT_ENV = env_name("deployment_file")
+CHAIN_URL_ENV = env_name("chain_url")
 DEFAULT_DEPLOYMENT = Path("deployment.json")
 
 
@@ -106,7 +108,7 @@ def _connect(chain: str | Chain | None, network: Network | None) -> Chain:
     if isinstance(chain, Chain):
         return chain
     url = chain or (network.rpc_url if network else None)
-    url = url or os.environ.get("INFERLEDGER_CHAIN_URL") or EMBEDDED
+    url = url or os.environ.get(CHAIN_URL_ENV) or EMBEDDED
     return embedded_chain() if url == EMBEDDED else connect(url)
 
 
