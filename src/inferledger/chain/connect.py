@@ -15,6 +15,7 @@ from web3 import Web3
 from web3.providers.eth_tester import EthereumTesterProvider
 
 from inferledger.chain.errors import ChainError, ChainUnreachable
+from inferledger.chain.redact import redact_url
 from inferledger.chain.tx import TxSender
 
 EMBEDDED = "embedded"
@@ -50,12 +51,18 @@ class Chain:
             self.chain_id = w3.eth.chain_id
             client = w3.client_version.lower() if tester is None else "eth-tester"
         except Exception as exc:
+            # from None: the cause's text quotes the full URL, and tracebacks reach logs.
             raise ChainUnreachable(
-                f"cannot reach the chain at {url}: {exc.__class__.__name__}; is the node "
-                "running? check the chain URL setting (INFERLEDGER_CHAIN_URL)"
-            ) from exc
+                f"cannot reach the chain at {self.endpoint}: {exc.__class__.__name__}; is the "
+                "node running? check the chain URL setting (INFERLEDGER_CHAIN_URL)"
+            ) from None
         self.client = client
         self.is_dev = tester is not None or any(name in client for name in _DEV_CLIENTS)
+
+    @property
+    def endpoint(self) -> str:
+        """The URL as messages may show it (``url`` may carry an API key)."""
+        return redact_url(self.url)
 
     @property
     def is_embedded(self) -> bool:
@@ -82,7 +89,7 @@ class Chain:
 
     def _require_dev(self, what: str) -> None:
         if not self.is_dev:
-            raise ChainError(f"{what} only works on a dev chain; {self.url} is not one")
+            raise ChainError(f"{what} only works on a dev chain; {self.endpoint} is not one")
 
     def time_travel(self, seconds: int) -> int:
         """Move chain time forward by ``seconds`` and mine a block; returns the new time."""
@@ -166,6 +173,7 @@ def connect(url: str = EMBEDDED, *, timeout: float = 10.0, **sender_defaults: An
         provider = Web3.HTTPProvider(url, request_kwargs={"timeout": timeout})
     else:
         raise ChainError(
-            f"unsupported chain URL {url!r}: use 'embedded' or an http(s):// JSON-RPC URL"
+            f"unsupported chain URL {redact_url(url)!r}: use 'embedded' or an http(s):// "
+            "JSON-RPC URL"
         )
     return Chain(Web3(provider), url, **sender_defaults)

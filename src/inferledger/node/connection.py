@@ -26,6 +26,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from inferledger.chain.contracts import SessionInfo
 from inferledger.chain.errors import ChainError
+from inferledger.chain.redact import CHAIN_UNAVAILABLE
 from inferledger.chain.receipts import (
     InvalidSignature,
     Receipt,
@@ -279,7 +280,8 @@ class Connection:
             info = await asyncio.to_thread(market.get_session, frame.session_id)
             chain_now = await asyncio.to_thread(node.contracts.chain.now)
         except ChainError as exc:
-            raise ProtocolError(ErrorCode.CHAIN_UNAVAILABLE, str(exc)) from exc
+            # Before the signature check: a stranger hears that, not why.
+            raise ProtocolError(ErrorCode.CHAIN_UNAVAILABLE, f"{CHAIN_UNAVAILABLE}; retry") from exc
         lead = self._check_session(frame.session_id, info, chain_now)
         auth = SessionAuth(frame.session_id, self.nonce, node.address)
         signature = bytes.fromhex(frame.signature[2:])
@@ -839,14 +841,15 @@ class Connection:
             settlement = await _within(outcome, settings.settlement_wait)
             if settlement is None:
                 record = await asyncio.to_thread(self.node.outbox.settlement, sid)
-                reason = (record and record.last_error) or "the settlement transaction is running"
+                waits = record is not None and record.last_error
+                reason = "not landed yet; the node retries" if waits else "the transaction is running"
                 await self.send(SettlementPending(session_id=sid, reason=reason))
                 left = max(0.0, settings.settlement_report_timeout - settings.settlement_wait)
                 settlement = await _within(outcome, left)
         finally:
             notices.forget(sid, future)
         if settlement is not None and settlement.status == "failed":
-            reason = f"the node could not settle: {settlement.last_error}"
+            reason = "the node could not settle; request_close and finalize remain on chain"
             await self.send(SettlementPending(session_id=sid, reason=reason))
         return settlement
 

@@ -24,6 +24,7 @@ from inferledger.chain.connect import Chain, connect
 from inferledger.chain.contracts import Contracts
 from inferledger.chain.deployment import Deployment
 from inferledger.chain.errors import ChainError, ChainUnreachable
+from inferledger.chain.redact import CHAIN_UNAVAILABLE, redact_url
 from inferledger.config import Settings
 from inferledger.inference.base import BackendUnavailable
 from inferledger.inference.model_cache import (
@@ -275,6 +276,7 @@ def _load_deployment(path: Path) -> tuple[Deployment | None, str]:
 
 def _check_chain(ctx: _Context) -> str:
     url = ctx.settings.chain_url if ctx.chain is None else ctx.chain.url
+    endpoint = redact_url(url)  # the chain lines are served on /health
     fix = f"start the chain node, or point {CHAIN_URL} at a running JSON-RPC endpoint"
     try:
         if ctx.chain is None:
@@ -285,24 +287,24 @@ def _check_chain(ctx: _Context) -> str:
         block = int(ctx.chain.w3.eth.block_number)
     except ChainUnreachable:
         ctx.chain = None
-        raise _Failed(f"cannot reach the chain at {url}", CHAIN_URL, fix) from None
+        raise _Failed(f"{CHAIN_UNAVAILABLE} at {endpoint}", CHAIN_URL, fix) from None
     except ChainError as exc:
         ctx.chain = None
         raise _Failed(str(exc), CHAIN_URL, fix) from None
     except Exception as exc:
         raise _Failed(
-            f"cannot reach the chain at {url} ({type(exc).__name__})", CHAIN_URL, fix
+            f"{CHAIN_UNAVAILABLE} at {endpoint} ({type(exc).__name__})", CHAIN_URL, fix
         ) from None
     if ctx.deployment is not None and chain_id != ctx.deployment.chain_id:
         expected = ctx.deployment.chain_id
         raise _Failed(
-            f"{url} is chain id {chain_id} but the deployment ({ctx.deployment_source}) is for "
+            f"{endpoint} is chain id {chain_id} but the deployment ({ctx.deployment_source}) is for "
             f"chain id {expected}",
             CHAIN_URL,
             f"point {CHAIN_URL} at chain id {expected}, or deploy the contracts on this chain "
             f"and point {DEPLOYMENT_FILE} at that record",
         )
-    return f"{url}: chain id {chain_id}, block {block}"
+    return f"{endpoint}: chain id {chain_id}, block {block}"
 
 
 def _check_contracts(ctx: _Context) -> str:
@@ -322,7 +324,7 @@ def _check_contracts(ctx: _Context) -> str:
     if missing:
         hint = " (the embedded chain starts empty in every process)" if chain.is_embedded else ""
         raise _Failed(
-            f"no contract code on {chain.url} for {', '.join(missing)}{hint}",
+            f"no contract code on {chain.endpoint} for {', '.join(missing)}{hint}",
             DEPLOYMENT_FILE,
             f"deploy the contracts on this chain, or point {DEPLOYMENT_FILE} and {CHAIN_URL} "
             "at a deployment and the chain it was made on",
