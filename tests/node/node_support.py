@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from inferledger.chain.contracts import Contracts
@@ -19,7 +20,7 @@ from inferledger.inference import Backend, load_backend
 from inferledger.node.node import Node, create_node
 from inferledger.node.server import BackgroundServer
 from inferledger.node.state import NodeState
-from inferledger.sdk.wire import Expectation
+from inferledger.sdk.wire import Expectation, session_read_headers
 
 NodeFactory = Callable[..., tuple[Node, BackgroundServer]]
 
@@ -42,6 +43,14 @@ def serve_model(
 def expect(world: DevWorld) -> Expectation:
     """What an SDK client of the world's host checks the node's challenge against."""
     return Expectation(world.contracts.marketplace.domain(), world.host.address)
+
+
+def read_session(
+    node_url: str, world: DevWorld, session_id: int, signer_key: bytes | str
+) -> httpx.Response:
+    """``GET /v1/sessions/{id}`` signed by the session signer, as the route requires."""
+    headers = session_read_headers(signer_key, expect(world), session_id)
+    return httpx.get(f"{node_url}/v1/sessions/{session_id}", headers=headers, timeout=10)
 
 
 @pytest.fixture

@@ -11,7 +11,14 @@ import pytest
 import websockets
 from eth_account import Account
 from eth_utils import keccak
-from node_support import NodeFactory, expect, serve_model, wait_for_receipt, wait_until
+from node_support import (
+    NodeFactory,
+    expect,
+    read_session,
+    serve_model,
+    wait_for_receipt,
+    wait_until,
+)
 
 from inferledger.chain.devchain import INPUT_PRICE, PRICE, DevWorld
 from inferledger.chain.receipts import Receipt, check_receipt_signature
@@ -374,7 +381,7 @@ def test_http_endpoints_report_models_sessions_and_metrics(
         700_000_000,
         3_000_000_000,
     )
-    session = httpx.get(server.url + f"/v1/sessions/{session_id}").json()
+    session = read_session(server.url, world, session_id, signer.key).json()
     billed = prompt_tokens(scripted)
     assert (session["input_tokens_receipted"], session["tokens_receipted"]) == (billed, 12)
     assert (session["input_tokens_served"], session["tokens_generated"]) == (billed, 12)
@@ -386,7 +393,7 @@ def test_http_endpoints_report_models_sessions_and_metrics(
         (billed, 10),
         (billed, 12),
     ]
-    assert httpx.get(server.url + "/v1/sessions/424242").status_code == 404
+    assert read_session(server.url, world, 424242, signer.key).status_code == 404
     metrics = httpx.get(server.url + "/metrics").text
     assert "inferledger_tokens_generated_total 12.0" in metrics
     assert "inferledger_receipt_round_trip_seconds_count 2.0" in metrics

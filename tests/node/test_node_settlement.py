@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from eth_utils import keccak
-from node_support import NodeFactory, expect, serve_model
+from node_support import NodeFactory, expect, read_session, serve_model
 
 from inferledger.chain.devchain import DevWorld
 from inferledger.chain.units import cost, settlement_split, usdc
@@ -166,7 +166,7 @@ def test_end_settles_exactly_and_the_stored_proofs_verify(
     bundle = ProofBundle.decode(node.store.get(checkpoints[1].proof_hash))
     assert verify_bundle(bundle, changed, scripted.prefill_hidden_states).status == "fail"
 
-    status = httpx.get(f"{server.url}/v1/sessions/{session_id}").json()
+    status = read_session(server.url, world, session_id, signer.key).json()
     assert status["status"] == "settled"
     assert status["settlement"]["tx_hash"] == settled.tx_hash
     assert (status["settlement"]["input_tokens"], status["settlement"]["tokens"]) == (billed, 250)

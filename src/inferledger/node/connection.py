@@ -26,7 +26,6 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from inferledger.chain.contracts import SessionInfo
 from inferledger.chain.errors import ChainError
-from inferledger.chain.redact import CHAIN_UNAVAILABLE
 from inferledger.chain.receipts import (
     InvalidSignature,
     Receipt,
@@ -34,6 +33,7 @@ from inferledger.chain.receipts import (
     check_receipt_signature,
     recover_session_auth_signer,
 )
+from inferledger.chain.redact import CHAIN_UNAVAILABLE
 from inferledger.inference.base import Finish, GenerationParams, Hidden, Token
 from inferledger.node.checkpoints import (
     CheckpointJob,
@@ -842,7 +842,11 @@ class Connection:
             if settlement is None:
                 record = await asyncio.to_thread(self.node.outbox.settlement, sid)
                 waits = record is not None and record.last_error
-                reason = "not landed yet; the node retries" if waits else "the transaction is running"
+                reason = (
+                    "the settlement has not landed yet; the node retries"
+                    if waits
+                    else "the settlement transaction is running"
+                )
                 await self.send(SettlementPending(session_id=sid, reason=reason))
                 left = max(0.0, settings.settlement_report_timeout - settings.settlement_wait)
                 settlement = await _within(outcome, left)

@@ -298,8 +298,8 @@ def _check_chain(ctx: _Context) -> str:
     if ctx.deployment is not None and chain_id != ctx.deployment.chain_id:
         expected = ctx.deployment.chain_id
         raise _Failed(
-            f"{endpoint} is chain id {chain_id} but the deployment ({ctx.deployment_source}) is for "
-            f"chain id {expected}",
+            f"{endpoint} is chain id {chain_id} but the deployment ({ctx.deployment_source}) is "
+            f"for chain id {expected}",
             CHAIN_URL,
             f"point {CHAIN_URL} at chain id {expected}, or deploy the contracts on this chain "
             f"and point {DEPLOYMENT_FILE} at that record",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,11 +26,14 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from inferledger.chain.receipts import (
+    READ_SIGNATURE_HEADER,
+    READ_TIMESTAMP_HEADER,
     Receipt,
     ReceiptDomain,
     SessionAuth,
     sign_receipt,
     sign_session_auth,
+    sign_session_read,
 )
 from inferledger.chain.units import cost
 from inferledger.proofs.transcript import TranscriptHash
@@ -128,6 +132,16 @@ ReceiptHook = Callable[[SignedReceipt], None]
 
 def _hex(raw: bytes) -> str:
     return "0x" + raw.hex()
+
+
+def session_read_headers(
+    signer_key: bytes | str, expect: Expectation, session_id: int, now: float | None = None
+) -> dict[str, str]:
+    """Headers that let the session signer read ``GET /v1/sessions/{id}`` for a minute: the
+    node answers nobody else (docs/protocol.md, HTTP)."""
+    timestamp = int(time.time() if now is None else now)
+    signature = sign_session_read(signer_key, expect.domain, session_id, timestamp, expect.host)
+    return {READ_TIMESTAMP_HEADER: str(timestamp), READ_SIGNATURE_HEADER: _hex(signature)}
 
 
 def ws_endpoint(api_url: str) -> str:
