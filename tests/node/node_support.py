@@ -15,6 +15,7 @@ import pytest
 
 from inferledger.chain.contracts import Contracts
 from inferledger.chain.devchain import INPUT_PRICE, PRICE, DevWorld, dev_account
+from inferledger.chain.receipts import session_salt
 from inferledger.config import load_settings
 from inferledger.inference import Backend, load_backend
 from inferledger.node.node import Node, create_node
@@ -43,6 +44,11 @@ def serve_model(
 def expect(world: DevWorld) -> Expectation:
     """What an SDK client of the world's host checks the node's challenge against."""
     return Expectation(world.contracts.marketplace.domain(), world.host.address)
+
+
+def user_salt(world: DevWorld, session_id: int, signer_key: bytes | str) -> bytes:
+    """The bundle salt the SDK derived for the session and sent the node at login."""
+    return session_salt(signer_key, world.contracts.marketplace.domain(), session_id)
 
 
 def read_session(

@@ -102,6 +102,7 @@ class Connection:
         self.checkpointed = 0  # output token_end of the last proof bundle
         self.last_bundle = _NO_BUNDLE
         self.transcript: TranscriptHash | None = None  # over every output token served
+        self.salt = bytes(32)  # the user's bundle salt, set at login from session_init
         self.trace: ReplyTrace | None = None
         self.checkpoint_due = False
         self._checkpoint_lock = asyncio.Lock()
@@ -324,6 +325,7 @@ class Connection:
                 ErrorCode.SESSION_CLOSED, f"session {sid} is being settled; open a new session"
             )
         self.meter = meter
+        self.salt = bytes.fromhex(frame.salt[2:])
         self.transcript = TranscriptHash(sid, record.last_transcript_hash)
         receipted_hash = self.transcript.value
         for token in meter.tail:
@@ -668,6 +670,7 @@ class Connection:
             token_end=self.meter.served.output,
             transcript_hash=self.transcript.value,
             segment=self.trace.take_segment(),
+            salt=self.salt,
         )
         self.checkpointed = job.token_end
         # Shielded: once proving starts, its checkpoint row is written even if `end` or a

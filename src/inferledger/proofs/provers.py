@@ -46,7 +46,13 @@ import numpy as np
 from eth_utils import keccak
 
 from inferledger.proofs.activation import build_chunk_proofs, segment_chunks
-from inferledger.proofs.bundle import ProofBundle, Segment, prompt_hash
+from inferledger.proofs.bundle import (
+    ProofBundle,
+    Segment,
+    mask_proof,
+    prompt_hash,
+    sealed_transcript,
+)
 
 PROTOCOL = "inferledger-prover/1"
 PROVER_SETTING = "INFERLEDGER_PROVER"
@@ -99,6 +105,9 @@ class CheckpointWork:
     segments: tuple[SegmentWork, ...]
     backend: str
     dtype: str
+    salt: bytes
+    """The user's session salt (``session_init``): the public bundle's hashes and proofs are
+    salted or masked with it, so only the user and those it tells can check them."""
 
 
 class ProverUnavailable(Exception):
@@ -378,14 +387,17 @@ def _bundle(
     """The unsigned bundle for ``work``; only the proof fields differ between provers."""
     segments = tuple(
         Segment(
-            prompt_hash=prompt_hash(segment.prompt_ids),
+            prompt_hash=prompt_hash(segment.prompt_ids, work.salt),
             prompt_tokens=len(segment.prompt_ids),
             reply_start=segment.reply_start,
             reply_end=segment.reply_end,
-            activation_proofs=segment_proofs,
+            activation_proofs=tuple(
+                mask_proof(proof, work.salt, work.checkpoint_index, index, chunk)
+                for chunk, proof in enumerate(segment_proofs)
+            ),
         )
-        for segment, segment_proofs in zip(
-            work.segments, proofs or [()] * len(work.segments), strict=True
+        for index, (segment, segment_proofs) in enumerate(
+            zip(work.segments, proofs or [()] * len(work.segments), strict=True)
         )
     )
     return ProofBundle(
@@ -396,7 +408,7 @@ def _bundle(
         model_id=work.model_id,
         token_start=work.token_start,
         token_end=work.token_end,
-        transcript_hash=work.transcript_hash,
+        transcript_hash=sealed_transcript(work.transcript_hash, work.salt),
         segments=segments,
         prover=prover,
         unproven=unproven,

@@ -31,6 +31,7 @@ from inferledger.chain.receipts import (
     Receipt,
     ReceiptDomain,
     SessionAuth,
+    session_salt,
     sign_receipt,
     sign_session_auth,
     sign_session_read,
@@ -38,6 +39,7 @@ from inferledger.chain.receipts import (
 from inferledger.chain.units import cost
 from inferledger.proofs.transcript import TranscriptHash
 from inferledger.protocol.client import prompt_token_bound
+from inferledger.protocol.codes import PROTOCOL_VERSION
 from inferledger.protocol.server import (
     Challenge,
     Done,
@@ -171,7 +173,13 @@ def _refuse(message: str) -> SessionError:
 
 
 def check_challenge(challenge: Challenge, expect: Expectation) -> None:
-    """The node must speak for the host, chain and marketplace the client expects."""
+    """The node must speak this protocol, for the host, chain and marketplace the client
+    expects."""
+    if challenge.protocol != PROTOCOL_VERSION:
+        raise SessionError(
+            "PROTOCOL",
+            f"node speaks protocol {challenge.protocol}; this client speaks {PROTOCOL_VERSION}",
+        )
     domain = expect.domain
     if challenge.chain_id != domain.chain_id:
         raise SessionError(
@@ -324,6 +332,7 @@ class SessionClient:
                         "session_id": session_id,
                         "nonce": challenge.nonce,
                         "signature": _hex(signature),
+                        "salt": _hex(session_salt(signer.key, expect.domain, session_id)),
                     }
                 )
             )
