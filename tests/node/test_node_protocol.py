@@ -133,7 +133,12 @@ class RawClient:
 
 
 async def _login_error(url: str, session_id: int, key: bytes, nonce: bytes | None = None) -> str:
-    from inferledger.chain.receipts import ReceiptDomain, SessionAuth, sign_session_auth
+    from inferledger.chain.receipts import (
+        ReceiptDomain,
+        SessionAuth,
+        session_salt,
+        sign_session_auth,
+    )
 
     raw = await RawClient.open(url)
     challenge = raw.challenge
@@ -149,6 +154,7 @@ async def _login_error(url: str, session_id: int, key: bytes, nonce: bytes | Non
             "session_id": session_id,
             "nonce": "0x" + signed_nonce.hex(),
             "signature": "0x" + signature.hex(),
+            "salt": "0x" + session_salt(key, domain, session_id).hex(),
         }
     )
     error = await raw.next_error()
@@ -563,7 +569,12 @@ def test_prompts_are_refused_while_streaming_while_owing_and_after_end(
 ) -> None:
     """REQUEST_IN_PROGRESS, RECEIPT_OWED and SESSION_CLOSING over the wire, from a hand-driven
     client that signs exactly when it chooses to."""
-    from inferledger.chain.receipts import SessionAuth, sign_receipt, sign_session_auth
+    from inferledger.chain.receipts import (
+        SessionAuth,
+        session_salt,
+        sign_receipt,
+        sign_session_auth,
+    )
 
     model_id = serve_model(world, scripted, keccak(text="scripted"))
     session_id, signer = open_session(world, model_id=model_id, proof_interval=1000)
@@ -593,6 +604,7 @@ def test_prompts_are_refused_while_streaming_while_owing_and_after_end(
                 "session_id": session_id,
                 "nonce": raw.challenge["nonce"],
                 "signature": "0x" + sign_session_auth(signer.key, domain, auth).hex(),
+                "salt": "0x" + session_salt(signer.key, domain, session_id).hex(),
             }
         )
         assert json.loads(await raw.ws.recv())["type"] == "session_ready"

@@ -249,6 +249,7 @@ def test_external_prover_attests_the_exact_request(tmp_path, states):
         "token_start": 70,
         "token_end": 100,
         "transcript_hash": "0x" + keccak(b"chain").hex(),
+        "salt": "0x" + SALT.hex(),
         "segments": [{"prompt_ids": list(PROMPT), "reply_ids": list(REPLY), "reply_start": 70}],
     }
     canonical = json.dumps(request, sort_keys=True, separators=(",", ":")).encode()

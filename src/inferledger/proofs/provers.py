@@ -19,10 +19,12 @@ the timeout (the process group is then killed) is a failure; stderr is only quot
   ``{"protocol": "inferledger-prover/1", "name": "...", "version": "..."}``.
 - Prove: ``{"op": "prove", "protocol": "inferledger-prover/1", "session_id": int,
   "chain_id": int, "marketplace": "0x..", "checkpoint_index": int, "model_id": "0x..",
-  "token_start": int, "token_end": int, "transcript_hash": "0x..", "segments":
-  [{"prompt_ids": [int, ...], "reply_ids": [int, ...], "reply_start": int}, ...]}`` ->
-  ``{"attestation": "0x<hex>"}``, stored in the bundle (``prover = "external"``).
-  ``reply_ids`` run from the reply's first token to the segment's end.
+  "token_start": int, "token_end": int, "transcript_hash": "0x..", "salt": "0x..",
+  "segments": [{"prompt_ids": [int, ...], "reply_ids": [int, ...], "reply_start": int},
+  ...]}`` -> ``{"attestation": "0x<hex>"}``, stored in the bundle (``prover = "external"``).
+  ``reply_ids`` run from the reply's first token to the segment's end. ``transcript_hash``
+  is the unsalted chain; ``salt`` is the user's session secret: the attestation is public,
+  so anything in it derived from the ids must be keyed with the salt (never the salt itself).
 
 ``examples/provers/hash_prover.py`` is a minimal prover speaking this contract.
 """
@@ -430,6 +432,7 @@ def _prove_request(work: CheckpointWork) -> dict[str, Any]:
         "token_start": work.token_start,
         "token_end": work.token_end,
         "transcript_hash": "0x" + work.transcript_hash.hex(),
+        "salt": "0x" + work.salt.hex(),
         "segments": [
             {
                 "prompt_ids": list(segment.prompt_ids),
