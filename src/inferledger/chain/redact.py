@@ -10,7 +10,8 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 CHAIN_UNAVAILABLE = "chain unavailable"
-"""All that public surfaces (``/health``, frames before login, ``/v1/sessions``) say."""
+"""All a frame sent before login says of a chain failure, and how ``/health``'s chain check
+begins: never why (the why may quote the endpoint)."""
 
 
 def redact_url(url: str) -> str:

@@ -37,6 +37,7 @@ from inferledger.store.blobs import BlobNotFound, CorruptBlob
 HARD_FRAME_LIMIT = 16 * 1024 * 1024
 _PROOF_HASH = re.compile(r"0x[0-9a-f]{64}")
 _SIGNATURE = re.compile(r"0x[0-9a-fA-F]{130}")
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
 READ_MAX_SKEW = 60
 """Seconds a signed ``/v1/sessions/{id}`` request stays valid either side of the node's clock."""
 
@@ -179,7 +180,7 @@ def _signed_read(headers: Mapping[str, str], now: float) -> tuple[int, bytes] | 
             f"sign the request with the session signer: {READ_TIMESTAMP_HEADER} and "
             f"{READ_SIGNATURE_HEADER} (see docs/protocol.md, HTTP)"
         )
-    if not stamp.isdigit() or not _SIGNATURE.fullmatch(signature):
+    if not _TIMESTAMP.fullmatch(stamp) or not _SIGNATURE.fullmatch(signature):
         return f"{READ_TIMESTAMP_HEADER} is unix seconds, {READ_SIGNATURE_HEADER} 65 bytes of hex"
     if abs(int(stamp) - now) > READ_MAX_SKEW:
         return f"stale request: the timestamp is more than {READ_MAX_SKEW}s from the node's clock"
