@@ -32,7 +32,7 @@ from inferledger.chain.anvil import free_port
 from inferledger.chain.connect import connect
 from inferledger.chain.contracts import Contracts
 from inferledger.chain.devchain import DevWorld
-from inferledger.chain.receipts import SessionAuth, sign_session_auth
+from inferledger.chain.receipts import READ_TIMESTAMP_HEADER, SessionAuth, sign_session_auth
 from inferledger.inference import Backend
 from inferledger.proofs.activation import build_chunk_proofs, segment_chunks
 from inferledger.proofs.bundle import ProofBundle, mask_proof
@@ -185,12 +185,14 @@ def test_the_sessions_route_answers_only_the_session_signer(
     def get(session_id: int, headers: dict[str, str] | None = None) -> httpx.Response:
         return httpx.get(f"{server.url}/v1/sessions/{session_id}", headers=headers)
 
+    fresh = headers_for(world, signer.key, session_id, time.time())
     stranger = Account.create()
     elsewhere = Expectation(expect(world).domain, Account.create().address)  # another host
     now = time.time()
     refused = {
         "unsigned": (get(session_id), 401),
         "stale": (get(session_id, headers_for(world, signer.key, session_id, now - 120)), 401),
+        "malformed": (get(session_id, {**fresh, READ_TIMESTAMP_HEADER: "1" * 5000}), 401),
         "a stranger": (get(session_id, headers_for(world, stranger.key, session_id, now)), 404),
         "another session's signature": (
             get(session_id, headers_for(world, signer.key, session_id + 1, now)),
