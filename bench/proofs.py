@@ -40,6 +40,7 @@ from inferledger.proofs.verify import ReplyTranscript, verify_bundle
 QUESTION = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper."}]
 HOST_KEY = bytes.fromhex("01" * 32)
 MARKETPLACE = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
+SALT = keccak(b"bench session salt")
 
 
 def checkpoints(
@@ -67,6 +68,7 @@ def checkpoints(
                 segments=(segment,),
                 backend="transformers",
                 dtype="float32",
+                salt=SALT,
             )
         )
     return works
@@ -109,7 +111,8 @@ def main() -> None:
     replies = [ReplyTranscript(tuple(prompt), tuple(output), 0)]
     start = time.perf_counter()
     verdicts = [
-        verify_bundle(p.bundle, replies, backend.prefill_hidden_states).status for p in proved
+        verify_bundle(p.bundle, replies, backend.prefill_hidden_states, salt=SALT).status
+        for p in proved
     ]
     verification = time.perf_counter() - start
 

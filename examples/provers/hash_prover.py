@@ -12,8 +12,9 @@ non-JSON answer is a failure (stderr is quoted in the node's error).
 - ``{"op": "version"}`` -> ``{"protocol": "inferledger-prover/1", "name": ..., "version": ...}``
 - ``{"op": "prove", "protocol": "inferledger-prover/1", "session_id", "chain_id",
   "marketplace", "checkpoint_index", "model_id": "0x..", "token_start", "token_end",
-  "transcript_hash": "0x..", "segments": [{"prompt_ids", "reply_ids", "reply_start"}]}``
-  -> ``{"attestation": "0x<hex>"}``
+  "transcript_hash": "0x..", "salt": "0x..", "segments": [{"prompt_ids", "reply_ids",
+  "reply_start"}]}`` -> ``{"attestation": "0x<hex>"}``. The hash covers the session's
+  secret ``salt``, so nobody without it can recompute the attestation from guessed prompts.
 
 Fault flags, for tests: ``--crash-on-prove`` (exit 3), ``--hang-on-prove`` (never answers),
 ``--wrong-protocol`` (handshake names another protocol).

@@ -10,16 +10,18 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from inferledger.chain.contracts import Contracts
 from inferledger.chain.devchain import INPUT_PRICE, PRICE, DevWorld, dev_account
+from inferledger.chain.receipts import session_salt
 from inferledger.config import load_settings
 from inferledger.inference import Backend, load_backend
 from inferledger.node.node import Node, create_node
 from inferledger.node.server import BackgroundServer
 from inferledger.node.state import NodeState
-from inferledger.sdk.wire import Expectation
+from inferledger.sdk.wire import Expectation, session_read_headers
 
 NodeFactory = Callable[..., tuple[Node, BackgroundServer]]
 
@@ -42,6 +44,19 @@ def serve_model(
 def expect(world: DevWorld) -> Expectation:
     """What an SDK client of the world's host checks the node's challenge against."""
     return Expectation(world.contracts.marketplace.domain(), world.host.address)
+
+
+def user_salt(world: DevWorld, session_id: int, signer_key: bytes | str) -> bytes:
+    """The bundle salt the SDK derived for the session and sent the node at login."""
+    return session_salt(signer_key, world.contracts.marketplace.domain(), session_id)
+
+
+def read_session(
+    node_url: str, world: DevWorld, session_id: int, signer_key: bytes | str
+) -> httpx.Response:
+    """``GET /v1/sessions/{id}`` signed by the session signer, as the route requires."""
+    headers = session_read_headers(signer_key, expect(world), session_id)
+    return httpx.get(f"{node_url}/v1/sessions/{session_id}", headers=headers, timeout=10)
 
 
 @pytest.fixture

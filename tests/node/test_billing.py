@@ -18,7 +18,7 @@ from eth_utils import keccak
 from node_support import NodeFactory, expect, serve_model, wait_until
 
 from inferledger.chain.devchain import INPUT_PRICE, PRICE, DevWorld
-from inferledger.chain.receipts import ReceiptDomain, SessionAuth, sign_session_auth
+from inferledger.chain.receipts import ReceiptDomain, SessionAuth, session_salt, sign_session_auth
 from inferledger.chain.units import settlement_split, usdc
 from inferledger.inference import Backend
 from inferledger.node.metering import Phase
@@ -43,6 +43,7 @@ async def login(url: str, session_id: int, key: bytes) -> tuple[Any, dict[str, A
                 "session_id": session_id,
                 "nonce": challenge["nonce"],
                 "signature": "0x" + signature.hex(),
+                "salt": "0x" + session_salt(key, domain, session_id).hex(),
             }
         )
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from eth_utils import keccak
-from node_support import expect, serve_model, wait_until
+from node_support import expect, read_session, serve_model, wait_until
 from process_support import NodeProcess
 from test_node_settlement import (
     DEPOSIT,
@@ -80,7 +80,9 @@ def test_a_reorg_that_drops_the_settlement_is_settled_again_and_the_nonce_heals(
         for _ in range(3):
             world.chain.mine()
         wait_until(
-            lambda: node.get(f"/v1/sessions/{first}")["settlement"]["confirmed"],
+            lambda: read_session(node.url, world, first, first_key).json()["settlement"][
+                "confirmed"
+            ],
             "the settlement to be confirmed",
             60,
         )
@@ -111,7 +113,9 @@ def test_a_close_requested_while_the_node_was_down_is_settled_soon_after_it_rest
     with node:
         asyncio.run(chat_and_leave())
         wait_until(
-            lambda: node.get(f"/v1/sessions/{served}")["tokens_receipted"] == 30,
+            lambda: (
+                read_session(node.url, world, served, served_key).json()["tokens_receipted"] == 30
+            ),
             "the receipt on disk",
         )
     for session_id in (served, never_served):

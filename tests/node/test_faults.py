@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from eth_utils import keccak
-from node_support import NodeFactory, expect, serve_model, wait_until
+from node_support import NodeFactory, expect, read_session, serve_model, wait_until
 from process_support import NodeProcess
 from test_node_settlement import (
     DEPOSIT,
@@ -169,7 +169,10 @@ def test_node_killed_mid_session_settles_from_its_sqlite_state_after_restart(
 
     def receipted_on_disk(tokens: int) -> None:
         for _ in range(300):
-            if node.get(f"/v1/sessions/{session_id}")["tokens_receipted"] >= tokens:
+            if (
+                read_session(node.url, world, session_id, signer.key).json()["tokens_receipted"]
+                >= tokens
+            ):
                 return
             time.sleep(0.1)
         raise AssertionError(f"the node never stored the receipt for {tokens} tokens")
@@ -192,7 +195,7 @@ def test_node_killed_mid_session_settles_from_its_sqlite_state_after_restart(
             if world.contracts.marketplace.get_session(session_id).is_settled:
                 break
             time.sleep(0.1)
-        status = node.get(f"/v1/sessions/{session_id}")
+        status = read_session(node.url, world, session_id, signer.key).json()
     billed = hello_tokens(scripted)
     assert_paid_exactly(world, session_id, billed, 150)
     assert status["settlement"]["reason"] == "restart"

@@ -11,7 +11,14 @@ import pytest
 import websockets
 from eth_account import Account
 from eth_utils import keccak
-from node_support import NodeFactory, expect, serve_model, wait_for_receipt, wait_until
+from node_support import (
+    NodeFactory,
+    expect,
+    read_session,
+    serve_model,
+    wait_for_receipt,
+    wait_until,
+)
 
 from inferledger.chain.devchain import INPUT_PRICE, PRICE, DevWorld
 from inferledger.chain.receipts import Receipt, check_receipt_signature
@@ -126,7 +133,12 @@ class RawClient:
 
 
 async def _login_error(url: str, session_id: int, key: bytes, nonce: bytes | None = None) -> str:
-    from inferledger.chain.receipts import ReceiptDomain, SessionAuth, sign_session_auth
+    from inferledger.chain.receipts import (
+        ReceiptDomain,
+        SessionAuth,
+        session_salt,
+        sign_session_auth,
+    )
 
     raw = await RawClient.open(url)
     challenge = raw.challenge
@@ -142,6 +154,7 @@ async def _login_error(url: str, session_id: int, key: bytes, nonce: bytes | Non
             "session_id": session_id,
             "nonce": "0x" + signed_nonce.hex(),
             "signature": "0x" + signature.hex(),
+            "salt": "0x" + session_salt(key, domain, session_id).hex(),
         }
     )
     error = await raw.next_error()
@@ -374,7 +387,7 @@ def test_http_endpoints_report_models_sessions_and_metrics(
         700_000_000,
         3_000_000_000,
     )
-    session = httpx.get(server.url + f"/v1/sessions/{session_id}").json()
+    session = read_session(server.url, world, session_id, signer.key).json()
     billed = prompt_tokens(scripted)
     assert (session["input_tokens_receipted"], session["tokens_receipted"]) == (billed, 12)
     assert (session["input_tokens_served"], session["tokens_generated"]) == (billed, 12)
@@ -386,7 +399,7 @@ def test_http_endpoints_report_models_sessions_and_metrics(
         (billed, 10),
         (billed, 12),
     ]
-    assert httpx.get(server.url + "/v1/sessions/424242").status_code == 404
+    assert read_session(server.url, world, 424242, signer.key).status_code == 404
     metrics = httpx.get(server.url + "/metrics").text
     assert "inferledger_tokens_generated_total 12.0" in metrics
     assert "inferledger_receipt_round_trip_seconds_count 2.0" in metrics
@@ -556,7 +569,12 @@ def test_prompts_are_refused_while_streaming_while_owing_and_after_end(
 ) -> None:
     """REQUEST_IN_PROGRESS, RECEIPT_OWED and SESSION_CLOSING over the wire, from a hand-driven
     client that signs exactly when it chooses to."""
-    from inferledger.chain.receipts import SessionAuth, sign_receipt, sign_session_auth
+    from inferledger.chain.receipts import (
+        SessionAuth,
+        session_salt,
+        sign_receipt,
+        sign_session_auth,
+    )
 
     model_id = serve_model(world, scripted, keccak(text="scripted"))
     session_id, signer = open_session(world, model_id=model_id, proof_interval=1000)
@@ -586,6 +604,7 @@ def test_prompts_are_refused_while_streaming_while_owing_and_after_end(
                 "session_id": session_id,
                 "nonce": raw.challenge["nonce"],
                 "signature": "0x" + sign_session_auth(signer.key, domain, auth).hex(),
+                "salt": "0x" + session_salt(signer.key, domain, session_id).hex(),
             }
         )
         assert json.loads(await raw.ws.recv())["type"] == "session_ready"

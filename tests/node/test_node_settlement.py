@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from eth_utils import keccak
-from node_support import NodeFactory, expect, serve_model
+from node_support import NodeFactory, expect, read_session, serve_model, user_salt
 
 from inferledger.chain.devchain import DevWorld
 from inferledger.chain.units import cost, settlement_split, usdc
@@ -158,15 +158,19 @@ def test_end_settles_exactly_and_the_stored_proofs_verify(
             bundle,
             replies,
             scripted.prefill_hidden_states,
+            salt=user_salt(world, session_id, signer.key),
             host=world.host.address,
             model_id=node.model_id,
         )
         assert verdict.status == "pass", verdict.reason
     changed = [ReplyTranscript(prompt, (*ids[:150], ids[150] + 1, *ids[151:]), 0)]
     bundle = ProofBundle.decode(node.store.get(checkpoints[1].proof_hash))
-    assert verify_bundle(bundle, changed, scripted.prefill_hidden_states).status == "fail"
+    salt = user_salt(world, session_id, signer.key)
+    assert (
+        verify_bundle(bundle, changed, scripted.prefill_hidden_states, salt=salt).status == "fail"
+    )
 
-    status = httpx.get(f"{server.url}/v1/sessions/{session_id}").json()
+    status = read_session(server.url, world, session_id, signer.key).json()
     assert status["status"] == "settled"
     assert status["settlement"]["tx_hash"] == settled.tx_hash
     assert (status["settlement"]["input_tokens"], status["settlement"]["tokens"]) == (billed, 250)

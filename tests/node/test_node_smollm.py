@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
-from node_support import NodeFactory, expect, serve_model
+from node_support import NodeFactory, expect, serve_model, user_salt
 from test_node_settlement import DEPOSIT, INPUT_PRICE, PRICE, assert_paid_exactly
 
 from inferledger.chain.devchain import DevWorld
@@ -95,7 +95,7 @@ def test_smollm_session_of_200_tokens_settles_90_10_and_its_proofs_verify(
         receipt = Receipt(session_id, r.input_tokens, r.tokens, r.proof_hash)
         check_receipt_signature(c.marketplace.domain(), receipt, r.signature, signer.address)
 
-    bundles = []
+    bundles, salt = [], user_salt(world, session_id, signer.key)
     for checkpoint in node.outbox.checkpoints(session_id):
         data = httpx.get(f"{server.url}/v1/proofs/0x{checkpoint.proof_hash.hex()}").content
         bundle = ProofBundle.decode(data)
@@ -104,6 +104,7 @@ def test_smollm_session_of_200_tokens_settles_90_10_and_its_proofs_verify(
             bundle,
             replies,
             smollm.prefill_hidden_states,
+            salt=salt,
             host=world.host.address,
             model_id=model_id,
         )
@@ -116,5 +117,5 @@ def test_smollm_session_of_200_tokens_settles_90_10_and_its_proofs_verify(
     changed_ids = list(first.reply_ids)
     changed_ids[150 if len(changed_ids) > 150 else -1] += 1
     changed = [ReplyTranscript(first.prompt_ids, tuple(changed_ids), 0), *replies[1:]]
-    verdicts = [verify_bundle(b, changed, smollm.prefill_hidden_states) for b in bundles]
+    verdicts = [verify_bundle(b, changed, smollm.prefill_hidden_states, salt=salt) for b in bundles]
     assert "fail" in {v.status for v in verdicts}

@@ -10,15 +10,23 @@ from eth_account import Account
 from eth_utils import keccak
 
 from inferledger.proofs.activation import PROOF_BYTES
-from inferledger.proofs.bundle import ProofBundle, Segment, prompt_hash
+from inferledger.proofs.bundle import (
+    ProofBundle,
+    Segment,
+    mask_proof,
+    prompt_hash,
+    sealed_transcript,
+)
 
 HOST_KEY = "0x" + "11" * 32
 HOST = Account.from_key(HOST_KEY).address
 MARKETPLACE = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
 
-# Pins the version-1 format: any change to key names, hex/int spelling, ordering or the
+SALT = keccak(b"salt")
+
+# Pins the version-2 format: any change to key names, hex/int spelling, ordering or the
 # signature scheme changes this hash and so breaks every receipt already signed over it.
-GOLDEN_PROOF_HASH = "0x873113885d6542bfb845cf84761e34211bc0658fdeb000b9b8033faf73853ffd"
+GOLDEN_PROOF_HASH = "0x190f2a907e62bf9b1ddd233087a5a716de77f42eaf25891726062bd6793d9320"
 
 
 PROOF_A = bytes(range(256)) + b"\x00\x01"
@@ -39,14 +47,14 @@ def make_bundle(**changes: object) -> ProofBundle:
         transcript_hash=keccak(b"transcript"),
         segments=(
             Segment(  # reply tokens [20, 40): one decode chunk
-                prompt_hash=prompt_hash([1, 2, 3]),
+                prompt_hash=prompt_hash([1, 2, 3], SALT),
                 prompt_tokens=3,
                 reply_start=20,
                 reply_end=40,
                 activation_proofs=(PROOF_A,),
             ),
             Segment(  # a new reply: its prompt chunk, then one decode chunk
-                prompt_hash=prompt_hash([4, 5]),
+                prompt_hash=prompt_hash([4, 5], SALT),
                 prompt_tokens=2,
                 reply_start=0,
                 reply_end=12,
@@ -79,13 +87,13 @@ def test_encoding_is_compact_sorted_json() -> None:
     data = make_bundle().encode()
     doc = json.loads(data)
     assert list(doc) == sorted(doc)
-    assert doc["version"] == 1
+    assert doc["version"] == 2
     assert doc["token_end"] == 64
     assert doc["host_signature"] == "0x"
     assert doc["attestation"] == "0x"
     assert doc["segments"][1] == {
         "activation_proofs": ["0x" + "ab" * PROOF_BYTES, "0x" + "cd" * PROOF_BYTES],
-        "prompt_hash": "0x" + prompt_hash([4, 5]).hex(),
+        "prompt_hash": "0x" + prompt_hash([4, 5], SALT).hex(),
         "prompt_tokens": 2,
         "reply_end": 12,
         "reply_start": 0,
@@ -101,10 +109,24 @@ def test_golden_proof_hash() -> None:
     assert "0x" + bundle.proof_hash().hex() == GOLDEN_PROOF_HASH
 
 
-def test_prompt_hash_is_int64_big_endian() -> None:
-    expected = keccak(b"".join(t.to_bytes(8, "big", signed=True) for t in [1, -1, 2**40]))
-    assert prompt_hash([1, -1, 2**40]) == expected
-    assert prompt_hash([1, 2]) != prompt_hash([2, 1])
+def test_prompt_hash_is_salted_int64_big_endian() -> None:
+    ids = b"".join(t.to_bytes(8, "big", signed=True) for t in [1, -1, 2**40])
+    assert prompt_hash([1, -1, 2**40], SALT) == keccak(b"inferledger/prompt/v2" + SALT + ids)
+    assert prompt_hash([1, 2], SALT) != prompt_hash([2, 1], SALT)
+    assert prompt_hash([1, 2], SALT) != prompt_hash([1, 2], keccak(b"another salt"))
+    with pytest.raises(ValueError, match="salt must be 32 bytes"):
+        prompt_hash([1], b"")
+
+
+def test_the_transcript_seal_and_the_proof_mask_need_the_salt() -> None:
+    chain = keccak(b"chain")
+    assert sealed_transcript(chain, SALT) == keccak(b"inferledger/transcript/v2" + SALT + chain)
+    masked = mask_proof(PROOF_A, SALT, 2, 0, 0)
+    assert len(masked) == len(PROOF_A) and masked != PROOF_A
+    assert mask_proof(masked, SALT, 2, 0, 0) == PROOF_A
+    # Every place in the session has its own keystream: no two proofs share one.
+    places = [(2, 0, 0), (2, 0, 1), (2, 1, 0), (3, 0, 0)]
+    assert len({mask_proof(PROOF_B, SALT, *place) for place in places}) == len(places)
 
 
 def _edit(data: bytes, **changes: object) -> bytes:
@@ -145,7 +167,8 @@ CANONICAL = make_bundle().signed(HOST_KEY).encode()
         pytest.param(_without(CANONICAL, "dtype"), id="missing-field"),
         pytest.param(_without(CANONICAL, "version"), id="missing-version"),
         pytest.param(_edit(CANONICAL, extra=1), id="extra-field"),
-        pytest.param(_edit(CANONICAL, version=2), id="future-version"),
+        pytest.param(_edit(CANONICAL, version=3), id="future-version"),
+        pytest.param(_edit(CANONICAL, version=1), id="unsalted-version-1"),
         pytest.param(_edit(CANONICAL, model_id="0x" + "00" * 31), id="short-model-id"),
         pytest.param(_edit(CANONICAL, transcript_hash="00" * 32), id="hex-without-0x"),
         pytest.param(
@@ -207,7 +230,7 @@ SEGMENT_0, SEGMENT_1 = make_bundle().segments
         {"token_start": 0, "token_end": 32},
         {"token_end": 96, "token_start": 64},
         {"transcript_hash": b"\x01" * 32},
-        {"segments": (SEGMENT_0, replace(SEGMENT_1, prompt_hash=prompt_hash([4, 6])))},
+        {"segments": (SEGMENT_0, replace(SEGMENT_1, prompt_hash=prompt_hash([4, 6], SALT)))},
         {"segments": (replace(SEGMENT_0, activation_proofs=(PROOF_B,)), SEGMENT_1)},
         {"backend": "scripted"},
         {"dtype": "bfloat16"},

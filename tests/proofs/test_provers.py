@@ -18,7 +18,7 @@ from eth_utils import keccak
 
 from inferledger.inference import load_backend
 from inferledger.proofs.activation import build_chunk_proofs, segment_chunks
-from inferledger.proofs.bundle import ProofBundle, prompt_hash
+from inferledger.proofs.bundle import ProofBundle, mask_proof, prompt_hash
 from inferledger.proofs.provers import (
     ActivationProver,
     CheckpointWork,
@@ -37,6 +37,7 @@ HOST = Account.from_key(HOST_KEY).address
 MARKETPLACE = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "provers" / "hash_prover.py"
 
+SALT = keccak(b"salt")
 PROMPT = tuple(range(1, 31))
 REPLY = tuple(256 + (3 * i) % 20 for i in range(100))
 
@@ -65,6 +66,7 @@ def make_work(states: np.ndarray | None, reply_start: int = 0, reply_end: int = 
         segments=(segment,),
         backend="scripted",
         dtype="float32",
+        salt=SALT,
     )
 
 
@@ -76,16 +78,22 @@ def test_activation_proofs_follow_the_segment_chunks(states):
     (segment,) = first.segments
     chunks = segment_chunks(len(PROMPT), 0, 70)  # prompt, 32, 38
     assert len(chunks) == 3
-    assert segment.activation_proofs == tuple(build_chunk_proofs(states, 0, chunks))
-    assert (segment.prompt_hash, segment.prompt_tokens) == (prompt_hash(PROMPT), 30)
+    assert unmasked(segment.activation_proofs, 1) == tuple(build_chunk_proofs(states, 0, chunks))
+    assert (segment.prompt_hash, segment.prompt_tokens) == (prompt_hash(PROMPT, SALT), 30)
     assert (first.prover, first.unproven, first.host_signature) == ("activation", False, b"")
 
     second = ActivationProver().prove(make_work(states, 70, 100))  # only rows 100..130 kept
     (tail,) = second.segments
     assert (tail.reply_start, tail.reply_end, len(tail.activation_proofs)) == (70, 100, 1)
-    assert tail.activation_proofs == tuple(
+    assert unmasked(tail.activation_proofs, 2) == tuple(
         build_chunk_proofs(states, 0, segment_chunks(len(PROMPT), 70, 100))
     )
+    assert tail.activation_proofs != unmasked(tail.activation_proofs, 2)  # public: masked
+
+
+def unmasked(proofs: tuple[bytes, ...], checkpoint: int) -> tuple[bytes, ...]:
+    """A one-segment bundle's activation proofs as the prover computed them."""
+    return tuple(mask_proof(p, SALT, checkpoint, 0, i) for i, p in enumerate(proofs))
 
 
 @pytest.mark.parametrize(
@@ -241,6 +249,7 @@ def test_external_prover_attests_the_exact_request(tmp_path, states):
         "token_start": 70,
         "token_end": 100,
         "transcript_hash": "0x" + keccak(b"chain").hex(),
+        "salt": "0x" + SALT.hex(),
         "segments": [{"prompt_ids": list(PROMPT), "reply_ids": list(REPLY), "reply_start": 70}],
     }
     canonical = json.dumps(request, sort_keys=True, separators=(",", ":")).encode()

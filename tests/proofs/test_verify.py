@@ -33,6 +33,12 @@ OTHER = Account.from_key(bytes.fromhex("44" * 32)).address
 MARKETPLACE = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
 MODEL_ID = keccak(b"model")
 SESSION_ID = 9
+SALT = keccak(b"the user's session salt")
+
+
+def verify(bundle: ProofBundle, *args, **options):
+    """verify_bundle as the user (or a verifier the user gave the salt) runs it."""
+    return verify_bundle(bundle, *args, salt=SALT, **options)
 
 
 def transcript(prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]):
@@ -75,6 +81,7 @@ def checkpoint_works(
                 segments=tuple(segments),
                 backend="test",
                 dtype="float32",
+                salt=SALT,
             )
         )
     return works
@@ -113,7 +120,7 @@ def test_an_honest_session_passes_every_checkpoint(bundles):
     layout = [[(s.reply_start, s.reply_end) for s in b.segments] for b in bundles]
     assert layout == [[(0, 70), (0, 30)], [(30, 50), (0, 80)], [(80, 90)]]
     verdicts = [
-        verify_bundle(b, REPLIES, SCRIPTED.prefill_hidden_states, host=HOST, model_id=MODEL_ID)
+        verify(b, REPLIES, SCRIPTED.prefill_hidden_states, host=HOST, model_id=MODEL_ID)
         for b in bundles
     ]
     assert [v.status for v in verdicts] == ["pass"] * 3
@@ -128,12 +135,12 @@ def test_tokens_the_host_did_not_compute_fail_from_their_chunk_on():
     rows[120] = SCRIPTED.prefill_hidden_states(PROMPTS[2] + tuple(altered))
     first, second, third = prove_all(checkpoint_works(REPLIES, rows, 100))
     prefill = SCRIPTED.prefill_hidden_states
-    assert verify_bundle(first, REPLIES, prefill).status == "pass"
-    verdict = verify_bundle(second, REPLIES, prefill)  # reply 3 [0, 80): prompt, 32, 48 rows
+    assert verify(first, REPLIES, prefill).status == "pass"
+    verdict = verify(second, REPLIES, prefill)  # reply 3 [0, 80): prompt, 32, 48 rows
     assert verdict.status == "fail"
     assert verdict.reason.startswith("segment 1: chunks [2] exceed the thresholds (exp mismatches")
     assert [s.ok for s in verdict.segments] == [True, False]
-    assert verify_bundle(third, REPLIES, prefill).reason.startswith("segment 0: chunks [0]")
+    assert verify(third, REPLIES, prefill).reason.startswith("segment 0: chunks [0]")
 
 
 def _kept(reply: int, **changes: object) -> list[ReplyTranscript]:
@@ -156,24 +163,22 @@ def _kept(reply: int, **changes: object) -> list[ReplyTranscript]:
     ids=["host", "model", "prompt", "transcript", "missing-reply"],
 )
 def test_checks_that_need_no_model(bundles, replies, options, reason):
-    verdict = verify_bundle(bundles[0], replies, no_model, **options)
+    verdict = verify(bundles[0], replies, no_model, **options)
     assert verdict.status == "fail"
     assert verdict.reason.startswith(reason), verdict.reason
 
 
 def test_an_unsigned_bundle_fails_when_the_host_is_known(bundles):
     unsigned = replace(bundles[0], host_signature=b"")
-    assert (
-        verify_bundle(unsigned, REPLIES, no_model, host=HOST).reason == "the bundle is not signed"
-    )
-    assert verify_bundle(unsigned, REPLIES, SCRIPTED.prefill_hidden_states).status == "pass"
+    assert verify(unsigned, REPLIES, no_model, host=HOST).reason == "the bundle is not signed"
+    assert verify(unsigned, REPLIES, SCRIPTED.prefill_hidden_states).status == "pass"
 
 
 def test_a_verifier_may_keep_only_the_replies_a_checkpoint_touches(bundles):
-    verdict = verify_bundle(bundles[1], REPLIES[1:], SCRIPTED.prefill_hidden_states, host=HOST)
+    verdict = verify(bundles[1], REPLIES[1:], SCRIPTED.prefill_hidden_states, host=HOST)
     assert verdict.status == "pass"  # no transcript hash to compare without the first reply
     with pytest.raises(ValueError, match="replies overlap at session token 60"):
-        verify_bundle(bundles[1], [*REPLIES, replace(REPLIES[1], first_token=60)], no_model)
+        verify(bundles[1], [*REPLIES, replace(REPLIES[1], first_token=60)], no_model)
 
 
 class Attesting(CommitmentProver):
@@ -199,13 +204,13 @@ class Attesting(CommitmentProver):
 )
 def test_bundles_without_a_model_proof_are_unproven(prover, reason):
     bundle = prove_all(checkpoint_works(REPLIES, scripted_rows(REPLIES), 100)[:1], prover)[0]
-    verdict = verify_bundle(bundle, REPLIES, no_model, host=HOST, model_id=MODEL_ID)
+    verdict = verify(bundle, REPLIES, no_model, host=HOST, model_id=MODEL_ID)
     assert (verdict.status, verdict.reason) == ("unproven", reason)
-    assert verify_bundle(bundle, REPLIES, no_model, host=OTHER).status == "fail"
+    assert verify(bundle, REPLIES, no_model, host=OTHER).status == "fail"
 
 
 def test_activation_without_a_model_is_unproven(bundles):
-    verdict = verify_bundle(bundles[0], REPLIES, None, host=HOST)
+    verdict = verify(bundles[0], REPLIES, None, host=HOST)
     assert verdict.status == "unproven" and "no model" in verdict.reason
 
 
@@ -252,7 +257,7 @@ def test_smollm_honest_checkpoints_pass(smollm, chat):
         [(10, 30)],
     ]
     for bundle in bundles:
-        verdict = verify_bundle(bundle, replies, smollm.prefill_hidden_states, host=HOST)
+        verdict = verify(bundle, replies, smollm.prefill_hidden_states, host=HOST)
         assert verdict.status == "pass", verdict.reason
 
 
@@ -263,8 +268,8 @@ def test_smollm_a_token_the_host_did_not_compute_fails(smollm, chat):
     altered[20] ^= 1  # a neighbouring token id; reply 2 token 20 is in checkpoint 2
     cheated = {**rows, 40: smollm.prefill_hidden_states([*reply.prompt_ids, *altered])}
     first, second = prove_all(checkpoint_works(replies, cheated, INTERVAL))
-    assert verify_bundle(first, replies, smollm.prefill_hidden_states).status == "pass"
-    verdict = verify_bundle(second, replies, smollm.prefill_hidden_states)
+    assert verify(first, replies, smollm.prefill_hidden_states).status == "pass"
+    verdict = verify(second, replies, smollm.prefill_hidden_states)
     assert verdict.status == "fail" and verdict.reason.startswith("segment 0: chunks [0]")
 
 
@@ -275,7 +280,7 @@ def test_smollm_a_different_prompt_fails(smollm, chat):
     prompt[-8] ^= 1  # inside the user's message; same length, so rows line up
     cheated = {**rows, 0: smollm.prefill_hidden_states([*prompt, *reply.reply_ids])}
     first, _ = prove_all(checkpoint_works(replies, cheated, INTERVAL))
-    verdict = verify_bundle(first, replies, smollm.prefill_hidden_states)
+    verdict = verify(first, replies, smollm.prefill_hidden_states)
     assert verdict.status == "fail"
     assert not any(c.ok for c in verdict.segments[0].chunks)  # the prompt and both decodes
     assert verdict.segments[1].ok  # reply 2 was computed honestly
@@ -302,7 +307,7 @@ def test_smollm_a_different_model_fails(smollm, chat):
     replies, rows = chat
     bundles = prove_all(checkpoint_works(replies, rows, INTERVAL))
     with noisy_weights(smollm, 0.01):
-        verdicts = [verify_bundle(b, replies, smollm.prefill_hidden_states) for b in bundles]
+        verdicts = [verify(b, replies, smollm.prefill_hidden_states) for b in bundles]
     assert [v.status for v in verdicts] == ["fail", "fail"]
     assert not any(c.ok for v in verdicts for s in v.segments for c in s.chunks)
     assert "mantissa error mean" in verdicts[0].reason

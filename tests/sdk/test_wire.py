@@ -20,6 +20,7 @@ from eth_account import Account
 from inferledger.chain.receipts import ReceiptDomain
 from inferledger.proofs.transcript import TranscriptHash
 from inferledger.protocol.client import prompt_token_bound
+from inferledger.protocol.codes import PROTOCOL_VERSION
 from inferledger.sdk.wire import (
     Expectation,
     History,
@@ -64,7 +65,7 @@ def challenge_frame(lies: Lies) -> str:
     return json.dumps(
         {
             "type": "challenge",
-            "protocol": 2,
+            "protocol": PROTOCOL_VERSION,
             "nonce": "0x" + "11" * 32,
             "host": lies.host,
             "chain_id": lies.chain_id,

@@ -17,6 +17,7 @@ from web3.providers.eth_tester import EthereumTesterProvider
 from web3.providers.rpc.utils import ExceptionRetryConfiguration
 
 from inferledger.chain.errors import ChainError, ChainUnreachable
+from inferledger.chain.redact import redact_url
 from inferledger.chain.tx import Nonces, TxSender
 from inferledger.config import setting_ref
 
@@ -56,12 +57,18 @@ class Chain:
             self.chain_id = w3.eth.chain_id
             client = w3.client_version.lower() if tester is None else "eth-tester"
         except Exception as exc:
+            # from None: the cause's text quotes the full URL, and tracebacks reach logs.
             raise ChainUnreachable(
-                f"cannot reach the chain at {url}: {exc.__class__.__name__}; is the node "
-                f"running? check the chain URL, {setting_ref('chain_url')}"
-            ) from exc
+                f"cannot reach the chain at {self.endpoint}: {exc.__class__.__name__}; is the "
+                f"node running? check the chain URL, {setting_ref('chain_url')}"
+            ) from None
         self.client = client
         self.is_dev = tester is not None or any(name in client for name in _DEV_CLIENTS)
+
+    @property
+    def endpoint(self) -> str:
+        """The URL as messages may show it (``url`` may carry an API key)."""
+        return redact_url(self.url)
 
     @property
     def is_embedded(self) -> bool:
@@ -97,7 +104,7 @@ class Chain:
 
     def _require_dev(self, what: str) -> None:
         if not self.is_dev:
-            raise ChainError(f"{what} only works on a dev chain; {self.url} is not one")
+            raise ChainError(f"{what} only works on a dev chain; {self.endpoint} is not one")
 
     def time_travel(self, seconds: int) -> int:
         """Move chain time forward by ``seconds`` and mine a block; returns the new time."""
@@ -189,6 +196,7 @@ def connect(url: str = EMBEDDED, *, timeout: float = 10.0, **sender_defaults: An
         )
     else:
         raise ChainError(
-            f"unsupported chain URL {url!r}: use 'embedded' or an http(s):// JSON-RPC URL"
+            f"unsupported chain URL {redact_url(url)!r}: use 'embedded' or an http(s):// "
+            "JSON-RPC URL"
         )
     return Chain(Web3(provider), url, **sender_defaults)

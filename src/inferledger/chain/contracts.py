@@ -490,8 +490,8 @@ class Contracts:
 
         if chain.chain_id != deployment.chain_id:
             raise ChainError(
-                f"deployment is for chain id {deployment.chain_id} but {chain.url} is chain id "
-                f"{chain.chain_id}: point the chain URL setting at the right chain or redeploy"
+                f"deployment is for chain id {deployment.chain_id} but {chain.endpoint} is chain "
+                f"id {chain.chain_id}: point the chain URL setting at the right chain or redeploy"
             )
         compiled = compile_all()
         addresses = deployment.addresses

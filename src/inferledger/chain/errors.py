@@ -11,6 +11,7 @@ import requests
 from eth_tester.exceptions import TransactionFailed
 from web3.exceptions import ContractLogicError, TimeExhausted
 
+from inferledger.chain.redact import redact_url
 from inferledger.config import setting_ref
 
 
@@ -86,17 +87,23 @@ def revert_reason(exc: BaseException) -> str | None:
 
 
 def translate(exc: BaseException, action: str, url: str) -> ChainError:
-    """Map a backend exception to a ChainError, or re-raise it if it is not one we know."""
+    """Map a backend exception to a ChainError, or re-raise it if it is not one we know.
+
+    The message names the endpoint by :func:`redact_url` and never quotes ``exc``: a
+    ``requests`` error quotes the full URL, API key included. An HTTP error status (401,
+    429, 5xx) counts as unreachable: the endpoint answers, but not with the chain.
+    """
     if isinstance(exc, ChainError):
         return exc
     reason = revert_reason(exc)
     if reason is not None:
         return ContractRevert(reason, action)
-    if isinstance(exc, requests.exceptions.ConnectionError | ConnectionError | OSError):
+    endpoint = redact_url(url)
+    if isinstance(exc, requests.exceptions.RequestException | ConnectionError | OSError):
         return ChainUnreachable(
-            f"cannot reach the chain at {url} during {action}: is the node running? "
-            f"check the chain URL, {setting_ref('chain_url')}"
+            f"cannot reach the chain at {endpoint} during {action} ({type(exc).__name__}): "
+            f"is the node running? check the chain URL, {setting_ref('chain_url')}"
         )
     if isinstance(exc, TimeExhausted):
-        return ChainError(f"{action} timed out waiting for the chain at {url}")
+        return ChainError(f"{action} timed out waiting for the chain at {endpoint}")
     raise exc

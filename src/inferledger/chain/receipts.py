@@ -3,7 +3,10 @@
 The domain must match JobMarketplace exactly (name "inferledger", version "1",
 the chain id and the marketplace address), so a receipt for another session,
 chain or contract never verifies. ``SessionAuth`` is the node's login challenge:
-signed under the same domain, bound to the node's address and a fresh nonce.
+signed under the same domain, bound to the node's address and a fresh nonce. ``SessionRead``
+signs a request for the node's record of a session (``GET /v1/sessions/{id}``), bound to the
+node and a timestamp. ``SessionSalt`` is never sent: the hash of its signature is the
+session's secret salt for proof bundles (docs/proofs.md, "Privacy").
 """
 
 from __future__ import annotations
@@ -27,6 +30,16 @@ SESSION_AUTH_FIELDS = [
     {"name": "nonce", "type": "bytes32"},
     {"name": "host", "type": "address"},
 ]
+SESSION_READ_FIELDS = [
+    {"name": "sessionId", "type": "uint256"},
+    {"name": "timestamp", "type": "uint256"},
+    {"name": "host", "type": "address"},
+]
+READ_TIMESTAMP_HEADER = "X-Inferledger-Timestamp"
+READ_SIGNATURE_HEADER = "X-Inferledger-Signature"
+"""The headers of a signed ``GET /v1/sessions/{id}``: unix seconds and a ``SessionRead``
+signature over (session id, those seconds, the node's address)."""
+SESSION_SALT_FIELDS = [{"name": "sessionId", "type": "uint256"}]
 
 
 @dataclass(frozen=True)
@@ -127,6 +140,40 @@ def sign_session_auth(private_key: bytes | str, domain: ReceiptDomain, auth: Ses
 def recover_session_auth_signer(domain: ReceiptDomain, auth: SessionAuth, signature: bytes) -> str:
     """Who signed a login; the node compares it with the session's signer on chain."""
     return Account.recover_message(_auth_message(domain, auth), signature=signature)
+
+
+def _read_message(
+    domain: ReceiptDomain, session_id: int, timestamp: int, host: str
+) -> SignableMessage:
+    message = {"sessionId": session_id, "timestamp": timestamp, "host": host}
+    return _typed(domain, "SessionRead", SESSION_READ_FIELDS, message)
+
+
+def sign_session_read(
+    private_key: bytes | str, domain: ReceiptDomain, session_id: int, timestamp: int, host: str
+) -> bytes:
+    """The session signer's 65-byte signature on a request to ``host`` for its record."""
+    message = _read_message(domain, session_id, timestamp, host)
+    return bytes(Account.sign_message(message, private_key).signature)
+
+
+def recover_session_read_signer(
+    domain: ReceiptDomain, session_id: int, timestamp: int, host: str, signature: bytes
+) -> str:
+    """Who signed a read request; the node compares it with the session's signer."""
+    message = _read_message(domain, session_id, timestamp, host)
+    return Account.recover_message(message, signature=signature)
+
+
+def session_salt(private_key: bytes | str, domain: ReceiptDomain, session_id: int) -> bytes:
+    """The session's 32-byte bundle salt: keccak256 of the signer's ``SessionSalt`` signature.
+
+    Derived, not drawn: the same key gives the same salt on every device and after a
+    restart (RFC 6979 signatures are deterministic), so there is nothing new to store, and
+    nobody without the key can compute it. No node ever asks for this signature.
+    """
+    message = _typed(domain, "SessionSalt", SESSION_SALT_FIELDS, {"sessionId": session_id})
+    return keccak(Account.sign_message(message, private_key).signature)
 
 
 def receipt_digest(domain: ReceiptDomain, receipt: Receipt) -> bytes:

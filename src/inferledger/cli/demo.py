@@ -194,7 +194,9 @@ def _session(
             f"{unnamed} of {len(record.receipts)} receipts were signed before the first proof "
             "bundle and name none; each bundle the receipts name is verified once"
         )
-    checkpoints = httpx.get(f"{node_url}/v1/sessions/{session.id}", timeout=10).json()
+    checkpoints = httpx.get(
+        f"{node_url}/v1/sessions/{session.id}", headers=record.read_headers(), timeout=10
+    ).json()
     console.print(_checkpoint_table(checkpoints["checkpoints"], verdicts))
     host_earnings = client.host.earnings(offer.address)
     refund = client.contracts.token.balance_of(client.address) - (refund_before - DEPOSIT)

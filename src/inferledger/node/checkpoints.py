@@ -92,6 +92,7 @@ class CheckpointJob:
     token_end: int
     transcript_hash: bytes
     segment: SegmentWork
+    salt: bytes
 
 
 def build_checkpoint(node: Node, job: CheckpointJob) -> CheckpointRecord:
@@ -110,6 +111,7 @@ def build_checkpoint(node: Node, job: CheckpointJob) -> CheckpointRecord:
         segments=(segment,),
         backend=node.settings.backend,
         dtype="float32",
+        salt=job.salt,
     )
     proved = prove_checkpoint(node.prover, work, bytes(node.account.key))
     node.store.put(proved.encoded)

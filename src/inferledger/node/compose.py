@@ -20,6 +20,7 @@ from inferledger.chain.connect import EMBEDDED, Chain, connect
 from inferledger.chain.contracts import Contracts
 from inferledger.chain.deployment import Deployment
 from inferledger.chain.errors import ChainError, ChainUnreachable
+from inferledger.chain.redact import CHAIN_UNAVAILABLE, redact_url
 from inferledger.config import ConfigError, Settings, setting_ref
 from inferledger.inference import Backend, BackendUnavailable, load_backend
 from inferledger.node.preflight import Built, PreflightReport, run_preflight
@@ -147,11 +148,11 @@ def _connect(settings: Settings) -> tuple[Chain | None, str]:
     try:
         return connect(url, **settings.sender_options()), ""
     except ChainUnreachable:
-        return None, f"cannot reach the chain at {url}"
+        return None, f"{CHAIN_UNAVAILABLE} at {redact_url(url)}"
     except ChainError as exc:
         return None, str(exc)
     except Exception as exc:
-        return None, f"cannot reach the chain at {url} ({type(exc).__name__})"
+        return None, f"{CHAIN_UNAVAILABLE} at {redact_url(url)} ({type(exc).__name__})"
 
 
 def _load_deployment(path: Path) -> tuple[Deployment | None, str]:

@@ -38,6 +38,7 @@ from inferledger.chain.receipts import (
     check_receipt_signature,
     recover_session_auth_signer,
 )
+from inferledger.chain.redact import CHAIN_UNAVAILABLE
 from inferledger.config import Settings
 from inferledger.inference.base import Backend, Event, Finish, GenerationParams, Hidden, Token
 from inferledger.node.checkpoints import (
@@ -69,6 +70,7 @@ from inferledger.protocol.client import (
 )
 from inferledger.protocol.codes import PROTOCOL_VERSION, ErrorCode, ProtocolError
 from inferledger.protocol.server import (
+    SETTLEMENT_GAVE_UP,
     Challenge,
     Done,
     ErrorFrame,
@@ -231,6 +233,7 @@ class Connection:
         self.checkpointed = 0  # output token_end of the last proof bundle
         self.last_bundle = _NO_BUNDLE
         self.transcript: TranscriptHash | None = None  # over every output token served
+        self.salt = bytes(32)  # the user's bundle salt, set at login from session_init
         self.trace: ReplyTrace | None = None
         self.checkpoint_due = False
         self._checkpoint_lock = asyncio.Lock()
@@ -442,7 +445,8 @@ class Connection:
             info = await asyncio.to_thread(market.get_session, frame.session_id)
             chain_now = await asyncio.to_thread(node.contracts.chain.now)
         except ChainError as exc:
-            raise ProtocolError(ErrorCode.CHAIN_UNAVAILABLE, str(exc)) from exc
+            # Before the signature check: a stranger hears that, not why.
+            raise ProtocolError(ErrorCode.CHAIN_UNAVAILABLE, f"{CHAIN_UNAVAILABLE}; retry") from exc
         lead = self._check_session(frame.session_id, info, chain_now)
         auth = SessionAuth(frame.session_id, self.nonce, node.address)
         signature = bytes.fromhex(frame.signature[2:])
@@ -485,6 +489,7 @@ class Connection:
                 ErrorCode.SESSION_CLOSED, f"session {sid} is being settled; open a new session"
             )
         self.meter = meter
+        self.salt = bytes.fromhex(frame.salt[2:])
         self.transcript = TranscriptHash(sid, record.last_transcript_hash)
         receipted_hash = self.transcript.value
         for token in meter.tail:
@@ -783,6 +788,7 @@ class Connection:
             token_end=self.meter.served.output,
             transcript_hash=self.transcript.value,
             segment=self.trace.take_segment(),
+            salt=self.salt,
         )
         self.checkpointed = job.token_end
         # Shielded: once proving starts, its checkpoint row is written even if `end` or a
@@ -956,14 +962,20 @@ class Connection:
             settlement = await _within(outcome, settings.settlement_wait)
             if settlement is None:
                 record = await asyncio.to_thread(self.node.outbox.settlement, sid)
-                reason = (record and record.last_error) or "the settlement transaction is running"
+                waits = record is not None and record.last_error
+                reason = (
+                    "the settlement has not landed yet; the node retries"
+                    if waits
+                    else "the settlement transaction is running"
+                )
                 await self.send(SettlementPending(session_id=sid, reason=reason))
                 left = max(0.0, settings.settlement_report_timeout - settings.settlement_wait)
                 settlement = await _within(outcome, left)
         finally:
             notices.forget(sid, future)
         if settlement is not None and settlement.status == "failed":
-            reason = f"the node could not settle: {settlement.last_error}"
+            # The frame goes to the session's signer only; chain errors carry no URL.
+            reason = f"{SETTLEMENT_GAVE_UP} {settlement.last_error}"
             await self.send(SettlementPending(session_id=sid, reason=reason))
         return settlement
 

@@ -23,6 +23,7 @@ from inferledger.chain.connect import Chain
 from inferledger.chain.contracts import Contracts
 from inferledger.chain.deployment import Deployment
 from inferledger.chain.errors import ChainError
+from inferledger.chain.redact import CHAIN_UNAVAILABLE
 from inferledger.config import Settings, env_name
 from inferledger.inference.model_cache import GGUF_PACKAGE, sha256_file
 from inferledger.proofs.provers import Prover, ProverUnavailable
@@ -217,7 +218,7 @@ def _check_chain(ctx: _Context) -> str:
     fix = f"start the chain node, or point {CHAIN_URL} at a running JSON-RPC endpoint"
     if chain is None:
         raise _Failed(ctx.built.chain_error, CHAIN_URL, fix)
-    url = chain.url
+    endpoint = chain.endpoint  # the chain lines are served on /health: no path, no key
     try:
         chain_id = int(chain.w3.eth.chain_id)
         block = int(chain.w3.eth.block_number)
@@ -225,18 +226,18 @@ def _check_chain(ctx: _Context) -> str:
         raise _Failed(str(exc), CHAIN_URL, fix) from None
     except Exception as exc:
         raise _Failed(
-            f"cannot reach the chain at {url} ({type(exc).__name__})", CHAIN_URL, fix
+            f"{CHAIN_UNAVAILABLE} at {endpoint} ({type(exc).__name__})", CHAIN_URL, fix
         ) from None
     if deployment is not None and chain_id != deployment.chain_id:
         expected = deployment.chain_id
         raise _Failed(
-            f"{url} is chain id {chain_id} but the deployment "
+            f"{endpoint} is chain id {chain_id} but the deployment "
             f"({ctx.built.deployment_source}) is for chain id {expected}",
             CHAIN_URL,
             f"point {CHAIN_URL} at chain id {expected}, or deploy the contracts on this chain "
             f"and point {DEPLOYMENT_FILE} at that record",
         )
-    return f"{url}: chain id {chain_id}, block {block}"
+    return f"{endpoint}: chain id {chain_id}, block {block}"
 
 
 def _check_contracts(ctx: _Context) -> str:
@@ -257,7 +258,7 @@ def _check_contracts(ctx: _Context) -> str:
     if missing:
         hint = " (the embedded chain starts empty in every process)" if chain.is_embedded else ""
         raise _Failed(
-            f"no contract code on {chain.url} for {', '.join(missing)}{hint}",
+            f"no contract code on {chain.endpoint} for {', '.join(missing)}{hint}",
             DEPLOYMENT_FILE,
             f"deploy the contracts on this chain, or point {DEPLOYMENT_FILE} and {CHAIN_URL} "
             "at a deployment and the chain it was made on",

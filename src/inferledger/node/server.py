@@ -13,7 +13,7 @@ import contextlib
 import re
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import uvicorn
@@ -23,6 +23,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+from inferledger.chain.receipts import (
+    READ_SIGNATURE_HEADER,
+    READ_TIMESTAMP_HEADER,
+    recover_session_read_signer,
+)
 from inferledger.node.connection import Connection, Gate
 from inferledger.node.node import Node
 from inferledger.protocol.client import INT64_MAX
@@ -57,6 +62,12 @@ def ws_max_size(max_frame_bytes: int) -> int:
     """The largest frame the WebSocket layer reads: above it the socket is closed (1009)
     after the frame's header, before its payload is buffered."""
     return max_frame_bytes + FRAME_SLACK
+
+
+_SIGNATURE = re.compile(r"0x[0-9a-fA-F]{130}")
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+READ_MAX_SKEW = 60
+"""Seconds a signed ``/v1/sessions/{id}`` request stays valid either side of the node's clock."""
 
 
 def create_app(node: Node) -> Starlette:
@@ -105,11 +116,19 @@ def create_app(node: Node) -> Starlette:
         )
 
     async def session(request: Request) -> JSONResponse:
+        """The node's record of a session, for its signer only (a signed request): to anyone
+        else it would tell who deposited, whether they are online and what they paid for."""
         session_id = _path_id(request, "session_id")
+        signed = _signed_read(request.headers, time.time())
+        if isinstance(signed, str):
+            return JSONResponse({"error": "UNAUTHORIZED", "message": signed}, status_code=401)
         record = await asyncio.to_thread(node.state.get_session, session_id)
-        if record is None:
+        if record is None or not _signed_by(node, session_id, signed, record.signer):
             return JSONResponse(
-                {"error": "SESSION_NOT_FOUND", "message": f"no session {session_id} on this node"},
+                {
+                    "error": "SESSION_NOT_FOUND",
+                    "message": f"no session {session_id} on this node signed for by this key",
+                },
                 status_code=404,
             )
         receipts = await asyncio.to_thread(node.state.receipts, session_id)
@@ -182,6 +201,32 @@ def create_app(node: Node) -> Starlette:
         lifespan=lifespan,
         exception_handlers={BadPathParameter: _bad_path_parameter},
     )
+
+
+def _signed_read(headers: Mapping[str, str], now: float) -> tuple[int, bytes] | str:
+    """(timestamp, signature) of a fresh signed read, or why the request is not one."""
+    stamp, signature = headers.get(READ_TIMESTAMP_HEADER), headers.get(READ_SIGNATURE_HEADER)
+    if stamp is None or signature is None:
+        return (
+            f"sign the request with the session signer: {READ_TIMESTAMP_HEADER} and "
+            f"{READ_SIGNATURE_HEADER} (see docs/protocol.md, HTTP)"
+        )
+    if not _TIMESTAMP.fullmatch(stamp) or not _SIGNATURE.fullmatch(signature):
+        return f"{READ_TIMESTAMP_HEADER} is unix seconds, {READ_SIGNATURE_HEADER} 65 bytes of hex"
+    if abs(int(stamp) - now) > READ_MAX_SKEW:
+        return f"stale request: the timestamp is more than {READ_MAX_SKEW}s from the node's clock"
+    return int(stamp), bytes.fromhex(signature[2:])
+
+
+def _signed_by(node: Node, session_id: int, signed: tuple[int, bytes], signer: str) -> bool:
+    timestamp, signature = signed
+    try:
+        found = recover_session_read_signer(
+            node.domain, session_id, timestamp, node.address, signature
+        )
+    except Exception:  # eth-keys rejects malformed signatures with several exception types
+        return False
+    return found.lower() == signer.lower()
 
 
 def uvicorn_config(node: Node, host: str, port: int, **options: Any) -> uvicorn.Config:

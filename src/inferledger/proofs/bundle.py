@@ -7,8 +7,12 @@ accepts only the exact bytes :meth:`ProofBundle.encode` produces.
 
 Encoding: ASCII JSON (a subset of UTF-8) with sorted keys and no whitespace; bytes are
 lowercase ``0x`` hex, integers JSON integers, ``segments`` a list of objects (keys sorted too)
-whose ``activation_proofs`` are lists of hex strings, and a ``"version": 1`` field. The bundle
-holds hashes of the prompts and output, never their text.
+whose ``activation_proofs`` are lists of hex strings, and a ``"version": 2`` field.
+
+Bundles are public, so the bundle holds neither the prompts and output nor anything a stranger
+could check a guess of them against: the prompt and transcript hashes are salted, and the
+activation proofs masked, with the session's secret salt (``chain.receipts.session_salt``),
+which only the user holds and may hand to a verifier.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from eth_utils import keccak, to_checksum_address
 from inferledger.chain.receipts import check_signature_shape
 from inferledger.proofs.activation import PROOF_BYTES, segment_chunks
 
-VERSION = 1
+VERSION = 2
+"""2: salted prompt and transcript hashes and masked activation proofs (1 had neither)."""
 PROVERS = frozenset({"activation", "commitment", "external", "mock"})
 
 _UINT256_MAX = 2**256 - 1
@@ -191,9 +196,33 @@ class ProofBundle:
         return keccak(self.encode())
 
 
-def prompt_hash(token_ids: Iterable[int]) -> bytes:
-    """keccak256 over the prompt's token ids as int64 big-endian (as in the transcript)."""
-    return keccak(b"".join(t.to_bytes(8, "big", signed=True) for t in token_ids))
+def prompt_hash(token_ids: Iterable[int], salt: bytes) -> bytes:
+    """Salted keccak256 over the prompt's token ids as int64 big-endian (as in the
+    transcript): without the salt, hashing a guessed prompt confirms nothing."""
+    return _salted(b"prompt", salt, b"".join(t.to_bytes(8, "big", signed=True) for t in token_ids))
+
+
+def sealed_transcript(transcript_hash: bytes, salt: bytes) -> bytes:
+    """The bundle's ``transcript_hash``: the session's hash chain (docs/protocol.md) salted,
+    since anyone can run the chain over guessed output from the public session id."""
+    return _salted(b"transcript", salt, transcript_hash)
+
+
+def mask_proof(proof: bytes, salt: bytes, checkpoint: int, segment: int, chunk: int) -> bytes:
+    """XOR ``proof`` with a keystream of the salt and its place in the session (each place
+    once, so no two proofs share a stream); applying it twice gives the proof back. An
+    unmasked activation proof would let a stranger with the model test guessed prompts."""
+    place = b"".join(n.to_bytes(32, "big") for n in (checkpoint, segment, chunk))
+    stream = b"".join(
+        _salted(b"proof-mask", salt, place + block.to_bytes(32, "big"))
+        for block in range(-(-len(proof) // 32))
+    )
+    return bytes(a ^ b for a, b in zip(proof, stream, strict=False))
+
+
+def _salted(purpose: bytes, salt: bytes, data: bytes) -> bytes:
+    _check_bytes("salt", salt, 32)
+    return keccak(b"inferledger/" + purpose + b"/v2" + salt + data)
 
 
 def _is_checksummed(address: str) -> bool:

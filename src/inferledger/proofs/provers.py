@@ -19,10 +19,12 @@ the timeout (the process group is then killed) is a failure; stderr is only quot
   ``{"protocol": "inferledger-prover/1", "name": "...", "version": "..."}``.
 - Prove: ``{"op": "prove", "protocol": "inferledger-prover/1", "session_id": int,
   "chain_id": int, "marketplace": "0x..", "checkpoint_index": int, "model_id": "0x..",
-  "token_start": int, "token_end": int, "transcript_hash": "0x..", "segments":
-  [{"prompt_ids": [int, ...], "reply_ids": [int, ...], "reply_start": int}, ...]}`` ->
-  ``{"attestation": "0x<hex>"}``, stored in the bundle (``prover = "external"``).
-  ``reply_ids`` run from the reply's first token to the segment's end.
+  "token_start": int, "token_end": int, "transcript_hash": "0x..", "salt": "0x..",
+  "segments": [{"prompt_ids": [int, ...], "reply_ids": [int, ...], "reply_start": int},
+  ...]}`` -> ``{"attestation": "0x<hex>"}``, stored in the bundle (``prover = "external"``).
+  ``reply_ids`` run from the reply's first token to the segment's end. ``transcript_hash``
+  is the unsalted chain; ``salt`` is the user's session secret: the attestation is public,
+  so anything in it derived from the ids must be keyed with the salt (never the salt itself).
 
 ``examples/provers/hash_prover.py`` is a minimal prover speaking this contract.
 """
@@ -47,7 +49,13 @@ from eth_utils import keccak
 
 from inferledger.config import env_name
 from inferledger.proofs.activation import build_chunk_proofs, segment_chunks
-from inferledger.proofs.bundle import ProofBundle, Segment, prompt_hash
+from inferledger.proofs.bundle import (
+    ProofBundle,
+    Segment,
+    mask_proof,
+    prompt_hash,
+    sealed_transcript,
+)
 
 PROTOCOL = "inferledger-prover/1"
 PROVER_SETTING = env_name("prover")
@@ -100,6 +108,9 @@ class CheckpointWork:
     segments: tuple[SegmentWork, ...]
     backend: str
     dtype: str
+    salt: bytes
+    """The user's session salt (``session_init``): the public bundle's hashes and proofs are
+    salted or masked with it, so only the user and those it tells can check them."""
 
 
 class ProverUnavailable(Exception):
@@ -379,14 +390,17 @@ def _bundle(
     """The unsigned bundle for ``work``; only the proof fields differ between provers."""
     segments = tuple(
         Segment(
-            prompt_hash=prompt_hash(segment.prompt_ids),
+            prompt_hash=prompt_hash(segment.prompt_ids, work.salt),
             prompt_tokens=len(segment.prompt_ids),
             reply_start=segment.reply_start,
             reply_end=segment.reply_end,
-            activation_proofs=segment_proofs,
+            activation_proofs=tuple(
+                mask_proof(proof, work.salt, work.checkpoint_index, index, chunk)
+                for chunk, proof in enumerate(segment_proofs)
+            ),
         )
-        for segment, segment_proofs in zip(
-            work.segments, proofs or [()] * len(work.segments), strict=True
+        for index, (segment, segment_proofs) in enumerate(
+            zip(work.segments, proofs or [()] * len(work.segments), strict=True)
         )
     )
     return ProofBundle(
@@ -397,7 +411,7 @@ def _bundle(
         model_id=work.model_id,
         token_start=work.token_start,
         token_end=work.token_end,
-        transcript_hash=work.transcript_hash,
+        transcript_hash=sealed_transcript(work.transcript_hash, work.salt),
         segments=segments,
         prover=prover,
         unproven=unproven,
@@ -419,6 +433,7 @@ def _prove_request(work: CheckpointWork) -> dict[str, Any]:
         "token_start": work.token_start,
         "token_end": work.token_end,
         "transcript_hash": "0x" + work.transcript_hash.hex(),
+        "salt": "0x" + work.salt.hex(),
         "segments": [
             {
                 "prompt_ids": list(segment.prompt_ids),

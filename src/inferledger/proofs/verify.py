@@ -1,7 +1,8 @@
 """Check a proof bundle against the transcript the user kept, by re-running the model.
 
-The user (or any verifier the user hands the transcript to) holds each reply's prompt and
-generated ids; the public bundle holds only hashes and activation proofs. :func:`verify_bundle`
+The user (or any verifier the user hands the transcript and the session salt to) holds each
+reply's prompt and generated ids; the public bundle holds only salted hashes and masked
+activation proofs, which nobody can check without the salt. :func:`verify_bundle`
 maps the bundle's session token range onto those replies, checks everything that needs no
 model (layout, prompt hashes, transcript hash, signer, model id), then re-runs one prefill per
 segment and compares it with the activation proofs.
@@ -10,7 +11,7 @@ segment and compares it with the activation proofs.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from typing import Literal
 
@@ -24,7 +25,13 @@ from inferledger.proofs.activation import (
     segment_chunks,
     verify_chunk_proofs,
 )
-from inferledger.proofs.bundle import ProofBundle, Segment, prompt_hash
+from inferledger.proofs.bundle import (
+    ProofBundle,
+    Segment,
+    mask_proof,
+    prompt_hash,
+    sealed_transcript,
+)
 from inferledger.proofs.transcript import TranscriptHash
 
 Prefill = Callable[[Sequence[int]], np.ndarray]
@@ -81,11 +88,13 @@ def verify_bundle(
     replies: Sequence[ReplyTranscript],
     prefill: Prefill | None,
     *,
+    salt: bytes,
     host: str | None = None,
     model_id: bytes | None = None,
     thresholds: Thresholds = SAME_BACKEND,
 ) -> BundleVerdict:
-    """Verdict on ``bundle`` given the kept ``replies``; ``host``/``model_id`` when known.
+    """Verdict on ``bundle`` given the kept ``replies`` and the session's ``salt``
+    (``SessionRecord.salt``); ``host``/``model_id`` when known.
 
     ``prefill`` runs the verifier's model (e.g. ``backend.prefill_hidden_states``); without
     it an activation bundle is ``unproven``. The default thresholds suit a verifier running
@@ -93,7 +102,9 @@ def verify_bundle(
     Overlapping ``replies`` are a ValueError: they cannot come from one session.
     """
     parts = reply_segments(replies, bundle.token_start, bundle.token_end)
-    problem = _check_claims(bundle, replies, host, model_id) or _check_layout(bundle, parts)
+    problem = _check_claims(bundle, replies, salt, host, model_id) or _check_layout(
+        bundle, parts, salt
+    )
     if problem:
         return BundleVerdict("fail", problem)
     if bundle.prover != "activation":
@@ -104,8 +115,8 @@ def verify_bundle(
     if prefill is None:
         return BundleVerdict("unproven", "activation proofs not re-run: no model to prefill with")
     results = tuple(
-        _verify_segment(segment, reply, prefill, thresholds)
-        for segment, (reply, _, _) in zip(bundle.segments, parts, strict=True)
+        _verify_segment(_unmasked(bundle, index, salt), reply, prefill, thresholds)
+        for index, (reply, _, _) in enumerate(parts)
     )
     failed = [i for i, result in enumerate(results) if not result.ok]
     if failed:
@@ -118,6 +129,7 @@ def verify_bundle(
 def _check_claims(
     bundle: ProofBundle,
     replies: Sequence[ReplyTranscript],
+    salt: bytes,
     host: str | None,
     model_id: bytes | None,
 ) -> str | None:
@@ -131,12 +143,14 @@ def _check_claims(
     if model_id is not None and bundle.model_id != model_id:
         return f"model_id 0x{bundle.model_id.hex()} is not the session's 0x{model_id.hex()}"
     expected = _transcript_hash(bundle.session_id, replies, bundle.token_end)
-    if expected is not None and expected != bundle.transcript_hash:
+    if expected is not None and sealed_transcript(expected, salt) != bundle.transcript_hash:
         return "transcript_hash differs from the hash chain over the kept replies"
     return None
 
 
-def _check_layout(bundle: ProofBundle, parts: list[tuple[ReplyTranscript, int, int]]) -> str | None:
+def _check_layout(
+    bundle: ProofBundle, parts: list[tuple[ReplyTranscript, int, int]], salt: bytes
+) -> str | None:
     """The bundle's segments must be exactly the kept replies' parts, with their prompts."""
     wanted = bundle.token_end - bundle.token_start
     covered = sum(end - start for _, start, end in parts)
@@ -153,10 +167,20 @@ def _check_layout(bundle: ProofBundle, parts: list[tuple[ReplyTranscript, int, i
                 f"segment {index}: covers reply tokens [{segment.reply_start}, "
                 f"{segment.reply_end}), the kept replies give [{start}, {end})"
             )
-        prompt = (len(reply.prompt_ids), prompt_hash(reply.prompt_ids))
+        prompt = (len(reply.prompt_ids), prompt_hash(reply.prompt_ids, salt))
         if (segment.prompt_tokens, segment.prompt_hash) != prompt:
             return f"segment {index}: prompt_hash differs from the kept prompt"
     return None
+
+
+def _unmasked(bundle: ProofBundle, index: int, salt: bytes) -> Segment:
+    """Segment ``index`` with its activation proofs as the host's prover made them."""
+    segment = bundle.segments[index]
+    proofs = tuple(
+        mask_proof(proof, salt, bundle.checkpoint_index, index, chunk)
+        for chunk, proof in enumerate(segment.activation_proofs)
+    )
+    return replace(segment, activation_proofs=proofs)
 
 
 def _verify_segment(

@@ -50,12 +50,14 @@ Signature = Annotated[str, AfterValidator(lambda v: _hex_bytes(v, 65, "signature
 
 
 class SessionInit(_Frame):
-    """Log in to a session: the session signer's EIP-712 answer to the challenge."""
+    """Log in to a session: the session signer's EIP-712 answer to the challenge, and the
+    session's secret salt, which the node mixes into every public proof bundle."""
 
     type: Literal["session_init"]
     session_id: PositiveInt64
     nonce: Hex32
     signature: Signature
+    salt: Hex32
 
 
 class ChatMessage(_Frame):

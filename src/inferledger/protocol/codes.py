@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
+"""3: ``session_init`` carries the session's bundle salt."""
 
 
 class ErrorCode(StrEnum):

@@ -146,6 +146,10 @@ class Settled(_NodeFrame):
     tx_hash: str | None
 
 
+SETTLEMENT_GAVE_UP = "the node could not settle:"
+"""How a node's last ``settlement_pending`` reason begins when it stopped trying."""
+
+
 class SettlementPending(_NodeFrame):
     type: Literal["settlement_pending"] = "settlement_pending"
     session_id: PositiveInt64

@@ -17,9 +17,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field, SecretStr, field_serializer
 
+from inferledger.chain.receipts import ReceiptDomain, session_salt
 from inferledger.paths import home, write_atomic
 from inferledger.proofs.transcript import TranscriptHash
 from inferledger.sdk.errors import SdkError
+from inferledger.sdk.wire import Expectation, session_read_headers
 
 RECORD_VERSION = 2
 
@@ -83,6 +85,23 @@ class SessionRecord(BaseModel):
     def _reveal_key(self, key: SecretStr) -> str:
         # Written to the 0600 record file; shown nowhere else (repr and str print ******).
         return key.get_secret_value()
+
+    @property
+    def expectation(self) -> Expectation:
+        """The receipt domain and host this session's messages are signed for."""
+        return Expectation(ReceiptDomain(self.chain_id, self.marketplace), self.host)
+
+    @property
+    def salt(self) -> bytes:
+        """The session's bundle salt: hand it to a verifier with the transcript, to nobody
+        else (it lets its holder confirm guesses of the prompts; docs/proofs.md)."""
+        key = self.signer_key.get_secret_value()
+        return session_salt(key, self.expectation.domain, self.session_id)
+
+    def read_headers(self) -> dict[str, str]:
+        """Headers for the node's ``GET /v1/sessions/{id}``, which answers only the signer."""
+        key = self.signer_key.get_secret_value()
+        return session_read_headers(key, self.expectation, self.session_id)
 
     @property
     def tokens(self) -> int:

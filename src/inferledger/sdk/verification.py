@@ -245,6 +245,7 @@ def verify_checkpoint(
             bundle,
             replies,
             prefill,
+            salt=record.salt,
             host=record.host,
             model_id=_hash_bytes(record.model_id),
         )

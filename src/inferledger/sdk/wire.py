@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,16 +27,22 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from inferledger.chain.receipts import (
+    READ_SIGNATURE_HEADER,
+    READ_TIMESTAMP_HEADER,
     Receipt,
     ReceiptDomain,
     SessionAuth,
+    session_salt,
     sign_receipt,
     sign_session_auth,
+    sign_session_read,
 )
 from inferledger.chain.units import cost
 from inferledger.proofs.transcript import TranscriptHash
 from inferledger.protocol.client import prompt_token_bound
+from inferledger.protocol.codes import PROTOCOL_VERSION
 from inferledger.protocol.server import (
+    SETTLEMENT_GAVE_UP,
     Challenge,
     Done,
     ErrorFrame,
@@ -126,12 +133,20 @@ class History:
 
 ReceiptHook = Callable[[SignedReceipt], None]
 PendingHook = Callable[[SettlementPending], None]
-# How a node's last settlement_pending begins when it stopped trying (docs/protocol.md).
-GAVE_UP = "the node could not settle:"
 
 
 def _hex(raw: bytes) -> str:
     return "0x" + raw.hex()
+
+
+def session_read_headers(
+    signer_key: bytes | str, expect: Expectation, session_id: int, now: float | None = None
+) -> dict[str, str]:
+    """Headers that let the session signer read ``GET /v1/sessions/{id}`` for a minute: the
+    node answers nobody else (docs/protocol.md, HTTP)."""
+    timestamp = int(time.time() if now is None else now)
+    signature = sign_session_read(signer_key, expect.domain, session_id, timestamp, expect.host)
+    return {READ_TIMESTAMP_HEADER: str(timestamp), READ_SIGNATURE_HEADER: _hex(signature)}
 
 
 def ws_endpoint(api_url: str) -> str:
@@ -161,7 +176,13 @@ def _refuse(message: str) -> SessionError:
 
 
 def check_challenge(challenge: Challenge, expect: Expectation) -> None:
-    """The node must speak for the host, chain and marketplace the client expects."""
+    """The node must speak this protocol, for the host, chain and marketplace the client
+    expects."""
+    if challenge.protocol != PROTOCOL_VERSION:
+        raise SessionError(
+            "PROTOCOL",
+            f"node speaks protocol {challenge.protocol}; this client speaks {PROTOCOL_VERSION}",
+        )
     domain = expect.domain
     if challenge.chain_id != domain.chain_id:
         raise SessionError(
@@ -315,6 +336,7 @@ class SessionClient:
                         "session_id": session_id,
                         "nonce": challenge.nonce,
                         "signature": _hex(signature),
+                        "salt": _hex(session_salt(signer.key, expect.domain, session_id)),
                     }
                 )
             )
@@ -512,7 +534,7 @@ class SessionClient:
     def node_gave_up(self) -> bool:
         """The node's last ``settlement_pending`` says it stopped trying to settle."""
         last = self.last_pending
-        return last is not None and last.reason.startswith(GAVE_UP)
+        return last is not None and last.reason.startswith(SETTLEMENT_GAVE_UP)
 
     async def close(self) -> None:
         await self.ws.close()
