@@ -34,6 +34,7 @@ from inferledger.chain.receipts import (
     ReceiptDomain,
     SessionAuth,
     check_receipt_signature,
+    session_salt,
     sign_receipt,
     sign_session_auth,
 )
@@ -74,7 +75,7 @@ def test_a_session_id_beyond_int64_is_a_bad_frame(
     _node, server = start_node(scripted)
     with connect(server.ws_url) as ws:
         nonce = json.loads(ws.recv())["nonce"]
-        init = {"session_id": session_id, "nonce": nonce, "signature": SIGNATURE}
+        init = {"session_id": session_id, "nonce": nonce, "signature": SIGNATURE, "salt": NONCE}
         ws.send(json.dumps({"type": "session_init", **init}))
         assert json.loads(ws.recv(10))["code"] == "BAD_FRAME"
         ws.send(json.dumps({"type": "ping"}))
@@ -141,6 +142,7 @@ TEMPLATES: dict[str, dict[str, Any]] = {
         "session_id": 1,
         "nonce": NONCE,
         "signature": SIGNATURE,
+        "salt": NONCE,
     },
     "prompt": {
         "type": "prompt",
@@ -219,7 +221,7 @@ prompt_options = {
 bounded_frame = st.one_of(
     st.fixed_dictionaries(
         {"type": st.just("session_init"), "session_id": positive | st.integers(1, 20)}
-        | {"nonce": st.just(NONCE), "signature": _hex(65)}
+        | {"nonce": st.just(NONCE), "signature": _hex(65), "salt": _hex(32)}
     ),
     st.fixed_dictionaries(
         {
@@ -336,7 +338,12 @@ class Prober:
         nonce = bytes.fromhex(challenge["nonce"][2:])
         auth = SessionAuth(self.session_id, nonce, challenge["host"])
         signature = sign_session_auth(self.signer.key, self.domain, auth)
-        init = {"session_id": self.session_id, "nonce": challenge["nonce"]}
+        salt = session_salt(self.signer.key, self.domain, self.session_id)
+        init = {
+            "session_id": self.session_id,
+            "nonce": challenge["nonce"],
+            "salt": "0x" + salt.hex(),
+        }
         ws.send(json.dumps({"type": "session_init", **init, "signature": "0x" + signature.hex()}))
         ready = json.loads(ws.recv(10))
         assert ready["type"] == "session_ready", ready

@@ -126,6 +126,7 @@ def test_connection_caps_refuse_a_flood_and_free_every_socket_that_ends(
         # connection. Each frees its place: three new ones from the same address are taken.
         await stranger[0].close()
         forged = {"session_id": 1, "nonce": "0x" + "00" * 32, "signature": "0x" + "00" * 65}
+        forged["salt"] = "0x" + "11" * 32
         await stranger[1].send(json.dumps({"type": "session_init", **forged}))
         seen["fatal"] = json.loads(await asyncio.wait_for(stranger[1].recv(), BOUND))["code"]
         stranger[2].transport.abort()
