@@ -1,0 +1,372 @@
+"""The gateway itself: an OpenAI chat request in, a paid reply from a host out.
+
+For each request: check the spend limits, take a pooled session (or open one with the
+cheapest ready host), send the prompt through the SDK (which signs receipts only for
+what arrived), and report what it cost. A host that fails before anything reached the
+client is avoided and the request tried on the next one; after that, a stream ends with
+an error event. What a request costs is what the session signer signed for during it,
+so a host is never paid for more than it delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from inferledger.chain.errors import ChainError
+from inferledger.chain.units import Prices, cost, format_usdc, price_per_token_to_mtok, usdc
+from inferledger.config import Settings
+from inferledger.gateway import schema
+from inferledger.gateway.errors import (
+    from_sdk,
+    host_fault,
+    model_not_found,
+    session_spent,
+    upstream_failed,
+)
+from inferledger.gateway.hosts import HostChooser, PriceCaps
+from inferledger.gateway.ledger import Limits, SpendLedger
+from inferledger.gateway.pool import Pooled, SessionPool, signed_cost
+from inferledger.paths import home
+from inferledger.protocol.client import prompt_token_bound
+from inferledger.sdk import Client, Reply, SdkError
+from inferledger.sdk.hosts import model_id_of
+
+log = logging.getLogger("inferledger.gateway")
+MAX_ATTEMPTS = 3  # hosts tried for one request before giving up
+IDLE_CHECK = 5.0  # seconds between idle-session sweeps (at most)
+
+
+def state_dir(settings: Settings) -> Path:
+    """Where the gateway keeps its session records and spend ledger."""
+    return settings.gateway_state_dir or home() / "gateway"
+
+
+def _base_units(amount: Any) -> int | None:
+    return None if amount is None else usdc(amount)
+
+
+def per_token(price_per_mtok: int) -> str:
+    """Base units per million tokens -> USDC per token, as a decimal string."""
+    return format(Decimal(price_per_mtok).scaleb(-12).normalize(), "f")
+
+
+def _per_mtok(price: Any) -> int | None:
+    return None if price is None else price_per_token_to_mtok(price)
+
+
+@dataclass(frozen=True)
+class Before:
+    """A session's signed counts before a request, to tell what the request added."""
+
+    paid: int
+    receipts: int
+
+    @classmethod
+    def of(cls, pooled: Pooled) -> Before:
+        record = pooled.session.record
+        return cls(signed_cost(record), len(record.receipts))
+
+
+class Gateway:
+    """Serves OpenAI chat requests by paying hosts per token from ``client``'s account.
+
+    ``client`` must keep its session records in the gateway's own directory
+    (``sessions_dir=state_dir(settings) / "sessions"``), so that the sessions it finds
+    there at start are the ones a previous gateway left open.
+    """
+
+    def __init__(self, client: Client, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+        self.reserve_tokens = settings.gateway_reserve_tokens
+        self.ledger = SpendLedger(
+            state_dir(settings) / "spend.json",
+            Limits(
+                _base_units(settings.gateway_spend_limit_day),
+                _base_units(settings.gateway_spend_limit_total),
+            ),
+        )
+        caps = PriceCaps(
+            _per_mtok(settings.gateway_max_input_price), _per_mtok(settings.gateway_max_price)
+        )
+        self.chooser = HostChooser(client, caps, settings.gateway_host_cooldown)
+        self.pool = SessionPool(
+            client,
+            self.chooser,
+            deposit=usdc(settings.gateway_deposit),
+            duration=settings.gateway_session_duration,
+            idle_close=settings.gateway_idle_close,
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self.reconciled = asyncio.Event()
+
+    # Lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Close what a previous gateway left open (in the background) and start the
+        idle sweep."""
+        leftovers = self.pool.leftovers()  # before this gateway opens any session
+        if leftovers:
+            log.info("closing %d session(s) a previous gateway left open", len(leftovers))
+        self._tasks = [
+            asyncio.create_task(self._reconcile(leftovers)),
+            asyncio.create_task(self._sweep()),
+        ]
+
+    async def stop(self) -> None:
+        """Close every session (SIGINT/SIGTERM end up here through the server)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.pool.close_all()
+
+    async def _reconcile(self, leftovers: list[Any]) -> None:
+        try:
+            await self.pool.reconcile(leftovers)
+        finally:
+            self.reconciled.set()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(IDLE_CHECK, self.settings.gateway_idle_close / 4))
+            await self.pool.close_idle()
+
+    # Models --------------------------------------------------------------------------
+
+    async def models(self) -> list[dict[str, Any]]:
+        """Approved models with an active host, each at its cheapest offer's prices."""
+        try:
+            offers = await self.chooser.offers()
+            cheapest: dict[bytes, Prices] = {}
+            for offer in offers:  # cheapest output price first
+                cheapest.setdefault(
+                    offer.model_id, Prices(offer.input_price_per_mtok, offer.output_price_per_mtok)
+                )
+            names = await asyncio.to_thread(self._approved_names, list(cheapest))
+        except ChainError as exc:
+            raise from_sdk(exc) from exc
+        return [
+            {
+                "id": names[model_id],
+                "object": "model",
+                "created": 0,
+                "owned_by": "inferledger",
+                "inferledger_model_id": "0x" + model_id.hex(),
+                "pricing": {  # USDC per token, as OpenRouter lists prices
+                    "prompt": per_token(prices.input_per_mtok),
+                    "completion": per_token(prices.output_per_mtok),
+                    "input_price_per_mtok": prices.input_per_mtok,
+                    "output_price_per_mtok": prices.output_per_mtok,
+                },
+            }
+            for model_id, prices in cheapest.items()
+            if model_id in names
+        ]
+
+    def _approved_names(self, model_ids: list[bytes]) -> dict[bytes, str]:
+        models = self.client.contracts.models
+        return {m: models.model_name(m) for m in model_ids if models.is_approved(m)}
+
+    async def _model_id(self, model: str) -> bytes:
+        """The model id of a name (or 0x id) the ModelRegistry approved; else 404."""
+        try:
+            model_id = model_id_of(model)
+            approved = await asyncio.to_thread(self.client.contracts.models.is_approved, model_id)
+        except SdkError:
+            raise model_not_found(model) from None
+        except ChainError as exc:
+            raise from_sdk(exc) from exc
+        if not approved:
+            raise model_not_found(model)
+        return model_id
+
+    # Chat ----------------------------------------------------------------------------
+
+    async def complete(self, request: schema.ChatRequest) -> tuple[dict[str, Any], Pooled]:
+        """A whole reply: the ``chat.completion`` body, and the session that served it."""
+        model_id = await self._model_id(request.model)
+        messages, params = request.chat_messages(), request.params()
+        failure: BaseException | None = None
+        for _ in range(MAX_ATTEMPTS):
+            pooled, params = await self._lease(model_id, request, messages, params)
+            before = Before.of(pooled)
+            try:
+                reply = await pooled.session.chat(messages, **params)
+            except Exception as exc:
+                failure = exc
+                self._failed(pooled, before, exc)
+                if not (host_fault(exc) or session_spent(exc)):
+                    raise from_sdk(exc) from exc
+                continue
+            finally:
+                self.pool.release(pooled)
+            usage = self._usage(pooled, before, reply)
+            ident = schema.completion_id(pooled.session.id, pooled.session.record.request_seq)
+            body = schema.completion(ident, request.model, reply.text, reply.finish_reason, usage)
+            return body, pooled
+        assert failure is not None
+        raise from_sdk(failure) from failure
+
+    async def stream(self, request: schema.ChatRequest) -> tuple[AsyncIterator[bytes], Pooled]:
+        """A streamed reply as SSE bytes, and its session.
+
+        The first piece is awaited here, so a host that fails before it is replaced
+        by the next one and the client gets an HTTP status rather than a broken stream.
+        """
+        model_id = await self._model_id(request.model)
+        messages, params = request.chat_messages(), request.params()
+        failure: BaseException | None = None
+        for _ in range(MAX_ATTEMPTS):
+            pooled, params = await self._lease(model_id, request, messages, params)
+            before = Before.of(pooled)
+            pieces = pooled.session.stream(messages, **params)
+            try:
+                first: str | None = await anext(pieces)
+            except StopAsyncIteration:
+                first = None
+            except Exception as exc:
+                failure = exc
+                self._failed(pooled, before, exc)
+                self.pool.release(pooled)
+                if not (host_fault(exc) or session_spent(exc)):
+                    raise from_sdk(exc) from exc
+                continue
+            except BaseException:
+                self.pool.release(pooled)
+                raise
+            return self._events(request, pooled, before, pieces, first), pooled
+        assert failure is not None
+        raise from_sdk(failure) from failure
+
+    async def _events(
+        self,
+        request: schema.ChatRequest,
+        pooled: Pooled,
+        before: Before,
+        pieces: AsyncIterator[str],
+        first: str | None,
+    ) -> AsyncIterator[bytes]:
+        session = pooled.session
+        ident = schema.completion_id(session.id, session.record.request_seq)
+
+        def event(delta: dict[str, str] | None, **extra: Any) -> bytes:
+            body = schema.chunk(ident, request.model, delta, **extra)
+            return f"data: {json.dumps(body)}\n\n".encode()
+
+        try:
+            yield event({"role": "assistant", "content": ""})
+            if first is not None:
+                yield event({"content": first})
+                try:
+                    async for piece in pieces:
+                        yield event({"content": piece})
+                except Exception as exc:
+                    self._failed(pooled, before, exc)
+                    yield upstream_failed(
+                        f"host {session.host} failed mid-reply ({exc}); you pay only for the "
+                        "tokens received and receipted"
+                    ).sse_event()
+                    return
+            reply = session.last_reply
+            assert reply is not None
+            usage = self._usage(pooled, before, reply)
+            yield event({}, finish_reason=reply.finish_reason)
+            if request.include_usage:
+                yield event(None, usage=usage)
+            yield b"data: [DONE]\n\n"
+        finally:
+            self.pool.release(pooled)
+
+    async def _lease(
+        self,
+        model_id: bytes,
+        request: schema.ChatRequest,
+        messages: list[dict[str, str]],
+        params: dict[str, Any],
+    ) -> tuple[Pooled, dict[str, Any]]:
+        """A session with room for the request, and the parameters to send: without
+        ``max_tokens``, the reply is held to what the spend limits leave."""
+        bound = prompt_token_bound(messages)
+        limit = request.reply_limit
+
+        def need(prices: Prices) -> int:
+            return cost(bound, limit or self.reserve_tokens, *prices)
+
+        pooled = await self.pool.acquire(model_id, request.model, need)
+        try:
+            self.ledger.check(need(pooled.prices))
+            params = {**params, **self._capped(pooled.prices, bound, limit)}
+        except BaseException:
+            self.pool.release(pooled)
+            raise
+        return pooled, params
+
+    def _capped(self, prices: Prices, bound: int, limit: int | None) -> dict[str, int]:
+        """``max_tokens`` for a request without one, so a reply cannot outspend the limits
+        (``ledger.check`` made sure at least ``reserve_tokens`` fit)."""
+        tightest = self.ledger.tightest()
+        if limit is not None or tightest is None or prices.output_per_mtok == 0:
+            return {}
+        spare = tightest[1] * 1_000_000 - bound * prices.input_per_mtok
+        return {"max_tokens": spare // prices.output_per_mtok}
+
+    def _failed(self, pooled: Pooled, before: Before, exc: BaseException) -> None:
+        """Account for what was signed, and avoid the host or retire the session."""
+        self.ledger.add(signed_cost(pooled.session.record) - before.paid)
+        if host_fault(exc):
+            self.chooser.avoid(pooled.session.host, f"{exc.__class__.__name__}: {exc}")
+            self.pool.retire(pooled, f"host {pooled.session.host} failed")
+        elif session_spent(exc):
+            self.pool.retire(pooled, f"it takes no more prompts ({exc})")
+
+    def _usage(self, pooled: Pooled, before: Before, reply: Reply) -> dict[str, Any]:
+        """OpenAI's usage, plus the cost (what was signed for) and the proof trail."""
+        record = pooled.session.record
+        paid = signed_cost(record) - before.paid
+        self.ledger.add(paid)
+        signed = record.receipts[before.receipts :]
+        proofs = sorted({r.proof_hash for r in signed if int(r.proof_hash, 16)})
+        completion = len(reply.token_ids)
+        receipted_in, receipted_out = record.signed_counts()
+        return {
+            "prompt_tokens": reply.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": reply.prompt_tokens + completion,
+            "cost": format_usdc(paid),
+            "inferledger": {
+                "session_id": pooled.session.id,
+                "host": pooled.session.host,
+                "input_price_per_mtok": record.input_price_per_mtok,
+                "output_price_per_mtok": record.output_price_per_mtok,
+                "receipted_input_tokens": receipted_in,
+                "receipted_output_tokens": receipted_out,
+                "session_cost": format_usdc(signed_cost(record)),
+                "receipts": len(signed),
+                "checkpoints": len(proofs),
+                "proof_hashes": proofs,
+            },
+        }
+
+    # The gateway's own view ------------------------------------------------------------
+
+    def view(self) -> dict[str, Any]:
+        """``GET /v1/inferledger/sessions``: open sessions, spend, avoided hosts."""
+        limits = self.ledger.limits
+        return {
+            "sessions": self.pool.view(),
+            "settled": [s.as_dict() for s in self.pool.settlements],
+            "spend": {
+                "today": format_usdc(self.ledger.spent_today()),
+                "total": format_usdc(self.ledger.total),
+                "limit_day": None if limits.per_day is None else format_usdc(limits.per_day),
+                "limit_total": None if limits.total is None else format_usdc(limits.total),
+            },
+            "avoided_hosts": self.chooser.avoided_hosts(),
+        }
