@@ -1,0 +1,99 @@
+"""The official ``openai`` client, sync and async, streaming and not, through the gateway
+to a real node: the answer arrives and what the usage says it cost is what settles."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from gateway_support import HELLO, MODEL, cost_of
+
+from inferledger.chain.units import cost
+
+if TYPE_CHECKING:
+    from sdk_support import Market
+
+    from conftest import GatewayFactory
+
+
+def test_sync_and_async_replies_cost_exactly_what_settles_on_chain(
+    market: Market, start_gateway: GatewayFactory
+) -> None:
+    c = market.world.contracts
+    run = start_gateway()
+    user = run.client.address
+    assert user is not None
+    balance_before = c.token.balance_of(user)
+    client = run.openai()
+
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=HELLO, max_tokens=7
+    )
+    whole = raw.parse()
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=HELLO,
+        max_tokens=7,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+
+    async def async_calls() -> tuple[object, list[object]]:
+        aclient = run.async_openai()
+        reply = await aclient.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "again"}], max_completion_tokens=4
+        )
+        pieces = [
+            chunk
+            async for chunk in await aclient.chat.completions.create(
+                model=MODEL,
+                messages=HELLO,
+                max_tokens=3,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        ]
+        return reply, pieces
+
+    async_whole, async_chunks = asyncio.run(async_calls())
+
+    # The answer arrives, whole or in pieces; the same prompt gives the same text both ways.
+    text = whole.choices[0].message.content
+    assert text and whole.choices[0].finish_reason == "length"
+    assert whole.usage is not None and whole.usage.completion_tokens == 7
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert streamed == text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None  # include_usage
+    assert async_whole.usage.completion_tokens == 4  # type: ignore[attr-defined]
+    assert "".join(ch.choices[0].delta.content or "" for ch in async_chunks if ch.choices)
+    usages = [whole.usage, chunks[-1].usage, async_whole.usage, async_chunks[-1].usage]  # type: ignore[attr-defined]
+
+    # One session served all four, named in the header and the usage.
+    session_id = int(raw.headers["x-inferledger-session"])
+    assert raw.headers["x-inferledger-cost"] == whole.usage.model_extra["cost"]
+    for usage in usages:
+        extra = usage.model_extra["inferledger"]
+        assert extra["session_id"] == session_id and extra["host"] == market.world.host.address
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+        assert usage.prompt_tokens > 0
+    last = usages[-1].model_extra["inferledger"]
+    prompts = sum(u.prompt_tokens for u in usages)
+    replies = sum(u.completion_tokens for u in usages)
+    assert (last["receipted_input_tokens"], last["receipted_output_tokens"]) == (prompts, replies)
+    assert last["checkpoints"] >= 1 and all(h.startswith("0x") for h in last["proof_hashes"])
+
+    run.stop()  # closes the session: the node settles it
+
+    (settlement,) = run.gateway.pool.settlements
+    assert settlement.session_id == session_id and settlement.status == "settled"
+    assert (settlement.input_tokens, settlement.output_tokens) == (prompts, replies)
+    info = c.marketplace.get_session(session_id)
+    paid = settlement.host_amount + settlement.fee
+    # Each reply's cost adds up to exactly what the chain charged, rounded once.
+    assert sum(cost_of(u) for u in usages) == paid
+    assert paid == cost(prompts, replies, info.input_price_per_mtok, info.output_price_per_mtok)
+    assert c.token.balance_of(user) == balance_before - paid
+    assert run.gateway.ledger.total == paid
