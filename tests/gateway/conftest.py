@@ -11,6 +11,7 @@ from sdk_support import Market, forget_open_sessions, market, scripted, start_no
 
 from inferledger.config import load_settings
 from inferledger.gateway import Gateway, GatewayServer
+from inferledger.gateway.service import LocalModel
 
 GatewayFactory = Callable[..., Running]
 
@@ -21,11 +22,13 @@ def start_gateway(market: Market, tmp_path: Path) -> Iterator[GatewayFactory]:  
     before the nodes stop. Settings are the gateway_* ones, as keyword arguments."""
     running: list[Running] = []
 
-    def start(state: Path | None = None, **settings: object) -> Running:
+    def start(
+        state: Path | None = None, local_model: LocalModel | None = None, **settings: object
+    ) -> Running:
         state = state or tmp_path / f"gateway{len(running)}"
         config = load_settings(gateway_state_dir=state, **settings)
         client = market.client(sessions_dir=state / "sessions")
-        gateway = Gateway(client, config)
+        gateway = Gateway(client, config, local_model=local_model)
         run = Running(gateway, GatewayServer(gateway).start(), client)
         running.append(run)
         return run

@@ -42,6 +42,8 @@ def gateway(
     opens with gateway_deposit USDC from the account of INFERLEDGER_KEY and reuses; unspent
     deposits are refunded when sessions close (when idle, on Ctrl-C or SIGTERM, or at the next
     start after a crash). Spend limits: gateway_spend_limit_day, gateway_spend_limit_total.
+    With gateway_verify_share above 0 the configured backend (the model, held locally)
+    re-verifies that share of the checkpoints in the background.
     Settings are INFERLEDGER_GATEWAY_* variables or inferledger.toml; see docs/gateway.md.
     """
     import logging
@@ -68,7 +70,12 @@ def gateway(
             deployment=require_deployment_file(settings),
             sessions_dir=state_dir(settings) / "sessions",
         )
-        service = Gateway(client, settings)
+        local_model = None
+        if settings.gateway_verify_share > 0:  # re-run proofs with the user's own copy
+            from inferledger.node.runner import backend_from_settings
+
+            local_model = backend_from_settings(settings)
+        service = Gateway(client, settings, local_model=local_model)
     err().print(
         f"inferledger gateway on http://{settings.gateway_bind}:{settings.gateway_port}/v1 "
         f"paying from {client.address}",

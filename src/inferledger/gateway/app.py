@@ -1,10 +1,11 @@
 """The HTTP side: OpenAI's routes over a :class:`Gateway`, and the server that runs them.
 
-``POST /v1/chat/completions``, ``GET /v1/models`` and the gateway's own
-``GET /v1/inferledger/sessions``. Every response carries ``x-inferledger-session`` (the
-session that served it, "none" when none did) and ``x-inferledger-cost`` (USDC: what
-the request cost; for a stream, which must send its headers first, what the session had
-cost before it, the request's own cost being in its final usage chunk).
+``POST /v1/chat/completions``, ``GET /v1/models``, and the gateway's own
+``GET /v1/inferledger/sessions`` and ``GET /metrics`` (Prometheus). Every response
+carries ``x-inferledger-session`` (the session that served it, "none" when none did) and
+``x-inferledger-cost`` (USDC: what the request cost; a stream must send its headers
+before the reply, so there it is what the session had cost before the request, and the
+request's own cost is in the final usage chunk).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -101,6 +103,10 @@ def create_app(gateway: Gateway) -> Starlette:
         authorize(request)
         return JSONResponse(gateway.view(), headers=NOTHING)
 
+    async def metrics(request: Request) -> Response:
+        authorize(request)
+        return Response(generate_latest(gateway.registry), media_type=CONTENT_TYPE_LATEST)
+
     async def refused(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
         response = exc.response()
@@ -120,6 +126,7 @@ def create_app(gateway: Gateway) -> Starlette:
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/inferledger/sessions", sessions, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
         ],
         exception_handlers={GatewayError: refused},
         lifespan=lifespan,

@@ -13,15 +13,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import numpy as np
+from prometheus_client import CollectorRegistry
 
 from inferledger.chain.errors import ChainError
 from inferledger.chain.units import Prices, cost, format_usdc, price_per_token_to_mtok, usdc
-from inferledger.config import Settings
+from inferledger.config import ConfigError, Settings
 from inferledger.gateway import schema
 from inferledger.gateway.errors import (
     from_sdk,
@@ -33,6 +36,7 @@ from inferledger.gateway.errors import (
 from inferledger.gateway.hosts import HostChooser, PriceCaps
 from inferledger.gateway.ledger import Limits, SpendLedger
 from inferledger.gateway.pool import Pooled, SessionPool, signed_cost
+from inferledger.gateway.verify import Verifier
 from inferledger.paths import home
 from inferledger.protocol.client import prompt_token_bound
 from inferledger.sdk import Client, Reply, SdkError
@@ -74,6 +78,14 @@ class Before:
         return cls(signed_cost(record), len(record.receipts))
 
 
+class LocalModel(Protocol):
+    """The model the user holds locally (an inference backend), to re-verify proofs."""
+
+    def prefill_hidden_states(self, token_ids: Sequence[int]) -> np.ndarray: ...
+
+    def tokenize_chat(self, messages: Sequence[dict[str, str]]) -> Sequence[int]: ...
+
+
 class Gateway:
     """Serves OpenAI chat requests by paying hosts per token from ``client``'s account.
 
@@ -82,9 +94,25 @@ class Gateway:
     there at start are the ones a previous gateway left open.
     """
 
-    def __init__(self, client: Client, settings: Settings) -> None:
+    def __init__(
+        self, client: Client, settings: Settings, *, local_model: LocalModel | None = None
+    ) -> None:
         self.client = client
         self.settings = settings
+        self.registry = CollectorRegistry()
+        self.verifier = None
+        if settings.gateway_verify_share > 0:
+            if local_model is None:
+                raise ConfigError(
+                    "setting gateway_verify_share (INFERLEDGER_GATEWAY_VERIFY_SHARE): verifying "
+                    "checkpoints needs the model locally; load it or set the share to 0"
+                )
+            self.verifier = Verifier(
+                settings.gateway_verify_share,
+                local_model.prefill_hidden_states,
+                local_model.tokenize_chat,
+                self.registry,
+            )
         self.reserve_tokens = settings.gateway_reserve_tokens
         self.ledger = SpendLedger(
             state_dir(settings) / "spend.json",
@@ -126,6 +154,8 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.pool.close_all()
+        if self.verifier is not None:
+            await asyncio.to_thread(self.verifier.close)
 
     async def _reconcile(self, leftovers: list[Any]) -> None:
         try:
@@ -335,6 +365,8 @@ class Gateway:
         proofs = sorted({r.proof_hash for r in signed if int(r.proof_hash, 16)})
         completion = len(reply.token_ids)
         receipted_in, receipted_out = record.signed_counts()
+        if self.verifier is not None:
+            self.verifier.submit(record.model_copy(deep=True))
         return {
             "prompt_tokens": reply.prompt_tokens,
             "completion_tokens": completion,
@@ -369,4 +401,8 @@ class Gateway:
                 "limit_total": None if limits.total is None else format_usdc(limits.total),
             },
             "avoided_hosts": self.chooser.avoided_hosts(),
+            "verification": {
+                "share": self.settings.gateway_verify_share,
+                "checked": self.verifier.view() if self.verifier is not None else [],
+            },
         }
