@@ -4,8 +4,10 @@ to a real node: the answer arrives and what the usage says it cost is what settl
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 from gateway_support import HELLO, MODEL, cost_of
 
 from inferledger.chain.units import cost
@@ -97,3 +99,15 @@ def test_sync_and_async_replies_cost_exactly_what_settles_on_chain(
     assert paid == cost(prompts, replies, info.input_price_per_mtok, info.output_price_per_mtok)
     assert c.token.balance_of(user) == balance_before - paid
     assert run.gateway.ledger.total == paid
+
+
+def test_the_readme_example_runs_against_a_gateway(
+    market: Market, start_gateway: GatewayFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = start_gateway()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("### Any OpenAI client")[1].split("```python\n")[1].split("```")[0]
+    assert "http://127.0.0.1:8787/v1" in block and len(block.strip().splitlines()) == 5
+    exec(block.replace("http://127.0.0.1:8787/v1", run.server.url), {})
+    printed = capsys.readouterr().out
+    assert "ChatCompletion(" in printed and "cost='" in printed
