@@ -9,11 +9,14 @@ from typing import TYPE_CHECKING
 
 import pytest
 from gateway_support import HELLO, MODEL, cost_of
+from node_support import wait_until
 
 from inferledger.chain.units import cost
+from inferledger.gateway.pool import signed_cost
+from inferledger.inference import load_backend
 
 if TYPE_CHECKING:
-    from sdk_support import Market
+    from sdk_support import Market, NodeFactory
 
     from conftest import GatewayFactory
 
@@ -111,3 +114,31 @@ def test_the_readme_example_runs_against_a_gateway(
     exec(block.replace("http://127.0.0.1:8787/v1", run.server.url), {})
     printed = capsys.readouterr().out
     assert "ChatCompletion(" in printed and "cost='" in printed
+
+
+def test_a_client_that_leaves_mid_stream_stops_the_reply_and_pays_what_was_signed(
+    market: Market, start_gateway: GatewayFactory, start_node: NodeFactory
+) -> None:
+    _node, slow = start_node(load_backend("scripted", tokens_per_second=40))
+    market.world.contracts.nodes.update_url(market.world.host, slow.url)
+    run = start_gateway()
+    client = run.openai()
+    stream = client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=2000, stream=True
+    )
+    next(iter(stream))
+    stream.close()  # the client leaves after the first chunk
+
+    def idle() -> bool:
+        sessions = run.gateway.view()["sessions"]
+        return bool(sessions) and not sessions[0]["busy"]
+
+    wait_until(idle, "the gateway to let go of the session")
+    (pooled,) = run.gateway.pool.sessions.values()
+    received = pooled.session.tokens
+    assert 0 < received < 200  # stopped, not streamed on to 2000
+    # What was signed for is spent, nothing more, and the session serves the next request.
+    assert run.gateway.ledger.total == signed_cost(pooled.session.record)
+    after = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3)
+    assert after.usage is not None and after.usage.completion_tokens == 3
+    assert after.usage.model_extra["inferledger"]["session_id"] == pooled.session.id

@@ -14,10 +14,12 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,14 +27,23 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
+from inferledger.chain.errors import ChainError
 from inferledger.chain.units import format_usdc
 from inferledger.config import ConfigError, Settings
-from inferledger.gateway.errors import GatewayError, bad_request, unauthorized
-from inferledger.gateway.pool import Pooled, signed_cost
+from inferledger.gateway.errors import (
+    GatewayError,
+    bad_request,
+    from_sdk,
+    internal_error,
+    unauthorized,
+)
 from inferledger.gateway.schema import parse_request
 from inferledger.gateway.service import Gateway
+from inferledger.sdk.errors import SdkError
 
+log = logging.getLogger("inferledger.gateway")
 SESSION_HEADER = "x-inferledger-session"
 COST_HEADER = "x-inferledger-cost"
 NOTHING = {SESSION_HEADER: "none", COST_HEADER: "0.000000"}
@@ -58,8 +69,25 @@ def _loopback(bind: str) -> bool:
         return False
 
 
-def _headers(pooled: Pooled, spent: int) -> dict[str, str]:
-    return {SESSION_HEADER: str(pooled.session.id), COST_HEADER: format_usdc(spent)}
+class LeasedStream(StreamingResponse):
+    """An SSE response that ends its request's lease however the response ends, even
+    when the client left before the first byte (the stream never ran)."""
+
+    def __init__(
+        self, events: AsyncIterator[bytes], end: Callable[[], Awaitable[None]], **options: Any
+    ) -> None:
+        super().__init__(events, media_type="text/event-stream", **options)
+        self._events = events
+        self._end = end
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self._events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            await self._end()
 
 
 def create_app(gateway: Gateway) -> Starlette:
@@ -83,17 +111,19 @@ def create_app(gateway: Gateway) -> Starlette:
             raise bad_request("the request body is not JSON") from None
         chat = parse_request(body)
         if not chat.stream:
-            completion, pooled = await gateway.complete(chat)
-            cost = completion["usage"]["cost"]
-            headers = {SESSION_HEADER: str(pooled.session.id), COST_HEADER: cost}
+            completion, lease = await gateway.complete(chat)
+            headers = {
+                SESSION_HEADER: str(lease.session.id),
+                COST_HEADER: completion["usage"]["cost"],
+            }
             return JSONResponse(completion, headers=headers)
-        events, pooled = await gateway.stream(chat)
-        before = signed_cost(pooled.session.record)
-        return StreamingResponse(
-            events,
-            media_type="text/event-stream",
-            headers={**_headers(pooled, before), "cache-control": "no-cache"},
-        )
+        events, lease = await gateway.stream(chat)
+        headers = {
+            SESSION_HEADER: str(lease.session.id),
+            COST_HEADER: format_usdc(lease.paid_before),
+            "cache-control": "no-cache",
+        }
+        return LeasedStream(events, lambda: gateway.end(lease, abandoned=True), headers=headers)
 
     async def models(request: Request) -> Response:
         authorize(request)
@@ -108,8 +138,11 @@ def create_app(gateway: Gateway) -> Starlette:
         return Response(generate_latest(gateway.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def refused(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, GatewayError)
-        response = exc.response()
+        if isinstance(exc, GatewayError | SdkError | ChainError):
+            response = from_sdk(exc).response()
+        else:
+            log.exception("unexpected error serving %s", request.url.path, exc_info=exc)
+            response = internal_error().response()
         response.headers.update(NOTHING)
         return response
 
@@ -128,7 +161,7 @@ def create_app(gateway: Gateway) -> Starlette:
             Route("/v1/inferledger/sessions", sessions, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
         ],
-        exception_handlers={GatewayError: refused},
+        exception_handlers={Exception: refused, GatewayError: refused},
         lifespan=lifespan,
     )
 

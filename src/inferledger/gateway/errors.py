@@ -104,6 +104,11 @@ def upstream_failed(message: str) -> GatewayError:
     return GatewayError(502, message, type="upstream_error", code="host_failed")
 
 
+def internal_error() -> GatewayError:
+    """A bug in the gateway: the message is generic, the log has the details."""
+    return GatewayError(500, "the gateway failed unexpectedly; see its log", type="server_error")
+
+
 def host_fault(exc: BaseException) -> bool:
     """Whether the host is to blame (and so avoided for a while), not the session or us."""
     if isinstance(exc, SessionError):

@@ -18,7 +18,7 @@ from typing import Any
 
 from inferledger.chain.errors import ChainError
 from inferledger.chain.units import Prices, cost, format_usdc
-from inferledger.gateway.errors import GatewayError, unavailable
+from inferledger.gateway.errors import budget_exceeded, unavailable
 from inferledger.gateway.hosts import HostChooser
 from inferledger.sdk import Client, HostOffer, SdkError, Session, SessionRecord, Settlement
 
@@ -97,15 +97,17 @@ class SessionPool:
             async with self._opening:
                 if self._pooled_for(model_id):
                     continue  # another request opened one meanwhile: queue for it
-                offer = await self.chooser.choose(model_id)
-                if offer is None:
-                    raise unavailable(
-                        f"no active host serving {model!r} within the price caps is ready "
-                        f"(hosts avoided after failures: {len(self.chooser.avoided_hosts())}); "
-                        "retry later"
-                    )
-                prices = Prices(offer.input_price_per_mtok, offer.output_price_per_mtok)
-                pooled = await self._open(offer, model, max(self.deposit, need(prices)))
+                pooled = None
+                while pooled is None:
+                    offer = await self.chooser.choose(model_id)  # failed hosts are avoided
+                    if offer is None:
+                        raise unavailable(
+                            f"no active host serving {model!r} within the price caps is ready "
+                            f"(hosts avoided after failures: {len(self.chooser.avoided_hosts())})"
+                            "; retry later"
+                        )
+                    prices = Prices(offer.input_price_per_mtok, offer.output_price_per_mtok)
+                    pooled = await self._open(offer, model, max(self.deposit, need(prices)))
             await pooled.lock.acquire()
             return pooled
 
@@ -115,22 +117,23 @@ class SessionPool:
             for key, p in self.sessions.items()
         )
 
-    async def _open(self, offer: HostOffer, model: str, deposit: int) -> Pooled:
+    async def _open(self, offer: HostOffer, model: str, deposit: int) -> Pooled | None:
+        """A new pooled session with ``offer``; None (and the host avoided) when the SDK
+        refuses the host. 402 when the account cannot fund the deposit."""
         try:
             session = await asyncio.to_thread(
                 self._client.sessions.open, offer, None, deposit, max_duration=self.duration
             )
         except SdkError as exc:
             if "exceeds the balance" in str(exc):
-                raise GatewayError(
-                    402,
-                    f"the gateway's account cannot fund a session: {exc}",
-                    type="insufficient_quota",
-                    code="budget_exceeded",
-                    extra={"budget": "balance"},
+                balance = await asyncio.to_thread(self._client.balance)
+                raise budget_exceeded(
+                    "balance",
+                    format_usdc(balance),
+                    f"the gateway's account cannot fund a session: {exc}; fund it",
                 ) from exc
             self.chooser.avoid(offer.address, f"opening a session failed: {exc}")
-            raise unavailable(f"could not open a session with {offer.address}: {exc}") from exc
+            return None
         log.info(
             "opened session %d with host %s for %s, deposit %s USDC",
             session.id,

@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+import anyio
 import numpy as np
 from prometheus_client import CollectorRegistry
 
@@ -39,10 +40,11 @@ from inferledger.gateway.pool import Pooled, SessionPool, signed_cost
 from inferledger.gateway.verify import Verifier
 from inferledger.paths import home
 from inferledger.protocol.client import prompt_token_bound
-from inferledger.sdk import Client, Reply, SdkError
+from inferledger.sdk import Client, Reply, SdkError, Session
 from inferledger.sdk.hosts import model_id_of
 
 log = logging.getLogger("inferledger.gateway")
+T = TypeVar("T")
 MAX_ATTEMPTS = 3  # hosts tried for one request before giving up
 IDLE_CHECK = 5.0  # seconds between idle-session sweeps (at most)
 
@@ -65,17 +67,22 @@ def _per_mtok(price: Any) -> int | None:
     return None if price is None else price_per_token_to_mtok(price)
 
 
-@dataclass(frozen=True)
-class Before:
-    """A session's signed counts before a request, to tell what the request added."""
+@dataclass
+class Lease:
+    """One request's hold on a pooled session: what it sends, and the session's signed
+    cost and receipts before it, to tell what the request added."""
 
-    paid: int
-    receipts: int
+    pooled: Pooled
+    messages: list[dict[str, str]]
+    params: dict[str, Any]
+    paid_before: int
+    receipts_before: int
+    pieces: AsyncGenerator[str, None] | None = None
+    ended: bool = False
 
-    @classmethod
-    def of(cls, pooled: Pooled) -> Before:
-        record = pooled.session.record
-        return cls(signed_cost(record), len(record.receipts))
+    @property
+    def session(self) -> Session:
+        return self.pooled.session
 
 
 class LocalModel(Protocol):
@@ -219,110 +226,104 @@ class Gateway:
 
     # Chat ----------------------------------------------------------------------------
 
-    async def complete(self, request: schema.ChatRequest) -> tuple[dict[str, Any], Pooled]:
-        """A whole reply: the ``chat.completion`` body, and the session that served it."""
-        model_id = await self._model_id(request.model)
-        messages, params = request.chat_messages(), request.params()
-        failure: BaseException | None = None
-        for _ in range(MAX_ATTEMPTS):
-            pooled, params = await self._lease(model_id, request, messages, params)
-            before = Before.of(pooled)
-            try:
-                reply = await pooled.session.chat(messages, **params)
-            except Exception as exc:
-                failure = exc
-                self._failed(pooled, before, exc)
-                if not (host_fault(exc) or session_spent(exc)):
-                    raise from_sdk(exc) from exc
-                continue
-            finally:
-                self.pool.release(pooled)
-            usage = self._usage(pooled, before, reply)
-            ident = schema.completion_id(pooled.session.id, pooled.session.record.request_seq)
-            body = schema.completion(ident, request.model, reply.text, reply.finish_reason, usage)
-            return body, pooled
-        assert failure is not None
-        raise from_sdk(failure) from failure
+    async def complete(self, request: schema.ChatRequest) -> tuple[dict[str, Any], Lease]:
+        """A whole reply: the ``chat.completion`` body, and the (ended) lease that served it."""
 
-    async def stream(self, request: schema.ChatRequest) -> tuple[AsyncIterator[bytes], Pooled]:
-        """A streamed reply as SSE bytes, and its session.
+        async def chat(lease: Lease) -> Reply:
+            return await lease.session.chat(lease.messages, **lease.params)
+
+        reply, lease = await self._serve(request, chat)
+        try:
+            usage = self._usage(lease, reply)
+            ident = schema.completion_id(lease.session.id, lease.session.record.request_seq)
+            return schema.completion(
+                ident, request.model, reply.text, reply.finish_reason, usage
+            ), lease
+        finally:
+            await self.end(lease)
+
+    async def stream(self, request: schema.ChatRequest) -> tuple[AsyncIterator[bytes], Lease]:
+        """A streamed reply as SSE bytes, and its lease, which the caller must ``end``
+        if it does not drain the stream (the stream ends it otherwise).
 
         The first piece is awaited here, so a host that fails before it is replaced
         by the next one and the client gets an HTTP status rather than a broken stream.
         """
-        model_id = await self._model_id(request.model)
-        messages, params = request.chat_messages(), request.params()
-        failure: BaseException | None = None
-        for _ in range(MAX_ATTEMPTS):
-            pooled, params = await self._lease(model_id, request, messages, params)
-            before = Before.of(pooled)
-            pieces = pooled.session.stream(messages, **params)
+
+        async def first_piece(lease: Lease) -> str | None:
+            lease.pieces = lease.session.stream(lease.messages, **lease.params)
             try:
-                first: str | None = await anext(pieces)
+                return await anext(lease.pieces)
             except StopAsyncIteration:
-                first = None
+                return None
+
+        first, lease = await self._serve(request, first_piece)
+        return self._events(request, lease, first), lease
+
+    async def _serve(
+        self, request: schema.ChatRequest, start: Callable[[Lease], Awaitable[T]]
+    ) -> tuple[T, Lease]:
+        """Run ``start`` on a leased session; a host or session that fails is replaced
+        (up to ``MAX_ATTEMPTS`` times), anything else is the client's answer."""
+        model_id = await self._model_id(request.model)
+        failure: Exception | None = None
+        for _ in range(MAX_ATTEMPTS):
+            lease = await self._lease(model_id, request)
+            try:
+                return await start(lease), lease
             except Exception as exc:
                 failure = exc
-                self._failed(pooled, before, exc)
-                self.pool.release(pooled)
+                await self.end(lease, exc)
                 if not (host_fault(exc) or session_spent(exc)):
                     raise from_sdk(exc) from exc
-                continue
             except BaseException:
-                self.pool.release(pooled)
+                await self.end(lease, abandoned=True)
                 raise
-            return self._events(request, pooled, before, pieces, first), pooled
         assert failure is not None
         raise from_sdk(failure) from failure
 
     async def _events(
-        self,
-        request: schema.ChatRequest,
-        pooled: Pooled,
-        before: Before,
-        pieces: AsyncIterator[str],
-        first: str | None,
+        self, request: schema.ChatRequest, lease: Lease, first: str | None
     ) -> AsyncIterator[bytes]:
-        session = pooled.session
+        session = lease.session
         ident = schema.completion_id(session.id, session.record.request_seq)
 
         def event(delta: dict[str, str] | None, **extra: Any) -> bytes:
             body = schema.chunk(ident, request.model, delta, **extra)
             return f"data: {json.dumps(body)}\n\n".encode()
 
+        failure: Exception | None = None
+        finished = False
         try:
             yield event({"role": "assistant", "content": ""})
             if first is not None:
+                assert lease.pieces is not None
                 yield event({"content": first})
                 try:
-                    async for piece in pieces:
+                    async for piece in lease.pieces:
                         yield event({"content": piece})
                 except Exception as exc:
-                    self._failed(pooled, before, exc)
+                    failure, finished = exc, True
                     yield upstream_failed(
                         f"host {session.host} failed mid-reply ({exc}); you pay only for the "
                         "tokens received and receipted"
                     ).sse_event()
                     return
+            finished = True
             reply = session.last_reply
             assert reply is not None
-            usage = self._usage(pooled, before, reply)
+            usage = self._usage(lease, reply)
             yield event({}, finish_reason=reply.finish_reason)
             if request.include_usage:
                 yield event(None, usage=usage)
             yield b"data: [DONE]\n\n"
         finally:
-            self.pool.release(pooled)
+            await self.end(lease, failure, abandoned=not finished)
 
-    async def _lease(
-        self,
-        model_id: bytes,
-        request: schema.ChatRequest,
-        messages: list[dict[str, str]],
-        params: dict[str, Any],
-    ) -> tuple[Pooled, dict[str, Any]]:
+    async def _lease(self, model_id: bytes, request: schema.ChatRequest) -> Lease:
         """A session with room for the request, and the parameters to send: without
         ``max_tokens``, the reply is held to what the spend limits leave."""
+        messages = request.chat_messages()
         bound = prompt_token_bound(messages)
         limit = request.reply_limit
 
@@ -332,11 +333,12 @@ class Gateway:
         pooled = await self.pool.acquire(model_id, request.model, need)
         try:
             self.ledger.check(need(pooled.prices))
-            params = {**params, **self._capped(pooled.prices, bound, limit)}
+            params = {**request.params(), **self._capped(pooled.prices, bound, limit)}
         except BaseException:
             self.pool.release(pooled)
             raise
-        return pooled, params
+        record = pooled.session.record
+        return Lease(pooled, messages, params, signed_cost(record), len(record.receipts))
 
     def _capped(self, prices: Prices, bound: int, limit: int | None) -> dict[str, int]:
         """``max_tokens`` for a request without one, so a reply cannot outspend the limits
@@ -347,21 +349,43 @@ class Gateway:
         spare = tightest[1] * 1_000_000 - bound * prices.input_per_mtok
         return {"max_tokens": spare // prices.output_per_mtok}
 
-    def _failed(self, pooled: Pooled, before: Before, exc: BaseException) -> None:
-        """Account for what was signed, and avoid the host or retire the session."""
-        self.ledger.add(signed_cost(pooled.session.record) - before.paid)
-        if host_fault(exc):
-            self.chooser.avoid(pooled.session.host, f"{exc.__class__.__name__}: {exc}")
-            self.pool.retire(pooled, f"host {pooled.session.host} failed")
-        elif session_spent(exc):
-            self.pool.retire(pooled, f"it takes no more prompts ({exc})")
+    async def end(
+        self, lease: Lease, failure: BaseException | None = None, *, abandoned: bool = False
+    ) -> None:
+        """Finish a request, once, however it ended: stop a reply the client abandoned,
+        count what was signed for as spent, avoid a failed host or retire a spent session,
+        and hand the session to the next request.
 
-    def _usage(self, pooled: Pooled, before: Before, reply: Reply) -> dict[str, Any]:
+        Shielded from cancellation (a client that left cancels the request's task), so the
+        next request never sees the session before the abandoned reply has unwound.
+        """
+        if lease.ended:
+            return
+        lease.ended = True
+        pooled = lease.pooled
+        with anyio.CancelScope(shield=True):
+            try:
+                if abandoned:  # the SDK drops the connection; the next call resumes it
+                    await asyncio.to_thread(pooled.session.disconnect)
+                if lease.pieces is not None:
+                    await lease.pieces.aclose()
+                self.ledger.add(signed_cost(pooled.session.record) - lease.paid_before)
+                if failure is None:
+                    return
+                if host_fault(failure):
+                    why = f"{failure.__class__.__name__}: {failure}"
+                    self.chooser.avoid(pooled.session.host, why)
+                    self.pool.retire(pooled, f"host {pooled.session.host} failed")
+                elif session_spent(failure):
+                    self.pool.retire(pooled, f"it takes no more prompts ({failure})")
+            finally:
+                self.pool.release(pooled)
+
+    def _usage(self, lease: Lease, reply: Reply) -> dict[str, Any]:
         """OpenAI's usage, plus the cost (what was signed for) and the proof trail."""
-        record = pooled.session.record
-        paid = signed_cost(record) - before.paid
-        self.ledger.add(paid)
-        signed = record.receipts[before.receipts :]
+        record = lease.session.record
+        paid = signed_cost(record) - lease.paid_before
+        signed = record.receipts[lease.receipts_before :]
         proofs = sorted({r.proof_hash for r in signed if int(r.proof_hash, 16)})
         completion = len(reply.token_ids)
         receipted_in, receipted_out = record.signed_counts()
@@ -373,8 +397,8 @@ class Gateway:
             "total_tokens": reply.prompt_tokens + completion,
             "cost": format_usdc(paid),
             "inferledger": {
-                "session_id": pooled.session.id,
-                "host": pooled.session.host,
+                "session_id": record.session_id,
+                "host": record.host,
                 "input_price_per_mtok": record.input_price_per_mtok,
                 "output_price_per_mtok": record.output_price_per_mtok,
                 "receipted_input_tokens": receipted_in,
