@@ -142,3 +142,27 @@ def test_a_client_that_leaves_mid_stream_stops_the_reply_and_pays_what_was_signe
     after = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3)
     assert after.usage is not None and after.usage.completion_tokens == 3
     assert after.usage.model_extra["inferledger"]["session_id"] == pooled.session.id
+
+
+def test_concurrent_requests_share_one_session_and_each_pays_its_own_share(
+    market: Market, start_gateway: GatewayFactory
+) -> None:
+    run = start_gateway()
+
+    async def many() -> list[object]:
+        aclient = run.async_openai()
+        return await asyncio.gather(
+            *(
+                aclient.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5 + i)
+                for i in range(4)
+            )
+        )
+
+    replies = asyncio.run(many())
+    usages = [r.usage for r in replies]  # type: ignore[attr-defined]
+    assert sorted(u.completion_tokens for u in usages) == [5, 6, 7, 8]
+    assert len({u.model_extra["inferledger"]["session_id"] for u in usages}) == 1
+    run.stop()
+    (settlement,) = run.gateway.pool.settlements
+    assert sum(cost_of(u) for u in usages) == settlement.host_amount + settlement.fee
+    assert settlement.output_tokens == 26

@@ -18,6 +18,7 @@ from inferledger.sdk.errors import ConnectionLost, NodeUnreachable, SdkError, Se
 from inferledger.sdk.wire import SessionError
 
 RETRY_AFTER = 5  # seconds a client is told to wait on 503
+SESSION_ENDED = ("SESSION_CLOSING", "SESSION_CLOSED")  # the session, not the host, is done
 
 
 class GatewayError(Exception):
@@ -112,14 +113,14 @@ def internal_error() -> GatewayError:
 def host_fault(exc: BaseException) -> bool:
     """Whether the host is to blame (and so avoided for a while), not the session or us."""
     if isinstance(exc, SessionError):
-        return exc.code not in ("BUDGET_EXHAUSTED", "BAD_REQUEST", "SESSION_CLOSING")
+        return exc.code not in ("BUDGET_EXHAUSTED", "BAD_REQUEST", *SESSION_ENDED)
     return isinstance(exc, NodeUnreachable | ConnectionLost | OSError | TimeoutError)
 
 
 def session_spent(exc: BaseException) -> bool:
     """The session cannot take this prompt but a fresh one on the same host may."""
     if isinstance(exc, SessionError):
-        return exc.code in ("BUDGET_EXHAUSTED", "SESSION_CLOSING", "SESSION_CLOSED")
+        return exc.code in ("BUDGET_EXHAUSTED", *SESSION_ENDED)
     return isinstance(exc, SessionClosed)
 
 
