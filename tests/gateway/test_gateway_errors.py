@@ -10,6 +10,7 @@ import openai
 import pytest
 from gateway_support import HELLO, MODEL
 
+from inferledger.chain.errors import ChainUnreachable
 from inferledger.config import ConfigError, load_settings
 from inferledger.gateway import check_exposure
 
@@ -130,3 +131,18 @@ def test_binding_beyond_loopback_without_a_key_refuses_to_start() -> None:
         check_exposure(load_settings(gateway_bind="0.0.0.0"))
     check_exposure(load_settings(gateway_bind="0.0.0.0", gateway_api_key="k"))
     check_exposure(load_settings(gateway_bind="::1"))
+
+
+def test_a_chain_that_cannot_be_read_is_503_chain_unavailable(
+    market: Market, start_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = start_gateway()
+
+    def unreachable(*args: object) -> bool:
+        raise ChainUnreachable("cannot reach http://rpc.example (setting chain_url)")
+
+    monkeypatch.setattr(run.client.contracts.models, "is_approved", unreachable)
+    with pytest.raises(openai.InternalServerError) as caught:
+        run.openai().chat.completions.create(model=MODEL, messages=HELLO)
+    assert caught.value.status_code == 503 and caught.value.code == "chain_unavailable"
+    assert "retry-after" in caught.value.response.headers

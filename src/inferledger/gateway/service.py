@@ -23,7 +23,6 @@ import anyio
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from inferledger.chain.errors import ChainError
 from inferledger.chain.units import Prices, cost, format_usdc, price_per_token_to_mtok, usdc
 from inferledger.config import ConfigError, Settings
 from inferledger.gateway import schema
@@ -40,7 +39,7 @@ from inferledger.gateway.pool import Pooled, SessionPool, signed_cost
 from inferledger.gateway.verify import Verifier
 from inferledger.paths import home
 from inferledger.protocol.client import prompt_token_bound
-from inferledger.sdk import Client, Reply, SdkError, Session
+from inferledger.sdk import Client, Reply, SdkError, Session, SessionRecord
 from inferledger.sdk.hosts import model_id_of
 
 log = logging.getLogger("inferledger.gateway")
@@ -107,7 +106,7 @@ class Gateway:
         self.client = client
         self.settings = settings
         self.registry = CollectorRegistry()
-        self.verifier = None
+        self.verifier: Verifier | None = None
         if settings.gateway_verify_share > 0:
             if local_model is None:
                 raise ConfigError(
@@ -164,7 +163,7 @@ class Gateway:
         if self.verifier is not None:
             await asyncio.to_thread(self.verifier.close)
 
-    async def _reconcile(self, leftovers: list[Any]) -> None:
+    async def _reconcile(self, leftovers: list[SessionRecord]) -> None:
         try:
             await self.pool.reconcile(leftovers)
         finally:
@@ -179,16 +178,12 @@ class Gateway:
 
     async def models(self) -> list[dict[str, Any]]:
         """Approved models with an active host, each at its cheapest offer's prices."""
-        try:
-            offers = await self.chooser.offers()
-            cheapest: dict[bytes, Prices] = {}
-            for offer in offers:  # cheapest output price first
-                cheapest.setdefault(
-                    offer.model_id, Prices(offer.input_price_per_mtok, offer.output_price_per_mtok)
-                )
-            names = await asyncio.to_thread(self._approved_names, list(cheapest))
-        except ChainError as exc:
-            raise from_sdk(exc) from exc
+        cheapest: dict[bytes, Prices] = {}
+        for offer in await self.chooser.offers():  # cheapest output price first
+            cheapest.setdefault(
+                offer.model_id, Prices(offer.input_price_per_mtok, offer.output_price_per_mtok)
+            )
+        names = await asyncio.to_thread(self._approved_names, list(cheapest))
         return [
             {
                 "id": names[model_id],
@@ -215,12 +210,9 @@ class Gateway:
         """The model id of a name (or 0x id) the ModelRegistry approved; else 404."""
         try:
             model_id = model_id_of(model)
-            approved = await asyncio.to_thread(self.client.contracts.models.is_approved, model_id)
-        except SdkError:
+        except (SdkError, ValueError):  # a malformed 0x id
             raise model_not_found(model) from None
-        except ChainError as exc:
-            raise from_sdk(exc) from exc
-        if not approved:
+        if not await asyncio.to_thread(self.client.contracts.models.is_approved, model_id):
             raise model_not_found(model)
         return model_id
 
