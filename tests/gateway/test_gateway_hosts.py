@@ -35,12 +35,24 @@ def settlement_of(run: Running, session_id: int) -> Settlement:
 
 
 def finalized(market: Market, run: Running, settlement: Settlement) -> Settlement:
-    """A session left closing on chain, finalized after the close window: R1 for the user."""
+    """A session left closing on chain is finalized by the gateway once the close window
+    has passed: R1 for the user."""
     if settlement.settled:
         return settlement
-    chain = market.world.chain
-    chain.time_travel(market.world.contracts.marketplace.close_window() + 1)
-    return run.client.sessions.finalize(settlement.session_id)
+    market.world.chain.time_travel(market.world.contracts.marketplace.close_window() + 1)
+
+    def final() -> Settlement | None:
+        found = [
+            s
+            for s in run.gateway.pool.settlements
+            if s.session_id == settlement.session_id and s.settled
+        ]
+        return found[0] if found else None
+
+    wait_until(final, f"the gateway to finalize session {settlement.session_id}")
+    result = final()
+    assert result is not None
+    return result
 
 
 def test_when_the_cheapest_host_dies_between_requests_the_next_one_serves(

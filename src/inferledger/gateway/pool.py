@@ -80,6 +80,7 @@ class SessionPool:
         self.sessions: dict[tuple[bytes, str], Pooled] = {}
         self.settlements: list[Settlement] = []
         self._closing: set[asyncio.Task[None]] = set()
+        self._finalizable: dict[int, Session] = {}  # closing on chain, window not passed
         self._opening = asyncio.Lock()
 
     async def acquire(self, model_id: bytes, model: str, need: Need) -> Pooled:
@@ -120,18 +121,20 @@ class SessionPool:
     async def _open(self, offer: HostOffer, model: str, deposit: int) -> Pooled | None:
         """A new pooled session with ``offer``; None (and the host avoided) when the SDK
         refuses the host. 402 when the account cannot fund the deposit."""
+        balance = await asyncio.to_thread(self._client.balance)
+        if balance < deposit:
+            raise budget_exceeded(
+                "balance",
+                format_usdc(balance),
+                f"the gateway's account {self._client.address} holds {format_usdc(balance)} "
+                f"USDC, less than a session's deposit of {format_usdc(deposit)}: fund it or "
+                "lower gateway_deposit",
+            )
         try:
             session = await asyncio.to_thread(
                 self._client.sessions.open, offer, None, deposit, max_duration=self.duration
             )
         except SdkError as exc:
-            if "exceeds the balance" in str(exc):
-                balance = await asyncio.to_thread(self._client.balance)
-                raise budget_exceeded(
-                    "balance",
-                    format_usdc(balance),
-                    f"the gateway's account cannot fund a session: {exc}; fund it",
-                ) from exc
             self.chooser.avoid(offer.address, f"opening a session failed: {exc}")
             return None
         log.info(
@@ -171,7 +174,13 @@ class SessionPool:
         except Exception as exc:  # the chain failed too: the record stays for the next start
             log.error("could not close session %d: %s", session.id, exc)
             return
+        self._record(session, settlement)
+
+    def _record(self, session: Session, settlement: Settlement) -> None:
+        """Keep a close's outcome; a session left closing is finalized by the sweep."""
         self.settlements.append(settlement)
+        if not settlement.settled:
+            self._finalizable[session.id] = session
         log.info(
             "session %d %s: host %s, fee %s, refund %s USDC",
             session.id,
@@ -181,12 +190,27 @@ class SessionPool:
             format_usdc(settlement.refund),
         )
 
-    async def close_idle(self) -> None:
-        """Close the sessions unused for ``idle_close`` seconds (refunding their deposit)."""
+    async def sweep(self) -> None:
+        """Close the sessions unused for ``idle_close`` seconds, and finalize those left
+        closing on chain once their close window has passed (both refund the deposit)."""
         now = time.monotonic()
         for pooled in list(self.sessions.values()):
             if not pooled.lock.locked() and now - pooled.last_used > self.idle_close:
                 self.retire(pooled, f"idle for {self.idle_close:.0f}s")
+        for session in list(self._finalizable.values()):
+            await self._finalize(session)
+
+    async def _finalize(self, session: Session) -> None:
+        try:
+            if not (await asyncio.to_thread(session.status)).can_finalize:
+                return
+            settlement = await asyncio.to_thread(session.finalize)
+        except (SdkError, ChainError) as exc:
+            log.error("could not finalize session %d: %s", session.id, exc)
+            return
+        self._finalizable.pop(session.id, None)
+        self._record(session, settlement)
+        log.info("finalized session %d: refund %s USDC", session.id, format_usdc(settlement.refund))
 
     async def close_all(self) -> None:
         """Close every session and wait for the closes started earlier (shutdown)."""
@@ -204,17 +228,15 @@ class SessionPool:
         ]
 
     async def reconcile(self, records: list[SessionRecord]) -> None:
-        """Close what a killed gateway left open; finalize what it left closing."""
+        """Close what a killed gateway left open; finalize what it left closing (now, or
+        in the sweep once the close window has passed)."""
         for record in records:
             session = self._client.sessions.resume(record.session_id, auto_close=False)
             if session.settlement is None:
                 await self._settle(session)
-                continue
-            try:
-                if (await asyncio.to_thread(session.status)).can_finalize:
-                    self.settlements.append(await asyncio.to_thread(session.finalize))
-            except (SdkError, ChainError) as exc:
-                log.error("could not finalize session %d: %s", session.id, exc)
+            else:
+                self._finalizable[session.id] = session
+                await self._finalize(session)
 
     def view(self) -> list[dict[str, Any]]:
         """The open sessions, for ``GET /v1/inferledger/sessions``."""

@@ -45,7 +45,7 @@ from inferledger.sdk.hosts import model_id_of
 log = logging.getLogger("inferledger.gateway")
 T = TypeVar("T")
 MAX_ATTEMPTS = 3  # hosts tried for one request before giving up
-IDLE_CHECK = 5.0  # seconds between idle-session sweeps (at most)
+SWEEP_EVERY = 1.0  # seconds between sweeps for idle and finalizable sessions (at most)
 
 
 def state_dir(settings: Settings) -> Path:
@@ -170,9 +170,9 @@ class Gateway:
             self.reconciled.set()
 
     async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(min(IDLE_CHECK, self.settings.gateway_idle_close / 4))
-            await self.pool.close_idle()
+        while True:  # idle sessions closed, closing ones finalized
+            await asyncio.sleep(min(SWEEP_EVERY, self.settings.gateway_idle_close / 4))
+            await self.pool.sweep()
 
     # Models --------------------------------------------------------------------------
 
