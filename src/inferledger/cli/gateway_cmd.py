@@ -55,6 +55,7 @@ def gateway(
     from inferledger.sdk import Client
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per health check
     with one_line_errors():
         options = {
             "chain_url": rpc,
