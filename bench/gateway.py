@@ -3,7 +3,9 @@
 One node serves the scripted backend on loopback. The same streamed prompt is sent
 through the SDK (``Session.stream``) and through the gateway with the official ``openai``
 client (SSE), in alternating rounds, each over one session opened beforehand, so only
-streaming is timed. Twice: at a model-like pace (``--pace`` tokens/s, 100 by default,
+streaming is timed; the gateway is also read as bare SSE lines, which leaves out the
+``openai`` client's own parsing (client, gateway, SDK and node share one process and
+its GIL). Twice: at a model-like pace (``--pace`` tokens/s, 100 by default,
 about SmolLM2 on a CPU core), where the target ratio is >= 0.95, and unthrottled, where
 the ratio shows the gateway's own cost per token (HTTP, JSON, SSE) at its worst.
 
@@ -18,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 from eth_utils import keccak
 from openai import AsyncOpenAI
 from rich.console import Console
@@ -56,18 +59,30 @@ async def through_gateway(api: AsyncOpenAI, model: str, tokens: int) -> float:
     return count / (time.perf_counter() - start)
 
 
+async def raw_sse(base_url: str, model: str, tokens: int) -> float:
+    """The gateway read as bare SSE lines (no ``openai`` parsing): what the gateway costs."""
+    body = {"model": model, "messages": QUESTION, "max_tokens": tokens, "stream": True}
+    async with httpx.AsyncClient(timeout=120) as http:
+        start = time.perf_counter()
+        async with http.stream("POST", f"{base_url}/chat/completions", json=body) as response:
+            count = sum([1 async for line in response.aiter_lines() if '"content": "' in line])
+    return (count - 1) / (time.perf_counter() - start)  # not the role chunk's empty content
+
+
 def compare(
     session: Session, base_url: str, model: str, tokens: int, rounds: int
-) -> tuple[float, float]:
-    """Mean tokens/s through the SDK and through the gateway, in alternating rounds."""
+) -> tuple[float, float, float]:
+    """Mean tokens/s through the SDK, the gateway with ``openai``, and the gateway read as
+    bare SSE, in alternating rounds."""
 
-    async def run() -> tuple[float, float]:
+    async def run() -> tuple[float, float, float]:
         api = AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0)
-        direct, gateway = [], []
+        direct, gateway, raw = [], [], []
         for _ in range(rounds):
             direct.append(await through_sdk(session, tokens))
             gateway.append(await through_gateway(api, model, tokens))
-        return sum(direct) / rounds, sum(gateway) / rounds
+            raw.append(await raw_sse(base_url, model, tokens))
+        return sum(direct) / rounds, sum(gateway) / rounds, sum(raw) / rounds
 
     return asyncio.run(run())
 
@@ -105,15 +120,30 @@ def main() -> None:
     gateway = GatewayServer(Gateway(client("gateway/sessions"), settings)).start()
     compare(direct, gateway.url, backend.name, 5, 1)  # warm up: the gateway opens its session
 
-    console = Console(width=100)
+    console = Console(width=120)
     table = Table(title=f"gateway vs SDK, streamed, {rounds} rounds x {tokens} tokens (loopback)")
-    for column in ("backend", "SDK tokens/s", "gateway tokens/s", "ratio"):
+    columns = (
+        "backend",
+        "SDK tok/s",
+        "gateway+openai tok/s",
+        "ratio",
+        "gateway SSE tok/s",
+        "ratio",
+    )
+    for column in columns:
         table.add_column(column, justify="right")
     for label, pace in ((f"scripted at {args.pace:.0f} tok/s", args.pace), ("unthrottled", 0)):
         backend.tokens_per_second = pace
         with console.status(f"{label}..."):
-            sdk, via_gateway = compare(direct, gateway.url, backend.name, tokens, rounds)
-        table.add_row(label, f"{sdk:.0f}", f"{via_gateway:.0f}", f"{via_gateway / sdk:.3f}")
+            sdk, via_openai, via_sse = compare(direct, gateway.url, backend.name, tokens, rounds)
+        table.add_row(
+            label,
+            f"{sdk:.0f}",
+            f"{via_openai:.0f}",
+            f"{via_openai / sdk:.3f}",
+            f"{via_sse:.0f}",
+            f"{via_sse / sdk:.3f}",
+        )
     console.print(table)
     console.print("target: ratio >= 0.95 at a model's pace")
     direct.close()
