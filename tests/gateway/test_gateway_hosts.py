@@ -109,7 +109,11 @@ def test_a_hostile_host_is_paid_only_what_was_receipted_and_is_dropped(
         # Nothing reached the client yet, so the next host answers the request.
         reply = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5)
         assert reply.usage is not None and reply.usage.completion_tokens == 5
-        assert reply.usage.model_extra["inferledger"]["host"] == market.world.host.address
+        served = reply.usage.model_extra["inferledger"]
+        assert served["host"] == market.world.host.address
+        (tried,) = served["failed_attempts"]  # the liar first, for nothing
+        assert (tried["host"], tried["cost"]) == (hostile.host, "0.000000")
+        assert "RECEIPT_REFUSED" in tried["error"]
         receipted = 0  # the inflated receipt was refused: nothing signed
         spent_elsewhere = cost_of(reply.usage)
     else:

@@ -64,7 +64,7 @@ def test_sigterm_closes_the_sessions_and_a_restart_closes_what_a_kill_left(
             except httpx.HTTPError:
                 return False
 
-        wait_until(up, "the gateway to listen")
+        wait_until(up, "the gateway to listen", timeout=120)  # a cold start imports a lot
         return gateway
 
     def ask() -> int:
@@ -82,11 +82,11 @@ def test_sigterm_closes_the_sessions_and_a_restart_closes_what_a_kill_left(
     assert marketplace.get_session(left_open).is_open
 
     gateway = start()
-    wait_until(lambda: marketplace.get_session(left_open).is_settled, "the leftover to settle")
+    wait_until(lambda: marketplace.get_session(left_open).is_settled, "the leftover to settle", 120)
     served = ask()
     assert served != left_open
     gateway.send_signal(signal.SIGTERM)
-    _, stderr = gateway.communicate(timeout=90)
+    _, stderr = gateway.communicate(timeout=120)
     assert gateway.returncode in (0, -signal.SIGTERM), stderr  # uvicorn re-raises it
     assert f"closing session {served}: the gateway is shutting down" in stderr
     info = marketplace.get_session(served)

@@ -139,11 +139,12 @@ def create_app(gateway: Gateway) -> Starlette:
 
     async def refused(request: Request, exc: Exception) -> Response:
         if isinstance(exc, GatewayError | SdkError | ChainError):
-            response = from_sdk(exc).response()
+            error = from_sdk(exc)
         else:
             log.exception("unexpected error serving %s", request.url.path, exc_info=exc)
-            response = internal_error().response()
-        response.headers.update(NOTHING)
+            error = internal_error()
+        response = error.response()
+        response.headers.update({**NOTHING, COST_HEADER: format_usdc(error.spent)})
         return response
 
     @asynccontextmanager

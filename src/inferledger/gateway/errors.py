@@ -41,6 +41,7 @@ class GatewayError(Exception):
         self.code = code
         self.param = param
         self.extra = extra or {}
+        self.spent = 0  # base units signed for before the request failed (failed attempts)
 
     def body(self) -> dict[str, Any]:
         return {

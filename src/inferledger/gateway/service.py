@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -27,6 +27,7 @@ from inferledger.chain.units import Prices, cost, format_usdc, price_per_token_t
 from inferledger.config import ConfigError, Settings
 from inferledger.gateway import schema
 from inferledger.gateway.errors import (
+    GatewayError,
     from_sdk,
     host_fault,
     model_not_found,
@@ -62,6 +63,11 @@ def per_token(price_per_mtok: int) -> str:
     return format(Decimal(price_per_mtok).scaleb(-12).normalize(), "f")
 
 
+def spent(attempts: list[dict[str, Any]]) -> int:
+    """What failed attempts at a request cost together, in base units."""
+    return sum(usdc(attempt["cost"]) for attempt in attempts)
+
+
 def _per_mtok(price: Any) -> int | None:
     return None if price is None else price_per_token_to_mtok(price)
 
@@ -69,7 +75,8 @@ def _per_mtok(price: Any) -> int | None:
 @dataclass
 class Lease:
     """One request's hold on a pooled session: what it sends, and the session's signed
-    cost and receipts before it, to tell what the request added."""
+    cost and receipts before it, to tell what the request added. ``failed_attempts``:
+    the hosts tried before this one for the same request, and what each cost."""
 
     pooled: Pooled
     messages: list[dict[str, str]]
@@ -78,6 +85,8 @@ class Lease:
     receipts_before: int
     pieces: AsyncGenerator[str, None] | None = None
     ended: bool = False
+    spent: int = 0  # what was signed for during the request, once it ended
+    failed_attempts: list[dict[str, Any]] = field(default_factory=list)  # hosts tried first
 
     @property
     def session(self) -> Session:
@@ -259,20 +268,36 @@ class Gateway:
         (up to ``MAX_ATTEMPTS`` times), anything else is the client's answer."""
         model_id = await self._model_id(request.model)
         failure: Exception | None = None
+        failed: list[dict[str, Any]] = []
         for _ in range(MAX_ATTEMPTS):
-            lease = await self._lease(model_id, request)
+            try:
+                lease = await self._lease(model_id, request)
+            except GatewayError as error:  # no host left, say: the failed tries still cost
+                error.spent = spent(failed)
+                raise
+            lease.failed_attempts = failed
             try:
                 return await start(lease), lease
             except Exception as exc:
                 failure = exc
                 await self.end(lease, exc)
+                failed.append(
+                    {
+                        "host": lease.session.host,
+                        "session_id": lease.session.id,
+                        "cost": format_usdc(lease.spent),
+                        "error": str(exc),
+                    }
+                )
                 if not (host_fault(exc) or session_spent(exc)):
-                    raise from_sdk(exc) from exc
+                    break
             except BaseException:
                 await self.end(lease, abandoned=True)
                 raise
         assert failure is not None
-        raise from_sdk(failure) from failure
+        error = from_sdk(failure)
+        error.spent = spent(failed)
+        raise error from failure
 
     async def _events(
         self, request: schema.ChatRequest, lease: Lease, first: str | None
@@ -361,7 +386,8 @@ class Gateway:
                     await asyncio.to_thread(pooled.session.disconnect)
                 if lease.pieces is not None:
                     await lease.pieces.aclose()
-                self.ledger.add(signed_cost(pooled.session.record) - lease.paid_before)
+                lease.spent = signed_cost(pooled.session.record) - lease.paid_before
+                self.ledger.add(lease.spent)
                 if failure is None:
                     return
                 if host_fault(failure):
@@ -399,6 +425,7 @@ class Gateway:
                 "receipts": len(signed),
                 "checkpoints": len(proofs),
                 "proof_hashes": proofs,
+                "failed_attempts": lease.failed_attempts,
             },
         }
 
