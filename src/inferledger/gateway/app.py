@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -74,7 +74,10 @@ class LeasedStream(StreamingResponse):
     when the client left before the first byte (the stream never ran)."""
 
     def __init__(
-        self, events: AsyncIterator[bytes], end: Callable[[], Awaitable[None]], **options: Any
+        self,
+        events: AsyncGenerator[bytes, None],
+        end: Callable[[], Awaitable[None]],
+        **options: Any,
     ) -> None:
         super().__init__(events, media_type="text/event-stream", **options)
         self._events = events
@@ -84,9 +87,7 @@ class LeasedStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            aclose = getattr(self._events, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await self._events.aclose()  # a no-op once drained; ends a stream never started
             await self._end()
 
 
@@ -135,7 +136,9 @@ def create_app(gateway: Gateway) -> Starlette:
 
     async def metrics(request: Request) -> Response:
         authorize(request)
-        return Response(generate_latest(gateway.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(
+            generate_latest(gateway.registry), media_type=CONTENT_TYPE_LATEST, headers=NOTHING
+        )
 
     async def refused(request: Request, exc: Exception) -> Response:
         if isinstance(exc, GatewayError | SdkError | ChainError):

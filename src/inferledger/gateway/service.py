@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -243,7 +243,9 @@ class Gateway:
         finally:
             await self.end(lease)
 
-    async def stream(self, request: schema.ChatRequest) -> tuple[AsyncIterator[bytes], Lease]:
+    async def stream(
+        self, request: schema.ChatRequest
+    ) -> tuple[AsyncGenerator[bytes, None], Lease]:
         """A streamed reply as SSE bytes, and its lease, which the caller must ``end``
         if it does not drain the stream (the stream ends it otherwise).
 
@@ -301,7 +303,7 @@ class Gateway:
 
     async def _events(
         self, request: schema.ChatRequest, lease: Lease, first: str | None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         session = lease.session
         ident = schema.completion_id(session.id, session.record.request_seq)
 
