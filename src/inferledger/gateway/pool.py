@@ -201,8 +201,14 @@ class SessionPool:
             await self._finalize(session)
 
     async def _finalize(self, session: Session) -> None:
+        """Finalize a session closing on chain once it may be; forget it once settled
+        (the host may still settle it with its last receipt during the close window)."""
         try:
-            if not (await asyncio.to_thread(session.status)).can_finalize:
+            status = await asyncio.to_thread(session.status)
+            if status.state == "settled":
+                self._finalizable.pop(session.id, None)
+                return
+            if not status.can_finalize:
                 return
             settlement = await asyncio.to_thread(session.finalize)
         except (SdkError, ChainError) as exc:
