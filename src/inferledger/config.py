@@ -8,6 +8,7 @@ validated when loaded, and an invalid one is reported by name.
 from __future__ import annotations
 
 import os
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -215,6 +216,80 @@ class Settings(BaseSettings):
             "stuck_after": self.tx_stuck_after,
             "max_fee_per_gas": None if cap is None else int(cap * 10**9),
         }
+
+    # Gateway (`inferledger gateway`: an OpenAI-compatible server paying per token) ------
+    gateway_bind: str = Field(
+        default="127.0.0.1",
+        description="Address the gateway listens on; beyond loopback gateway_api_key is required",
+    )
+    gateway_port: int = Field(
+        default=8787, ge=0, le=65535, description="Port the gateway listens on"
+    )
+    gateway_api_key: SecretStr | None = Field(
+        default=None,
+        description="Bearer key OpenAI clients must send (their api_key); required unless "
+        "the gateway binds to loopback only",
+    )
+    gateway_deposit: Decimal = Field(
+        default=Decimal("2"),
+        gt=0,
+        description="USDC deposited per session the gateway opens; what is not spent is refunded",
+    )
+    gateway_max_price: Decimal | None = Field(
+        default=None,
+        gt=0,
+        description="Most USDC per completion (output) token the gateway pays; default any",
+    )
+    gateway_max_input_price: Decimal | None = Field(
+        default=None,
+        ge=0,
+        description="Most USDC per prompt (input) token the gateway pays; default any",
+    )
+    gateway_spend_limit_day: Decimal | None = Field(
+        default=None,
+        ge=0,
+        description="Most USDC the gateway spends on tokens per UTC day; default no limit",
+    )
+    gateway_spend_limit_total: Decimal | None = Field(
+        default=None,
+        ge=0,
+        description="Most USDC the gateway spends on tokens in total; default no limit",
+    )
+    gateway_session_duration: int = Field(
+        default=3600,
+        ge=300,
+        le=30 * 86400,
+        description="Seconds each gateway session may live (its max_duration on chain)",
+    )
+    gateway_idle_close: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds a session may sit unused before the gateway closes it (refunded)",
+    )
+    gateway_host_cooldown: float = Field(
+        default=60.0,
+        ge=0,
+        description="Seconds a host that failed (unreachable, protocol error, refused "
+        "receipt) is avoided",
+    )
+    gateway_reserve_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="Completion tokens a request without max_tokens is assumed to need when "
+        "checking session budgets and spend limits",
+    )
+    gateway_verify_share: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of checkpoints (0..1) the gateway re-verifies in the background by "
+        "prefill with the local model",
+    )
+    gateway_state_dir: Path | None = Field(
+        default=None,
+        description="The gateway's session records and spend ledger; default "
+        "$INFERLEDGER_HOME/gateway",
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -216,9 +216,10 @@ def deploy(
 
 
 def _add_commands() -> None:
-    """The chain, model, host, session, chat, verify and node status commands."""
+    """The chain, model, host, session, chat, verify, gateway and node status commands."""
     from inferledger.cli.chain_cmd import chain_app
     from inferledger.cli.chat_cmd import chat
+    from inferledger.cli.gateway_cmd import gateway
     from inferledger.cli.host_cmd import host_app
     from inferledger.cli.model_cmd import model_app
     from inferledger.cli.node_cmd import status
@@ -232,6 +233,7 @@ def _add_commands() -> None:
     app.add_typer(session_app, name="session")
     app.command("chat")(chat)
     app.command("verify")(verify)
+    app.command("gateway")(gateway)
 
 
 _add_commands()
