@@ -81,8 +81,11 @@ def test_a_user_who_never_signs_gets_at_most_the_cap_over_any_number_of_reconnec
                     {"type": "prompt", "request_id": "x", "messages": HELLO, "max_tokens": 500}
                 )
             )
+            # Held owing a receipt: the node asks for one (mid-reply, or again on resume)
+            # before anything is unpaid; only then is the ping's pong a fair cut-off.
+            frames = await frames_until(ws, "receipt_request")
             await ws.send(json.dumps({"type": "ping"}))
-            for frame in await frames_until(ws, "pong"):
+            for frame in frames + await frames_until(ws, "pong"):
                 if frame["type"] == "token":
                     new_tokens.add(frame["index"])
                 if frame["type"] == "error":
