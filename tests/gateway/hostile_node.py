@@ -19,6 +19,7 @@ from websockets.http11 import Request, Response
 
 from inferledger.chain.receipts import ReceiptDomain
 from inferledger.proofs.transcript import TranscriptHash
+from inferledger.protocol.codes import PROTOCOL_VERSION
 from inferledger.protocol.server import (
     Challenge,
     ReceiptAck,
@@ -81,7 +82,7 @@ class HostileNode:
             return  # gone: the connection closes before the challenge
         await ws.send(
             Challenge(
-                protocol=2,
+                protocol=PROTOCOL_VERSION,
                 nonce="0x" + "11" * 32,
                 host=self.host,
                 chain_id=self.domain.chain_id,
