@@ -23,13 +23,13 @@ from test_node_settlement import (
     PRICE,
     assert_paid_exactly,
     hello_tokens,
+    open_priced,
 )
 
 from inferledger.chain.devchain import DevWorld
 from inferledger.inference import Backend
 from inferledger.protocol.server import SettlementPending
 from inferledger.sdk.wire import SessionClient
-from support import open_session
 
 FAST = {"chain_poll_interval": 0.2, "disconnect_grace": 1}
 
@@ -39,15 +39,8 @@ def _needs_rpc(world: DevWorld) -> None:
         pytest.skip("the embedded chain lives in the test's process: no node process can use it")
 
 
-def _open(world: DevWorld, model_id: bytes) -> tuple[int, bytes]:
-    session_id, signer = open_session(
-        world,
-        model_id=model_id,
-        deposit=DEPOSIT,
-        input_price=INPUT_PRICE,
-        output_price=PRICE,
-        proof_interval=100,
-    )
+def _open_key(world: DevWorld, model_id: bytes) -> tuple[int, bytes]:
+    session_id, signer = open_priced(world, model_id)
     return session_id, signer.key
 
 
@@ -65,7 +58,7 @@ def test_a_reorg_that_drops_the_settlement_is_settled_again_and_the_nonce_heals(
 ) -> None:
     _needs_rpc(world)
     model_id = serve_model(world, scripted, keccak(text=scripted.name), PRICE, INPUT_PRICE)
-    first, first_key = _open(world, model_id)
+    first, first_key = _open_key(world, model_id)
     market = world.contracts.marketplace
     with NodeProcess(world, tmp_path, confirmations=3, **FAST) as node:
         before = world.chain.snapshot()
@@ -88,7 +81,7 @@ def test_a_reorg_that_drops_the_settlement_is_settled_again_and_the_nonce_heals(
         )
 
         # (b) the rewound nonce does not block the next session (no restart).
-        second, second_key = _open(world, model_id)
+        second, second_key = _open_key(world, model_id)
         assert asyncio.run(_chat_and_end(world, node, second, second_key, 40)) == "settled"
         assert_paid_exactly(world, second, hello_tokens(scripted), 40)
     log = node.log.read_text()
@@ -100,8 +93,8 @@ def test_a_close_requested_while_the_node_was_down_is_settled_soon_after_it_rest
 ) -> None:
     _needs_rpc(world)
     model_id = serve_model(world, scripted, keccak(text=scripted.name), PRICE, INPUT_PRICE)
-    served, served_key = _open(world, model_id)
-    never_served, _ = _open(world, model_id)
+    served, served_key = _open_key(world, model_id)
+    never_served, _ = _open_key(world, model_id)
     market = world.contracts.marketplace
     node = NodeProcess(world, tmp_path, disconnect_grace=3600, chain_poll_interval=0.2)
 

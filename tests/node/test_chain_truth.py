@@ -18,18 +18,18 @@ import httpx
 import pytest
 from eth_utils import keccak
 from node_support import NodeFactory, expect, serve_model, wait_until
-from test_node_settlement import DEPOSIT, HELLO, INPUT_PRICE, PRICE, hello_tokens
+from test_node_settlement import DEPOSIT, HELLO, INPUT_PRICE, PRICE, hello_tokens, open_served
 from web3.middleware import Web3Middleware
 
 from inferledger.chain.contracts import SessionInfo
 from inferledger.chain.devchain import DevWorld
 from inferledger.chain.errors import ChainUnreachable
 from inferledger.inference import Backend
+from inferledger.node.node import Node
 from inferledger.node.outbox import SettlementRecord
 from inferledger.node.reconciler import compare
 from inferledger.node.state import SessionRecord, session_record
 from inferledger.sdk.wire import SessionClient
-from support import open_session
 
 
 @contextmanager
@@ -53,18 +53,19 @@ def counted_rpc(world: DevWorld) -> Iterator[Counter[str]]:
         onion.remove("count-rpc")
 
 
-def _open(world: DevWorld, backend: Backend) -> tuple[int, Any]:
-    model_id = serve_model(world, backend, keccak(text=backend.name), PRICE, INPUT_PRICE)
-    return open_session(
-        world, model_id=model_id, deposit=DEPOSIT, input_price=INPUT_PRICE, output_price=PRICE
+def _still_node(start_node: NodeFactory, backend: Backend, **settings: object) -> Node:
+    """A node whose worker polls and reconciles only when the test calls it."""
+    node, _server = start_node(
+        backend, chain_poll_interval=3600, reconcile_interval=3600, **settings
     )
+    return node
 
 
 def test_the_watcher_asks_the_chain_the_same_per_poll_for_1_or_1000_open_sessions(
     world: DevWorld, scripted: Backend, start_node: NodeFactory
 ) -> None:
-    session_id, _signer = _open(world, scripted)
-    node, _server = start_node(scripted, chain_poll_interval=3600, reconcile_interval=3600)
+    session_id, _signer = open_served(world, scripted)
+    node = _still_node(start_node, scripted)
     worker = node.settlement
     info = world.contracts.marketplace.get_session(session_id)
     node.state.upsert_session(session_record(info))
@@ -100,7 +101,7 @@ def test_the_watcher_asks_the_chain_the_same_per_poll_for_1_or_1000_open_session
 def test_a_close_request_for_a_session_the_node_never_served_is_settled_at_once(
     world: DevWorld, scripted: Backend, start_node: NodeFactory
 ) -> None:
-    session_id, _signer = _open(world, scripted)
+    session_id, _signer = open_served(world, scripted)
     node, _server = start_node(scripted, chain_poll_interval=0.2)
     market = world.contracts.marketplace
     before = world.contracts.token.balance_of(world.user.address)
@@ -112,15 +113,15 @@ def test_a_close_request_for_a_session_the_node_never_served_is_settled_at_once(
     assert world.chain.now() < market.session_deadline(session_id)
     assert world.contracts.token.balance_of(world.user.address) == before + DEPOSIT
     assert node.outbox.settlement(session_id).reason == "close_requested"
-    # A close request for another host's session is none of this node's business.
+    # The node now keeps books for the session it adopted.
     assert node.state.get_session(session_id) is not None
 
 
 def test_a_stranger_cannot_make_the_node_adopt_another_hosts_session(
     world: DevWorld, scripted: Backend, start_node: NodeFactory
 ) -> None:
-    session_id, _signer = _open(world, scripted)
-    node, _server = start_node(scripted, chain_poll_interval=3600, reconcile_interval=3600)
+    session_id, _signer = open_served(world, scripted)
+    node = _still_node(start_node, scripted)
     worker = node.settlement
     info = world.contracts.marketplace.get_session(session_id)
     # The watcher sees a close request for a session whose host is someone else.
@@ -172,7 +173,7 @@ def test_a_settlement_the_chain_lost_is_settled_again_and_confirmed_only_when_de
 ) -> None:
     """In process: the node's own chain connection is the test's, so the 'loss' is a
     snapshot revert; the multi-process version is in test_chain_faults.py."""
-    session_id, signer = _open(world, scripted)
+    session_id, signer = open_served(world, scripted)
     node, server = start_node(
         scripted, chain_poll_interval=3600, reconcile_interval=3600, confirmations=3
     )

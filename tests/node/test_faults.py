@@ -19,12 +19,12 @@ from eth_utils import keccak
 from node_support import NodeFactory, expect, read_session, serve_model, wait_until
 from process_support import NodeProcess
 from test_node_settlement import (
-    DEPOSIT,
     HELLO,
     INPUT_PRICE,
     PRICE,
     assert_paid_exactly,
     hello_tokens,
+    open_priced,
 )
 
 from inferledger.chain.anvil import free_port
@@ -34,7 +34,6 @@ from inferledger.chain.devchain import DevWorld
 from inferledger.inference import Backend
 from inferledger.protocol.server import Settled, SettlementPending
 from inferledger.sdk.wire import SessionClient
-from support import open_session
 
 CLI = [sys.executable, "-m", "inferledger.cli.main"]
 
@@ -107,14 +106,7 @@ def test_rpc_unreachable_during_settlement_then_back(
     chain = connect(proxy.url, receipt_timeout=5)
     contracts = Contracts.attach(chain, world.contracts.deployment)
     model_id = serve_model(world, scripted, keccak(text=scripted.name), PRICE, INPUT_PRICE)
-    session_id, signer = open_session(
-        world,
-        model_id=model_id,
-        deposit=DEPOSIT,
-        input_price=INPUT_PRICE,
-        output_price=PRICE,
-        proof_interval=100,
-    )
+    session_id, signer = open_priced(world, model_id)
     node, server = start_node(scripted, contracts=contracts, settlement_wait=1.0)
     market = world.contracts.marketplace
     seen: list[tuple[SettlementPending, bool, str]] = []
@@ -157,14 +149,7 @@ def test_node_killed_mid_session_settles_from_its_sqlite_state_after_restart(
 ) -> None:
     _needs_rpc(world)
     model_id = serve_model(world, scripted, keccak(text=scripted.name), PRICE, INPUT_PRICE)
-    session_id, signer = open_session(
-        world,
-        model_id=model_id,
-        deposit=DEPOSIT,
-        input_price=INPUT_PRICE,
-        output_price=PRICE,
-        proof_interval=100,
-    )
+    session_id, signer = open_priced(world, model_id)
     node = NodeProcess(world, tmp_path, disconnect_grace=1)
 
     def receipted_on_disk(tokens: int) -> None:

@@ -35,8 +35,10 @@ INPUT_PRICE = 500_000_000  # input: $0.0005 per token
 EXAMPLE_PROVER = Path(__file__).resolve().parents[2] / "examples" / "provers" / "hash_prover.py"
 
 
-def _open(world: DevWorld, backend: Backend, interval: int = 100) -> tuple[int, Any]:
-    model_id = serve_model(world, backend, keccak(text=backend.name), PRICE, INPUT_PRICE)
+def open_priced(
+    world: DevWorld, model_id: bytes, interval: int = 100, **options: Any
+) -> tuple[int, Any]:
+    """A session of DEPOSIT at this module's prices, for a model the host serves."""
     return open_session(
         world,
         model_id=model_id,
@@ -44,7 +46,13 @@ def _open(world: DevWorld, backend: Backend, interval: int = 100) -> tuple[int, 
         input_price=INPUT_PRICE,
         output_price=PRICE,
         proof_interval=interval,
+        **options,
     )
+
+
+def open_served(world: DevWorld, backend: Backend, interval: int = 100) -> tuple[int, Any]:
+    model_id = serve_model(world, backend, keccak(text=backend.name), PRICE, INPUT_PRICE)
+    return open_priced(world, model_id, interval)
 
 
 def hello_tokens(backend: Backend) -> int:
@@ -111,7 +119,7 @@ def test_end_settles_exactly_and_the_stored_proofs_verify(
     host_before = world.contracts.earnings.balance_of(
         world.host.address, world.contracts.token.address
     )
-    session_id, signer = _open(world, scripted)
+    session_id, signer = open_served(world, scripted)
     node, server = start_node(scripted)
     ids, settled, signed = asyncio.run(
         _chat_and_end(world, server.ws_url, session_id, signer.key, 250)
@@ -183,7 +191,7 @@ def test_end_settles_exactly_and_the_stored_proofs_verify(
 def test_client_leaving_without_end_is_settled_after_the_grace_period(
     world: DevWorld, scripted: Backend, start_node: NodeFactory
 ) -> None:
-    session_id, signer = _open(world, scripted)
+    session_id, signer = open_served(world, scripted)
     node, server = start_node(scripted, disconnect_grace=0.5)
 
     async def chat_and_drop() -> None:
@@ -202,7 +210,7 @@ def test_client_leaving_without_end_is_settled_after_the_grace_period(
 def test_a_client_returning_within_the_grace_period_keeps_its_session(
     world: DevWorld, scripted: Backend, start_node: NodeFactory
 ) -> None:
-    session_id, signer = _open(world, scripted)
+    session_id, signer = open_served(world, scripted)
     node, server = start_node(scripted, disconnect_grace=30)
 
     billed = hello_tokens(scripted)
@@ -244,7 +252,7 @@ def test_a_client_returning_within_the_grace_period_keeps_its_session(
 def test_request_close_is_answered_with_the_latest_receipt(
     world: DevWorld, scripted: Backend, start_node: NodeFactory
 ) -> None:
-    session_id, signer = _open(world, scripted)
+    session_id, signer = open_served(world, scripted)
     node, server = start_node(scripted, chain_poll_interval=0.2, disconnect_grace=300)
 
     async def chat() -> None:
@@ -266,15 +274,7 @@ def test_sessions_about_to_expire_are_settled(
     world: DevWorld, scripted: Backend, start_node: NodeFactory
 ) -> None:
     model_id = serve_model(world, scripted, keccak(text=scripted.name), PRICE, INPUT_PRICE)
-    session_id, signer = open_session(
-        world,
-        model_id=model_id,
-        deposit=DEPOSIT,
-        input_price=INPUT_PRICE,
-        output_price=PRICE,
-        proof_interval=100,
-        duration=3600,
-    )
+    session_id, signer = open_priced(world, model_id, duration=3600)
     node, server = start_node(
         scripted, chain_poll_interval=0.2, disconnect_grace=300, settle_before_expiry=600
     )
@@ -317,7 +317,7 @@ def _write_prover(tmp_path: Path, *flags: str) -> Path:
 def test_a_prover_failing_mid_session_never_blocks_payment(
     world: DevWorld, scripted: Backend, start_node: NodeFactory, tmp_path: Path, flag: str
 ) -> None:
-    session_id, signer = _open(world, scripted)
+    session_id, signer = open_served(world, scripted)
     prover = _write_prover(tmp_path, flag)
     node, server = start_node(
         scripted, prover="external", external_prover=prover, external_prover_timeout=1.0
@@ -338,7 +338,7 @@ def test_a_prover_failing_mid_session_never_blocks_payment(
 def test_the_external_prover_attests_every_checkpoint(
     world: DevWorld, scripted: Backend, start_node: NodeFactory, tmp_path: Path
 ) -> None:
-    session_id, signer = _open(world, scripted)
+    session_id, signer = open_served(world, scripted)
     node, server = start_node(scripted, prover="external", external_prover=_write_prover(tmp_path))
     asyncio.run(_chat_and_end(world, server.ws_url, session_id, signer.key, 50))
     (checkpoint,) = node.outbox.checkpoints(session_id)
@@ -356,7 +356,7 @@ def test_missing_external_prover_fails_preflight_and_degraded_nodes_still_settle
     assert str(missing) in line and "INFERLEDGER_EXTERNAL_PROVER" in line and "fix:" in line
     assert not strict.ready
 
-    session_id, signer = _open(world, scripted)
+    session_id, signer = open_served(world, scripted)
     node, server = start_node(
         scripted, prover="external", external_prover=missing, allow_degraded=True
     )
@@ -381,7 +381,7 @@ def test_missing_external_prover_fails_preflight_and_degraded_nodes_still_settle
 def test_a_nonce_taken_by_another_transaction_of_the_host_key_is_recovered(
     world: DevWorld, scripted: Backend, start_node: NodeFactory
 ) -> None:
-    session_id, signer = _open(world, scripted, interval=50)
+    session_id, signer = open_served(world, scripted, interval=50)
     node, server = start_node(scripted, onchain_checkpoints="always")
 
     async def run() -> Settled | SettlementPending | None:

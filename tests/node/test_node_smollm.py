@@ -12,7 +12,7 @@ import asyncio
 
 import httpx
 from node_support import NodeFactory, expect, serve_model, user_salt
-from test_node_settlement import DEPOSIT, INPUT_PRICE, PRICE, assert_paid_exactly
+from test_node_settlement import DEPOSIT, INPUT_PRICE, PRICE, assert_paid_exactly, open_priced
 
 from inferledger.chain.devchain import DevWorld
 from inferledger.chain.receipts import Receipt, check_receipt_signature
@@ -22,7 +22,6 @@ from inferledger.proofs.bundle import ProofBundle
 from inferledger.proofs.verify import ReplyTranscript, verify_bundle
 from inferledger.protocol.server import Settled, SettlementPending
 from inferledger.sdk.wire import SessionClient
-from support import open_session
 
 STORY = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
 MORE = [{"role": "user", "content": "Continue the story with a storm and a rescue."}]
@@ -34,14 +33,7 @@ def test_smollm_session_of_200_tokens_settles_90_10_and_its_proofs_verify(
     c = world.contracts
     sha256 = bytes.fromhex(smollm.weights_sha256)  # type: ignore[attr-defined]
     model_id = serve_model(world, smollm, sha256, PRICE, INPUT_PRICE)
-    session_id, signer = open_session(
-        world,
-        model_id=model_id,
-        deposit=DEPOSIT,
-        input_price=INPUT_PRICE,
-        output_price=PRICE,
-        proof_interval=100,
-    )
+    session_id, signer = open_priced(world, model_id)
     node, server = start_node(smollm)
     assert node.ready, node.preflight.lines()
     assert node.prover.name == "activation"
