@@ -13,12 +13,14 @@ demo: $(STAMP)
 
 test: $(STAMP) node_modules/.bin/anvil
 	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -n 2 tests
 
 setup: $(STAMP) node_modules/.bin/anvil
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 
 bench: $(STAMP) node_modules/.bin/anvil
 	$(BIN)/python bench/gas.py

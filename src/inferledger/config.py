@@ -321,7 +321,7 @@ def setting_ref(setting: str) -> str:
     return f"setting {setting} ({env_name(setting)})"
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Settings from overrides, the environment and the TOML file, or a ConfigError."""
     stale = [old for old in RENAMED_SETTINGS if _env_variable(old) in os.environ]
     if stale:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -37,7 +38,7 @@ def find_anvil() -> str | None:
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 class Anvil:
@@ -89,7 +90,12 @@ def start_anvil(
             stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
             raise ChainError(f"anvil exited with code {process.returncode}: {stderr.strip()}")
         try:
-            body = {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}
+            body: dict[str, Any] = {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "eth_chainId",
+                "params": [],
+            }
             if requests.post(url, json=body, timeout=1).ok:
                 return Anvil(process, url)
         except requests.RequestException:

@@ -7,14 +7,16 @@ and a faucet, through one interface whichever kind is behind it.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, cast
 
 import requests
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
 from web3 import Web3
 from web3.providers.eth_tester import EthereumTesterProvider
 from web3.providers.rpc.utils import ExceptionRetryConfiguration
+from web3.types import RPCEndpoint, Wei
 
 from inferledger.chain.errors import ChainError, ChainUnreachable
 from inferledger.chain.redact import redact_url
@@ -48,7 +50,10 @@ class Chain:
         self._tester = tester
         self._sender_defaults = sender_defaults
         # Direct eth-tester calls (time travel, snapshots) share the provider's lock.
-        self.lock = w3.provider.lock if tester is not None else threading.RLock()
+        if tester is not None:  # connect() made the provider a _LockedTesterProvider
+            self.lock = cast(_LockedTesterProvider, w3.provider).lock
+        else:
+            self.lock = threading.RLock()
         # One sender per key and options, all senders of a key sharing its nonces.
         self._senders: dict[tuple[str, tuple[tuple[str, Any], ...]], TxSender] = {}
         self._nonces: dict[str, Nonces] = {}
@@ -80,16 +85,17 @@ class Chain:
         The same key always gets the same nonce book: two senders choosing nonces for
         one key on their own would collide.
         """
-        if not isinstance(account, LocalAccount):
-            account = Account.from_key(account)
+        signer: LocalAccount = (
+            account if isinstance(account, LocalAccount) else Account.from_key(account)
+        )
         defaults = {"estimate_block": None if self.is_embedded else "pending"}
         options = {**defaults, **self._sender_defaults, **options}
-        key = (account.address, tuple(sorted(options.items())))
+        key = (signer.address, tuple(sorted(options.items())))
         with self._senders_lock:
             if key not in self._senders:
-                nonces = self._nonces.setdefault(account.address, Nonces())
+                nonces = self._nonces.setdefault(signer.address, Nonces())
                 self._senders[key] = TxSender(
-                    self.w3, account, url=self.url, nonces=nonces, **options
+                    self.w3, signer, url=self.url, nonces=nonces, **options
                 )
             return self._senders[key]
 
@@ -114,8 +120,8 @@ class Chain:
             with self.lock:
                 self._tester.time_travel(self.now() + seconds + 1)
         else:
-            self.w3.provider.make_request("evm_increaseTime", [seconds])
-            self.w3.provider.make_request("evm_mine", [])
+            self.w3.provider.make_request(RPCEndpoint("evm_increaseTime"), [seconds])
+            self.w3.provider.make_request(RPCEndpoint("evm_mine"), [])
         return self.now()
 
     def mine(self) -> None:
@@ -125,7 +131,7 @@ class Chain:
             with self.lock:
                 self._tester.mine_blocks(1)
         else:
-            self.w3.provider.make_request("evm_mine", [])
+            self.w3.provider.make_request(RPCEndpoint("evm_mine"), [])
 
     def set_automine(self, enabled: bool) -> None:
         """Mine each transaction at once (the default) or leave them pending."""
@@ -137,7 +143,7 @@ class Chain:
                 else:
                     self._tester.disable_auto_mine_transactions()
         else:
-            self.w3.provider.make_request("evm_setAutomine", [enabled])
+            self.w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [enabled])
 
     def snapshot(self) -> Any:
         """Save the chain state; ``revert(snapshot_id)`` goes back to it."""
@@ -145,7 +151,7 @@ class Chain:
         if self._tester is not None:
             with self.lock:
                 return self._tester.take_snapshot()
-        return self.w3.provider.make_request("evm_snapshot", [])["result"]
+        return self.w3.provider.make_request(RPCEndpoint("evm_snapshot"), [])["result"]
 
     def revert(self, snapshot_id: Any) -> None:
         """Return to a snapshot. On anvil a snapshot can be reverted to only once."""
@@ -154,7 +160,7 @@ class Chain:
             with self.lock:
                 self._tester.revert_to_snapshot(snapshot_id)
         else:
-            result = self.w3.provider.make_request("evm_revert", [snapshot_id])
+            result = self.w3.provider.make_request(RPCEndpoint("evm_revert"), [snapshot_id])
             if not result.get("result"):
                 raise ChainError(f"anvil refused to revert to snapshot {snapshot_id}")
         for nonces in self._nonces.values():
@@ -165,11 +171,12 @@ class Chain:
         self._require_dev("the faucet")
         if self._tester is not None:
             rich = self.w3.eth.accounts[0]
-            tx_hash = self.w3.eth.send_transaction({"from": rich, "to": address, "value": wei})
+            tx_hash = self.w3.eth.send_transaction({"from": rich, "to": address, "value": Wei(wei)})
             self.w3.eth.wait_for_transaction_receipt(tx_hash)
         else:
-            balance = self.w3.eth.get_balance(address) + wei
-            self.w3.provider.make_request("anvil_setBalance", [address, hex(balance)])
+            # cast: web3 checks the address at run time; the type only labels it.
+            balance = self.w3.eth.get_balance(cast(ChecksumAddress, address)) + wei
+            self.w3.provider.make_request(RPCEndpoint("anvil_setBalance"), [address, hex(balance)])
 
 
 def connect(url: str = EMBEDDED, *, timeout: float = 10.0, **sender_defaults: Any) -> Chain:
@@ -182,8 +189,7 @@ def connect(url: str = EMBEDDED, *, timeout: float = 10.0, **sender_defaults: An
         from eth_tester import EthereumTester, PyEVMBackend
 
         tester = EthereumTester(PyEVMBackend())
-        provider = _LockedTesterProvider(tester)
-        return Chain(Web3(provider), url, tester, **sender_defaults)
+        return Chain(Web3(_LockedTesterProvider(tester)), url, tester, **sender_defaults)
     if url.startswith(("http://", "https://")):
         # A refused connection is retried briefly; a read timeout is not: a chain that
         # accepts but does not answer should surface after ``timeout``, not after web3's

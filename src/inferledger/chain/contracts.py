@@ -6,9 +6,11 @@ tools say explicitly who does what. Every revert surfaces as ``ContractRevert``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+from eth_typing import ChecksumAddress
 from web3.contract import Contract
 from web3.logs import DISCARD
 from web3.types import TxReceipt
@@ -136,10 +138,10 @@ class _Wrapper:
 
 class Token(_Wrapper):
     def balance_of(self, account: str) -> int:
-        return self._read("balanceOf", account)
+        return int(self._read("balanceOf", account))
 
     def allowance(self, owner: str, spender: str) -> int:
-        return self._read("allowance", owner, spender)
+        return int(self._read("allowance", owner, spender))
 
     def approve(self, sender: TxSender, spender: str, amount: int) -> TxReceipt:
         return self._write(sender, "approve", spender, amount)
@@ -166,7 +168,7 @@ class ModelRegistry(_Wrapper):
         return self._write(sender, "revoke_model", model_id)
 
     def is_approved(self, model_id: bytes) -> bool:
-        return self._read("is_approved", model_id)
+        return bool(self._read("is_approved", model_id))
 
     def weights_sha256(self, model_id: bytes) -> bytes:
         return bytes(self._read("models", model_id)[1])
@@ -181,7 +183,7 @@ class NodeRegistry(_Wrapper):
         self,
         sender: TxSender,
         api_url: str,
-        prices: dict[bytes, tuple[int, int]],
+        prices: Mapping[bytes, tuple[int, int]],
         stake: int,
     ) -> TxReceipt:
         """Register the sender as a host.
@@ -190,7 +192,7 @@ class NodeRegistry(_Wrapper):
         """
         return self._write(sender, "register", api_url, *_price_columns(prices), stake)
 
-    def set_models(self, sender: TxSender, prices: dict[bytes, tuple[int, int]]) -> TxReceipt:
+    def set_models(self, sender: TxSender, prices: Mapping[bytes, tuple[int, int]]) -> TxReceipt:
         """Replace the sender's models and prices (model id -> (input, output) per Mtok)."""
         return self._write(sender, "set_models", *_price_columns(prices))
 
@@ -230,7 +232,7 @@ class NodeRegistry(_Wrapper):
 
 
 def _price_columns(
-    prices: dict[bytes, tuple[int, int]],
+    prices: Mapping[bytes, tuple[int, int]],
 ) -> tuple[list[bytes], list[int], list[int]]:
     """The contract's three parallel arrays: model ids, input prices, output prices."""
     return (
@@ -242,7 +244,7 @@ def _price_columns(
 
 class HostEarnings(_Wrapper):
     def balance_of(self, host: str, token: str) -> int:
-        return self._read("balance_of", host, token)
+        return int(self._read("balance_of", host, token))
 
     def withdraw(self, sender: TxSender, token: str) -> TxReceipt:
         return self._write(sender, "withdraw", token)
@@ -381,7 +383,7 @@ class Marketplace(_Wrapper):
         )
 
     def session_deadline(self, session_id: int) -> int:
-        return self._read("session_deadline", session_id)
+        return int(self._read("session_deadline", session_id))
 
     def sessions_of_user(self, user: str, cursor: int = 0, limit: int = 100) -> list[int]:
         """Session ids ``user`` created, newest first; pass the last id as ``cursor`` to page."""
@@ -392,19 +394,19 @@ class Marketplace(_Wrapper):
         return list(self._read("sessions_of_host", host, cursor, limit))
 
     def treasury_balance(self) -> int:
-        return self._read("treasury_balance")
+        return int(self._read("treasury_balance"))
 
     def refund_credit(self, account: str) -> int:
-        return self._read("refund_credit", account)
+        return int(self._read("refund_credit", account))
 
     def open_deposits(self) -> int:
-        return self._read("open_deposits")
+        return int(self._read("open_deposits"))
 
     def fee_bps(self) -> int:
-        return self._read("fee_bps")
+        return int(self._read("fee_bps"))
 
     def close_window(self) -> int:
-        return self._read("close_window")
+        return int(self._read("close_window"))
 
     def receipt_digest(
         self, session_id: int, input_tokens: int, output_tokens: int, proof_hash: bytes
@@ -416,7 +418,7 @@ class Marketplace(_Wrapper):
 
     def treasury(self) -> str:
         """The address that may withdraw the fees (it can change after deployment)."""
-        return self._read("treasury")
+        return str(self._read("treasury"))
 
     def session_events(self, from_block: int, to_block: int) -> list[SessionEvent]:
         """CloseRequested and SessionSettled logs of blocks ``from_block..to_block``: one
@@ -497,7 +499,10 @@ class Contracts:
         addresses = deployment.addresses
 
         def bind(name: str, address: str) -> Contract:
-            return chain.w3.eth.contract(address=address, abi=compiled[name].abi)
+            # cast: web3 checks the address at run time; the type only labels it.
+            return chain.w3.eth.contract(
+                address=cast(ChecksumAddress, address), abi=compiled[name].abi
+            )
 
         return cls(
             chain=chain,

@@ -16,7 +16,10 @@ def deploy_compiled(chain: Chain, sender: TxSender, compiled: CompiledContract, 
     """Deploy one compiled contract with constructor ``args``; its address."""
     factory = chain.w3.eth.contract(abi=compiled.abi, bytecode=compiled.bytecode)
     receipt = sender.transact(factory.constructor(*args), f"deploy {compiled.name}")
-    return receipt["contractAddress"]
+    address = receipt["contractAddress"]
+    if address is None:  # a successful deployment's receipt always names its contract
+        raise ChainError(f"deploy {compiled.name}: the receipt names no contract address")
+    return address
 
 
 def deploy(chain: Chain, sender: TxSender, params: DeployParams | None = None) -> Contracts:

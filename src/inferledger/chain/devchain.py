@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
-from eth_utils import keccak
+from eth_utils.crypto import keccak
 
 from inferledger.chain.connect import Chain
 from inferledger.chain.contracts import Contracts
@@ -31,7 +31,8 @@ DEV_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/smollm2-135m-instruct
 
 def dev_account(label: str) -> LocalAccount:
     """A deterministic, publicly known account for dev chains."""
-    return Account.from_key(keccak(text=f"inferledger-dev:{label}"))
+    account: LocalAccount = Account.from_key(keccak(text=f"inferledger-dev:{label}"))
+    return account
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from eth_account import Account
 from eth_account.messages import SignableMessage, encode_typed_data
-from eth_utils import keccak
+from eth_utils.crypto import keccak
 
 DOMAIN_NAME = "inferledger"
 DOMAIN_VERSION = "1"
@@ -139,7 +139,7 @@ def sign_session_auth(private_key: bytes | str, domain: ReceiptDomain, auth: Ses
 
 def recover_session_auth_signer(domain: ReceiptDomain, auth: SessionAuth, signature: bytes) -> str:
     """Who signed a login; the node compares it with the session's signer on chain."""
-    return Account.recover_message(_auth_message(domain, auth), signature=signature)
+    return str(Account.recover_message(_auth_message(domain, auth), signature=signature))
 
 
 def _read_message(
@@ -162,7 +162,7 @@ def recover_session_read_signer(
 ) -> str:
     """Who signed a read request; the node compares it with the session's signer."""
     message = _read_message(domain, session_id, timestamp, host)
-    return Account.recover_message(message, signature=signature)
+    return str(Account.recover_message(message, signature=signature))
 
 
 def session_salt(private_key: bytes | str, domain: ReceiptDomain, session_id: int) -> bytes:
@@ -189,7 +189,7 @@ def sign_receipt(private_key: bytes | str, domain: ReceiptDomain, receipt: Recei
 
 def recover_receipt_signer(domain: ReceiptDomain, receipt: Receipt, signature: bytes) -> str:
     """The address that signed ``receipt``; compare it with the session signer."""
-    return Account.recover_message(_message(domain, receipt), signature=signature)
+    return str(Account.recover_message(_message(domain, receipt), signature=signature))
 
 
 _SECP256K1_HALF_N = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0

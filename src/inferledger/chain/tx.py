@@ -15,14 +15,15 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract.contract import ContractConstructor, ContractFunction
 from web3.exceptions import TransactionNotFound
-from web3.types import TxReceipt
+from web3.types import BlockIdentifier, Nonce, TxParams, TxReceipt
 
 from inferledger.chain.errors import (
     ChainError,
@@ -112,7 +113,7 @@ class TxSender:
         stuck_after: float = DEFAULT_STUCK_AFTER,
         max_fee_per_gas: int | None = None,
         poll_interval: float = 0.02,
-        estimate_block: str | None = "pending",
+        estimate_block: BlockIdentifier | None = "pending",
         nonces: Nonces | None = None,
     ) -> None:
         self.w3 = w3
@@ -131,7 +132,7 @@ class TxSender:
         self.nonces = nonces or Nonces()
 
     @property
-    def address(self) -> str:
+    def address(self) -> ChecksumAddress:
         return self.account.address
 
     def gas_balance(self) -> int:
@@ -142,7 +143,7 @@ class TxSender:
         """Send a contract call (or deployment) and return its successful receipt."""
         action = action or getattr(call, "fn_name", "deploy")
         try:
-            tx = call.build_transaction({"from": self.address, "gas": 0, "nonce": 0})
+            tx = call.build_transaction({"from": self.address, "gas": 0, "nonce": Nonce(0)})
         except Exception as exc:
             raise translate(exc, action, self.url) from exc
         tx.pop("gas", None)
@@ -176,7 +177,8 @@ class TxSender:
     def _prepare(self, tx: dict[str, Any], action: str) -> None:
         """Fill gas, chain id and fees; everything but the nonce."""
         tx.pop("gasPrice", None)
-        estimate = self.w3.eth.estimate_gas(tx, self.estimate_block)
+        # cast: the sender's transactions are plain dicts holding TxParams' keys.
+        estimate = self.w3.eth.estimate_gas(cast(TxParams, tx), self.estimate_block)
         if estimate > self.gas_cap:
             raise GasCapExceeded(
                 f"{action} needs {estimate} gas, above the cap of {self.gas_cap}; "
@@ -349,7 +351,7 @@ class TxSender:
         """Why a mined transaction failed, by replaying it at its block."""
         call = {k: tx[k] for k in ("from", "to", "data", "value") if k in tx}
         try:
-            self.w3.eth.call(call, receipt["blockNumber"])
+            self.w3.eth.call(cast(TxParams, call), receipt["blockNumber"])
         except Exception as exc:
             reason = translate(exc, "replay", self.url)
             if isinstance(reason, ContractRevert):

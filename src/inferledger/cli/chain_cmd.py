@@ -146,10 +146,10 @@ def _fund_dev_accounts(chain: Chain) -> list[tuple[str, str, str, int]]:
     """(label, address, key, wei) of the dev accounts; host and user get gas money."""
     from inferledger.chain.devchain import dev_account
 
-    rows = []
+    rows: list[tuple[str, str, str, int]] = []
     for label in DEV_LABELS:
         account = dev_account(label)
-        balance = chain.w3.eth.get_balance(account.address)
+        balance = int(chain.w3.eth.get_balance(account.address))
         if label != "owner" and balance < WEI:
             chain.fund(account.address, START_GAS_ETH * WEI)
             balance += START_GAS_ETH * WEI
@@ -208,7 +208,7 @@ def fund(
 
     Refuses any other chain: there, get ETH and USDC from the network's faucets.
     """
-    from eth_utils import is_address, to_checksum_address
+    from eth_utils.address import is_address, to_checksum_address
 
     with one_line_errors():
         if not is_address(address):

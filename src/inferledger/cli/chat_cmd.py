@@ -180,7 +180,7 @@ def _session(
 def _pick_host(
     client: Client, host: str | None, model: str | None, settings: Settings
 ) -> tuple[str, bytes]:
-    from eth_utils import is_address, to_checksum_address
+    from eth_utils.address import is_address, to_checksum_address
 
     from inferledger.sdk.hosts import model_id_of
 

@@ -168,7 +168,10 @@ def owner_account(settings: Settings, chain: Chain) -> LocalAccount:
 
     if settings.deployer_key is not None:
         try:
-            return Account.from_key(settings.deployer_key.get_secret_value().strip())
+            account: LocalAccount = Account.from_key(
+                settings.deployer_key.get_secret_value().strip()
+            )
+            return account
         except Exception:
             raise CliError(
                 f"{setting_ref('deployer_key')} is not a valid private key: "

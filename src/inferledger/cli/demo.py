@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import httpx
 from rich.console import Console
@@ -32,6 +32,7 @@ from inferledger.node.server import BackgroundServer
 from inferledger.sdk import Client, Settlement
 from inferledger.sdk.verification import (
     CheckpointVerdict,
+    Tokenize,
     fetch_bundles,
     unnamed_receipts,
     verify_session,
@@ -160,7 +161,7 @@ def _session(
     max_tokens: int,
 ) -> DemoResult:
     (offer,) = client.hosts.list(model=backend.name)
-    refund_before = client.contracts.token.balance_of(client.address)
+    refund_before = client.contracts.token.balance_of(client.account.address)
     session = client.sessions.open(offer, None, DEPOSIT, proof_interval=PROOF_INTERVAL)
     console.print(
         f"[bold]session {session.id}[/]: deposited {format_usdc(DEPOSIT)} USDC; a proof every "
@@ -183,9 +184,9 @@ def _session(
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("verifying proofs by prefill", total=len(bundles))
         verdicts = []
-        for verdict in verify_session(
-            record, bundles, backend.prefill_hidden_states, backend.tokenize_chat
-        ):
+        # cast: the record's messages are role/content dicts, which the backend validates.
+        tokenize = cast(Tokenize, backend.tokenize_chat)
+        for verdict in verify_session(record, bundles, backend.prefill_hidden_states, tokenize):
             verdicts.append(verdict)
             progress.advance(task)
     unnamed = unnamed_receipts(record)
@@ -199,7 +200,7 @@ def _session(
     ).json()
     console.print(_checkpoint_table(checkpoints["checkpoints"], verdicts))
     host_earnings = client.host.earnings(offer.address)
-    refund = client.contracts.token.balance_of(client.address) - (refund_before - DEPOSIT)
+    refund = client.contracts.token.balance_of(client.account.address) - (refund_before - DEPOSIT)
     return DemoResult(
         session_id=session.id,
         tokens=settlement.output_tokens,
@@ -222,7 +223,7 @@ def _checkpoint_table(
         table.add_column(column)
     by_hash = {verdict.proof_hash: verdict for verdict in verdicts}
     for checkpoint in checkpoints:
-        start, end = checkpoint["tokens"]  # type: ignore[misc]
+        start, end = cast("list[int]", checkpoint["tokens"])  # JSON: [start, end]
         verdict = by_hash.get(str(checkpoint["proof_hash"]))
         table.add_row(
             str(checkpoint["index"]),

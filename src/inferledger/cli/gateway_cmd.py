@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 
@@ -17,6 +17,9 @@ from inferledger.cli.common import (
     require_deployment_file,
 )
 from inferledger.config import load_settings
+
+if TYPE_CHECKING:
+    from inferledger.gateway.service import LocalModel
 
 
 def gateway(
@@ -73,9 +76,10 @@ def gateway(
         )
         local_model = None
         if settings.gateway_verify_share > 0:  # re-run proofs with the user's own copy
-            from inferledger.node.runner import backend_from_settings
+            from inferledger.node.compose import backend_from_settings
 
-            local_model = backend_from_settings(settings)
+            # cast: the gateway hands it role/content dicts, which the backend validates.
+            local_model = cast("LocalModel", backend_from_settings(settings))
         service = Gateway(client, settings, local_model=local_model)
     err().print(
         f"inferledger gateway on http://{settings.gateway_bind}:{settings.gateway_port}/v1 "

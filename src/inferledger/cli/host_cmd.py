@@ -183,7 +183,7 @@ def update(
             raise CliError(f"host {me} is not registered: run `inferledger host register` first")
         prices: dict[str | bytes, tuple[int, int]] | None = None
         if model is not None or new_input is not None or new_output is not None:
-            served: dict[str | bytes, tuple[int, int]] = {}
+            served: dict[bytes, tuple[int, int]] = {}
             for served_id in c.nodes.host_models(me):
                 served_prices = c.nodes.prices_of(me, served_id)
                 if served_prices.output_per_mtok:
@@ -208,14 +208,15 @@ def update(
                     "have the registry owner run `inferledger model approve`"
                 )
             input_per_mtok = old_input if new_input is None else new_input
-            prices = {**served, model_id: (input_per_mtok, output_per_mtok)}
+            prices = dict(served.items())  # keyed str | bytes, as update() takes them
+            prices[model_id] = (input_per_mtok, output_per_mtok)
         hashes = client.host.update(api_url=url, prices=prices)
         console = out()
         if url is not None:
             console.print(f"url set to {url}", markup=False)
         if prices is not None:
-            for served_id, value in prices.items():
-                label = served_id if isinstance(served_id, str) else "0x" + served_id.hex()
+            for priced_id, value in prices.items():
+                label = priced_id if isinstance(priced_id, str) else "0x" + priced_id.hex()
                 console.print(f"model {label}: {prices_text(*value)} USDC/token")
         for tx_hash in hashes:
             console.print(f"tx {tx_hash}")
@@ -275,7 +276,7 @@ def _reading(
 ) -> Iterator[tuple[Client, str]]:
     """A client for reads and the host address (``address`` or the host key's), with the
     one-line error handler around the whole read."""
-    from eth_utils import is_address, to_checksum_address
+    from eth_utils.address import is_address, to_checksum_address
 
     with one_line_errors():
         if address is None:

@@ -61,6 +61,7 @@ def list_sessions(rpc: RpcOption = None, deployment: DeploymentOption = None) ->
         for column in ("deposit", "host", "opened (UTC)"):
             table.add_column(column)
         for record in records:
+            state: str
             try:
                 client.sessions.refresh(record.session_id)
                 status = client.sessions.status(record.session_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 
@@ -167,7 +167,7 @@ def _load_backend(name: str, console: Console) -> Backend:
 
 
 def _warn_on_other_model(model: Backend, record: SessionRecord, console: Console) -> None:
-    from eth_utils import keccak
+    from eth_utils.crypto import keccak
 
     if "0x" + keccak(text=model.name).hex() != record.model_id.lower():
         console.print(
@@ -222,6 +222,7 @@ def _check_all(
     (its tokenizer rebuilds the prompts, its prefill re-runs the activations)."""
     from inferledger.sdk.verification import (
         BundleUnavailable,
+        Tokenize,
         missing_bundle,
         next_after,
         transcripts,
@@ -233,7 +234,8 @@ def _check_all(
     if any(not isinstance(item, BundleUnavailable) for _, item in fetched):
         model = _load_backend(backend, console)
         _warn_on_other_model(model, record, console)
-        replies = transcripts(record, model.tokenize_chat)
+        # cast: the record's messages are role/content dicts, which the backend validates.
+        replies = transcripts(record, cast(Tokenize, model.tokenize_chat))
     verdicts = []
     after = 0  # where the previous bundle ends: the next starts no earlier
     with _progress(console) as progress:

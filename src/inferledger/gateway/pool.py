@@ -98,8 +98,8 @@ class SessionPool:
             async with self._opening:
                 if self._pooled_for(model_id):
                     continue  # another request opened one meanwhile: queue for it
-                pooled = None
-                while pooled is None:
+                opened: Pooled | None = None
+                while opened is None:
                     offer = await self.chooser.choose(model_id)  # failed hosts are avoided
                     if offer is None:
                         raise unavailable(
@@ -108,9 +108,9 @@ class SessionPool:
                             "; retry later"
                         )
                     prices = Prices(offer.input_price_per_mtok, offer.output_price_per_mtok)
-                    pooled = await self._open(offer, model, max(self.deposit, need(prices)))
-            await pooled.lock.acquire()
-            return pooled
+                    opened = await self._open(offer, model, max(self.deposit, need(prices)))
+            await opened.lock.acquire()
+            return opened
 
     def _pooled_for(self, model_id: bytes) -> bool:
         return any(

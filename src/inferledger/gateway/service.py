@@ -297,9 +297,9 @@ class Gateway:
                 await self.end(lease, abandoned=True)
                 raise
         assert failure is not None
-        error = from_sdk(failure)
-        error.spent = spent(failed)
-        raise error from failure
+        answer = from_sdk(failure)
+        answer.spent = spent(failed)
+        raise answer from failure
 
     async def _events(
         self, request: schema.ChatRequest, lease: Lease, first: str | None

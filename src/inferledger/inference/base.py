@@ -7,7 +7,7 @@ Keeping it synchronous lets each backend stay simple; the node owns the thread h
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol, TypedDict, runtime_checkable
@@ -122,8 +122,10 @@ class Backend(Protocol):
     name: str
     """Human-readable model name, ``"source/file"`` style."""
 
-    weights_path: Path | None
-    """The weights file the node hashes (sha256) into its model id; ``None`` when remote."""
+    @property
+    def weights_path(self) -> Path | None:
+        """The weights file the node hashes (sha256) into its model id; ``None`` when remote."""
+        ...
 
     supports_hidden_states: bool
     """Whether ``capture_hidden_states`` and ``prefill_hidden_states`` work."""
@@ -138,7 +140,7 @@ class Backend(Protocol):
         params: GenerationParams,
         *,
         capture_hidden_states: bool = False,
-    ) -> Iterator[Event]:
+    ) -> Generator[Event, None, None]:
         """Yield :class:`Token` events, then exactly one :class:`Finish`.
 
         With ``capture_hidden_states``, :class:`Hidden` events carry every position's state

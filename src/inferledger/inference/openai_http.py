@@ -16,7 +16,7 @@ activation proofs.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,7 @@ class OpenAIHTTPBackend:
         params: GenerationParams,
         *,
         capture_hidden_states: bool = False,
-    ) -> Iterator[Event]:
+    ) -> Generator[Event, None, None]:
         if capture_hidden_states:
             raise UnsupportedFeature("openai_http cannot return hidden states")
         return self._generate(self._request_body(validate_messages(messages), params), params)
@@ -107,7 +107,9 @@ class OpenAIHTTPBackend:
         body.update(self.extra_body)
         return body
 
-    def _generate(self, body: dict[str, Any], params: GenerationParams) -> Iterator[Event]:
+    def _generate(
+        self, body: dict[str, Any], params: GenerationParams
+    ) -> Generator[Event, None, None]:
         produced = 0
         reason: FinishReason | None = None
         prompt_tokens: int | None = None
@@ -135,7 +137,7 @@ class OpenAIHTTPBackend:
             raise UpstreamError("upstream stream ended without a finish_reason")
         yield Finish(reason=reason, prompt_tokens=prompt_tokens)
 
-    def _stream_chunks(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _stream_chunks(self, body: dict[str, Any]) -> Generator[dict[str, Any], None, None]:
         """Parsed JSON chunks of one streamed request, until ``[DONE]``."""
         try:
             with self._client.stream("POST", self.url, json=body) as response:
@@ -185,8 +187,9 @@ def tokens_from_choice(choice: Mapping[str, Any]) -> list[Token]:
 
 
 def _token_id(entry: Mapping[str, Any]) -> int:
-    if isinstance(entry.get("id"), int):
-        return entry["id"]
+    token_id = entry.get("id")
+    if isinstance(token_id, int):
+        return token_id
     token = entry.get("token")
     if isinstance(token, str) and token.startswith("token_id:"):
         try:

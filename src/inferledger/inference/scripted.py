@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -81,13 +81,13 @@ class ScriptedBackend:
         params: GenerationParams,
         *,
         capture_hidden_states: bool = False,
-    ) -> Iterator[Event]:
+    ) -> Generator[Event, None, None]:
         prompt_ids = self.tokenize_chat(messages)
         return self._generate(prompt_ids, params, capture_hidden_states)
 
     def _generate(
         self, prompt_ids: list[int], params: GenerationParams, capture: bool
-    ) -> Iterator[Event]:
+    ) -> Generator[Event, None, None]:
         start = _first_word(prompt_ids, params.seed, len(self.words))
         stream = TokenStream(self.decode, params.stop)
         states = _PseudoStates(self.hidden_size)

@@ -8,12 +8,19 @@ and per-request seeded sampling, and a short explicit loop gives all three.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 from inferledger.inference.base import (
@@ -64,7 +71,7 @@ class TransformersBackend:
             # stall each other on every op; 1 thread degrades far more gracefully.
             torch.set_num_threads(num_threads)
         packaged = gguf_path is None
-        self.weights_path = find_packaged_gguf() if packaged else Path(gguf_path)
+        self.weights_path = find_packaged_gguf() if gguf_path is None else Path(gguf_path)
         report(STAGE_HASH)
         self.weights_sha256 = sha256_file(self.weights_path)
         self.name = name or (
@@ -88,19 +95,23 @@ class TransformersBackend:
         self._lock = threading.Lock()
 
     def tokenize_chat(self, messages: Sequence[Message]) -> list[int]:
-        return list(
-            self._tokenizer.apply_chat_template(
-                validate_messages(messages),
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=False,
-            )
+        # casts: a Message is a dict of str; tokenize=True, return_dict=False gives ids.
+        ids = self._tokenizer.apply_chat_template(
+            cast(list[dict[str, str]], validate_messages(messages)),
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
         )
+        return list(cast(list[int], ids))
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of ``token_ids`` exactly as generated (special tokens kept, no cleanup)."""
-        return self._tokenizer.decode(
-            list(token_ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
+        # cast: one sequence of ids decodes to one string.
+        return cast(
+            str,
+            self._tokenizer.decode(
+                list(token_ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
+            ),
         )
 
     def generate(
@@ -109,7 +120,7 @@ class TransformersBackend:
         params: GenerationParams,
         *,
         capture_hidden_states: bool = False,
-    ) -> Iterator[Event]:
+    ) -> Generator[Event, None, None]:
         prompt_ids = self.tokenize_chat(messages)
         room = self.context_length - len(prompt_ids)
         if room < 1:
@@ -122,7 +133,7 @@ class TransformersBackend:
 
     def _generate(
         self, prompt_ids: list[int], params: GenerationParams, limit: int, capture: bool
-    ) -> Iterator[Event]:
+    ) -> Generator[Event, None, None]:
         rng = make_generator(params.seed)
         stream = TokenStream(self.decode, params.stop)
         cache = DynamicCache(config=self._model.config)
@@ -168,14 +179,16 @@ class TransformersBackend:
             output = self._model.model(
                 input_ids=input_ids, cache=cache, use_cache=cache is not None
             )
-        return output.last_hidden_state[0]
+        hidden: torch.Tensor = output.last_hidden_state[0]
+        return hidden
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self._model.lm_head(hidden)
+            logits: torch.Tensor = self._model.lm_head(hidden)
+            return logits
 
 
-def _eos_ids(model: torch.nn.Module, tokenizer: object) -> frozenset[int]:
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     """Every id the model uses to end a turn (generation config and tokenizer may differ)."""
     ids: set[int] = set()
     configured = model.generation_config.eos_token_id

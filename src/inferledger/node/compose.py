@@ -72,6 +72,7 @@ def build_node_parts(
     only be passed in, as every connect to it makes a new, empty chain). Raises only for
     what no preflight line can describe: a refused setting or a backend that cannot load.
     """
+    deployment: Deployment | None
     if contracts is not None:
         chain, chain_error = contracts.chain, ""
         deployment, source, deployment_error = contracts.deployment, "given by the caller", ""
@@ -214,6 +215,7 @@ def _host_account(settings: Settings) -> LocalAccount | None:
     if settings.host_key is None:
         return None
     try:
-        return Account.from_key(settings.host_key.get_secret_value().strip())
+        account: LocalAccount = Account.from_key(settings.host_key.get_secret_value().strip())
+        return account
     except Exception:
         return None

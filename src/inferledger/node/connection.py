@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Executor
 from typing import Any
 
@@ -40,7 +40,15 @@ from inferledger.chain.receipts import (
 )
 from inferledger.chain.redact import CHAIN_UNAVAILABLE
 from inferledger.config import Settings
-from inferledger.inference.base import Backend, Event, Finish, GenerationParams, Hidden, Token
+from inferledger.inference.base import (
+    Backend,
+    Event,
+    Finish,
+    GenerationParams,
+    Hidden,
+    Message,
+    Token,
+)
 from inferledger.node.checkpoints import (
     CheckpointJob,
     ReplyTrace,
@@ -192,10 +200,12 @@ class _Steps:
     """A backend's events, each computed by its own call in the generation pool: between
     calls a reply holds no worker thread, so a paused reply blocks no one."""
 
-    def __init__(self, executor: Executor, start: Callable[[], Iterator[Event]]) -> None:
+    def __init__(
+        self, executor: Executor, start: Callable[[], Generator[Event, None, None]]
+    ) -> None:
         self._executor = executor
         self._start = start
-        self._events: Iterator[Event] | None = None
+        self._events: Generator[Event, None, None] | None = None
         self._step: asyncio.Future[Any] | None = None
 
     def _advance(self) -> Any:
@@ -612,7 +622,7 @@ class Connection:
             raise ProtocolError(
                 ErrorCode.SESSION_CLOSING, "the session's max duration is nearly over"
             )
-        messages = [m.model_dump() for m in prompt.messages]
+        messages = [Message(role=m.role, content=m.content) for m in prompt.messages]
         capture = node.prover.needs_hidden_states and node.backend.supports_hidden_states
         try:
             prompt_ids = await asyncio.to_thread(prompt_token_ids, node.backend, messages)
@@ -666,7 +676,7 @@ class Connection:
     async def _generate_reply(
         self,
         prompt: Prompt,
-        messages: list[dict[str, str]],
+        messages: list[Message],
         params: GenerationParams,
         capture: bool,
         received: float,
@@ -937,6 +947,10 @@ class Connection:
         settlement = await self._settled_or_pending(sid)
         if settlement is None or settlement.status != "settled":
             return
+        # finish_settlement writes a settled record's amounts together with its status.
+        assert settlement.input_tokens is not None and settlement.tokens is not None
+        assert settlement.host_amount is not None and settlement.fee is not None
+        assert settlement.refund is not None
         await self.send(
             Settled(
                 session_id=sid,

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from eth_account.signers.local import LocalAccount
-from eth_utils import keccak
+from eth_typing import ChecksumAddress
+from eth_utils.crypto import keccak
 from web3 import Web3
 
 from inferledger.chain.connect import Chain
@@ -171,7 +172,7 @@ class _Context:
         return self.built.chain
 
     @property
-    def host(self) -> str:
+    def host(self) -> ChecksumAddress:
         assert self.built.account is not None
         return self.built.account.address
 

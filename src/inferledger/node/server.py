@@ -264,7 +264,7 @@ class BackgroundServer:
     @property
     def port(self) -> int:
         (sock,) = [s for server in self.server.servers for s in server.sockets][:1]
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
     @property
     def url(self) -> str:

@@ -46,7 +46,7 @@ from inferledger.node.chain_health import ChainHealth
 from inferledger.node.metering import Counts, settle_lead
 from inferledger.node.metrics import NodeMetrics
 from inferledger.node.notices import SettlementNotices
-from inferledger.node.outbox import Outbox, SettlementReason, SettlementRecord
+from inferledger.node.outbox import CheckpointStatus, Outbox, SettlementReason, SettlementRecord
 from inferledger.node.reconciler import Finding, compare
 from inferledger.node.state import NodeState, SessionRecord, session_record
 from inferledger.node.watcher import ChainWatcher, Poll
@@ -368,7 +368,7 @@ class SettlementWorker:
                 self._tx_failed(row, "submit_checkpoint", exc)
                 # A revert is not worth retrying (the settlement carries the receipt anyway);
                 # anything else stays queued for the next pass.
-                status = "failed" if isinstance(exc, ContractRevert) else "queued"
+                status: CheckpointStatus = "failed" if isinstance(exc, ContractRevert) else "queued"
                 outbox.set_checkpoint_status(
                     sid, checkpoint.token_end, status, error=str(exc), attempted=True
                 )
@@ -474,6 +474,7 @@ class SettlementWorker:
         event: SettlementEvent | None,
         how: str,
     ) -> None:
+        tx_hash: str | None
         if event is not None:
             paid = Counts(event.input_tokens, event.output_tokens)
             host, fee, refund = event.host_amount, event.fee, event.refund

@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from eth_account import Account
-from eth_utils import keccak, to_checksum_address
+from eth_utils.address import to_checksum_address
+from eth_utils.crypto import keccak
 
 from inferledger.chain.receipts import check_signature_shape
 from inferledger.proofs.activation import PROOF_BYTES, segment_chunks
@@ -189,7 +190,7 @@ class ProofBundle:
         """The address that signed the bundle; compare it with the session's host."""
         if not self.host_signature:
             raise ValueError("the bundle is not signed")
-        return Account._recover_hash(self.signing_hash(), signature=self.host_signature)
+        return str(Account._recover_hash(self.signing_hash(), signature=self.host_signature))
 
     def proof_hash(self) -> bytes:
         """keccak256 of the full encoding, signature included: what receipts commit to."""

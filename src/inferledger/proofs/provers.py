@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from eth_utils import keccak
+from eth_utils.crypto import keccak
 
 from inferledger.config import env_name
 from inferledger.proofs.activation import build_chunk_proofs, segment_chunks

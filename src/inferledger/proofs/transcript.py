@@ -6,7 +6,7 @@ from the client's means they disagree on what was delivered.
 
 from __future__ import annotations
 
-from eth_utils import keccak
+from eth_utils.crypto import keccak
 
 _TRANSCRIPT_DOMAIN = b"inferledger/transcript/v1"
 

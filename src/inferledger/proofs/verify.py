@@ -16,7 +16,7 @@ from itertools import pairwise
 from typing import Literal
 
 import numpy as np
-from eth_utils import to_checksum_address
+from eth_utils.address import to_checksum_address
 
 from inferledger.proofs.activation import (
     SAME_BACKEND,

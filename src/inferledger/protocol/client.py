@@ -142,7 +142,7 @@ def parse_client_frame(
 
 def client_frame_schemas() -> dict[str, dict[str, Any]]:
     """JSON schema of each inbound frame, by type (published in docs/protocol.md)."""
-    models = {
+    models: dict[str, type[BaseModel]] = {
         "session_init": SessionInit,
         "prompt": Prompt,
         "receipt": ReceiptFrame,

@@ -148,7 +148,8 @@ def _account(key: str | bytes | None) -> LocalAccount | None:
     if key is None:
         return None
     try:
-        return Account.from_key(key)
+        account: LocalAccount = Account.from_key(key)
+        return account
     except Exception:
         raise ConfigurationError(
             f"the key (key= or {KEY_ENV}) is not a valid private key: expected 32 bytes of 0x-hex"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from eth_utils import keccak
+from eth_utils.crypto import keccak
 
 from inferledger.chain.contracts import HostInfo
 from inferledger.chain.units import Prices

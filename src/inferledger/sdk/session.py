@@ -20,10 +20,10 @@ import contextlib
 import logging
 import queue
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import websockets
 from eth_account import Account
@@ -48,10 +48,13 @@ from inferledger.sdk.wire import (
 )
 
 if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+
     from inferledger.sdk.client import Client
 
 Messages = Sequence[dict[str, str]]
 log = logging.getLogger("inferledger.sdk")
+_T = TypeVar("_T")
 
 # Seconds close() waits for the node's `settled` frame: a node's settlement_wait (30 s by
 # default) plus a chain outage of a minute or so and the node's retry backoff.
@@ -136,7 +139,8 @@ class Session:
     @property
     def signer(self) -> str:
         """Address of this session's own signing key (not the depositor's)."""
-        return Account.from_key(self.record.signer_key.get_secret_value()).address
+        account: LocalAccount = Account.from_key(self.record.signer_key.get_secret_value())
+        return account.address
 
     @property
     def deposit(self) -> int:
@@ -191,7 +195,7 @@ class Session:
             if not job.done():
                 await job.acancel()
 
-    async def stream(self, messages: Messages, **params: Any) -> AsyncIterator[str]:
+    async def stream(self, messages: Messages, **params: Any) -> AsyncGenerator[str, None]:
         """Send ``messages`` and yield the reply's text token by token.
 
         The finished reply is in ``last_reply`` afterwards. Stopping early drops the
@@ -315,7 +319,7 @@ class Session:
 
     # Portal side: everything below runs on the SDK's event loop ----------------------
 
-    def _start(self, coro: Any) -> Job[Any]:
+    def _start(self, coro: Coroutine[Any, Any, _T]) -> Job[_T]:
         job = self._portal.start(coro)
         self._busy = job
         return job

@@ -35,7 +35,7 @@ from typing import Literal
 from urllib.parse import urljoin, urlsplit
 
 import httpx
-from eth_utils import keccak
+from eth_utils.crypto import keccak
 
 from inferledger.proofs.bundle import ProofBundle
 from inferledger.proofs.verify import Prefill, ReplyTranscript, verify_bundle

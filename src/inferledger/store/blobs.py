@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eth_utils import keccak
+from eth_utils.crypto import keccak
 
 from inferledger import paths
 
