@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     node_port: int = Field(default=8080, ge=0, le=65535, description="Port the node listens on")
     backend: str = Field(
         default="transformers",
-        description="Inference backend: transformers, scripted, openai_http or llama_cpp",
+        description="Inference backend: transformers, scripted or openai_http",
     )
     upstream_url: str | None = Field(
         default=None, description="OpenAI-compatible server for the openai_http backend"

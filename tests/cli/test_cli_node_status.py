@@ -17,7 +17,7 @@ from inferledger.cli.main import app
 from inferledger.inference import Backend
 from inferledger.node.metering import Counts
 from inferledger.node.outbox import Outbox
-from inferledger.node.state import NodeState, SessionRecord
+from inferledger.node.state import HostedSession, NodeState
 from inferledger.sdk.wire import SessionClient
 from support import open_session
 
@@ -90,7 +90,7 @@ def test_node_status_shows_each_settlement_and_fails_on_a_failed_one(
 def _settled_session(state: NodeState, session_id: int, receipted: int, paid: int) -> None:
     """A session whose user signed for ``receipted`` output tokens, settled at ``paid``."""
     state.upsert_session(
-        SessionRecord(session_id, "0xd", "0xs", b"m" * 32, usdc("1"), 0, PRICE, 100, 10**10)
+        HostedSession(session_id, "0xd", "0xs", b"m" * 32, usdc("1"), 0, PRICE, 100, 10**10)
     )
     state.record_served(session_id, Counts(0, receipted), (), 0)
     state.store_receipt(session_id, Counts(0, receipted), bytes(32), b"\x01" * 65)

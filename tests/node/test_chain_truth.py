@@ -28,7 +28,7 @@ from inferledger.inference import Backend
 from inferledger.node.node import Node
 from inferledger.node.outbox import SettlementRecord
 from inferledger.node.reconciler import compare
-from inferledger.node.state import SessionRecord, session_record
+from inferledger.node.state import HostedSession, session_record
 from inferledger.sdk.wire import SessionClient
 
 
@@ -211,7 +211,7 @@ def test_a_settlement_the_chain_lost_is_settled_again_and_confirmed_only_when_de
     assert node.state.open_discrepancies() == []
 
 
-RECORD = SessionRecord(1, "0xd", "0xs", b"m" * 32, 10**6, 1, 2, 100, 10**9)
+RECORD = HostedSession(1, "0xd", "0xs", b"m" * 32, 10**6, 1, 2, 100, 10**9)
 
 
 def _info(**fields: Any) -> SessionInfo:

@@ -16,8 +16,8 @@ from inferledger.node.metering import Counts, SentToken
 from inferledger.node.state import (
     _MIGRATIONS,
     SCHEMA_VERSION,
+    HostedSession,
     NodeState,
-    SessionRecord,
     StateError,
     UnknownSession,
 )
@@ -33,7 +33,7 @@ def tail(first: int, last: int) -> list[SentToken]:
     return [SentToken(i, 1000 + i, f"t{i}") for i in range(first, last + 1)]
 
 
-def session(session_id: int = 1, **changes: object) -> SessionRecord:
+def session(session_id: int = 1, **changes: object) -> HostedSession:
     fields: dict[str, object] = {
         "session_id": session_id,
         "depositor": "0x" + "11" * 20,
@@ -46,7 +46,7 @@ def session(session_id: int = 1, **changes: object) -> SessionRecord:
         "expires_at": 1_900_000_000,
     }
     fields.update(changes)
-    return SessionRecord(**fields)  # type: ignore[arg-type]
+    return HostedSession(**fields)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -180,12 +180,12 @@ def test_a_restarted_node_still_has_everything(tmp_path: Path) -> None:
         f"""
         import os
         from pathlib import Path
-        from inferledger.node.state import NodeState, SessionRecord
+        from inferledger.node.state import NodeState, HostedSession
 
         from inferledger.node.metering import Counts, SentToken
 
         state = NodeState(Path({str(path)!r}))
-        state.upsert_session(SessionRecord(
+        state.upsert_session(HostedSession(
             3, "0xdep", "0xsig", bytes(32), {BIG_DEPOSIT}, 500_000_000, 2_000_000_000, 100,
             1_900_000_000
         ))

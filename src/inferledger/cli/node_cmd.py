@@ -25,7 +25,7 @@ from inferledger.cli.common import (
 from inferledger.config import env_name
 from inferledger.node.compose import state_path
 from inferledger.node.outbox import Outbox, SettlementRecord
-from inferledger.node.state import Discrepancy, NodeState, SessionRecord
+from inferledger.node.state import Discrepancy, HostedSession, NodeState
 
 
 def status(
@@ -123,7 +123,7 @@ def _settlement_part(settlement: SettlementRecord) -> str:
 
 
 def _flags(
-    record: SessionRecord, settlement: SettlementRecord | None, disagreements: list[Discrepancy]
+    record: HostedSession, settlement: SettlementRecord | None, disagreements: list[Discrepancy]
 ) -> list[tuple[str, str]]:
     """(FLAG, why) for each thing about this session an operator must look at."""
     raised = [

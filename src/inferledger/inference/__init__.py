@@ -6,7 +6,6 @@ Backends are imported lazily by :func:`load_backend`, so choosing ``scripted`` o
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 from inferledger.inference.base import (
@@ -25,7 +24,7 @@ from inferledger.inference.base import (
     UpstreamError,
 )
 
-BACKEND_NAMES = ("transformers", "scripted", "openai_http", "llama_cpp")
+BACKEND_NAMES = ("transformers", "scripted", "openai_http")
 
 __all__ = [
     "BACKEND_NAMES",
@@ -65,12 +64,4 @@ def load_backend(name: str, /, **options: Any) -> Backend:
         from inferledger.inference.openai_http import OpenAIHTTPBackend
 
         return OpenAIHTTPBackend(**options)
-    if name == "llama_cpp":
-        if importlib.util.find_spec("llama_cpp") is None:
-            raise BackendUnavailable(
-                "llama_cpp backend needs llama-cpp-python; run `pip install llama-cpp-python`"
-            )
-        raise BackendUnavailable(
-            "llama_cpp backend is not implemented yet; use `transformers` for the same GGUF"
-        )
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")

@@ -22,7 +22,7 @@ from inferledger.node.notices import SettlementNotices
 from inferledger.node.outbox import Outbox, SettlementReason
 from inferledger.node.preflight import PreflightFailed, PreflightReport
 from inferledger.node.settlement import SettlementWorker
-from inferledger.node.state import NodeState, SessionRecord
+from inferledger.node.state import HostedSession, NodeState
 from inferledger.proofs.provers import Prover
 from inferledger.store.blobs import BlobStore
 
@@ -139,7 +139,7 @@ class Node:
     def domain(self) -> ReceiptDomain:
         return self.contracts.marketplace.domain()
 
-    def meter_for(self, record: SessionRecord) -> Meter:
+    def meter_for(self, record: HostedSession) -> Meter:
         """The session's meter: the live one, else rebuilt from what the state recorded."""
         meter = self.meters.get(record.session_id)
         if meter is None:

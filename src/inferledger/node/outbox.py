@@ -4,7 +4,7 @@ Everything the node owes the chain is written here before it is sent (docs/archi
 R3), so a crash or a restart loses nothing: the settlement worker reads this table, not memory.
 
 Checkpoint states: ``proved`` (bundle stored, receipt requested) -> ``receipted`` (the user
-signed it) -> ``queued`` (to submit on chain, by policy) -> ``submitted`` -> ``confirmed``;
+signed it) -> ``queued`` (to submit on chain, by policy) -> ``confirmed`` (on chain);
 ``settled`` once a settlement paid for it. Tokens are never served twice (a resumed session
 must receipt what was streamed), so no checkpoint is ever redone.
 
@@ -23,10 +23,8 @@ from typing import Literal
 
 from inferledger.node.state import NodeState, UnknownSession
 
-CheckpointStatus = Literal[
-    "proved", "receipted", "queued", "submitted", "confirmed", "settled", "failed"
-]
-SettlementStatus = Literal["pending", "settled", "failed"]
+CheckpointStatus = Literal["proved", "receipted", "queued", "confirmed", "settled", "failed"]
+SettlementJobStatus = Literal["pending", "settled", "failed"]
 SettlementReason = Literal[
     "end", "disconnect", "expiry", "close_requested", "restart", "unpaid", "chain"
 ]
@@ -73,7 +71,7 @@ class CheckpointRecord:
 class SettlementRecord:
     session_id: int
     reason: SettlementReason
-    status: SettlementStatus
+    status: SettlementJobStatus
     due_at: float
     attempts: int
     last_error: str | None
@@ -197,7 +195,7 @@ class Outbox:
         with self.state.transaction() as db:
             db.execute(
                 "UPDATE checkpoints SET status = 'settled', updated_at = ? WHERE session_id = ? "
-                "AND token_end <= ? AND status IN ('receipted', 'queued', 'submitted', "
+                "AND token_end <= ? AND status IN ('receipted', 'queued', "
                 "'confirmed')",
                 (time.time(), session_id, tokens),
             )

@@ -13,7 +13,7 @@ from typing import Literal
 
 from inferledger.chain.contracts import SessionInfo
 from inferledger.node.outbox import SettlementRecord
-from inferledger.node.state import SessionRecord
+from inferledger.node.state import HostedSession
 
 Kind = Literal[
     "settlement_lost", "settled_on_chain", "paid_differs", "close_missed", "unknown_on_chain"
@@ -32,7 +32,7 @@ class Finding:
 
 
 def compare(
-    record: SessionRecord, settlement: SettlementRecord | None, info: SessionInfo
+    record: HostedSession, settlement: SettlementRecord | None, info: SessionInfo
 ) -> list[Finding]:
     """Every difference between the node's books for one session and the chain's state."""
     if not info.exists:

@@ -48,7 +48,7 @@ from inferledger.node.metrics import NodeMetrics
 from inferledger.node.notices import SettlementNotices
 from inferledger.node.outbox import CheckpointStatus, Outbox, SettlementReason, SettlementRecord
 from inferledger.node.reconciler import Finding, compare
-from inferledger.node.state import NodeState, SessionRecord, session_record
+from inferledger.node.state import HostedSession, NodeState, session_record
 from inferledger.node.watcher import ChainWatcher, Poll
 
 log = logging.getLogger("inferledger.node")
@@ -281,14 +281,14 @@ class SettlementWorker:
             self._next_reconcile = 0.0 if everything else self._next_reconcile
         return found
 
-    def _unfinished(self) -> Iterable[SessionRecord]:
+    def _unfinished(self) -> Iterable[HostedSession]:
         unconfirmed = {s.session_id for s in self.outbox.unconfirmed_settlements()}
         for record in self.state.list_sessions():
             if record.status in ("open", "ended") or record.session_id in unconfirmed:
                 yield record
 
     def _apply(
-        self, record: SessionRecord, settlement: SettlementRecord | None, info: SessionInfo
+        self, record: HostedSession, settlement: SettlementRecord | None, info: SessionInfo
     ) -> int:
         """Log, count, record and repair each difference of one session; returns how many."""
         findings = compare(record, settlement, info)

@@ -27,12 +27,12 @@ from typing import Literal, get_args
 from inferledger.chain.contracts import SessionInfo
 from inferledger.node.metering import Counts, SentToken
 
-SessionStatus = Literal["open", "ended", "closing", "settled", "failed"]
-"""``open``: serving; ``ended``: the client said end or left, settlement pending;
-``closing``: the depositor asked to close on chain; ``settled``: paid out on chain;
-``failed``: settlement gave up (the reason is in the node's logs and transactions)."""
+HostedStatus = Literal["open", "ended", "settled", "failed"]
+"""``open``: serving; ``ended``: the client said end or left, or the chain asked for a close,
+and a settlement is pending; ``settled``: paid out on chain; ``failed``: settlement gave up
+(the reason is in the node's logs and transactions)."""
 
-SESSION_STATUSES: frozenset[str] = frozenset(get_args(SessionStatus))
+SESSION_STATUSES: frozenset[str] = frozenset(get_args(HostedStatus))
 
 # One entry per schema version; entry i moves a database from version i to i + 1.
 # Amounts in token base units are TEXT: they are uint256 on chain and may exceed int64.
@@ -201,7 +201,7 @@ class UnknownSession(KeyError):
 
 
 @dataclass(frozen=True)
-class SessionRecord:
+class HostedSession:
     """A session as the node tracks it; terms come from the chain, counters from serving."""
 
     session_id: int
@@ -222,7 +222,7 @@ class SessionRecord:
     abandoned: int = 0
     last_proof_hash: bytes | None = None
     last_transcript_hash: bytes | None = None
-    status: SessionStatus = "open"
+    status: HostedStatus = "open"
     created_at: float = 0.0
     updated_at: float = 0.0
 
@@ -258,7 +258,7 @@ class RequestRecord:
 
 
 @dataclass(frozen=True)
-class ReceiptRecord:
+class StoredReceipt:
     """A user's signed receipt for cumulative input and output (``tokens``) tokens."""
 
     session_id: int
@@ -331,7 +331,7 @@ class NodeState:
 
     # Sessions ------------------------------------------------------------------
 
-    def upsert_session(self, record: SessionRecord) -> SessionRecord:
+    def upsert_session(self, record: HostedSession) -> HostedSession:
         """Store a session's terms; an existing row keeps its counters, status and created_at.
 
         Returns the stored record, so a restarted node resumes from its saved counters.
@@ -380,11 +380,11 @@ class NodeState:
             )
             return self._session_row(db, record.session_id)
 
-    def get_session(self, session_id: int) -> SessionRecord | None:
+    def get_session(self, session_id: int) -> HostedSession | None:
         rows = self.query("SELECT * FROM sessions WHERE session_id = ?", (session_id,))
         return _session(rows[0]) if rows else None
 
-    def list_sessions(self, status: SessionStatus | None = None) -> list[SessionRecord]:
+    def list_sessions(self, status: HostedStatus | None = None) -> list[HostedSession]:
         """Sessions by id, all of them or those with ``status``."""
         if status is None:
             rows = self.query("SELECT * FROM sessions ORDER BY session_id")
@@ -395,11 +395,10 @@ class NodeState:
             )
         return [_session(row) for row in rows]
 
-    def held_sessions(self) -> list[SessionRecord]:
+    def held_sessions(self) -> list[HostedSession]:
         """Sessions this node still owes a settlement (open or ended), by id."""
         rows = self.query(
-            "SELECT * FROM sessions WHERE status IN ('open', 'ended', 'closing') "
-            "ORDER BY session_id"
+            "SELECT * FROM sessions WHERE status IN ('open', 'ended') ORDER BY session_id"
         )
         return [_session(row) for row in rows]
 
@@ -425,7 +424,7 @@ class NodeState:
                 (served.input, served.output, encoded, abandoned, time.time(), session_id),
             )
 
-    def set_status(self, session_id: int, status: SessionStatus) -> None:
+    def set_status(self, session_id: int, status: HostedStatus) -> None:
         _check_status(status)
         with self.transaction() as db:
             cursor = db.execute(
@@ -480,7 +479,7 @@ class NodeState:
         proof_hash: bytes,
         signature: bytes,
         transcript_hash: bytes | None = None,
-    ) -> ReceiptRecord:
+    ) -> StoredReceipt:
         """Durably store a signed receipt and advance the session's receipted counts.
 
         Receipts are cumulative, so neither count may fall below the last stored receipt's
@@ -545,7 +544,7 @@ class NodeState:
                 "WHERE session_id = ? AND token_end <= ? AND status = 'proved'",
                 (received_at, session_id, counts.output),
             )
-        return ReceiptRecord(
+        return StoredReceipt(
             session_id,
             counts.input,
             counts.output,
@@ -554,7 +553,7 @@ class NodeState:
             received_at,
         )
 
-    def latest_receipt(self, session_id: int) -> ReceiptRecord | None:
+    def latest_receipt(self, session_id: int) -> StoredReceipt | None:
         rows = self.query(
             "SELECT * FROM receipts WHERE session_id = ? "
             "ORDER BY tokens DESC, input_tokens DESC LIMIT 1",
@@ -562,7 +561,7 @@ class NodeState:
         )
         return _receipt(rows[0]) if rows else None
 
-    def receipts(self, session_id: int) -> list[ReceiptRecord]:
+    def receipts(self, session_id: int) -> list[StoredReceipt]:
         """All receipts of a session, oldest (fewest tokens) first."""
         rows = self.query(
             "SELECT * FROM receipts WHERE session_id = ? ORDER BY tokens, input_tokens",
@@ -656,14 +655,14 @@ class NodeState:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _session_row(self, db: sqlite3.Connection, session_id: int) -> SessionRecord:
+    def _session_row(self, db: sqlite3.Connection, session_id: int) -> HostedSession:
         row = db.execute("SELECT * FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
         return _session(row)
 
 
-def session_record(info: SessionInfo) -> SessionRecord:
+def session_record(info: SessionInfo) -> HostedSession:
     """A new record of a session's terms, as the chain has them."""
-    return SessionRecord(
+    return HostedSession(
         session_id=info.session_id,
         depositor=info.depositor,
         signer=info.signer,
@@ -686,10 +685,10 @@ def _hex_or_none(value: bytes | None) -> str | None:
     return None if value is None else value.hex()
 
 
-def _session(row: sqlite3.Row) -> SessionRecord:
+def _session(row: sqlite3.Row) -> HostedSession:
     proof_hash = row["last_proof_hash"]
     transcript = row["last_transcript_hash"]
-    return SessionRecord(
+    return HostedSession(
         session_id=row["session_id"],
         depositor=row["depositor"],
         signer=row["signer"],
@@ -714,8 +713,8 @@ def _session(row: sqlite3.Row) -> SessionRecord:
     )
 
 
-def _receipt(row: sqlite3.Row) -> ReceiptRecord:
-    return ReceiptRecord(
+def _receipt(row: sqlite3.Row) -> StoredReceipt:
+    return StoredReceipt(
         session_id=row["session_id"],
         input_tokens=row["input_tokens"],
         tokens=row["tokens"],
