@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,13 +35,16 @@ from inferledger.sdk.wire import SessionClient
 
 @contextmanager
 def counted_rpc(world: DevWorld) -> Iterator[Counter[str]]:
-    """Count the JSON-RPC methods the chain connection is asked for, by name."""
+    """Count the JSON-RPC methods this thread asks the chain connection for, by name (the
+    node's own threads share the connection)."""
     calls: Counter[str] = Counter()
+    mine = threading.get_ident()
 
     class Count(Web3Middleware):
         def wrap_make_request(self, make_request: Any) -> Any:
             def counting(method: Any, params: Any) -> Any:
-                calls[str(method)] += 1
+                if threading.get_ident() == mine:
+                    calls[str(method)] += 1
                 return make_request(method, params)
 
             return counting
@@ -54,10 +58,12 @@ def counted_rpc(world: DevWorld) -> Iterator[Counter[str]]:
 
 
 def _still_node(start_node: NodeFactory, backend: Backend, **settings: object) -> Node:
-    """A node whose worker polls and reconciles only when the test calls it."""
+    """A node whose worker polls and reconciles only when the test calls it: its thread is
+    stopped (after its first pass), so nothing else reads the chain or moves the cursor."""
     node, _server = start_node(
         backend, chain_poll_interval=3600, reconcile_interval=3600, **settings
     )
+    node.settlement.stop()
     return node
 
 
