@@ -13,11 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from inferledger.chain.anvil import free_port
 from inferledger.chain.devchain import DevWorld, dev_account
 
 CLI = [sys.executable, "-m", "inferledger.cli.main"]
+
+
+def needs_rpc(world: DevWorld, why: str) -> None:
+    """Skip on the embedded chain, which lives inside the test's process; ``why`` says what
+    the test needs that it cannot have there."""
+    if world.chain.is_embedded:
+        pytest.skip(f"the embedded chain runs in-process: {why}")
 
 
 class NodeProcess:

@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 from eth_utils import keccak
 from node_support import expect, read_session, serve_model, wait_until
-from process_support import NodeProcess
+from process_support import NodeProcess, needs_rpc
 from test_node_settlement import (
     DEPOSIT,
     HELLO,
@@ -32,11 +31,6 @@ from inferledger.protocol.server import SettlementPending
 from inferledger.sdk.wire import SessionClient
 
 FAST = {"chain_poll_interval": 0.2, "disconnect_grace": 1}
-
-
-def _needs_rpc(world: DevWorld) -> None:
-    if world.chain.is_embedded:
-        pytest.skip("the embedded chain lives in the test's process: no node process can use it")
 
 
 def _open_key(world: DevWorld, model_id: bytes) -> tuple[int, bytes]:
@@ -56,7 +50,7 @@ async def _chat_and_end(world: DevWorld, node: NodeProcess, sid: int, key: bytes
 def test_a_reorg_that_drops_the_settlement_is_settled_again_and_the_nonce_heals(
     world: DevWorld, scripted: Backend, tmp_path: Path
 ) -> None:
-    _needs_rpc(world)
+    needs_rpc(world, "no node process can use it")
     model_id = serve_model(world, scripted, keccak(text=scripted.name), PRICE, INPUT_PRICE)
     first, first_key = _open_key(world, model_id)
     market = world.contracts.marketplace
@@ -91,7 +85,7 @@ def test_a_reorg_that_drops_the_settlement_is_settled_again_and_the_nonce_heals(
 def test_a_close_requested_while_the_node_was_down_is_settled_soon_after_it_restarts(
     world: DevWorld, scripted: Backend, tmp_path: Path
 ) -> None:
-    _needs_rpc(world)
+    needs_rpc(world, "no node process can use it")
     model_id = serve_model(world, scripted, keccak(text=scripted.name), PRICE, INPUT_PRICE)
     served, served_key = _open_key(world, model_id)
     never_served, _ = _open_key(world, model_id)

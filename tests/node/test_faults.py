@@ -14,10 +14,9 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from eth_utils import keccak
 from node_support import NodeFactory, expect, read_session, serve_model, wait_until
-from process_support import NodeProcess
+from process_support import NodeProcess, needs_rpc
 from test_node_settlement import (
     HELLO,
     INPUT_PRICE,
@@ -36,11 +35,6 @@ from inferledger.protocol.server import Settled, SettlementPending
 from inferledger.sdk.wire import SessionClient
 
 CLI = [sys.executable, "-m", "inferledger.cli.main"]
-
-
-def _needs_rpc(world: DevWorld) -> None:
-    if world.chain.is_embedded:
-        pytest.skip("the embedded chain runs in-process: no RPC to lose, no node to kill")
 
 
 class TcpProxy:
@@ -100,7 +94,7 @@ class TcpProxy:
 def test_rpc_unreachable_during_settlement_then_back(
     world: DevWorld, scripted: Backend, start_node: NodeFactory
 ) -> None:
-    _needs_rpc(world)
+    needs_rpc(world, "no RPC to lose, no node to kill")
     host, port = world.chain.url.removeprefix("http://").split(":")
     proxy = TcpProxy((host, int(port)))
     chain = connect(proxy.url, receipt_timeout=5)
@@ -147,7 +141,7 @@ def test_rpc_unreachable_during_settlement_then_back(
 def test_node_killed_mid_session_settles_from_its_sqlite_state_after_restart(
     world: DevWorld, scripted: Backend, tmp_path: Path
 ) -> None:
-    _needs_rpc(world)
+    needs_rpc(world, "no RPC to lose, no node to kill")
     model_id = serve_model(world, scripted, keccak(text=scripted.name), PRICE, INPUT_PRICE)
     session_id, signer = open_priced(world, model_id)
     node = NodeProcess(world, tmp_path, disconnect_grace=1)
