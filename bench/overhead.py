@@ -2,8 +2,10 @@
 
 Part 1 (SmolLM2): tokens/s of the backend alone, then through node + WebSocket +
 receipts, same prompt, seed and token count, alternating runs; prints the ratio.
-Part 2 (scripted backend, no model cost): N concurrent sessions on one node,
-and the node's wall time per streamed token in microseconds.
+Part 2 (scripted backend, no model cost): one session's tokens/s end-to-end encrypted
+vs plaintext (alternating runs; the protocol's cost with nothing to hide it), then N
+concurrent (encrypted) sessions on one node, and the node's wall time per streamed token
+in microseconds.
 
 Run: ``python bench/overhead.py [--sessions 100] [--tokens 120]``. All traffic is on
 loopback; figures are ratios of runs made in this one process.
@@ -40,7 +42,9 @@ from inferledger.sdk.wire import Expectation, SessionClient
 QUESTION = [{"role": "user", "content": "Write a detailed story about a lighthouse keeper."}]
 
 
-def serve(world: DevWorld, backend: Backend, sha256: bytes, slots: int) -> BackgroundServer:
+def serve(
+    world: DevWorld, backend: Backend, sha256: bytes, slots: int, plaintext: bool = False
+) -> BackgroundServer:
     c = world.contracts
     model_id = c.models.approve_model(world.owner, backend.name, sha256)
     c.nodes.set_models(world.host, {model_id: (INPUT_PRICE, PRICE)})
@@ -51,6 +55,7 @@ def serve(world: DevWorld, backend: Backend, sha256: bytes, slots: int) -> Backg
         max_connections=max(slots, 256),
         max_connections_per_ip=slots,
         max_replies_per_depositor=slots,
+        allow_plaintext_sessions=plaintext,  # for the comparison: the embedded chain is dev
     )
     state = NodeState(Path(tempfile.mkdtemp()) / "node.sqlite3")
     node = create_node(settings, contracts=c, backend=backend, state=state)
@@ -71,9 +76,16 @@ def expect(world: DevWorld) -> Expectation:
 
 
 async def through_node(
-    url: str, session_id: int, key: bytes, tokens: int, expected: Expectation
+    url: str,
+    session_id: int,
+    key: bytes,
+    tokens: int,
+    expected: Expectation,
+    plaintext: bool = False,
 ) -> float:
-    client = await SessionClient.connect(url, session_id, key, expect=expected)
+    client = await SessionClient.connect(
+        url, session_id, key, expect=expected, plaintext=plaintext, max_size=2**22
+    )
     start = time.perf_counter()
     reply = await client.chat(QUESTION, max_tokens=tokens, temperature=0, seed=1)
     elapsed = time.perf_counter() - start
@@ -100,12 +112,31 @@ def model_overhead(world: DevWorld, tokens: int, rounds: int) -> tuple[float, fl
     return sum(alone) / rounds, sum(served) / rounds
 
 
-def concurrency(world: DevWorld, sessions: int, tokens: int) -> dict[str, float]:
+def encryption_cost(
+    world: DevWorld, server: BackgroundServer, model_id: bytes, tokens: int, rounds: int
+) -> tuple[float, float]:
+    """One session's tokens/s, sealed and plaintext, alternating: (encrypted, plain)."""
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(rounds):
+        for plaintext in (False, True):
+            session_id, signer = open_session(world, model_id=model_id, proof_interval=50)
+            rate = through_node(
+                server.ws_url, session_id, signer.key, tokens, expect(world), plaintext
+            )
+            rates[plaintext].append(asyncio.run(rate))
+    return sum(rates[False]) / rounds, sum(rates[True]) / rounds
+
+
+def concurrency(
+    world: DevWorld, sessions: int, tokens: int, rounds: int
+) -> tuple[dict[str, float], tuple[float, float]]:
     """Stream ``tokens`` to each of ``sessions`` clients at once (receipts and proofs every
-    50 tokens), then end them all and wait until the node has settled every one on chain."""
+    50 tokens), then end them all and wait until the node has settled every one on chain.
+    First, on the same node, ``encryption_cost`` over ``rounds``."""
     backend = load_backend("scripted", tokens_per_second=0)
-    server = serve(world, backend, keccak(text="scripted"), slots=sessions)
+    server = serve(world, backend, keccak(text="scripted"), slots=sessions, plaintext=True)
     model_id = keccak(text=backend.name)
+    sealed = encryption_cost(world, server, model_id, tokens * 5, rounds)
     opened = [open_session(world, model_id=model_id, proof_interval=50) for _ in range(sessions)]
 
     params = GenerationParams(max_tokens=tokens, temperature=0)
@@ -142,7 +173,7 @@ def concurrency(world: DevWorld, sessions: int, tokens: int) -> dict[str, float]
 
     result = asyncio.run(run())
     server.stop()
-    return {**result, "backend_us": backend_per_token * 1e6}
+    return {**result, "backend_us": backend_per_token * 1e6}, sealed
 
 
 def main() -> None:
@@ -155,7 +186,7 @@ def main() -> None:
     args = parser.parse_args()
     console = Console(width=110)
     world = build_dev_world(connect())
-    for i in range(args.sessions):  # enough USDC for every session below
+    for i in range(args.sessions + 4 * max(args.rounds, 3)):  # USDC for every session below
         world.contracts.token.mint(world.owner, world.user.address, 2_000_000)
         del i
 
@@ -168,8 +199,13 @@ def main() -> None:
         table.add_row("SmolLM2 backend alone (tokens/s)", f"{alone:.1f}")
         table.add_row("SmolLM2 via node + WebSocket + receipts (tokens/s)", f"{served:.1f}")
         table.add_row("ratio (target >= 0.95)", f"{served / alone:.3f}")
-    with console.status(f"scripted: {args.sessions} concurrent sessions..."):
-        load = concurrency(world, args.sessions, args.session_tokens)
+    with console.status(f"scripted: encrypted vs plain, then {args.sessions} sessions..."):
+        load, (encrypted, plain) = concurrency(
+            world, args.sessions, args.session_tokens, max(args.rounds, 3)
+        )
+    table.add_row("scripted: one session, plaintext (tokens/s)", f"{plain:.0f}")
+    table.add_row("scripted: one session, end-to-end encrypted (tokens/s)", f"{encrypted:.0f}")
+    table.add_row("encrypted / plaintext (target >= 0.95)", f"{encrypted / plain:.3f}")
     table.add_row(
         "scripted: sessions at once / tokens streamed", f"{args.sessions} / {load['tokens']}"
     )

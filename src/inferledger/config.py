@@ -101,6 +101,11 @@ class Settings(BaseSettings):
         description="Generations run at once per backend; others queue. A reply waiting for "
         "the user's receipt gives its slot back",
     )
+    allow_plaintext_sessions: bool = Field(
+        default=False,
+        description="Also take unencrypted sessions from clients that ask for them; honoured "
+        "on dev chains only (elsewhere every session is end-to-end encrypted)",
+    )
     login_timeout: float = Field(
         default=10.0,
         gt=0,
@@ -167,6 +172,13 @@ class Settings(BaseSettings):
     )
     disconnect_grace: float = Field(
         default=30.0, ge=0, description="Seconds a client may reconnect before the node settles"
+    )
+    adopt_after: float = Field(
+        default=300.0,
+        ge=0,
+        description="Seconds before the node settles, at the on-chain checkpoint, a session of "
+        "its host that it never served and whose depositor asked to close: another node of the "
+        "same host that served it (and holds newer receipts) settles first",
     )
     settle_before_expiry: int = Field(
         default=600, ge=0, description="Settle open sessions this many seconds before they expire"

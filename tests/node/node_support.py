@@ -6,12 +6,17 @@ tests/node/conftest.py registers the fixtures for the node tests.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import websockets
+from websockets.sync.client import ClientConnection as SyncConnection
 
 from inferledger.chain.contracts import Contracts
 from inferledger.chain.devchain import INPUT_PRICE, PRICE, DevWorld, dev_account
@@ -21,6 +26,8 @@ from inferledger.inference import Backend, load_backend
 from inferledger.node.node import Node, create_node
 from inferledger.node.server import BackgroundServer
 from inferledger.node.state import NodeState
+from inferledger.protocol.server import Challenge, parse_node_frame
+from inferledger.sdk.sealed import SealedSocket, client_handshake, start_channel
 from inferledger.sdk.wire import Expectation, session_read_headers
 
 NodeFactory = Callable[..., tuple[Node, BackgroundServer]]
@@ -111,3 +118,31 @@ def wait_until(predicate: Callable[[], object], what: str, timeout: float = 30.0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+async def open_sealed(url: str, **connect: Any) -> tuple[SealedSocket, dict[str, Any]]:
+    """A hand-driven connection with the sealed channel up (``key_share`` sent), for frames
+    a real client never would send: (the socket, which sends and reads JSON text; the
+    challenge)."""
+    ws = await websockets.connect(url, **connect)
+    challenge = parse_node_frame(await asyncio.wait_for(ws.recv(), 20))
+    assert isinstance(challenge, Challenge), challenge
+    return await start_channel(ws, challenge), challenge.dump()
+
+
+class SyncSealed:
+    """``open_sealed`` for a ``websockets.sync`` connection."""
+
+    def __init__(self, ws: SyncConnection) -> None:
+        self.ws = ws
+        challenge = parse_node_frame(ws.recv(20))
+        assert isinstance(challenge, Challenge), challenge
+        self.challenge = challenge.dump()
+        share, self.channel = client_handshake(challenge)
+        ws.send(share)
+
+    def send(self, frame: str | bytes) -> None:
+        self.ws.send(self.channel.seal(frame.encode() if isinstance(frame, str) else frame))
+
+    def recv(self, timeout: float) -> dict[str, Any]:
+        return dict(json.loads(self.channel.open(self.ws.recv(timeout))))

@@ -12,10 +12,9 @@ import asyncio
 import json
 from typing import Any
 
-import websockets
 from eth_account import Account
 from eth_utils import keccak
-from node_support import NodeFactory, expect, serve_model, wait_until
+from node_support import NodeFactory, expect, open_sealed, serve_model, wait_until
 
 from inferledger.chain.devchain import INPUT_PRICE, PRICE, DevWorld
 from inferledger.chain.receipts import ReceiptDomain, SessionAuth, session_salt, sign_session_auth
@@ -31,8 +30,7 @@ CAP = 8  # max_unreceipted_tokens for these tests
 
 async def login(url: str, session_id: int, key: bytes) -> tuple[Any, dict[str, Any]]:
     """A raw connection logged in to ``session_id``: (socket, its answer to session_init)."""
-    ws = await websockets.connect(url, max_size=2**22)
-    challenge = json.loads(await ws.recv())
+    ws, challenge = await open_sealed(url, max_size=2**22)
     domain = ReceiptDomain(int(challenge["chain_id"]), str(challenge["marketplace"]))
     nonce = bytes.fromhex(challenge["nonce"][2:])
     signature = sign_session_auth(key, domain, SessionAuth(session_id, nonce, challenge["host"]))

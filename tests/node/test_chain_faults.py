@@ -90,7 +90,10 @@ def test_a_close_requested_while_the_node_was_down_is_settled_soon_after_it_rest
     served, served_key = _open_key(world, model_id)
     never_served, _ = _open_key(world, model_id)
     market = world.contracts.marketplace
-    node = NodeProcess(world, tmp_path, disconnect_grace=3600, chain_poll_interval=0.2)
+    # adopt_after=0: this host runs one node, so the session it never served is nobody's.
+    node = NodeProcess(
+        world, tmp_path, disconnect_grace=3600, chain_poll_interval=0.2, adopt_after=0
+    )
 
     async def chat_and_leave() -> None:
         client = await SessionClient.connect(node.ws_url, served, served_key, expect=expect(world))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -104,23 +105,41 @@ def test_the_watcher_asks_the_chain_the_same_per_poll_for_1_or_1000_open_session
     assert calls["eth_call"] <= 2  # no read per held session
 
 
-def test_a_close_request_for_a_session_the_node_never_served_is_settled_at_once(
+def test_a_close_request_for_a_session_the_node_never_served_is_settled_after_adopt_after(
     world: DevWorld, scripted: Backend, start_node: NodeFactory
 ) -> None:
     session_id, _signer = open_served(world, scripted)
-    node, _server = start_node(scripted, chain_poll_interval=0.2)
+    node, _server = start_node(scripted, chain_poll_interval=0.2, adopt_after=0)
     market = world.contracts.marketplace
     before = world.contracts.token.balance_of(world.user.address)
     market.request_close(world.user, session_id)
     wait_until(lambda: market.get_session(session_id).is_settled, "the node to settle it")
     info = market.get_session(session_id)
     assert (info.input_tokens_paid, info.output_tokens_paid) == (0, 0)
-    # Settled by the host at once, long before the close window would let anyone finalize.
+    # Settled by the host long before the close window would let anyone finalize.
     assert world.chain.now() < market.session_deadline(session_id)
     assert world.contracts.token.balance_of(world.user.address) == before + DEPOSIT
     assert node.outbox.settlement(session_id).reason == "close_requested"
     # The node now keeps books for the session it adopted.
     assert node.state.get_session(session_id) is not None
+
+
+def test_an_adopted_session_waits_so_a_node_that_served_it_is_paid_its_receipts(
+    world: DevWorld, scripted: Backend, start_node: NodeFactory
+) -> None:
+    """Two nodes of one host: the one that never served the session must not settle it at
+    the on-chain checkpoint (0 tokens) before the one holding the receipts can."""
+    session_id, _signer = open_served(world, scripted)
+    node = _still_node(start_node, scripted)
+    assert node.settings.adopt_after == 300
+    world.contracts.marketplace.request_close(world.user, session_id)
+    before = time.time()
+    node.settlement._poll_chain()
+    node.settlement.run_once()
+    job = node.outbox.settlement(session_id)
+    assert job is not None and job.status == "pending" and job.reason == "close_requested"
+    assert job.due_at >= before + 300
+    assert world.contracts.marketplace.get_session(session_id).is_open
 
 
 def test_a_stranger_cannot_make_the_node_adopt_another_hosts_session(

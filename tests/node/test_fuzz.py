@@ -24,7 +24,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from node_support import NodeFactory, expect, serve_model
+from node_support import NodeFactory, SyncSealed, expect, serve_model
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
@@ -321,20 +321,24 @@ class Prober:
         self, url: str, session_id: int, signer: LocalAccount, domain: ReceiptDomain
     ) -> None:
         self.url, self.session_id, self.signer, self.domain = url, session_id, signer, domain
-        self.open: dict[bool, tuple[ClientConnection, str]] = {}
+        self.open: dict[bool, tuple[ClientConnection | SyncSealed, str]] = {}
         self.answers: list[dict[str, Any]] = []
         self.sockets = contextlib.ExitStack()
 
-    def _connection(self, logged_in: bool) -> tuple[ClientConnection, str]:
+    def _connection(self, logged_in: bool) -> tuple[ClientConnection | SyncSealed, str]:
+        """Before login a stranger's plaintext socket; after it, one sealed channel (every
+        hostile frame then reaches the node's parser sealed, as a real client's would)."""
         if logged_in not in self.open:
-            ws = self.sockets.enter_context(connect(self.url, max_size=2**24))
-            challenge = json.loads(ws.recv(10))
-            self.open[logged_in] = ws, challenge["nonce"]
+            raw = self.sockets.enter_context(connect(self.url, max_size=2**24))
             if logged_in:
-                self._login(ws, challenge)
+                sealed = SyncSealed(raw)
+                self.open[logged_in] = sealed, sealed.challenge["nonce"]
+                self._login(sealed, sealed.challenge)
+            else:
+                self.open[logged_in] = raw, json.loads(raw.recv(10))["nonce"]
         return self.open[logged_in]
 
-    def _login(self, ws: ClientConnection, challenge: dict[str, Any]) -> None:
+    def _login(self, ws: SyncSealed, challenge: dict[str, Any]) -> None:
         nonce = bytes.fromhex(challenge["nonce"][2:])
         auth = SessionAuth(self.session_id, nonce, challenge["host"])
         signature = sign_session_auth(self.signer.key, self.domain, auth)
@@ -345,7 +349,7 @@ class Prober:
             "salt": "0x" + salt.hex(),
         }
         ws.send(json.dumps({"type": "session_init", **init, "signature": "0x" + signature.hex()}))
-        ready = json.loads(ws.recv(10))
+        ready = ws.recv(10)
         assert ready["type"] == "session_ready", ready
         self._answer_until(ws, "pong", ping=True)
 
@@ -364,11 +368,12 @@ class Prober:
         except ConnectionClosed:
             del self.open[logged_in]
 
-    def _answer_until(self, ws: ClientConnection, last: str, ping: bool) -> None:
+    def _answer_until(self, ws: ClientConnection | SyncSealed, last: str, ping: bool) -> None:
         if ping:
             ws.send(json.dumps({"type": "ping"}))
         while True:
-            answer = json.loads(ws.recv(20))
+            answer = ws.recv(20)
+            answer = answer if isinstance(answer, dict) else json.loads(answer)
             self.answers.append(answer)
             if answer["type"] == "receipt_request":
                 ws.send(json.dumps(self._receipt(answer)))

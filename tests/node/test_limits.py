@@ -139,7 +139,7 @@ def test_connection_caps_refuse_a_flood_and_free_every_socket_that_ends(
     seen = asyncio.run(asyncio.wait_for(run(), 120))
     assert seen["per_address"] == ("TOO_MANY_CONNECTIONS", 1013)
     assert seen["global"] == ("TOO_MANY_CONNECTIONS", 1013)
-    assert seen["fatal"] == "BAD_NONCE"
+    assert seen["fatal"] == "ENCRYPTION_REQUIRED"  # a plaintext login: refused, fatal
     assert seen["again"] == 3
     assert (seen["first_reply"], seen["second_reply"]) == (10, 10)
 

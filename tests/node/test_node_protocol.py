@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import websockets
 from eth_account import Account
 from eth_utils import keccak
 from node_support import (
     NodeFactory,
     expect,
+    open_sealed,
     read_session,
     serve_model,
     wait_for_receipt,
@@ -26,6 +26,7 @@ from inferledger.chain.units import cost
 from inferledger.inference import Backend
 from inferledger.node.metering import Counts
 from inferledger.protocol.server import SessionEnd
+from inferledger.sdk.sealed import SealedSocket
 from inferledger.sdk.wire import History, SessionClient, SessionError
 from support import open_session
 
@@ -109,14 +110,13 @@ def test_receipts_are_asked_every_half_window_between_bundles(
 class RawClient:
     """A hand-driven connection for sending frames a real client never would."""
 
-    def __init__(self, ws: websockets.ClientConnection, challenge: dict[str, object]) -> None:
+    def __init__(self, ws: SealedSocket, challenge: dict[str, object]) -> None:
         self.ws = ws
         self.challenge = challenge
 
     @classmethod
     async def open(cls, url: str) -> RawClient:
-        ws = await websockets.connect(url, max_size=2**24)
-        return cls(ws, json.loads(await ws.recv()))
+        return cls(*await open_sealed(url, max_size=2**24))
 
     async def send(self, frame: object) -> None:
         await self.ws.send(frame if isinstance(frame, str) else json.dumps(frame))

@@ -216,6 +216,37 @@ def test_host_unbonding(world: DevWorld, served: Served) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("url", "dev", "note"),
+    [
+        ("https://node.example.com", False, "(TLS: clients connect with wss://)"),
+        ("wss://node.example.com/v1/ws", True, "(TLS: clients connect with wss://)"),
+        ("http://127.0.0.1:8080", True, "(plain http://, no TLS: fine on a dev chain)"),
+        ("ws://node.example.com", True, "(plain ws://, no TLS: fine on a dev chain)"),
+        (
+            "http://node.example.com:8080",
+            False,
+            "(warning: plain http://: traffic metadata and the session handshake travel "
+            "unprotected by TLS",
+        ),
+        ("ws://localhost:8080", False, "(warning: a loopback address, which clients of a non-dev"),
+    ],
+)
+def test_registration_line_names_the_url_and_its_transport(
+    world: DevWorld, served: Served, monkeypatch: pytest.MonkeyPatch, url: str, dev: bool, note: str
+) -> None:
+    world.contracts.nodes.update_url(world.host, url)
+    monkeypatch.setattr(world.chain, "is_dev", dev)
+    result = check(world, served).get("host_registration")
+    # A plain URL on a public chain is a warning inside the OK line, never a failure.
+    assert result.status == "ok", result.line()
+    assert result.line().startswith(
+        f"OK      host_registration: host {world.host.address} registered and active at "
+        f"{url} {note}"
+    )
+    assert ("Serving over TLS" in result.line()) is note.startswith("(warning")
+
+
 # (e) the model: approved and priced ------------------------------------------------------
 
 
@@ -325,6 +356,10 @@ def test_doctor_command(
     assert green.exit_code == 0, green.output
     statuses = {line.split()[1].rstrip(":"): line.split()[0] for line in green.output.splitlines()}
     assert statuses == {name: "SKIPPED" if name == "weights" else "OK" for name in CHECKS}
+    (registration,) = [line for line in green.output.splitlines() if "host_registration" in line]
+    assert registration.endswith(
+        "registered and active at ws://127.0.0.1:8545 (plain ws://, no TLS: fine on a dev chain)"
+    )
 
     missing = tmp_path / "missing.json"
     red = runner.invoke(app, [*args, "--deployment", str(missing)])

@@ -22,10 +22,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-import websockets
 from eth_account import Account
 from eth_utils import keccak
-from node_support import NodeFactory, expect, read_session, serve_model, user_salt, wait_until
+from node_support import (
+    NodeFactory,
+    expect,
+    open_sealed,
+    read_session,
+    serve_model,
+    user_salt,
+    wait_until,
+)
 from test_node_settlement import DEPOSIT, HELLO, INPUT_PRICE, PRICE, wait_settled
 
 from inferledger.chain.anvil import free_port
@@ -95,9 +102,10 @@ class KeyedRpc:
 
 async def login_frames(world: DevWorld, ws_url: str, session_id: int, key: bytes) -> list[str]:
     """The raw frames a correctly signed login gets: the challenge and the node's answer."""
-    async with websockets.connect(ws_url) as ws:
-        challenge = str(await ws.recv())
-        nonce = json.loads(challenge)["nonce"]
+    ws, frame = await open_sealed(ws_url)
+    async with ws.ws:
+        challenge = json.dumps(frame)
+        nonce = frame["nonce"]
         auth = SessionAuth(session_id, bytes.fromhex(nonce[2:]), world.host.address)
         signature = sign_session_auth(key, world.contracts.marketplace.domain(), auth)
         init = {
@@ -108,7 +116,8 @@ async def login_frames(world: DevWorld, ws_url: str, session_id: int, key: bytes
             "salt": "0x" + user_salt(world, session_id, key).hex(),
         }
         await ws.send(json.dumps(init))
-        return [challenge, str(await asyncio.wait_for(ws.recv(), 60))]
+        answer = await asyncio.wait_for(ws.recv(), 60)
+        return [challenge, answer.decode() if isinstance(answer, bytes) else answer]
 
 
 def test_no_url_or_key_leaves_the_node_when_the_rpc_url_carries_one(

@@ -20,7 +20,6 @@ from eth_account import Account
 from inferledger.chain.receipts import ReceiptDomain
 from inferledger.proofs.transcript import TranscriptHash
 from inferledger.protocol.client import prompt_token_bound
-from inferledger.protocol.codes import PROTOCOL_VERSION
 from inferledger.sdk.wire import (
     Expectation,
     History,
@@ -29,11 +28,13 @@ from inferledger.sdk.wire import (
     http_base,
     ws_endpoint,
 )
+from sealed_host import HostEnd
 
 SESSION = 7
 TOKENS = [300, 301, 302]
 HI = [{"role": "user", "content": "hi"}]
-HOST = Account.create().address
+HOST_KEY = Account.create()
+HOST = HOST_KEY.address
 DOMAIN = ReceiptDomain(31337, Account.create().address)
 EXPECT = Expectation(DOMAIN, HOST)
 
@@ -52,6 +53,7 @@ class Lies:
     chain_id: int = DOMAIN.chain_id
     marketplace: str = DOMAIN.marketplace
     host: str = HOST
+    challenge_signer: Any = HOST_KEY  # who signs the challenge
     receipted: tuple[int, int] = (0, 0)
     served: tuple[int, int] = (0, 0)
     replay: list[int] = field(default_factory=list)
@@ -59,20 +61,6 @@ class Lies:
     request_input: int | None = None  # default: what reply_start said
     request_output: int = len(TOKENS)
     request_ids: list[int] = field(default_factory=lambda: list(TOKENS))
-
-
-def challenge_frame(lies: Lies) -> str:
-    return json.dumps(
-        {
-            "type": "challenge",
-            "protocol": PROTOCOL_VERSION,
-            "nonce": "0x" + "11" * 32,
-            "host": lies.host,
-            "chain_id": lies.chain_id,
-            "marketplace": lies.marketplace,
-            "model": "m",
-        }
-    )
 
 
 def ready_frame(lies: Lies, transcript_ids: list[int]) -> str:
@@ -105,8 +93,9 @@ async def hostile_node(lies: Lies) -> tuple[str, list[dict[str, Any]]]:
     """Serve one login and one prompt; the outcome and what the client sent after login."""
     answers: list[dict[str, Any]] = []
 
-    async def handler(ws: Any) -> None:
-        await ws.send(challenge_frame(lies))
+    async def handler(socket: Any) -> None:
+        ws = HostEnd(socket, lies.challenge_signer, ReceiptDomain(lies.chain_id, lies.marketplace))
+        await ws.start(host=lies.host)
         await ws.recv()  # session_init
         await ws.send(ready_frame(lies, list(range(lies.receipted[1]))))
         await ws.recv()  # prompt
@@ -143,8 +132,7 @@ async def hostile_node(lies: Lies) -> tuple[str, list[dict[str, Any]]]:
             "output_tokens": 3,
         }
         await ws.send(json.dumps(done))
-        async for message in ws:
-            answers.append(json.loads(message))
+        answers.extend(await ws.frames())
 
     async with websockets.serve(handler, "127.0.0.1", 0) as server:
         port = server.sockets[0].getsockname()[1]
@@ -189,6 +177,8 @@ def test_an_honest_node_gets_its_receipt() -> None:
         (Lies(chain_id=1), "WRONG_DOMAIN"),
         (Lies(marketplace=Account.create().address), "WRONG_DOMAIN"),
         (Lies(host=Account.create().address), "WRONG_HOST"),
+        # the right host named, but the challenge signed by someone else: an impostor
+        (Lies(challenge_signer=Account.create()), "BAD_HOST_SIGNATURE"),
         # a fresh session the node says is mostly receipted already (to sign 1000 for 10)
         (Lies(receipted=(0, 990), served=(0, 990)), "TRANSCRIPT_MISMATCH"),
         # a fresh session the node says it has served tokens of, replayed for signing
@@ -204,6 +194,7 @@ def test_an_honest_node_gets_its_receipt() -> None:
         "chain",
         "marketplace",
         "host",
+        "impostor",
         "inflated-receipted",
         "unseen-served",
         "unseen-input",
@@ -221,8 +212,9 @@ def test_a_resumed_session_learns_the_replayed_tail_of_an_open_reply() -> None:
 
         resumed = Lies(receipted=(5, 1), served=(5, 3), replay=TOKENS[1:])
 
-        async def handler(ws: Any) -> None:
-            await ws.send(challenge_frame(resumed))
+        async def handler(socket: Any) -> None:
+            ws = HostEnd(socket, HOST_KEY, DOMAIN)
+            await ws.start()
             await ws.recv()
             await ws.send(ready_frame(resumed, TOKENS[:1]))
             await ws.send(
@@ -243,7 +235,7 @@ def test_a_resumed_session_learns_the_replayed_tail_of_an_open_reply() -> None:
             await ws.send(
                 json.dumps({"type": "receipt_ack", "input_tokens": 5, "output_tokens": 3})
             )
-            await ws.wait_closed()
+            await socket.wait_closed()
 
         async with websockets.serve(handler, "127.0.0.1", 0) as server:
             port = server.sockets[0].getsockname()[1]
@@ -310,8 +302,9 @@ def test_wait_settlement_reads_through_pending_to_the_nodes_final_word(
     seen: list[str] = []
 
     async def run() -> Any:
-        async def handler(ws: Any) -> None:
-            await ws.send(challenge_frame(Lies()))
+        async def handler(socket: Any) -> None:
+            ws = HostEnd(socket, HOST_KEY, DOMAIN)
+            await ws.start()
             await ws.recv()  # session_init
             await ws.send(ready_frame(Lies(), []))
             await ws.recv()  # end
@@ -326,7 +319,7 @@ def test_wait_settlement_reads_through_pending_to_the_nodes_final_word(
             for frame in [end, *after_end]:
                 await ws.send(json.dumps(frame))
             if not then_close:
-                await ws.wait_closed()  # the connection stays open: the client must decide
+                await socket.wait_closed()  # the connection stays open: the client must decide
 
         async with websockets.serve(handler, "127.0.0.1", 0) as server:
             port = server.sockets[0].getsockname()[1]

@@ -5,8 +5,10 @@ the chain id and the marketplace address), so a receipt for another session,
 chain or contract never verifies. ``SessionAuth`` is the node's login challenge:
 signed under the same domain, bound to the node's address and a fresh nonce. ``SessionRead``
 signs a request for the node's record of a session (``GET /v1/sessions/{id}``), bound to the
-node and a timestamp. ``SessionSalt`` is never sent: the hash of its signature is the
-session's secret salt for proof bundles (docs/proofs.md, "Privacy").
+node and a timestamp. ``HostChallenge`` is the one the host signs: each connection's nonce and
+ephemeral channel key, so a client knows it reached the host named on chain before it sends
+anything (docs/protocol.md, "Encryption"). ``SessionSalt`` is never sent: the hash of its
+signature is the session's secret salt for proof bundles (docs/proofs.md, "Privacy").
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ READ_SIGNATURE_HEADER = "X-Inferledger-Signature"
 """The headers of a signed ``GET /v1/sessions/{id}``: unix seconds and a ``SessionRead``
 signature over (session id, those seconds, the node's address)."""
 SESSION_SALT_FIELDS = [{"name": "sessionId", "type": "uint256"}]
+HOST_CHALLENGE_FIELDS = [
+    {"name": "nonce", "type": "bytes32"},
+    {"name": "nodeKey", "type": "bytes32"},
+]
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,27 @@ def sign_session_auth(private_key: bytes | str, domain: ReceiptDomain, auth: Ses
 def recover_session_auth_signer(domain: ReceiptDomain, auth: SessionAuth, signature: bytes) -> str:
     """Who signed a login; the node compares it with the session's signer on chain."""
     return str(Account.recover_message(_auth_message(domain, auth), signature=signature))
+
+
+def _host_challenge(domain: ReceiptDomain, nonce: bytes, node_key: bytes) -> SignableMessage:
+    message: dict[str, object] = {"nonce": nonce, "nodeKey": node_key}
+    return _typed(domain, "HostChallenge", HOST_CHALLENGE_FIELDS, message)
+
+
+def sign_host_challenge(
+    private_key: bytes | str, domain: ReceiptDomain, nonce: bytes, node_key: bytes
+) -> bytes:
+    """The host's 65-byte signature on a connection's challenge nonce and channel key."""
+    message = _host_challenge(domain, nonce, node_key)
+    return bytes(Account.sign_message(message, private_key).signature)
+
+
+def recover_host_challenge_signer(
+    domain: ReceiptDomain, nonce: bytes, node_key: bytes, signature: bytes
+) -> str:
+    """Who signed a challenge; the client compares it with the session's host on chain."""
+    message = _host_challenge(domain, nonce, node_key)
+    return str(Account.recover_message(message, signature=signature))
 
 
 def _read_message(

@@ -64,6 +64,11 @@ def err() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def warn(message: str) -> None:
+    """One yellow ``warning: ...`` line on stderr: worth fixing, but the command went on."""
+    err().print(f"warning: {' '.join(message.split())}", style="yellow", markup=False)
+
+
 @contextmanager
 def one_line_errors() -> Iterator[None]:
     """Expected failures end the command with one red ``error: ...`` line and exit 1."""

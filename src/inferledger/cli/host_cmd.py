@@ -24,7 +24,9 @@ from inferledger.cli.common import (
     parse_usdc,
     prices_text,
     settings_for,
+    warn,
 )
+from inferledger.node.transport import tls_warning
 
 if TYPE_CHECKING:
     from inferledger.sdk import Client
@@ -133,6 +135,7 @@ def register(
             "next: `inferledger node run` serves it",
             markup=False,
         )
+        _warn_if_not_tls(client, api_url)
 
 
 @host_app.command("update")
@@ -214,6 +217,7 @@ def update(
         console = out()
         if url is not None:
             console.print(f"url set to {url}", markup=False)
+            _warn_if_not_tls(client, url)
         if prices is not None:
             for priced_id, value in prices.items():
                 label = priced_id if isinstance(priced_id, str) else "0x" + priced_id.hex()
@@ -294,6 +298,13 @@ def _default_url(client: Client, node_port: int) -> str:
             "--url is required on a non-dev chain: the public URL clients reach your node at"
         )
     return f"http://127.0.0.1:{node_port}"
+
+
+def _warn_if_not_tls(client: Client, url: str) -> None:
+    """A plain URL on a non-dev chain works but exposes the handshake: say so, do not refuse."""
+    problem = tls_warning(url, dev_chain=client.chain.is_dev)
+    if problem is not None:
+        warn(f"node URL {url} is {problem}")
 
 
 def _require_funds(client: Client, stake: int) -> None:

@@ -19,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from concurrent.futures import Executor
 from typing import Any
 
@@ -68,8 +69,10 @@ from inferledger.node.outbox import CheckpointRecord, SettlementReason, Settleme
 from inferledger.node.settlement import proof_uri
 from inferledger.node.state import session_record
 from inferledger.proofs.transcript import TranscriptHash
+from inferledger.protocol.channel import Channel, KeyPair, SealBroken, derive_keys, transcript_hash
 from inferledger.protocol.client import (
     End,
+    KeyShare,
     Ping,
     Prompt,
     ReceiptFrame,
@@ -256,13 +259,19 @@ class Connection:
         self.settles_at = 0.0  # wall-clock time at which serving stops (before expiry)
         self.receipt_every = max(1, node.settings.max_unreceipted_tokens // 2)
         self._send_lock = asyncio.Lock()
+        self.keys = KeyPair()  # this connection's ephemeral channel key
+        self.channel: Channel | None = None  # set by key_share; None: a plaintext session
 
     # Frames ------------------------------------------------------------------------
 
     async def send(self, frame: _NodeFrame) -> None:
-        async with self._send_lock:
+        text = json.dumps(frame.dump(), separators=(",", ":"), ensure_ascii=False)
+        async with self._send_lock:  # seals in wire order: the nonce is the frame's position
             if self.ws.application_state == WebSocketState.CONNECTED:
-                await self.ws.send_json(frame.dump())
+                if self.channel is None:
+                    await self.ws.send_text(text)
+                else:
+                    await self.ws.send_bytes(self.channel.seal(text.encode()))
 
     async def send_error(self, error: ProtocolError) -> None:
         self.node.metrics.errors.labels(code=error.code.value).inc()
@@ -297,14 +306,18 @@ class Connection:
     async def _serve(self) -> None:
         await self.ws.accept()
         self.node.loop = asyncio.get_running_loop()
+        node = self.node
         await self.send(
             Challenge(
                 protocol=PROTOCOL_VERSION,
                 nonce="0x" + self.nonce.hex(),
-                host=self.node.address,
-                chain_id=self.node.contracts.chain.chain_id,
-                marketplace=self.node.contracts.marketplace.address,
-                model=self.node.model_name,
+                host=node.address,
+                chain_id=node.contracts.chain.chain_id,
+                marketplace=node.contracts.marketplace.address,
+                model=node.model_name,
+                node_key="0x" + self.keys.public.hex(),
+                host_signature="0x" + node.sign_challenge(self.nonce, self.keys.public).hex(),
+                plaintext=node.plaintext_sessions,
             )
         )
         try:
@@ -332,11 +345,8 @@ class Connection:
                 return
             if message["type"] == "websocket.disconnect":
                 return
-            raw = message.get("text")
-            if raw is None:
-                raw = message.get("bytes") or b""
             try:
-                frame = parse_client_frame(raw, max_bytes)
+                frame = parse_client_frame(self._unseal(message), max_bytes)
                 await self._dispatch(frame)
             except ProtocolError as error:
                 await self.send_error(error)
@@ -349,13 +359,57 @@ class Connection:
                 await self.send_error(ProtocolError(ErrorCode.INTERNAL, "internal node error"))
                 return
 
+    def _unseal(self, message: Mapping[str, Any]) -> str | bytes:
+        """The frame a WebSocket message carries: opened, once the channel is up."""
+        text, data = message.get("text"), message.get("bytes")
+        raw: str | bytes = text if text is not None else (data or b"")
+        if self.channel is None:
+            return raw
+        try:
+            return self.channel.open(raw)
+        except SealBroken as exc:
+            raise ProtocolError(
+                ErrorCode.BAD_SEAL, f"{exc}; reconnect (docs/protocol.md, Encryption)"
+            ) from exc
+
+    def _agree(self, frame: KeyShare) -> None:
+        """Derive the channel keys from the client's key: every later frame is sealed."""
+        if self.channel is not None or self.info is not None:
+            raise ProtocolError(ErrorCode.BAD_FRAME, "key_share must be the first frame")
+        node = self.node
+        client_key = bytes.fromhex(frame.client_key[2:])
+        try:
+            shared = self.keys.agree(client_key)
+        except ValueError as exc:
+            raise ProtocolError(
+                ErrorCode.BAD_SEAL, f"client_key is not a usable X25519 public key: {exc}"
+            ) from exc
+        transcript = transcript_hash(
+            node.contracts.chain.chain_id,
+            node.contracts.marketplace.address,
+            node.address,
+            self.nonce,
+            self.keys.public,
+            client_key,
+        )
+        self.channel = Channel.for_node(derive_keys(shared, transcript))
+
     async def _dispatch(self, frame: Any) -> None:
         if isinstance(frame, Ping):
             await self.send(Pong())
             return
+        if isinstance(frame, KeyShare):
+            self._agree(frame)
+            return
         if isinstance(frame, SessionInit):
             if self.info is not None:
                 raise ProtocolError(ErrorCode.ALREADY_AUTHENTICATED, "session_init sent twice")
+            if self.channel is None and not self.node.plaintext_sessions:
+                raise ProtocolError(
+                    ErrorCode.ENCRYPTION_REQUIRED,
+                    "this node takes only encrypted sessions: send key_share before "
+                    "session_init (docs/protocol.md, Encryption)",
+                )
             await self._login(frame)
             return
         if self.info is None or self.meter is None:

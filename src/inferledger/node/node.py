@@ -11,7 +11,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils.crypto import keccak
 
 from inferledger.chain.contracts import Contracts
-from inferledger.chain.receipts import ReceiptDomain
+from inferledger.chain.receipts import ReceiptDomain, sign_host_challenge
 from inferledger.config import Settings
 from inferledger.inference.base import Backend
 from inferledger.node.chain_health import ChainHealth
@@ -138,6 +138,16 @@ class Node:
     @property
     def domain(self) -> ReceiptDomain:
         return self.contracts.marketplace.domain()
+
+    @property
+    def plaintext_sessions(self) -> bool:
+        """Unencrypted sessions are taken only when the setting asks for them on a dev chain."""
+        return self.settings.allow_plaintext_sessions and self.contracts.chain.is_dev
+
+    def sign_challenge(self, nonce: bytes, node_key: bytes) -> bytes:
+        """The host key's ``HostChallenge`` signature: proof to the client that this is the
+        host the chain names, and that ``node_key`` is its key for this connection."""
+        return sign_host_challenge(self.account.key, self.domain, nonce, node_key)
 
     def meter_for(self, record: HostedSession) -> Meter:
         """The session's meter: the live one, else rebuilt from what the state recorded."""

@@ -27,6 +27,7 @@ from inferledger.chain.errors import ChainError
 from inferledger.chain.redact import CHAIN_UNAVAILABLE
 from inferledger.config import Settings, env_name
 from inferledger.inference.model_cache import GGUF_PACKAGE, sha256_file
+from inferledger.node.transport import transport_note
 from inferledger.proofs.provers import Prover, ProverUnavailable
 
 CheckStatus = Literal["ok", "failed", "skipped"]
@@ -302,7 +303,10 @@ def _check_host_registration(ctx: _Context) -> str:
             HOST_KEY,
             f"add at least {min_stake - info.stake} stake (NodeRegistry.add_stake)",
         )
-    return f"host {host} registered and active at {info.api_url}"
+    # Named with its transport: a plain URL on a public chain is a warning in the OK line,
+    # never a failure (sessions are end-to-end encrypted; TLS guards the rest).
+    note = transport_note(info.api_url, dev_chain=ctx.bound.chain.is_dev)
+    return f"host {host} registered and active at {info.api_url} {note}"
 
 
 def _check_model(ctx: _Context) -> str:

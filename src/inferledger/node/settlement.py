@@ -191,19 +191,23 @@ class SettlementWorker:
 
     def _adopt(self, session_id: int) -> None:
         """A close request for a session this node never served: settle it at what the chain
-        already holds, so the depositor need not wait out the close window."""
+        already holds, so the depositor need not wait out the close window. Not at once:
+        another node of the same host may have served it and hold newer receipts."""
         info = self.market.get_session(session_id)
         if info.host.lower() != self.sender.address.lower() or not info.is_open:
             return
         self.state.upsert_session(session_record(info))
+        delay = self.settings.adopt_after
         log.info(
             "session %s: the depositor asked to close a session this node never served; "
-            "settling it at the %s/%s input/output tokens on chain",
+            "settling it in %.0fs (adopt_after) at the %s/%s input/output tokens on chain, "
+            "unless a node that served it settles first",
             session_id,
+            delay,
             info.input_tokens_paid,
             info.output_tokens_paid,
         )
-        self._stop_and_settle(session_id, "close_requested")
+        self.outbox.schedule_settlement(session_id, "close_requested", time.time() + delay)
 
     def _ended_on_chain(self, session_id: int) -> None:
         """A SessionSettled log: record it for a session the books still hold open."""

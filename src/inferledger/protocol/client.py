@@ -49,6 +49,14 @@ Hex32 = Annotated[str, AfterValidator(lambda v: _hex_bytes(v, 32, "value"))]
 Signature = Annotated[str, AfterValidator(lambda v: _hex_bytes(v, 65, "signature"))]
 
 
+class KeyShare(_Frame):
+    """The client's ephemeral channel key: every frame after this one, both ways, is sealed
+    (docs/protocol.md, "Encryption"). Sent first, in plaintext, right after the challenge."""
+
+    type: Literal["key_share"]
+    client_key: Hex32
+
+
 class SessionInit(_Frame):
     """Log in to a session: the session signer's EIP-712 answer to the challenge, and the
     session's secret salt, which the node mixes into every public proof bundle."""
@@ -102,15 +110,15 @@ class Ping(_Frame):
 
 
 ClientFrame = Annotated[
-    SessionInit | Prompt | ReceiptFrame | End | Ping, Field(discriminator="type")
+    KeyShare | SessionInit | Prompt | ReceiptFrame | End | Ping, Field(discriminator="type")
 ]
-CLIENT_FRAME_TYPES = ("session_init", "prompt", "receipt", "end", "ping")
+CLIENT_FRAME_TYPES = ("key_share", "session_init", "prompt", "receipt", "end", "ping")
 _client_frame = TypeAdapter(ClientFrame)
 
 
 def parse_client_frame(
     text: str | bytes, max_bytes: int
-) -> SessionInit | Prompt | ReceiptFrame | End | Ping:
+) -> KeyShare | SessionInit | Prompt | ReceiptFrame | End | Ping:
     """Parse one inbound frame or raise ProtocolError with the right code."""
     size = len(text.encode() if isinstance(text, str) else text)
     if size > max_bytes:
@@ -143,6 +151,7 @@ def parse_client_frame(
 def client_frame_schemas() -> dict[str, dict[str, Any]]:
     """JSON schema of each inbound frame, by type (published in docs/protocol.md)."""
     models: dict[str, type[BaseModel]] = {
+        "key_share": KeyShare,
         "session_init": SessionInit,
         "prompt": Prompt,
         "receipt": ReceiptFrame,

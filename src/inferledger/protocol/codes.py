@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-PROTOCOL_VERSION = 3
-"""3: ``session_init`` carries the session's bundle salt."""
+PROTOCOL_VERSION = 4
+"""4: the host signs the challenge and every frame after ``key_share`` is sealed
+(3: ``session_init`` carries the session's bundle salt)."""
 
 
 class ErrorCode(StrEnum):
@@ -42,6 +43,8 @@ class ErrorCode(StrEnum):
     BAD_REQUEST = "BAD_REQUEST"
     CHAIN_UNAVAILABLE = "CHAIN_UNAVAILABLE"
     INTERNAL = "INTERNAL"
+    BAD_SEAL = "BAD_SEAL"
+    ENCRYPTION_REQUIRED = "ENCRYPTION_REQUIRED"
 
 
 # Codes after which the node closes the connection; the session itself stays usable.
@@ -60,6 +63,8 @@ FATAL_CODES = frozenset(
         ErrorCode.RECEIPT_INVALID,
         ErrorCode.RECEIPT_MISMATCH,
         ErrorCode.RECEIPT_TIMEOUT,
+        ErrorCode.BAD_SEAL,
+        ErrorCode.ENCRYPTION_REQUIRED,
     }
 )
 

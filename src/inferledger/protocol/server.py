@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from inferledger.protocol.client import Hex32, Int64, PositiveInt64
+from inferledger.protocol.client import Hex32, Int64, PositiveInt64, Signature
 
 # Token counts, ids and session ids come from the node's SQLite (int64); the SDK packs token
 # ids as int64 into the transcript hash. Money and the chain id are uint256 on chain.
@@ -30,7 +30,9 @@ class _NodeFrame(BaseModel):
 
 
 class Challenge(_NodeFrame):
-    """The first frame: who the node is and the nonce the login must sign."""
+    """The first frame: who the node is, the nonce the login must sign, and the node's
+    ephemeral channel key, with the host key's ``HostChallenge`` signature over both.
+    ``plaintext``: this node would also take an unencrypted session (dev chains only)."""
 
     type: Literal["challenge"] = "challenge"
     protocol: int
@@ -39,6 +41,9 @@ class Challenge(_NodeFrame):
     chain_id: Amount
     marketplace: str
     model: str
+    node_key: Hex32
+    host_signature: Signature
+    plaintext: bool = False
 
 
 class ReplayedToken(BaseModel):

@@ -40,6 +40,8 @@ class Client:
     private key (default ``$INFERLEDGER_KEY``); only needed to send transactions.
     ``deployment``: a ``Deployment`` or the path of its JSON record. ``sessions_dir``:
     where session records live (default ``$INFERLEDGER_HOME/sessions``).
+    ``plaintext_sessions``: ask nodes for unencrypted sessions; dev chains only, and only
+    nodes started with ``allow_plaintext_sessions`` grant them.
     """
 
     def __init__(
@@ -50,10 +52,17 @@ class Client:
         deployment: Deployment | Path | str | None = None,
         network: str | None = None,
         sessions_dir: Path | None = None,
+        plaintext_sessions: bool = False,
     ) -> None:
         network = network or os.environ.get("INFERLEDGER_NETWORK") or None
         self.network: Network | None = get_network(network) if network else None
         self.chain = _connect(chain, self.network)
+        if plaintext_sessions and not self.chain.is_dev:
+            raise ConfigurationError(
+                "plaintext_sessions is for dev chains only: on this chain every session is "
+                "end-to-end encrypted; drop the option"
+            )
+        self.plaintext_sessions = plaintext_sessions
         if self.network is not None:
             check_chain(self.chain, self.network)
         self.deployment = _load_deployment(deployment, self.chain)

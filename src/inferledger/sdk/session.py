@@ -451,6 +451,7 @@ class Session:
                     history=history,
                     on_receipt=self._on_receipt,
                     open_timeout=CONNECT_TIMEOUT,
+                    plaintext=self._client.plaintext_sessions,
                 )
                 break
             except SessionError as exc:

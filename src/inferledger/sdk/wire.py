@@ -1,7 +1,9 @@
 """The client side of the session protocol over a WebSocket.
 
 It logs in with the session signer and signs only what it verified itself: the challenge
-must name the chain, marketplace and host the client expects; a fresh session must start
+must name the chain, marketplace and host the client expects, signed by that host's key
+(so nothing on the path can pose as the node), and every frame after it travels sealed
+(``sdk.sealed``); a fresh session must start
 at zero; a resumed one must match the client's own history (its token ids, the receipts
 it signed, the input tokens it accepted); and every receipt request must equal the tokens
 actually received and the transcript the client computed. A node therefore cannot get a
@@ -32,6 +34,7 @@ from inferledger.chain.receipts import (
     Receipt,
     ReceiptDomain,
     SessionAuth,
+    recover_host_challenge_signer,
     session_salt,
     sign_receipt,
     sign_session_auth,
@@ -39,6 +42,7 @@ from inferledger.chain.receipts import (
 )
 from inferledger.chain.units import cost
 from inferledger.proofs.transcript import TranscriptHash
+from inferledger.protocol.channel import SealBroken
 from inferledger.protocol.client import prompt_token_bound
 from inferledger.protocol.codes import PROTOCOL_VERSION
 from inferledger.protocol.server import (
@@ -58,6 +62,7 @@ from inferledger.protocol.server import (
     parse_node_frame,
 )
 from inferledger.sdk.errors import SdkError
+from inferledger.sdk.sealed import SealedSocket, start_channel
 
 WS_PATH = "/v1/ws"
 
@@ -198,6 +203,18 @@ def check_challenge(challenge: Challenge, expect: Expectation) -> None:
             "WRONG_HOST",
             f"node says it is host {challenge.host}; the session's host is {expect.host}",
         )
+    nonce, node_key = bytes.fromhex(challenge.nonce[2:]), bytes.fromhex(challenge.node_key[2:])
+    signature = bytes.fromhex(challenge.host_signature[2:])
+    try:
+        signer = recover_host_challenge_signer(domain, nonce, node_key, signature)
+    except Exception as exc:
+        signer = f"nobody (the signature does not recover: {exc})"
+    if signer.lower() != expect.host.lower():
+        raise SessionError(
+            "BAD_HOST_SIGNATURE",
+            f"the challenge is signed by {signer}, not by the session's host {expect.host}: "
+            "something between you and the node is posing as it; check the node's URL",
+        )
 
 
 def check_ready(ready: SessionReady, session_id: int, history: History) -> list[int]:
@@ -262,7 +279,7 @@ class SessionClient:
 
     def __init__(
         self,
-        ws: Any,
+        ws: SealedSocket,
         session_id: int,
         signer: LocalAccount,
         domain: ReceiptDomain,
@@ -310,22 +327,31 @@ class SessionClient:
         on_receipt: ReceiptHook | None = None,
         max_size: int = 2**20,
         open_timeout: float = 10.0,
+        plaintext: bool = False,
     ) -> SessionClient:
         """Open ``url`` (``ws://host:port/v1/ws``) and log in to ``session_id``.
 
         Without ``history`` the session must be fresh (nothing served, nothing receipted).
         To resume, pass what we know of it: the node's claims are checked against it, and
         the tokens it streamed after its last receipt are replayed so that we can check
-        (or learn) them before signing for them.
+        (or learn) them before signing for them. ``plaintext`` asks for an unencrypted
+        session, which only a node on a dev chain that allows them grants.
         """
         history = history or History()
         signer = Account.from_key(signer_key)
-        ws = await websockets.connect(url, max_size=max_size, open_timeout=open_timeout)
+        raw = await websockets.connect(url, max_size=max_size, open_timeout=open_timeout)
+        ws = SealedSocket(raw, None)
         try:
             challenge = _expect(
                 await asyncio.wait_for(_recv(ws), open_timeout), Challenge, "challenge"
             )
             check_challenge(challenge, expect)
+            if plaintext and not challenge.plaintext:
+                raise SessionError(
+                    "ENCRYPTION_REQUIRED",
+                    "this node takes only encrypted sessions; connect without plaintext",
+                )
+            ws = await start_channel(raw, challenge, plaintext=plaintext)
             nonce = bytes.fromhex(challenge.nonce[2:])
             auth = SessionAuth(session_id, nonce, expect.host)
             signature = sign_session_auth(signer.key, expect.domain, auth)
@@ -540,11 +566,15 @@ class SessionClient:
         await self.ws.close()
 
 
-async def _recv(ws: Any) -> Any:
+async def _recv(ws: SealedSocket) -> Any:
     try:
         return parse_node_frame(await ws.recv())
     except NodeFrameError as exc:
         raise SessionError("PROTOCOL", str(exc)) from exc
+    except SealBroken as exc:
+        raise SessionError(
+            "BAD_SEAL", f"the node's {exc}; the session is intact: reconnect to resume it"
+        ) from exc
 
 
 def _expect(frame: Any, kind: type[Any], name: str) -> Any:
