@@ -14,20 +14,20 @@ import threading
 from http import HTTPStatus
 from typing import Any, Literal
 
+from eth_account.signers.local import LocalAccount
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from inferledger.chain.receipts import ReceiptDomain
 from inferledger.proofs.transcript import TranscriptHash
-from inferledger.protocol.codes import PROTOCOL_VERSION
 from inferledger.protocol.server import (
-    Challenge,
     ReceiptAck,
     ReceiptRequest,
     ReplyStart,
     SessionReady,
     TokenFrame,
 )
+from sealed_host import HostEnd
 
 Behaviour = Literal["lie", "die"]
 ZERO = "0x" + "00" * 32
@@ -37,10 +37,14 @@ FIRST_TOKEN = 300
 
 class HostileNode:
     def __init__(
-        self, domain: ReceiptDomain, host: str, prices: tuple[int, int], behaviour: Behaviour
+        self,
+        domain: ReceiptDomain,
+        host: LocalAccount,
+        prices: tuple[int, int],
+        behaviour: Behaviour,
     ) -> None:
         self.domain = domain
-        self.host = host
+        self.host = host  # the registered host's own key: its challenge is genuine
         self.prices = prices
         self.behaviour = behaviour
         self.logins = 0
@@ -76,20 +80,12 @@ class HostileNode:
             return connection.respond(HTTPStatus.OK, body)
         return None
 
-    async def _serve(self, ws: ServerConnection) -> None:
+    async def _serve(self, socket: ServerConnection) -> None:
         self.logins += 1
         if self.logins > 1:
             return  # gone: the connection closes before the challenge
-        await ws.send(
-            Challenge(
-                protocol=PROTOCOL_VERSION,
-                nonce="0x" + "11" * 32,
-                host=self.host,
-                chain_id=self.domain.chain_id,
-                marketplace=self.domain.marketplace,
-                model="m",
-            ).model_dump_json()
-        )
+        ws = HostEnd(socket, self.host, self.domain)
+        await ws.start()
         session_id = json.loads(await ws.recv())["session_id"]
         transcript = TranscriptHash(session_id)
         await ws.send(
@@ -141,11 +137,11 @@ class HostileNode:
         if self.behaviour == "lie":
             await tokens(3)
             await ws.send(receipt_request(sent + 5))  # five tokens it never sent
-            await ws.wait_closed()
+            await socket.wait_closed()
             return
         await tokens(4)
         await ws.send(receipt_request(sent))
         self.receipts.append(json.loads(await ws.recv()))
         await ws.send(ReceiptAck(input_tokens=PROMPT_TOKENS, output_tokens=sent).model_dump_json())
         await tokens(3)
-        await ws.close()  # dies mid-reply, three tokens unreceipted
+        await socket.close()  # dies mid-reply, three tokens unreceipted

@@ -91,7 +91,7 @@ def hostile(request: pytest.FixtureRequest, market: Market) -> Iterator[HostileN
     world = market.world
     host = register_host(world, "hostile", "ws://127.0.0.1:1/v1/ws", market.model_id, CHEAP)
     behaviour: Behaviour = request.param
-    node = HostileNode(world.contracts.marketplace.domain(), host.address, CHEAP, behaviour)
+    node = HostileNode(world.contracts.marketplace.domain(), host.account, CHEAP, behaviour)
     node.start()
     world.contracts.nodes.update_url(host, node.url)
     yield node
@@ -112,7 +112,7 @@ def test_a_hostile_host_is_paid_only_what_was_receipted_and_is_dropped(
         served = reply.usage.model_extra["inferledger"]
         assert served["host"] == market.world.host.address
         (tried,) = served["failed_attempts"]  # the liar first, for nothing
-        assert (tried["host"], tried["cost"]) == (hostile.host, "0.000000")
+        assert (tried["host"], tried["cost"]) == (hostile.host.address, "0.000000")
         assert "RECEIPT_REFUSED" in tried["error"]
         receipted = 0  # the inflated receipt was refused: nothing signed
         spent_elsewhere = cost_of(reply.usage)
@@ -131,7 +131,7 @@ def test_a_hostile_host_is_paid_only_what_was_receipted_and_is_dropped(
     (hostile_session,) = [
         s
         for s in market.world.contracts.marketplace.sessions_of_user(user)
-        if market.world.contracts.marketplace.get_session(s).host == hostile.host
+        if market.world.contracts.marketplace.get_session(s).host == hostile.host.address
     ]
     record = run.client.sessions.resume(hostile_session, auto_close=False).record
     assert record.signed_counts() == ((PROMPT_TOKENS, receipted) if receipted else (0, 0))
@@ -139,7 +139,7 @@ def test_a_hostile_host_is_paid_only_what_was_receipted_and_is_dropped(
     # The gateway counts as spent only what was signed for, and avoids the host.
     signed = cost(PROMPT_TOKENS, receipted, *CHEAP) if receipted else 0
     assert run.gateway.ledger.total == signed + spent_elsewhere
-    assert hostile.host.lower() in run.gateway.view()["avoided_hosts"]
+    assert hostile.host.address.lower() in run.gateway.view()["avoided_hosts"]
     after = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
     assert after.usage is not None
     assert after.usage.model_extra["inferledger"]["host"] == market.world.host.address
