@@ -32,13 +32,14 @@ def test_sync_and_async_replies_cost_exactly_what_settles_on_chain(
     client = run.openai()
 
     raw = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=HELLO, max_tokens=7
+        model=MODEL, messages=HELLO, max_tokens=7, seed=5
     )
     whole = raw.parse()
     stream = client.chat.completions.create(
         model=MODEL,
         messages=HELLO,
         max_tokens=7,
+        seed=5,
         stream=True,
         stream_options={"include_usage": True},
     )
@@ -63,7 +64,7 @@ def test_sync_and_async_replies_cost_exactly_what_settles_on_chain(
 
     async_whole, async_chunks = asyncio.run(async_calls())
 
-    # The answer arrives, whole or in pieces; the same prompt gives the same text both ways.
+    # The answer arrives, whole or in pieces; the same prompt and seed give the same text.
     text = whole.choices[0].message.content
     assert text and whole.choices[0].finish_reason == "length"
     assert whole.usage is not None and whole.usage.completion_tokens == 7

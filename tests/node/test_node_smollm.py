@@ -19,7 +19,8 @@ from inferledger.chain.receipts import Receipt, check_receipt_signature
 from inferledger.chain.units import settlement_split
 from inferledger.inference import Backend
 from inferledger.proofs.bundle import ProofBundle
-from inferledger.proofs.verify import ReplyTranscript, verify_bundle
+from inferledger.proofs.sampling import Sampling
+from inferledger.proofs.verify import ReplyTranscript, VerifierModel, verify_bundle
 from inferledger.protocol.server import Settled, SettlementPending
 from inferledger.sdk.wire import SessionClient
 
@@ -45,12 +46,20 @@ def test_smollm_session_of_200_tokens_settles_90_10_and_its_proofs_verify(
             server.ws_url, session_id, signer.key, expect=expect(world)
         )
         replies = []
-        for question in (STORY, MORE):  # SmolLM2 may end its story before 200 tokens
+        # Greedy, then sampled with the user's seed: both kinds of reply are checkable.
+        asked = [(STORY, Sampling()), (MORE, Sampling(temperature=0.7, top_p=0.95, seed=1234))]
+        for question, sampling in asked:  # SmolLM2 may end its story before 200 tokens
             first = client.received
-            reply = await client.chat(question, max_tokens=230 - first, temperature=0)
+            reply = await client.chat(
+                question,
+                max_tokens=230 - first,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                seed=sampling.seed,
+            )
             prompt = tuple(smollm.tokenize_chat(question))
             assert reply.prompt_tokens == len(prompt)  # billed what the model prefilled
-            replies.append(ReplyTranscript(prompt, tuple(reply.token_ids), first))
+            replies.append(ReplyTranscript(prompt, tuple(reply.token_ids), first, sampling))
             if client.received >= 200:
                 break
         await client.end()
@@ -95,7 +104,7 @@ def test_smollm_session_of_200_tokens_settles_90_10_and_its_proofs_verify(
         verdict = verify_bundle(
             bundle,
             replies,
-            smollm.prefill_hidden_states,
+            VerifierModel.of(smollm),
             salt=salt,
             host=world.host.address,
             model_id=model_id,
@@ -108,6 +117,10 @@ def test_smollm_session_of_200_tokens_settles_90_10_and_its_proofs_verify(
     first = replies[0]
     changed_ids = list(first.reply_ids)
     changed_ids[150 if len(changed_ids) > 150 else -1] += 1
-    changed = [ReplyTranscript(first.prompt_ids, tuple(changed_ids), 0), *replies[1:]]
-    verdicts = [verify_bundle(b, changed, smollm.prefill_hidden_states, salt=salt) for b in bundles]
+    changed = [
+        ReplyTranscript(first.prompt_ids, tuple(changed_ids), 0, first.sampling),
+        *replies[1:],
+    ]
+    model = VerifierModel.of(smollm)
+    verdicts = [verify_bundle(b, changed, model, salt=salt) for b in bundles]
     assert "fail" in {v.status for v in verdicts}

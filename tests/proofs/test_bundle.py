@@ -26,7 +26,7 @@ SALT = keccak(b"salt")
 
 # Pins the version-2 format: any change to key names, hex/int spelling, ordering or the
 # signature scheme changes this hash and so breaks every receipt already signed over it.
-GOLDEN_PROOF_HASH = "0x190f2a907e62bf9b1ddd233087a5a716de77f42eaf25891726062bd6793d9320"
+GOLDEN_PROOF_HASH = "0x0e3e892e80e2bf4cb90a33aa8ff14de7e027959ea4e589f9fe6ae784e2eb1216"
 
 
 PROOF_A = bytes(range(256)) + b"\x00\x01"
@@ -87,7 +87,7 @@ def test_encoding_is_compact_sorted_json() -> None:
     data = make_bundle().encode()
     doc = json.loads(data)
     assert list(doc) == sorted(doc)
-    assert doc["version"] == 2
+    assert doc["version"] == 3
     assert doc["token_end"] == 64
     assert doc["host_signature"] == "0x"
     assert doc["attestation"] == "0x"
@@ -95,8 +95,12 @@ def test_encoding_is_compact_sorted_json() -> None:
         "activation_proofs": ["0x" + "ab" * PROOF_BYTES, "0x" + "cd" * PROOF_BYTES],
         "prompt_hash": "0x" + prompt_hash([4, 5], SALT).hex(),
         "prompt_tokens": 2,
+        "repetition_penalty": 1.0,
         "reply_end": 12,
         "reply_start": 0,
+        "seed_commitment": "0x" + "00" * 32,
+        "temperature": 0.0,
+        "top_p": 1.0,
     }
     assert list(doc["segments"][0]) == sorted(doc["segments"][0])
     assert b" " not in data and b"\n" not in data
@@ -167,8 +171,14 @@ CANONICAL = make_bundle().signed(HOST_KEY).encode()
         pytest.param(_without(CANONICAL, "dtype"), id="missing-field"),
         pytest.param(_without(CANONICAL, "version"), id="missing-version"),
         pytest.param(_edit(CANONICAL, extra=1), id="extra-field"),
-        pytest.param(_edit(CANONICAL, version=3), id="future-version"),
+        pytest.param(_edit(CANONICAL, version=4), id="future-version"),
+        pytest.param(_edit(CANONICAL, version=2), id="unsampled-version-2"),
         pytest.param(_edit(CANONICAL, version=1), id="unsalted-version-1"),
+        pytest.param(_edit_segment(CANONICAL, 0, temperature=1), id="int-temperature"),
+        pytest.param(_edit_segment(CANONICAL, 0, top_p=1.5), id="top-p-above-1"),
+        pytest.param(_edit_segment(CANONICAL, 0, repetition_penalty=0.5), id="low-penalty"),
+        pytest.param(_edit_segment(CANONICAL, 0, seed_commitment="0x00"), id="short-seed"),
+        pytest.param(_edit(CANONICAL, sampler=""), id="empty-sampler"),
         pytest.param(_edit(CANONICAL, model_id="0x" + "00" * 31), id="short-model-id"),
         pytest.param(_edit(CANONICAL, transcript_hash="00" * 32), id="hex-without-0x"),
         pytest.param(

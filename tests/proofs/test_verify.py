@@ -14,6 +14,7 @@ from eth_utils import keccak
 
 from inferledger.inference import GenerationParams, load_backend
 from inferledger.inference.base import Hidden, Token
+from inferledger.inference.sampling import SAMPLER
 from inferledger.proofs.bundle import ProofBundle
 from inferledger.proofs.provers import (
     ActivationProver,
@@ -25,7 +26,12 @@ from inferledger.proofs.provers import (
     prove_checkpoint,
 )
 from inferledger.proofs.transcript import TranscriptHash
-from inferledger.proofs.verify import ReplyTranscript, reply_segments, verify_bundle
+from inferledger.proofs.verify import (
+    ReplyTranscript,
+    VerifierModel,
+    reply_segments,
+    verify_bundle,
+)
 
 HOST_KEY = bytes.fromhex("33" * 32)
 HOST = Account.from_key(HOST_KEY).address
@@ -51,7 +57,10 @@ def transcript(prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]
 
 
 def checkpoint_works(
-    replies: list[ReplyTranscript], rows: dict[int, np.ndarray], interval: int
+    replies: list[ReplyTranscript],
+    rows: dict[int, np.ndarray],
+    interval: int,
+    backend: str = "scripted",
 ) -> list[CheckpointWork]:
     """What a node hands its prover at every ``interval`` session tokens. ``rows`` maps a
     reply's first token to its hidden states over prompt + output (what the host computed)."""
@@ -79,9 +88,10 @@ def checkpoint_works(
                 token_end=end,
                 transcript_hash=chain.value,
                 segments=tuple(segments),
-                backend="test",
+                backend=backend,
                 dtype="float32",
                 salt=SALT,
+                sampler=SAMPLER if backend == "transformers" else "scripted",
             )
         )
     return works
@@ -124,7 +134,7 @@ def test_an_honest_session_passes_every_checkpoint(bundles):
         for b in bundles
     ]
     assert [v.status for v in verdicts] == ["pass"] * 3
-    assert verdicts[0].reason == "2 segments, 5 chunks within the thresholds"  # 1+2, 1+1
+    assert verdicts[0].reason == "2 segments, 5 chunks within the scripted profile"  # 1+2, 1+1
     assert all(c.exp_mismatches == 0 for v in verdicts for s in v.segments for c in s.chunks)
 
 
@@ -251,14 +261,16 @@ def chat(smollm):
 
 def test_smollm_honest_checkpoints_pass(smollm, chat):
     replies, rows = chat
-    bundles = prove_all(checkpoint_works(replies, rows, INTERVAL))
+    bundles = prove_all(checkpoint_works(replies, rows, INTERVAL, "transformers"))
     assert [[(s.reply_start, s.reply_end) for s in b.segments] for b in bundles] == [
         [(0, 40), (0, 10)],
         [(10, 30)],
     ]
     for bundle in bundles:
-        verdict = verify(bundle, replies, smollm.prefill_hidden_states, host=HOST)
+        verdict = verify(bundle, replies, VerifierModel.of(smollm), host=HOST)
         assert verdict.status == "pass", verdict.reason
+        assert verdict.profile == "fp32"
+        assert sum(c.exact for c in verdict.sampling) == bundle.token_end - bundle.token_start
 
 
 def test_smollm_a_token_the_host_did_not_compute_fails(smollm, chat):
@@ -267,9 +279,9 @@ def test_smollm_a_token_the_host_did_not_compute_fails(smollm, chat):
     altered = list(reply.reply_ids)
     altered[20] ^= 1  # a neighbouring token id; reply 2 token 20 is in checkpoint 2
     cheated = {**rows, 40: smollm.prefill_hidden_states([*reply.prompt_ids, *altered])}
-    first, second = prove_all(checkpoint_works(replies, cheated, INTERVAL))
-    assert verify(first, replies, smollm.prefill_hidden_states).status == "pass"
-    verdict = verify(second, replies, smollm.prefill_hidden_states)
+    first, second = prove_all(checkpoint_works(replies, cheated, INTERVAL, "transformers"))
+    assert verify(first, replies, VerifierModel.of(smollm)).status == "pass"
+    verdict = verify(second, replies, VerifierModel.of(smollm))
     assert verdict.status == "fail" and verdict.reason.startswith("segment 0: chunks [0]")
 
 
@@ -279,8 +291,8 @@ def test_smollm_a_different_prompt_fails(smollm, chat):
     prompt = list(reply.prompt_ids)
     prompt[-8] ^= 1  # inside the user's message; same length, so rows line up
     cheated = {**rows, 0: smollm.prefill_hidden_states([*prompt, *reply.reply_ids])}
-    first, _ = prove_all(checkpoint_works(replies, cheated, INTERVAL))
-    verdict = verify(first, replies, smollm.prefill_hidden_states)
+    first, _ = prove_all(checkpoint_works(replies, cheated, INTERVAL, "transformers"))
+    verdict = verify(first, replies, VerifierModel.of(smollm))
     assert verdict.status == "fail"
     assert not any(c.ok for c in verdict.segments[0].chunks)  # the prompt and both decodes
     assert verdict.segments[1].ok  # reply 2 was computed honestly
@@ -305,9 +317,9 @@ def noisy_weights(smollm, relative: float) -> Iterator[None]:
 
 def test_smollm_a_different_model_fails(smollm, chat):
     replies, rows = chat
-    bundles = prove_all(checkpoint_works(replies, rows, INTERVAL))
+    bundles = prove_all(checkpoint_works(replies, rows, INTERVAL, "transformers"))
     with noisy_weights(smollm, 0.01):
-        verdicts = [verify(b, replies, smollm.prefill_hidden_states) for b in bundles]
+        verdicts = [verify(b, replies, VerifierModel.of(smollm)) for b in bundles]
     assert [v.status for v in verdicts] == ["fail", "fail"]
     assert not any(c.ok for v in verdicts for s in v.segments for c in s.chunks)
     assert "mantissa error mean" in verdicts[0].reason

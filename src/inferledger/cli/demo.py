@@ -29,6 +29,7 @@ from inferledger.config import Settings, load_settings
 from inferledger.node.node import create_node
 from inferledger.node.preflight import PreflightFailed
 from inferledger.node.server import BackgroundServer
+from inferledger.proofs.verify import VerifierModel
 from inferledger.sdk import Client, Settlement
 from inferledger.sdk.verification import (
     CheckpointVerdict,
@@ -45,6 +46,10 @@ DEPOSIT = usdc("2")
 PRICE_PER_MTOK = price_per_token_to_mtok("0.002")
 PROOF_INTERVAL = 100
 MAX_TOKENS = 200
+SAMPLING = {"temperature": 0.7, "top_p": 0.95, "repetition_penalty": 1.1, "seed": 1}
+"""Sampled, not greedy (greedy SmolLM2 repeats itself), by the verifiable sampler: the
+seed is the user's, so the verifier recomputes every token's choice. Fixed, so every run
+of the demo tells the same story."""
 QUESTION = (
     "What is a blockchain, and why would anyone pay for language model tokens with one? "
     "Explain in detail."
@@ -170,7 +175,7 @@ def _session(
     console.print(f"[bold]user>[/] {question}\n[bold]SmolLM2>[/] ", end="")
     started = time.monotonic()
     messages = [{"role": "user", "content": question}]
-    for text in session.stream_sync(messages, max_tokens=max_tokens, temperature=0):
+    for text in session.stream_sync(messages, max_tokens=max_tokens, **SAMPLING):
         console.print(text, end="", markup=False, highlight=False)
     elapsed = time.monotonic() - started
     console.print(
@@ -186,7 +191,7 @@ def _session(
         verdicts = []
         # cast: the record's messages are role/content dicts, which the backend validates.
         tokenize = cast(Tokenize, backend.tokenize_chat)
-        for verdict in verify_session(record, bundles, backend.prefill_hidden_states, tokenize):
+        for verdict in verify_session(record, bundles, VerifierModel.of(backend), tokenize):
             verdicts.append(verdict)
             progress.advance(task)
     unnamed = unnamed_receipts(record)

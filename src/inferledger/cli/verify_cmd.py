@@ -20,11 +20,19 @@ if TYPE_CHECKING:
     from inferledger.sdk import SessionRecord
     from inferledger.sdk.verification import BundleUnavailable, Checkpoint, CheckpointVerdict
 
-STYLES = {"pass": "green", "fail": "red", "unproven": "yellow"}
+STYLES = {"pass": "green", "fail": "red", "unproven": "yellow", "unverifiable": "magenta"}
 
 
 class VerifierBackend(StrEnum):
     transformers = "transformers"
+    scripted = "scripted"
+
+
+class ProfileName(StrEnum):
+    """``proofs.profiles.PROFILES``, for ``--profile``."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
     scripted = "scripted"
 
 
@@ -58,16 +66,28 @@ def verify(
             "chains have this id. Default: the deployment_file setting.",
         ),
     ] = None,
+    profile: Annotated[
+        ProfileName | None,
+        typer.Option(
+            "--profile",
+            help="Thresholds to judge by: fp32 (float32 host and verifier), bf16 (bfloat16 on "
+            "either side) or scripted. Default: the one the bundle's backend, dtype and "
+            "sampler call for; a bundle no profile covers is 'unverifiable'.",
+        ),
+    ] = None,
 ) -> None:
-    """Check every checkpoint of a session you took part in: pass, fail or unproven.
+    """Check every checkpoint of a session you took part in: pass, fail, unproven or
+        unverifiable.
 
-    Fetches each proof bundle your receipts name (once, however many receipts name it)
-    from the host's node, checks that it hashes to the proof_hash you signed, is signed
-    by the host, sits where your receipts put it and matches the transcript you kept,
-    then re-runs the prefill and compares the activations. Receipts signed before the
-    session's first bundle name none (32 zero bytes): nothing to fetch, not a failure.
-    Exits 1 if any checkpoint fails. Needs the session's local record (only the client
-    that opened the session keeps the transcript); the chain is not needed.
+        Fetches each proof bundle your receipts name (once, however many receipts name it)
+        from the host's node, checks that it hashes to the proof_hash you signed, is signed
+        by the host, sits where your receipts put it and matches the transcript you kept,
+        then re-runs the prefill and compares the activations and every token's choice (the
+    sampler is seeded by you, so a host that wrote the text another way is caught). Receipts
+    signed before the
+        session's first bundle name none (32 zero bytes): nothing to fetch, not a failure.
+        Exits 1 if any checkpoint fails. Needs the session's local record (only the client
+        that opened the session keeps the transcript); the chain is not needed.
     """
     from inferledger.sdk.verification import checkpoints, unnamed_receipts
 
@@ -89,7 +109,9 @@ def verify(
             )
             return
         fetched = _fetch_all(points, timeout, console)
-        verdicts = _check_all(record, fetched, backend.value, console)
+        verdicts = _check_all(
+            record, fetched, backend.value, console, profile.value if profile else None
+        )
     _print(out(), session_id, verdicts, unnamed, len(record.receipts))
     if any(verdict.status == "fail" for verdict in verdicts):
         raise typer.Exit(1)
@@ -217,9 +239,12 @@ def _check_all(
     fetched: list[tuple[Checkpoint, ProofBundle | BundleUnavailable]],
     backend: str,
     console: Console,
+    profile_name: str | None = None,
 ) -> list[CheckpointVerdict]:
     """Verdicts in checkpoint order; the model is loaded only if there is a bundle to check
     (its tokenizer rebuilds the prompts, its prefill re-runs the activations)."""
+    from inferledger.proofs.profiles import PROFILES
+    from inferledger.proofs.verify import VerifierModel, sharing_prefills
     from inferledger.sdk.verification import (
         BundleUnavailable,
         Tokenize,
@@ -229,13 +254,15 @@ def _check_all(
         verify_checkpoint,
     )
 
-    model = None
+    profile = PROFILES[profile_name] if profile_name else None
+    verifier: VerifierModel | None = None
     replies: list[ReplyTranscript] = []
     if any(not isinstance(item, BundleUnavailable) for _, item in fetched):
         model = _load_backend(backend, console)
         _warn_on_other_model(model, record, console)
         # cast: the record's messages are role/content dicts, which the backend validates.
         replies = transcripts(record, cast(Tokenize, model.tokenize_chat))
+        verifier = sharing_prefills(VerifierModel.of(model), replies)  # one per reply
     verdicts = []
     after = 0  # where the previous bundle ends: the next starts no earlier
     with _progress(console) as progress:
@@ -245,10 +272,16 @@ def _check_all(
                 verdict = missing_bundle(point, item.problem)
                 after = next_after(after, point, None)
             else:
-                assert model is not None
+                assert verifier is not None
                 progress.update(task, description=f"checkpoint {point.index}: re-running prefill")
                 verdict = verify_checkpoint(
-                    record, point, item, model.prefill_hidden_states, replies, after=after
+                    record,
+                    point,
+                    item,
+                    verifier,
+                    replies,
+                    after=after,
+                    profile=profile,
                 )
                 after = next_after(after, point, item)
             verdicts.append(verdict)
@@ -280,7 +313,8 @@ def _print(
     console.print(table)
     counts = {status: sum(v.status == status for v in verdicts) for status in STYLES}
     console.print(
-        f"{counts['pass']} pass, {counts['fail']} fail, {counts['unproven']} unproven",
+        f"{counts['pass']} pass, {counts['fail']} fail, {counts['unproven']} unproven, "
+        f"{counts['unverifiable']} unverifiable",
         markup=False,
     )
     if unnamed:

@@ -39,6 +39,7 @@ from inferledger.gateway.ledger import Limits, SpendLedger
 from inferledger.gateway.pool import Pooled, SessionPool, signed_cost
 from inferledger.gateway.verify import Verifier
 from inferledger.paths import home
+from inferledger.proofs.verify import VerifierModel
 from inferledger.protocol.client import prompt_token_bound
 from inferledger.sdk import Client, Reply, SdkError, Session, SessionRecord
 from inferledger.sdk.hosts import model_id_of
@@ -94,7 +95,8 @@ class Lease:
 
 
 class LocalModel(Protocol):
-    """The model the user holds locally (an inference backend), to re-verify proofs."""
+    """The model the user holds locally (an inference backend), to re-verify proofs (with
+    its ``logits`` and ``dtype`` when it has them, as ``VerifierModel.of`` reads them)."""
 
     def prefill_hidden_states(self, token_ids: Sequence[int]) -> np.ndarray: ...
 
@@ -124,7 +126,7 @@ class Gateway:
                 )
             self.verifier = Verifier(
                 settings.gateway_verify_share,
-                local_model.prefill_hidden_states,
+                VerifierModel.of(local_model),
                 local_model.tokenize_chat,
                 self.registry,
             )

@@ -19,7 +19,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
-from inferledger.proofs.verify import Prefill
+from inferledger.proofs.verify import Model
 from inferledger.sdk.records import SessionRecord
 from inferledger.sdk.verification import (
     BundleUnavailable,
@@ -50,20 +50,20 @@ class Checked:
 
 
 class Verifier:
-    """Checks ``share`` (0..1) of the checkpoints with the local model's ``prefill``;
-    ``tokenize`` must render prompts as the host's backend does."""
+    """Checks ``share`` (0..1) of the checkpoints with the local ``model``; ``tokenize``
+    must render prompts as the host's backend does."""
 
     def __init__(
         self,
         share: float,
-        prefill: Prefill,
+        model: Model,
         tokenize: Tokenize,
         registry: CollectorRegistry,
         *,
         seed: int | None = None,
     ) -> None:
         self.share = share
-        self._prefill = prefill
+        self._model = model
         self._tokenize = tokenize
         self._random = random.Random(seed)
         self._seen: dict[int, set[str]] = {}  # session id -> proof hashes considered
@@ -96,7 +96,7 @@ class Verifier:
                 try:
                     bundle = fetch_bundle(checkpoint)
                     verdict = verify_checkpoint(
-                        record, checkpoint, bundle, self._prefill, replies, after=after
+                        record, checkpoint, bundle, self._model, replies, after=after
                     )
                 except BundleUnavailable as exc:
                     verdict = missing_bundle(checkpoint, exc.problem)

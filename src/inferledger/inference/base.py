@@ -50,13 +50,16 @@ class UpstreamError(BackendError):
 
 @dataclass(frozen=True, slots=True)
 class GenerationParams:
-    """Sampling settings for one request. ``temperature == 0`` means greedy decoding."""
+    """Sampling settings for one request. ``temperature == 0`` means greedy decoding; the
+    sampler (``inference.sampling``) is a pure function of these, so ``seed`` (None: 0)
+    makes a sampled reply checkable by anyone holding it."""
 
     max_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -65,6 +68,10 @@ class GenerationParams:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
+        if not 1 <= self.repetition_penalty <= 2:
+            raise ValueError("repetition_penalty must be in [1, 2]")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError("seed must be in [0, 2**63)")
         if isinstance(self.stop, str):
             # A bare string would otherwise be read as a tuple of one-character stops.
             raise TypeError("stop must be a sequence of strings, not a string")
@@ -129,6 +136,18 @@ class Backend(Protocol):
 
     supports_hidden_states: bool
     """Whether ``capture_hidden_states`` and ``prefill_hidden_states`` work."""
+
+    engine: str
+    """Which backend this is (``transformers``, ``scripted``, ``openai_http``): proof bundles
+    name it as their ``backend``."""
+
+    dtype: str
+    """The dtype the model computes in (``float32``, ``bfloat16``): proof bundles name it, so a
+    verifier picks the thresholds that fit."""
+
+    sampler: str
+    """How tokens are chosen: ``inference.sampling.SAMPLER`` when by the verifiable sampler,
+    anything else (``scripted``, ``remote``) when a verifier cannot recompute the choice."""
 
     def tokenize_chat(self, messages: Sequence[Message]) -> list[int]:
         """Prompt token ids: chat template applied, assistant generation prompt appended."""

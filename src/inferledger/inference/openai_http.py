@@ -42,6 +42,9 @@ class OpenAIHTTPBackend:
     """Streams chat completions from ``base_url`` (with or without a trailing ``/v1``)."""
 
     supports_hidden_states = False
+    engine = "openai_http"
+    dtype = "unknown"
+    sampler = "remote"  # the server samples; nobody can recompute its choices
     weights_path: Path | None = None
 
     def __init__(

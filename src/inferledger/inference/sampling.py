@@ -1,40 +1,95 @@
-"""Pick the next token from logits: greedy, temperature and nucleus (top-p) sampling.
+"""The verifiable sampler: each token a pure function of the logits, the sampling
+parameters, the tokens before it and the user's seed (docs/proofs.md, "Sampling").
 
-Sampling draws from a per-request ``torch.Generator`` rather than the global RNG, so a seed
-reproduces the same tokens even when other requests run in between.
+Gumbel-max: ``argmax(z_i + g_i)`` over the tempered, penalised, nucleus-masked logits
+``z``, where ``g_i = -ln(-ln(u_i))`` and the uniforms ``u`` of position ``p`` come from a
+ChaCha20 keystream keyed by ``keccak256("inferledger/sampler/v1" || seed || p)``. That draws
+exactly from softmax(z), yet a verifier holding the seed and its own logits recomputes the
+choice at every position: text from another model, or written by hand and "proved" by a
+prefill of the right one, picks other tokens. Temperature 0 is greedy (no noise). Ties go
+to the lowest index, everywhere. The seed is the user's (``prompt.seed``), so the host
+cannot grind it; without one, it is 0.
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Iterable
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from eth_utils.crypto import keccak
 
 from inferledger.inference.base import GenerationParams
 
-
-def make_generator(seed: int | None) -> torch.Generator:
-    """A private RNG: seeded when asked, otherwise seeded from the OS."""
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
+SAMPLER = "gumbel-chacha20/v1"
+"""The sampler's name in proof bundles: a verifier checks only samplers it knows."""
+DEFAULT_SEED = 0
+_LABEL = b"inferledger/sampler/v1"
+_NUCLEUS_FLOOR = 1e-7
 
 
-def sample_next(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator) -> int:
-    """Choose one token id from a 1-D logits vector."""
+def position_key(seed: int, position: int) -> bytes:
+    """The 32-byte ChaCha20 key of reply position ``position`` (0-based) under ``seed``."""
+    return keccak(_LABEL + seed.to_bytes(8, "big") + position.to_bytes(8, "big"))
+
+
+def gumbel_noise(seed: int, position: int, vocab: int) -> np.ndarray:
+    """``vocab`` Gumbel(0, 1) draws: keystream word ``i`` (little-endian uint64) gives
+    ``u_i = ((w >> 11) + 0.5) / 2**53``, strictly inside (0, 1)."""
+    stream = Cipher(algorithms.ChaCha20(position_key(seed, position), bytes(16)), mode=None)
+    words = np.frombuffer(stream.encryptor().update(bytes(8 * vocab)), dtype="<u8")
+    uniform = ((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+    noise: np.ndarray = -np.log(-np.log(uniform))
+    return noise
+
+
+def penalised(logits: np.ndarray, context: Iterable[int], repetition_penalty: float) -> np.ndarray:
+    """The logits as float64, every token id already in ``context`` (prompt and reply so
+    far) made less likely: a positive logit divided by the penalty, a negative multiplied."""
+    z = np.asarray(logits, dtype=np.float64).copy()
+    if repetition_penalty != 1.0:
+        seen = np.fromiter(set(context), dtype=np.int64)
+        seen = seen[(seen >= 0) & (seen < len(z))]
+        z[seen] = np.where(z[seen] > 0, z[seen] / repetition_penalty, z[seen] * repetition_penalty)
+    return z
+
+
+def nucleus(tempered: np.ndarray, top_p: float) -> np.ndarray:
+    """Which ids survive top-p: the most likely ones, in order (ties by lowest id), until
+    the mass before the next reaches ``top_p``; the top one always does."""
+    if top_p >= 1.0:
+        return np.ones(len(tempered), dtype=bool)
+    probs = np.exp(tempered - tempered.max())
+    probs /= probs.sum()
+    # Sorting only the likelier ids gives the same set when they hold top_p between them:
+    # every other id has at least their mass before it. (The full sort is the fallback.)
+    candidates = np.flatnonzero(probs >= _NUCLEUS_FLOOR)
+    if probs[candidates].sum() < top_p:
+        candidates = np.arange(len(probs))
+    order = candidates[np.argsort(-probs[candidates], kind="stable")]
+    mass_before = np.cumsum(probs[order]) - probs[order]
+    keep = np.zeros(len(tempered), dtype=bool)
+    keep[order[mass_before < top_p]] = True
+    return keep
+
+
+def scores(
+    logits: np.ndarray, params: GenerationParams, position: int, context: Iterable[int]
+) -> np.ndarray:
+    """What the sampler maximises at reply ``position``: the penalised logits when greedy,
+    else the tempered ones (-inf outside the nucleus) plus the position's Gumbel noise."""
+    z = penalised(logits, context, params.repetition_penalty)
     if params.temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1:
-        probs = _nucleus(probs, params.top_p)
-    return int(torch.multinomial(probs, num_samples=1, generator=generator))
+        return z
+    z /= params.temperature
+    z = np.where(nucleus(z, params.top_p), z, -np.inf)
+    seed = DEFAULT_SEED if params.seed is None else params.seed
+    result: np.ndarray = z + gumbel_noise(seed, position, len(z))
+    return result
 
 
-def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose mass reaches ``top_p``."""
-    sorted_probs, order = torch.sort(probs, descending=True)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    sorted_probs[mass_before >= top_p] = 0.0  # the top token always survives (mass_before == 0)
-    kept = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return kept / kept.sum()
+def sample_next(
+    logits: np.ndarray, params: GenerationParams, position: int, context: Iterable[int]
+) -> int:
+    """The token at reply ``position`` (0-based) after ``context`` (prompt + reply so far)."""
+    return int(np.argmax(scores(logits, params, position, context)))

@@ -43,6 +43,11 @@ class ScriptedBackend:
     """Deterministic token stream; ``tokens_per_second=0`` means as fast as possible."""
 
     supports_hidden_states = True
+    engine = "scripted"
+    dtype = "float32"
+    sampler = "scripted"  # tokens follow the script, not logits: nothing to recompute
+    dtype = "float32"
+    sampler = "scripted"  # tokens follow the script, not logits: nothing to recompute
     weights_path: Path | None = None
 
     def __init__(

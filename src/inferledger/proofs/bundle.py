@@ -7,7 +7,8 @@ accepts only the exact bytes :meth:`ProofBundle.encode` produces.
 
 Encoding: ASCII JSON (a subset of UTF-8) with sorted keys and no whitespace; bytes are
 lowercase ``0x`` hex, integers JSON integers, ``segments`` a list of objects (keys sorted too)
-whose ``activation_proofs`` are lists of hex strings, and a ``"version": 2`` field.
+whose ``activation_proofs`` are lists of hex strings, sampling parameters JSON numbers with a
+fraction (``0.7``, ``1.0``: Python's shortest round-trip form), and a ``"version": 3`` field.
 
 Bundles are public, so the bundle holds neither the prompts and output nor anything a stranger
 could check a guess of them against: the prompt and transcript hashes are salted, and the
@@ -30,8 +31,10 @@ from eth_utils.crypto import keccak
 from inferledger.chain.receipts import check_signature_shape
 from inferledger.proofs.activation import PROOF_BYTES, segment_chunks
 
-VERSION = 2
-"""2: salted prompt and transcript hashes and masked activation proofs (1 had neither)."""
+VERSION = 3
+"""3: each segment says how its reply was sampled (parameters and a salted seed commitment)
+and the bundle names its sampler; 2: salted prompt and transcript hashes and masked
+activation proofs (1 had neither)."""
 PROVERS = frozenset({"activation", "commitment", "external", "mock"})
 
 _UINT256_MAX = 2**256 - 1
@@ -52,9 +55,23 @@ class Segment:
     reply_start: int
     reply_end: int
     activation_proofs: tuple[bytes, ...] = ()
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed_commitment: bytes = bytes(32)
+    """``proofs.sampling.seed_commitment`` of the reply's seed (the user holds the seed)."""
 
     def __post_init__(self) -> None:
         _check_bytes("prompt_hash", self.prompt_hash, 32)
+        _check_bytes("seed_commitment", self.seed_commitment, 32)
+        for name, low, high in (
+            ("temperature", 0.0, 5.0),
+            ("top_p", 0.0, 1.0),
+            ("repetition_penalty", 1.0, 2.0),
+        ):
+            value = getattr(self, name)
+            if type(value) is not float or not low <= value <= high:
+                raise ValueError(f"{name} must be a float in [{low}, {high}], got {value!r}")
         for name in ("prompt_tokens", "reply_start", "reply_end"):
             _check_uint(name, getattr(self, name))
         if self.prompt_tokens < 1:
@@ -78,7 +95,7 @@ class Segment:
 
 @dataclass(frozen=True, kw_only=True)
 class ProofBundle:
-    """What a host attests for one checkpoint of a session (format version 1).
+    """What a host attests for one checkpoint of a session (format ``VERSION``).
 
     ``[token_start, token_end)`` are the session tokens this checkpoint covers, split over
     ``segments`` (one per reply touched, in order); ``token_end`` is the cumulative count the
@@ -101,6 +118,9 @@ class ProofBundle:
     unproven: bool
     backend: str
     dtype: str
+    sampler: str = "none"
+    """The sampler that chose the tokens (``inference.sampling.SAMPLER``), or ``none``: a
+    verifier checks the choice only for a sampler it knows."""
     attestation: bytes = b""
     host_signature: bytes = b""
 
@@ -121,7 +141,7 @@ class ProofBundle:
             raise ValueError("unproven must be a bool")
         if self.unproven and self.prover != "commitment":
             raise ValueError("an unproven bundle is a commitment fallback")
-        for name in ("backend", "dtype"):
+        for name in ("backend", "dtype", "sampler"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty string")
@@ -282,7 +302,8 @@ def _object(
 
 def _decode_segment(item: object) -> Segment:
     doc = _object(item, Segment, "a segment")
-    doc["prompt_hash"] = _from_hex("prompt_hash", doc["prompt_hash"])
+    for name in ("prompt_hash", "seed_commitment"):
+        doc[name] = _from_hex(name, doc[name])
     proofs = doc["activation_proofs"]
     if not isinstance(proofs, list):
         raise ValueError("activation_proofs must be a list")

@@ -56,6 +56,7 @@ from inferledger.proofs.bundle import (
     prompt_hash,
     sealed_transcript,
 )
+from inferledger.proofs.sampling import GREEDY, Sampling, seed_commitment
 
 PROTOCOL = "inferledger-prover/1"
 PROVER_SETTING = env_name("prover")
@@ -79,6 +80,8 @@ class SegmentWork:
     reply_ids: tuple[int, ...]
     reply_start: int
     hidden_states: np.ndarray | None = None
+    sampling: Sampling = GREEDY
+    """How the reply was sampled (what the user's prompt asked)."""
 
     @property
     def reply_end(self) -> int:
@@ -111,6 +114,8 @@ class CheckpointWork:
     salt: bytes
     """The user's session salt (``session_init``): the public bundle's hashes and proofs are
     salted or masked with it, so only the user and those it tells can check them."""
+    sampler: str = "none"
+    """The backend's sampler (``inference.sampling.SAMPLER`` for models that prove)."""
 
 
 class ProverUnavailable(Exception):
@@ -398,6 +403,10 @@ def _bundle(
                 mask_proof(proof, work.salt, work.checkpoint_index, index, chunk)
                 for chunk, proof in enumerate(segment_proofs)
             ),
+            temperature=float(segment.sampling.temperature),
+            top_p=float(segment.sampling.top_p),
+            repetition_penalty=float(segment.sampling.repetition_penalty),
+            seed_commitment=seed_commitment(segment.sampling.effective_seed, work.salt),
         )
         for index, (segment, segment_proofs) in enumerate(
             zip(work.segments, proofs or [()] * len(work.segments), strict=True)
@@ -417,6 +426,7 @@ def _bundle(
         unproven=unproven,
         backend=work.backend,
         dtype=work.dtype,
+        sampler=work.sampler,
         attestation=attestation,
     )
 

@@ -86,6 +86,7 @@ class Prompt(_Frame):
     stop: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         default_factory=list, max_length=8
     )
+    repetition_penalty: float = Field(default=1.0, ge=1, le=2)
 
 
 class ReceiptFrame(_Frame):

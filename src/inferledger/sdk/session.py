@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import queue
+import secrets
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
@@ -367,6 +368,10 @@ class Session:
         self, messages: Messages, params: dict[str, Any], push: Callable[[Any], None] | None
     ) -> Reply:
         wire = await self._connected()
+        if params.get("seed") is None:
+            # Ours, not the host's: a sampled reply is checkable against it (and the host
+            # cannot grind seeds for text it prefers). Kept in the record for verification.
+            params = {**params, "seed": secrets.randbits(63)}
         self.record.request_seq += 1
         entry = ReplyRecord(
             request_id=f"r{self.record.request_seq}",

@@ -29,16 +29,24 @@ No rich, no typer: the CLI (``inferledger verify``) and the demo both build on t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 from eth_utils.crypto import keccak
 
 from inferledger.proofs.bundle import ProofBundle
-from inferledger.proofs.verify import Prefill, ReplyTranscript, verify_bundle
+from inferledger.proofs.profiles import Profile
+from inferledger.proofs.sampling import Sampling
+from inferledger.proofs.verify import (
+    Model,
+    ReplyTranscript,
+    as_model,
+    sharing_prefills,
+    verify_bundle,
+)
 from inferledger.sdk.errors import SdkError
 from inferledger.sdk.records import ReceiptRecord, SessionRecord
 from inferledger.sdk.wire import http_base
@@ -47,7 +55,7 @@ Tokenize = Callable[[Sequence[dict[str, str]]], Sequence[int]]
 """Chat messages -> prompt token ids, exactly as the node's backend renders them
 (``backend.tokenize_chat``)."""
 
-VerdictStatus = Literal["pass", "fail", "unproven"]
+VerdictStatus = Literal["pass", "fail", "unproven", "unverifiable"]
 FETCH_TIMEOUT = 10.0
 
 
@@ -205,20 +213,33 @@ def transcripts(record: SessionRecord, tokenize: Tokenize) -> list[ReplyTranscri
             prompt_ids=tuple(int(t) for t in tokenize(reply.messages)),
             reply_ids=tuple(reply.token_ids),
             first_token=reply.first_token,
+            sampling=sampling_of(reply.params),
         )
         for reply in record.replies
         if reply.token_ids
     ]
 
 
+def sampling_of(params: Mapping[str, Any]) -> Sampling:
+    """What a reply's parameters asked of the sampler, with the node's defaults for the
+    ones not given (docs/protocol.md, ``prompt``)."""
+    return Sampling(
+        temperature=float(params.get("temperature", 0.0)),
+        top_p=float(params.get("top_p", 1.0)),
+        repetition_penalty=float(params.get("repetition_penalty", 1.0)),
+        seed=params.get("seed"),
+    )
+
+
 def verify_checkpoint(
     record: SessionRecord,
     checkpoint: Checkpoint,
     bundle: ProofBundle,
-    prefill: Prefill | None,
+    model: Model | None,
     replies: Sequence[ReplyTranscript],
     *,
     after: int = 0,
+    profile: Profile | None = None,
 ) -> CheckpointVerdict:
     """Check one bundle against its receipts, the session and the kept ``replies``.
 
@@ -244,10 +265,11 @@ def verify_checkpoint(
         result = verify_bundle(
             bundle,
             replies,
-            prefill,
+            model,
             salt=record.salt,
             host=record.host,
             model_id=_hash_bytes(record.model_id),
+            profile=profile,
         )
     except ValueError as exc:
         return verdict("fail", str(exc))
@@ -270,26 +292,29 @@ def next_after(after: int, checkpoint: Checkpoint, bundle: ProofBundle | None) -
 def verify_session(
     record: SessionRecord,
     bundles: Sequence[ProofBundle],
-    prefill: Prefill | None,
+    model: Model | None,
     tokenize: Tokenize,
 ) -> Iterator[CheckpointVerdict]:
     """Yield one verdict per checkpoint (each named bundle once), in order, as each is
     checked; receipts naming no bundle are skipped (see :func:`unnamed_receipts`).
 
     ``bundles`` are matched to the receipts by proof hash (as :func:`fetch_bundles`
-    returns them, or any subset); a checkpoint without its bundle fails. ``prefill`` runs
-    the verifier's model (``backend.prefill_hidden_states``); None leaves activation
-    proofs ``unproven``. ``tokenize`` must render prompts as the host's backend did.
+    returns them, or any subset); a checkpoint without its bundle fails. ``model`` is the
+    verifier's (``proofs.verify.VerifierModel.of(backend)``; a bare prefill checks only the
+    activations); None leaves activation proofs ``unproven``. ``tokenize`` must render
+    prompts as the host's backend did.
     """
     by_hash = {bundle.proof_hash(): bundle for bundle in bundles}
     replies = transcripts(record, tokenize)
+    verifier = as_model(model)
+    model = None if verifier is None else sharing_prefills(verifier, replies)
     after = 0
     for checkpoint in checkpoints(record):
         bundle = by_hash.get(checkpoint.proof_hash)
         if bundle is None:
             yield missing_bundle(checkpoint, "no proof bundle for this receipt")
         else:
-            yield verify_checkpoint(record, checkpoint, bundle, prefill, replies, after=after)
+            yield verify_checkpoint(record, checkpoint, bundle, model, replies, after=after)
         after = next_after(after, checkpoint, bundle)
 
 

@@ -1,0 +1,57 @@
+"""Which thresholds a verifier applies: one profile per condition a bundle can name.
+
+A bundle says which backend, dtype and sampler made it. An honest host must never fail on
+another machine, so the verifier picks the profile that fits both sides: float32 on both
+is checked tightly; bfloat16 on either side moves activations and logits by far more, so
+its activation bounds are loose and the sampling check carries the weight. A combination
+with no profile is reported "unverifiable", never "fail". docs/proofs.md publishes the
+measurements behind each number (``bench/integrity.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from inferledger.inference.sampling import SAMPLER
+from inferledger.proofs.activation import CROSS_BACKEND, SAME_BACKEND, Thresholds
+from inferledger.proofs.sampling import SamplingTolerance
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """``sampling`` None: the backend's choices cannot be recomputed (a scripted test
+    model), so only the activations are checked."""
+
+    name: str
+    activation: Thresholds
+    sampling: SamplingTolerance | None
+
+
+FP32 = Profile("fp32", SAME_BACKEND, SamplingTolerance(near_tie=0.01, max_mismatches=0))
+"""Both sides float32 transformers. Honest runs differ from the verifier's logits by about
+1e-5 (threads, chunked prefill, SDPA); prefill forgeries' closest flips were 0.017-0.06
+logits apart, so a gap above 0.01 is a mismatch and none is allowed."""
+
+BF16 = Profile("bf16", CROSS_BACKEND, SamplingTolerance(near_tie=0.5, max_mismatches=2))
+"""bfloat16 on either side: logits move by up to a few tenths, so near ties within 0.5
+logits are noise and two further flips per segment are forgiven."""
+
+SCRIPTED = Profile("scripted", SAME_BACKEND, None)
+"""The scripted test backend: its pseudo-states are exact, its tokens follow a script."""
+
+PROFILES = {profile.name: profile for profile in (FP32, BF16, SCRIPTED)}
+
+
+def profile_for(backend: str, dtype: str, sampler: str, verifier_dtype: str) -> Profile | None:
+    """The profile for a bundle made by ``backend``/``dtype``/``sampler`` checked by a
+    verifier computing in ``verifier_dtype``; None when no profile covers it."""
+    if backend == "scripted" and sampler == "scripted":
+        return SCRIPTED
+    if backend != "transformers" or sampler != SAMPLER:
+        return None
+    dtypes = {dtype, verifier_dtype}
+    if dtypes == {"float32"}:
+        return FP32
+    if dtypes <= {"float32", "bfloat16"}:
+        return BF16
+    return None
