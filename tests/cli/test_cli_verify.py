@@ -126,9 +126,22 @@ def test_verify_passes_every_checkpoint_of_an_honest_session(
         (0, 10), (10, 20), (20, 25), (25, 30), (30, 37),
     ]  # fmt: skip
     assert [p.proof_hash_hex for p in points] == [r.proof_hash for r in record.receipts]
-    code, output = _verify(home, str(record.session_id), monkeypatch=monkeypatch)
+    evidence = home / "evidence.json"
+    code, output = _verify(
+        home, str(record.session_id), "--json", str(evidence), monkeypatch=monkeypatch
+    )
     assert code == 0, output
-    assert "5 pass, 0 fail, 0 unproven" in output
+    assert "5 pass, 0 fail, 0 unproven, 0 unverifiable" in output
+    # What a dispute needs: every verdict with its measurements, and who measured.
+    written = json.loads(evidence.read_text())
+    assert written["session_id"] == record.session_id
+    assert written["verifier"]["backend"] == "scripted"
+    assert written["verifier"]["prefill_layout"].startswith("one prefill per reply")
+    assert [c["status"] for c in written["checkpoints"]] == ["pass"] * 5
+    for checkpoint in written["checkpoints"]:
+        assert checkpoint["evidence"]["profile"] == "scripted"
+        chunks = [c for segment in checkpoint["evidence"]["activation"] for c in segment]
+        assert chunks and all(c["ok"] and c["exp_mismatches"] == 0 for c in chunks)
 
 
 def test_verify_fails_a_tampered_transcript(

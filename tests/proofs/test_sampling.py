@@ -214,3 +214,16 @@ def test_an_unknown_dtype_is_unverifiable_not_failed(smollm, honest):
     verdict = check(bundle, prompt, reply, GREEDY, smollm)
     assert verdict.status == "unverifiable"
     assert "float16" in verdict.reason and "--profile" in verdict.reason
+
+
+def test_the_verifier_describes_itself_for_a_dispute(smollm, smollm_bf16):
+    described = smollm.describe()
+    assert described["weights_sha256"] == smollm.weights_sha256
+    assert (described["engine"], described["dtype"], described["device"]) == (
+        "transformers",
+        "float32",
+        "cpu",
+    )
+    assert described["attention"] and int(described["threads"]) >= 1
+    assert described["torch"] == torch.__version__ and described["sampler"] == SAMPLER
+    assert smollm_bf16.describe()["dtype"] == "bfloat16"

@@ -75,19 +75,29 @@ def verify(
             "sampler call for; a bundle no profile covers is 'unverifiable'.",
         ),
     ] = None,
+    evidence_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--json",
+            metavar="FILE",
+            help="Also write what a dispute needs to FILE: each verdict with its profile, "
+            "activation errors and sampling scores, and the verifier's weights, library "
+            "versions, dtype, attention kernel and threads.",
+        ),
+    ] = None,
 ) -> None:
     """Check every checkpoint of a session you took part in: pass, fail, unproven or
-        unverifiable.
+    unverifiable.
 
-        Fetches each proof bundle your receipts name (once, however many receipts name it)
-        from the host's node, checks that it hashes to the proof_hash you signed, is signed
-        by the host, sits where your receipts put it and matches the transcript you kept,
-        then re-runs the prefill and compares the activations and every token's choice (the
-    sampler is seeded by you, so a host that wrote the text another way is caught). Receipts
-    signed before the
-        session's first bundle name none (32 zero bytes): nothing to fetch, not a failure.
-        Exits 1 if any checkpoint fails. Needs the session's local record (only the client
-        that opened the session keeps the transcript); the chain is not needed.
+    Fetches each proof bundle your receipts name (once, however many receipts name it)
+    from the host's node, checks that it hashes to the proof_hash you signed, is signed
+    by the host, sits where your receipts put it and matches the transcript you kept,
+    then re-runs the prefill and compares the activations and every token's choice (the
+    sampler is seeded by you, so a host that wrote the text another way is caught).
+    Receipts signed before the session's first bundle name none (32 zero bytes):
+    nothing to fetch, not a failure. Exits 1 if any checkpoint fails. Needs the
+    session's local record (only the client that opened the session keeps the
+    transcript); the chain is not needed. A bundle no profile covers is unverifiable.
     """
     from inferledger.sdk.verification import checkpoints, unnamed_receipts
 
@@ -109,9 +119,11 @@ def verify(
             )
             return
         fetched = _fetch_all(points, timeout, console)
-        verdicts = _check_all(
+        verdicts, verifier = _check_all(
             record, fetched, backend.value, console, profile.value if profile else None
         )
+        if evidence_file is not None:
+            _write_evidence(evidence_file, session_id, verdicts, verifier)
     _print(out(), session_id, verdicts, unnamed, len(record.receipts))
     if any(verdict.status == "fail" for verdict in verdicts):
         raise typer.Exit(1)
@@ -240,9 +252,10 @@ def _check_all(
     backend: str,
     console: Console,
     profile_name: str | None = None,
-) -> list[CheckpointVerdict]:
-    """Verdicts in checkpoint order; the model is loaded only if there is a bundle to check
-    (its tokenizer rebuilds the prompts, its prefill re-runs the activations)."""
+) -> tuple[list[CheckpointVerdict], dict[str, object]]:
+    """Verdicts in checkpoint order, and what ran them; the model is loaded only if there
+    is a bundle to check (its tokenizer rebuilds the prompts, its prefill re-runs the
+    activations and its head the token choices)."""
     from inferledger.proofs.profiles import PROFILES
     from inferledger.proofs.verify import VerifierModel, sharing_prefills
     from inferledger.sdk.verification import (
@@ -256,6 +269,7 @@ def _check_all(
 
     profile = PROFILES[profile_name] if profile_name else None
     verifier: VerifierModel | None = None
+    model = None
     replies: list[ReplyTranscript] = []
     if any(not isinstance(item, BundleUnavailable) for _, item in fetched):
         model = _load_backend(backend, console)
@@ -286,7 +300,30 @@ def _check_all(
                 after = next_after(after, point, item)
             verdicts.append(verdict)
             progress.advance(task)
-    return verdicts
+    described: dict[str, object] = {"backend": backend, "profile": profile_name or "per bundle"}
+    if model is not None and hasattr(model, "describe"):
+        described.update(model.describe())
+    described["prefill_layout"] = "one prefill per reply, shared by its checkpoints"
+    return verdicts, described
+
+
+def _write_evidence(
+    path: Path, session_id: int, verdicts: list[CheckpointVerdict], verifier: dict[str, object]
+) -> None:
+    import dataclasses
+    import json
+    import time
+
+    document = {
+        "session_id": session_id,
+        "verified_at": int(time.time()),
+        "verifier": verifier,
+        "checkpoints": [dataclasses.asdict(verdict) for verdict in verdicts],
+    }
+    try:
+        path.write_text(json.dumps(document, indent=2) + "\n")
+    except OSError as exc:
+        raise CliError(f"--json {path}: cannot write it ({exc.strerror})") from None
 
 
 def _print(

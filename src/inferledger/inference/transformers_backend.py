@@ -183,6 +183,28 @@ class TransformersBackend:
         rows = torch.from_numpy(np.ascontiguousarray(hidden_states, dtype=np.float32))
         return self._logits(rows.to(_DTYPES[self.dtype])).float().numpy()
 
+    def describe(self) -> dict[str, object]:
+        """The machine and code a verdict came from, for a dispute to weigh it: weights,
+        library versions, device, dtype, attention kernel, threads."""
+        import platform
+
+        import transformers
+
+        return {
+            "engine": self.engine,
+            "weights_sha256": self.weights_sha256,
+            "dtype": self.dtype,
+            "device": "cpu",
+            "attention": self._model.config._attn_implementation,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "sampler": self.sampler,
+        }
+
     def close(self) -> None:
         """Nothing to release; the model is freed with the object."""
 

@@ -30,7 +30,7 @@ No rich, no typer: the CLI (``inferledger verify``) and the demo both build on t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit
 
@@ -41,6 +41,7 @@ from inferledger.proofs.bundle import ProofBundle
 from inferledger.proofs.profiles import Profile
 from inferledger.proofs.sampling import Sampling
 from inferledger.proofs.verify import (
+    BundleVerdict,
     Model,
     ReplyTranscript,
     as_model,
@@ -109,6 +110,9 @@ class CheckpointVerdict:
     status: VerdictStatus
     reason: str
     prover: str | None = None
+    evidence: dict[str, Any] | None = None
+    """What the re-run measured, for a dispute: the profile, every chunk's activation
+    errors and every segment's sampling scores (None when nothing was re-run)."""
 
     @property
     def ok(self) -> bool:
@@ -247,7 +251,9 @@ def verify_checkpoint(
     built in token order, so this one starts no earlier.
     """
 
-    def verdict(status: VerdictStatus, reason: str) -> CheckpointVerdict:
+    def verdict(
+        status: VerdictStatus, reason: str, evidence: dict[str, Any] | None = None
+    ) -> CheckpointVerdict:
         return CheckpointVerdict(
             checkpoint.index,
             bundle.token_start,
@@ -256,6 +262,7 @@ def verify_checkpoint(
             status,
             reason,
             bundle.prover,
+            evidence,
         )
 
     problem = _session_mismatch(record, checkpoint, bundle, after)
@@ -273,7 +280,17 @@ def verify_checkpoint(
         )
     except ValueError as exc:
         return verdict("fail", str(exc))
-    return verdict(result.status, result.reason)
+    return verdict(result.status, result.reason, _evidence(result))
+
+
+def _evidence(result: BundleVerdict) -> dict[str, Any] | None:
+    if not result.segments:
+        return None
+    return {
+        "profile": result.profile,
+        "activation": [[asdict(chunk) for chunk in s.chunks] for s in result.segments],
+        "sampling": [asdict(check) for check in result.sampling],
+    }
 
 
 def missing_bundle(checkpoint: Checkpoint, reason: str) -> CheckpointVerdict:
