@@ -71,6 +71,11 @@ class Settings(BaseSettings):
         default="transformers",
         description="Inference backend: transformers, scripted or openai_http",
     )
+    model_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32",
+        description="What the transformers backend computes in; proof bundles say so and "
+        "verifiers judge bfloat16 (on either side) by the looser bf16 profile",
+    )
     upstream_url: str | None = Field(
         default=None, description="OpenAI-compatible server for the openai_http backend"
     )

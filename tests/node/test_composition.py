@@ -96,3 +96,16 @@ def test_doctor_and_node_run_agree(
         assert "node not started" in run.output
     (model,) = [line for line in doctor_lines if line.split()[1] == "model:"]
     assert settings.get("MODEL_NAME", "scripted/words") in model
+
+
+def test_model_dtype_reaches_the_backend_and_its_bundles() -> None:
+    """``model_dtype`` picks what the transformers backend computes in; bundles name it."""
+    from inferledger.config import ConfigError, load_settings
+    from inferledger.node.compose import backend_from_settings
+
+    backend = backend_from_settings(load_settings(model_dtype="bfloat16"))
+    assert (backend.engine, backend.dtype) == ("transformers", "bfloat16")
+    rows = backend.prefill_hidden_states(backend.tokenize_chat([{"role": "user", "content": "hi"}]))
+    assert rows.dtype.name == "float32"  # proofs take float32 rows whatever the model runs in
+    with pytest.raises(ConfigError, match="INFERLEDGER_MODEL_DTYPE"):
+        load_settings(model_dtype="float16")

@@ -122,7 +122,11 @@ def backend_from_settings(settings: Settings) -> Backend:
     elif settings.model_name:
         options["name"] = settings.model_name
     if settings.backend == "transformers":
-        options |= {"num_threads": 1, "progress": lambda stage: log.info("model: %s", stage)}
+        options |= {
+            "num_threads": 1,
+            "dtype": settings.model_dtype,
+            "progress": lambda stage: log.info("model: %s", stage),
+        }
         if settings.weights_path is not None:
             options["gguf_path"] = settings.weights_path
     try:
