@@ -26,6 +26,7 @@ bench: $(STAMP) node_modules/.bin/anvil
 	$(BIN)/python bench/gas.py
 	$(BIN)/python bench/overhead.py --rounds 1
 	$(BIN)/python bench/proofs.py
+	$(BIN)/python bench/integrity.py
 	$(BIN)/python bench/gateway.py
 
 # torch goes first, pinned to the CPU build: anything else pulls a multi-GB CUDA build.

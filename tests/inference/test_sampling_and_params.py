@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from eth_utils.crypto import keccak
 
 from inferledger.inference.base import GenerationParams, validate_messages
-from inferledger.inference.sampling import gumbel_noise, position_key, sample_next
+from inferledger.inference.sampling import gumbel_noise, nucleus, position_key, sample_next
 
 
 @pytest.mark.parametrize(
@@ -114,3 +114,27 @@ def test_the_noise_is_the_published_keystream():
     words = [int.from_bytes(stream[i : i + 8], "little") for i in range(0, 32, 8)]
     expected = [-math.log(-math.log(((w >> 11) + 0.5) / 2**53)) for w in words]
     assert noise.tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def _nucleus_by_full_sort(z: np.ndarray, top_p: float) -> np.ndarray:
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    mass_before = np.cumsum(probs[order]) - probs[order]
+    keep = np.zeros(len(z), dtype=bool)
+    keep[order[mass_before < top_p]] = True
+    return keep
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 10.0])
+def test_the_nucleus_is_the_full_sorts_however_few_ids_it_sorts(scale):
+    """The partial sort is an optimisation, not a second definition: same set as sorting
+    the whole vocabulary, ties (lowest id first) included."""
+    rng = np.random.default_rng(int(scale * 10))
+    for row in rng.standard_normal((8, 49152)) * scale:
+        for top_p in (0.05, 0.5, 0.9, 0.95, 0.999):
+            assert (nucleus(row, top_p) == _nucleus_by_full_sort(row, top_p)).all()
+    tied = np.zeros(500)
+    tied[:10] = 4.0
+    for top_p in (0.3, 0.5, 0.99):
+        assert (nucleus(tied, top_p) == _nucleus_by_full_sort(tied, top_p)).all()

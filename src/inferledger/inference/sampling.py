@@ -25,7 +25,7 @@ SAMPLER = "gumbel-chacha20/v1"
 """The sampler's name in proof bundles: a verifier checks only samplers it knows."""
 DEFAULT_SEED = 0
 _LABEL = b"inferledger/sampler/v1"
-_NUCLEUS_FLOOR = 1e-7
+_FIRST_CANDIDATES = 64
 
 
 def position_key(seed: int, position: int) -> bytes:
@@ -33,11 +33,16 @@ def position_key(seed: int, position: int) -> bytes:
     return keccak(_LABEL + seed.to_bytes(8, "big") + position.to_bytes(8, "big"))
 
 
-def gumbel_noise(seed: int, position: int, vocab: int) -> np.ndarray:
-    """``vocab`` Gumbel(0, 1) draws: keystream word ``i`` (little-endian uint64) gives
-    ``u_i = ((w >> 11) + 0.5) / 2**53``, strictly inside (0, 1)."""
+def gumbel_noise(
+    seed: int, position: int, vocab: int, ids: np.ndarray | None = None
+) -> np.ndarray:
+    """Gumbel(0, 1) draws for token ids ``ids`` (default: all ``vocab``): keystream word
+    ``i`` (little-endian uint64) gives ``u_i = ((w >> 11) + 0.5) / 2**53``, strictly
+    inside (0, 1). Only the ids asked for are transformed (the nucleus, usually few)."""
     stream = Cipher(algorithms.ChaCha20(position_key(seed, position), bytes(16)), mode=None)
     words = np.frombuffer(stream.encryptor().update(bytes(8 * vocab)), dtype="<u8")
+    if ids is not None:
+        words = words[ids]
     uniform = ((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
     noise: np.ndarray = -np.log(-np.log(uniform))
     return noise
@@ -61,11 +66,17 @@ def nucleus(tempered: np.ndarray, top_p: float) -> np.ndarray:
         return np.ones(len(tempered), dtype=bool)
     probs = np.exp(tempered - tempered.max())
     probs /= probs.sum()
-    # Sorting only the likelier ids gives the same set when they hold top_p between them:
-    # every other id has at least their mass before it. (The full sort is the fallback.)
-    candidates = np.flatnonzero(probs >= _NUCLEUS_FLOOR)
-    if probs[candidates].sum() < top_p:
-        candidates = np.arange(len(probs))
+    # Sorting only the likeliest ids (every id at least as likely as the m-th, ties all in)
+    # gives the same set once they hold top_p between them: every other id has at least
+    # their mass before it. m grows until they do (at worst, the whole vocabulary).
+    size = len(probs)
+    m = min(_FIRST_CANDIDATES, size)
+    while True:
+        floor = np.partition(probs, size - m)[size - m]
+        candidates = np.flatnonzero(probs >= floor)
+        if m == size or probs[candidates].sum() >= top_p:
+            break
+        m = min(size, m * 8)
     order = candidates[np.argsort(-probs[candidates], kind="stable")]
     mass_before = np.cumsum(probs[order]) - probs[order]
     keep = np.zeros(len(tempered), dtype=bool)
@@ -82,10 +93,14 @@ def scores(
     if params.temperature == 0:
         return z
     z /= params.temperature
-    z = np.where(nucleus(z, params.top_p), z, -np.inf)
     seed = DEFAULT_SEED if params.seed is None else params.seed
-    result: np.ndarray = z + gumbel_noise(seed, position, len(z))
-    return result
+    if params.top_p >= 1.0:
+        result: np.ndarray = z + gumbel_noise(seed, position, len(z))
+        return result
+    kept = np.flatnonzero(nucleus(z, params.top_p))
+    masked = np.full(len(z), -np.inf)
+    masked[kept] = z[kept] + gumbel_noise(seed, position, len(z), kept)
+    return masked
 
 
 def sample_next(

@@ -27,14 +27,17 @@ class Profile:
     sampling: SamplingTolerance | None
 
 
-FP32 = Profile("fp32", SAME_BACKEND, SamplingTolerance(near_tie=0.01, max_mismatches=0))
-"""Both sides float32 transformers. Honest runs differ from the verifier's logits by about
-1e-5 (threads, chunked prefill, SDPA); prefill forgeries' closest flips were 0.017-0.06
-logits apart, so a gap above 0.01 is a mismatch and none is allowed."""
+FP32 = Profile("fp32", SAME_BACKEND, SamplingTolerance(near_tie=0.002, max_mismatches=0))
+"""Both sides float32 transformers. Honest runs (1 or 2 threads, one-pass or chunked
+prefill, greedy or sampled) chose exactly the verifier's token at all 1,500 positions
+measured, with hidden states within 8e-5; the closest forgery (bf16-rounded weights at
+t=0.7) was 0.0028 logits off, so a gap above 0.002 is a mismatch and none is allowed."""
 
-BF16 = Profile("bf16", CROSS_BACKEND, SamplingTolerance(near_tie=0.5, max_mismatches=2))
-"""bfloat16 on either side: logits move by up to a few tenths, so near ties within 0.5
-logits are noise and two further flips per segment are forgiven."""
+BF16 = Profile("bf16", CROSS_BACKEND, SamplingTolerance(near_tie=0.5, max_mismatches=0))
+"""bfloat16 on either side: honest choices differed from the verifier's by up to 0.14
+logits (13 of 600), so gaps up to 0.5 are noise; none beyond. Loose by necessity: a
+perturbation within bf16's own noise (requantization, about 1% weight noise) passes it,
+and the dtype is the host's claim (docs/architecture.md)."""
 
 SCRIPTED = Profile("scripted", SAME_BACKEND, None)
 """The scripted test backend: its pseudo-states are exact, its tokens follow a script."""
