@@ -140,6 +140,9 @@ def test_an_adopted_session_waits_so_a_node_that_served_it_is_paid_its_receipts(
     assert job is not None and job.status == "pending" and job.reason == "close_requested"
     assert job.due_at >= before + 300
     assert world.contracts.marketplace.get_session(session_id).is_open
+    # Heard again (a rescan after a reorganisation): the delay stands.
+    node.settlement._close_requested(session_id)
+    assert node.outbox.settlement(session_id).due_at == job.due_at
 
 
 def test_a_stranger_cannot_make_the_node_adopt_another_hosts_session(

@@ -231,10 +231,9 @@ class SettlementWorker:
         """Settle now, or, with a live connection, once it has stopped and collected the
         final receipt (it schedules that itself; this schedule is the fallback)."""
         existing = self.outbox.settlement(session_id)
-        if existing is not None and existing.status != "pending":
-            return
-        if existing is None or existing.reason != reason:
-            log.info("session %s: %s; stopping and settling", session_id, reason.replace("_", " "))
+        if existing is not None and (existing.status != "pending" or existing.reason == reason):
+            return  # settled, or already due for this reason (an adopted one keeps its delay)
+        log.info("session %s: %s; stopping and settling", session_id, reason.replace("_", " "))
         due = time.time()
         if self.stop_live(session_id, reason):
             due += self.settings.user_receipt_timeout + STOP_MARGIN_SECONDS
