@@ -339,7 +339,11 @@ class SessionClient:
         """
         history = history or History()
         signer = Account.from_key(signer_key)
-        raw = await websockets.connect(url, max_size=max_size, open_timeout=open_timeout)
+        # No permessage-deflate: sealed frames are ciphertext, which does not compress, so
+        # deflating every token frame would only burn CPU on both ends.
+        raw = await websockets.connect(
+            url, max_size=max_size, open_timeout=open_timeout, compression=None
+        )
         ws = SealedSocket(raw, None)
         try:
             challenge = _expect(
