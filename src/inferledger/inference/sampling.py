@@ -33,9 +33,7 @@ def position_key(seed: int, position: int) -> bytes:
     return keccak(_LABEL + seed.to_bytes(8, "big") + position.to_bytes(8, "big"))
 
 
-def gumbel_noise(
-    seed: int, position: int, vocab: int, ids: np.ndarray | None = None
-) -> np.ndarray:
+def gumbel_noise(seed: int, position: int, vocab: int, ids: np.ndarray | None = None) -> np.ndarray:
     """Gumbel(0, 1) draws for token ids ``ids`` (default: all ``vocab``): keystream word
     ``i`` (little-endian uint64) gives ``u_i = ((w >> 11) + 0.5) / 2**53``, strictly
     inside (0, 1). Only the ids asked for are transformed (the nucleus, usually few)."""
