@@ -15,7 +15,7 @@ from eth_account.signers.local import LocalAccount
 from websockets.exceptions import ConnectionClosed
 
 from inferledger.chain.receipts import ReceiptDomain, sign_host_challenge
-from inferledger.protocol.channel import Channel, KeyPair, derive_keys, transcript_hash
+from inferledger.protocol.channel import Channel, KeyPair, agree_channel
 from inferledger.protocol.codes import PROTOCOL_VERSION
 
 
@@ -50,16 +50,15 @@ class HostEnd:
         await self.ws.send(json.dumps(challenge))
         share = json.loads(await self.ws.recv())
         assert share["type"] == "key_share", share
-        client_key = bytes.fromhex(share["client_key"][2:])
-        transcript = transcript_hash(
-            int(challenge["chain_id"]),
-            str(challenge["marketplace"]),
-            host,
-            self.nonce,
-            self.keys.public,
-            client_key,
+        self.channel = agree_channel(
+            self.keys,
+            bytes.fromhex(share["client_key"][2:]),
+            "node",
+            chain_id=int(challenge["chain_id"]),
+            marketplace=str(challenge["marketplace"]),
+            host=host,
+            nonce=self.nonce,
         )
-        self.channel = Channel.for_node(derive_keys(self.keys.agree(client_key), transcript))
 
     async def send(self, text: str) -> None:
         assert self.channel is not None

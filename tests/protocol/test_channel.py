@@ -18,6 +18,7 @@ from inferledger.protocol.channel import (
     Channel,
     KeyPair,
     SealBroken,
+    agree_channel,
     derive_keys,
     transcript_hash,
 )
@@ -66,12 +67,14 @@ def test_the_published_vectors_are_what_the_code_computes() -> None:
 
 
 def _pair() -> tuple[Channel, Channel]:
+    """Both ends as node and SDK build them (``agree_channel``), each from its own key."""
     node, client = KeyPair(), KeyPair()
-    transcript = transcript_hash(
-        1, "0x" + "22" * 20, "0x" + "33" * 20, bytes(32), node.public, client.public
+    handshake = {"chain_id": 1, "marketplace": "0x" + "22" * 20, "host": "0x" + "33" * 20}
+    handshake["nonce"] = bytes(32)
+    return (
+        agree_channel(client, node.public, "client", **handshake),
+        agree_channel(node, client.public, "node", **handshake),
     )
-    keys = derive_keys(client.agree(node.public), transcript)
-    return Channel.for_client(keys), Channel.for_node(keys)
 
 
 def _tampered(kind: str, frames: list[bytes]) -> tuple[list[bytes | str], int]:

@@ -70,7 +70,7 @@ from inferledger.node.settlement import proof_uri
 from inferledger.node.state import session_record
 from inferledger.proofs.sampling import Sampling
 from inferledger.proofs.transcript import TranscriptHash
-from inferledger.protocol.channel import Channel, KeyPair, SealBroken, derive_keys, transcript_hash
+from inferledger.protocol.channel import Channel, KeyPair, SealBroken, agree_channel
 from inferledger.protocol.client import (
     End,
     KeyShare,
@@ -378,22 +378,20 @@ class Connection:
         if self.channel is not None or self.info is not None:
             raise ProtocolError(ErrorCode.BAD_FRAME, "key_share must be the first frame")
         node = self.node
-        client_key = bytes.fromhex(frame.client_key[2:])
         try:
-            shared = self.keys.agree(client_key)
+            self.channel = agree_channel(
+                self.keys,
+                bytes.fromhex(frame.client_key[2:]),
+                "node",
+                chain_id=node.contracts.chain.chain_id,
+                marketplace=node.contracts.marketplace.address,
+                host=node.address,
+                nonce=self.nonce,
+            )
         except ValueError as exc:
             raise ProtocolError(
                 ErrorCode.BAD_SEAL, f"client_key is not a usable X25519 public key: {exc}"
             ) from exc
-        transcript = transcript_hash(
-            node.contracts.chain.chain_id,
-            node.contracts.marketplace.address,
-            node.address,
-            self.nonce,
-            self.keys.public,
-            client_key,
-        )
-        self.channel = Channel.for_node(derive_keys(shared, transcript))
 
     async def _dispatch(self, frame: Any) -> None:
         if isinstance(frame, Ping):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Literal
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -86,6 +87,25 @@ class KeyPair:
         32 bytes or a low-order point (whose secret would be all zeros)."""
         peer = X25519PublicKey.from_public_bytes(_exactly(peer_public, KEY_BYTES, "peer key"))
         return self._private.exchange(peer)
+
+
+def agree_channel(
+    own: KeyPair,
+    peer_key: bytes,
+    side: Literal["node", "client"],
+    *,
+    chain_id: int,
+    marketplace: str,
+    host: str,
+    nonce: bytes,
+) -> Channel:
+    """One side's channel: the X25519 secret with ``peer_key``, HKDF-bound to the transcript
+    of this handshake (the node's key and the client's in their places). ValueError for an
+    unusable ``peer_key``."""
+    node_key, client_key = (own.public, peer_key) if side == "node" else (peer_key, own.public)
+    transcript = transcript_hash(chain_id, marketplace, host, nonce, node_key, client_key)
+    keys = derive_keys(own.agree(peer_key), transcript)
+    return Channel.for_node(keys) if side == "node" else Channel.for_client(keys)
 
 
 def _nonce(counter: int) -> bytes:

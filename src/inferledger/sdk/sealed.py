@@ -13,7 +13,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 
-from inferledger.protocol.channel import Channel, KeyPair, SealBroken, derive_keys, transcript_hash
+from inferledger.protocol.channel import Channel, KeyPair, SealBroken, agree_channel
 from inferledger.protocol.server import Challenge
 
 
@@ -51,21 +51,20 @@ def client_handshake(challenge: Challenge) -> tuple[str, Channel]:
     """The ``key_share`` frame to send for a challenge already checked (its host signature
     included) and the channel it opens; SealBroken for an unusable node key."""
     keys = KeyPair()
-    node_key = bytes.fromhex(challenge.node_key[2:])
     try:
-        shared = keys.agree(node_key)
+        channel = agree_channel(
+            keys,
+            bytes.fromhex(challenge.node_key[2:]),
+            "client",
+            chain_id=challenge.chain_id,
+            marketplace=challenge.marketplace,
+            host=challenge.host,
+            nonce=bytes.fromhex(challenge.nonce[2:]),
+        )
     except ValueError as exc:
         raise SealBroken(f"the node's channel key is unusable: {exc}") from exc
-    transcript = transcript_hash(
-        challenge.chain_id,
-        challenge.marketplace,
-        challenge.host,
-        bytes.fromhex(challenge.nonce[2:]),
-        node_key,
-        keys.public,
-    )
     share = json.dumps({"type": "key_share", "client_key": "0x" + keys.public.hex()})
-    return share, Channel.for_client(derive_keys(shared, transcript))
+    return share, channel
 
 
 async def start_channel(
