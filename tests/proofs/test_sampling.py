@@ -18,6 +18,7 @@ import pytest
 import torch
 from eth_account import Account
 from eth_utils import keccak
+from model_edits import perturbed
 
 from inferledger.inference.base import Token
 from inferledger.inference.sampling import SAMPLER
@@ -96,17 +97,8 @@ def noisy(smollm, relative: float) -> Iterator[None]:
     """Another, cheaper-to-get model: ``relative`` noise on every weight matrix of every
     decoder layer (attention and MLP projections)."""
     weights = [p for p in smollm._model.model.layers.parameters() if p.dim() == 2]
-    saved = [w.detach().clone() for w in weights]
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for w in weights:
-            w.add_(torch.randn(w.shape, generator=generator) * w.std() * relative)
-    try:
+    with perturbed(weights, relative, seed=1):
         yield
-    finally:
-        with torch.no_grad():
-            for w, original in zip(weights, saved, strict=True):
-                w.copy_(original)
 
 
 class _Skip(torch.nn.Module):

@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 from eth_account import Account
 from eth_utils import keccak
+from model_edits import perturbed
 
 from inferledger.inference import GenerationParams, load_backend
 from inferledger.inference.base import Hidden, Token
@@ -300,19 +300,10 @@ def test_smollm_a_different_prompt_fails(smollm, chat):
 
 @contextmanager
 def noisy_weights(smollm, relative: float) -> Iterator[None]:
-    """Temporarily serve another model: 1% noise on every MLP output projection."""
+    """Temporarily serve another model: noise on every MLP output projection."""
     weights = [layer.mlp.down_proj.weight for layer in smollm._model.model.layers]
-    saved = [w.detach().clone() for w in weights]
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for w in weights:
-            w.add_(torch.randn(w.shape, generator=generator) * w.std() * relative)
-    try:
+    with perturbed(weights, relative, seed=0):
         yield
-    finally:
-        with torch.no_grad():
-            for w, original in zip(weights, saved, strict=True):
-                w.copy_(original)
 
 
 def test_smollm_a_different_model_fails(smollm, chat):
