@@ -309,7 +309,13 @@ def test_a_settlement_that_lands_after_close_stopped_waiting_is_learned_by_refre
     assert (learned["input_tokens"], learned["output_tokens"]) == (session.input_tokens, 30)
     event = c.marketplace.settlement_event(session.id)
     assert event is not None and learned["tx_hash"] == event.tx_hash
-    assert node.outbox.settlement(session.id).tx_hash == event.tx_hash  # the node's own
+    # The node's own transaction: it records it once its receipt is back, which may be just
+    # after the chain shows it (polled, with a generous bound).
+    wait_until(
+        lambda: node.outbox.settlement(session.id).tx_hash == event.tx_hash,
+        "the node to record its own settlement",
+        60,
+    )
     settled = session.close()  # the live session refreshes from the chain too
     assert (settled.status, settled.output_tokens) == ("settled", 30)
     assert settled.tx_hash == event.tx_hash
