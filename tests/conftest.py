@@ -44,6 +44,18 @@ def smollm() -> Iterator[object]:
 
 
 @pytest.fixture(scope="session")
+def llama() -> Iterator[object]:
+    """The same SmolLM2 GGUF in llama.cpp (the ``inferledger[llama]`` extra, which
+    ``make test`` installs), loaded once: four sequences of 2,048 positions."""
+    pytest.importorskip("llama_cpp", reason="the llama extra: bash scripts/llama-wheel.sh")
+    from inferledger.inference.llama_cpp_backend import LlamaCppBackend
+
+    backend = LlamaCppBackend(num_threads=1, sequences=4, context_length=2048)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="session")
 def world_once(chain: Chain) -> DevWorld:
     return build_dev_world(chain)
 

@@ -69,7 +69,8 @@ class Settings(BaseSettings):
     node_port: int = Field(default=8080, ge=0, le=65535, description="Port the node listens on")
     backend: str = Field(
         default="transformers",
-        description="Inference backend: transformers, scripted or openai_http",
+        description="Inference backend: transformers, llama_cpp (the inferledger[llama] extra), "
+        "scripted or openai_http",
     )
     model_dtype: Literal["float32", "bfloat16"] = Field(
         default="float32",
@@ -104,7 +105,8 @@ class Settings(BaseSettings):
         default=4,
         ge=1,
         description="Generations run at once per backend; others queue. A reply waiting for "
-        "the user's receipt gives its slot back",
+        "the user's receipt gives its slot back. llama_cpp decodes them together, one batch "
+        "per step",
     )
     allow_plaintext_sessions: bool = Field(
         default=False,

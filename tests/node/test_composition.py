@@ -38,6 +38,23 @@ CASES: dict[str, tuple[dict[str, str], bool]] = {
 }
 
 
+def node_env(world: DevWorld, tmp_path: Path, settings: dict[str, str]) -> dict[str, str]:
+    """A node's environment on ``world`` (anvil), its host serving the dev model and a
+    remote one, plus ``settings`` (names without the INFERLEDGER_ prefix)."""
+    c = world.contracts
+    remote_id = c.models.approve_model(world.owner, f"openai_http/{REMOTE}", b"\x01" * 32)
+    c.nodes.set_models(world.host, {world.model_id: PRICES, remote_id: PRICES})
+    c.deployment.save(tmp_path / "deployment.json")
+    return {
+        "INFERLEDGER_CHAIN_URL": world.chain.url,
+        "INFERLEDGER_DEPLOYMENT_FILE": str(tmp_path / "deployment.json"),
+        "INFERLEDGER_STATE_DB": str(tmp_path / "node.sqlite3"),
+        "INFERLEDGER_PROOF_STORE": str(tmp_path / "proofs"),
+        "INFERLEDGER_HOST_KEY": "0x" + bytes(world.host.account.key).hex(),
+        **{f"INFERLEDGER_{name}": value for name, value in settings.items()},
+    }
+
+
 class _NoServer:
     """Stands in for uvicorn: node run got as far as serving."""
 
@@ -61,18 +78,7 @@ def test_doctor_and_node_run_agree(
     if world.chain.is_embedded:
         pytest.skip("both commands connect to chain_url; the embedded chain lives in one process")
     settings, starts = CASES[case]
-    c = world.contracts
-    remote_id = c.models.approve_model(world.owner, f"openai_http/{REMOTE}", b"\x01" * 32)
-    c.nodes.set_models(world.host, {world.model_id: PRICES, remote_id: PRICES})
-    c.deployment.save(tmp_path / "deployment.json")
-    env = {
-        "INFERLEDGER_CHAIN_URL": world.chain.url,
-        "INFERLEDGER_DEPLOYMENT_FILE": str(tmp_path / "deployment.json"),
-        "INFERLEDGER_STATE_DB": str(tmp_path / "node.sqlite3"),
-        "INFERLEDGER_PROOF_STORE": str(tmp_path / "proofs"),
-        "INFERLEDGER_HOST_KEY": "0x" + bytes(world.host.account.key).hex(),
-        **{f"INFERLEDGER_{name}": value for name, value in settings.items()},
-    }
+    env = node_env(world, tmp_path, settings)
     cli = CliRunner()
 
     doctor = cli.invoke(app, ["doctor"], env=env)
@@ -96,6 +102,22 @@ def test_doctor_and_node_run_agree(
         assert "node not started" in run.output
     (model,) = [line for line in doctor_lines if line.split()[1] == "model:"]
     assert settings.get("MODEL_NAME", "scripted/words") in model
+
+
+def test_doctor_says_how_to_install_the_llama_extra_when_it_is_missing(
+    world: DevWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if world.chain.is_embedded:
+        pytest.skip("doctor connects to chain_url; the embedded chain lives in one process")
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` now fails
+    env = node_env(world, tmp_path, {"BACKEND": "llama_cpp"})
+    doctor = CliRunner().invoke(app, ["doctor"], env=env)
+    assert doctor.exit_code != 0
+    (line,) = [line for line in doctor.output.splitlines() if "llama" in line]
+    assert "llama_cpp backend needs llama-cpp-python" in line
+    assert "inferledger[llama]" in line and "scripts/llama-wheel.sh" in line
 
 
 def test_model_dtype_reaches_the_backend_and_its_bundles() -> None:

@@ -1,9 +1,10 @@
-"""The acceptance path of issue 4: the real SmolLM2, real WebSockets, proofs, settlement.
+"""The acceptance path: the real SmolLM2, real WebSockets, proofs, settlement.
 
 A 2 USDC session at $0.0005 per prompt token and $0.002 per reply token streams at least
 200 tokens with a checkpoint every 100; the node settles on `end`, the deposit splits
-exactly 90/10/refund over both counts, and every stored proof verifies by one prefill,
-while a changed token fails.
+exactly 90/10/refund over both counts, and every stored proof verifies by one prefill of
+the float32 transformers model, while a changed token fails. The host runs transformers,
+then llama.cpp (the same GGUF, judged by the llama_cpp profile).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 from node_support import NodeFactory, expect, serve_model, user_salt
 from test_node_settlement import DEPOSIT, INPUT_PRICE, PRICE, assert_paid_exactly, open_priced
 
@@ -28,14 +30,27 @@ STORY = [{"role": "user", "content": "Tell me a long story about a lighthouse ke
 MORE = [{"role": "user", "content": "Continue the story with a storm and a rescue."}]
 
 
+PROFILE_OF_HOST = {"transformers": "fp32", "llama_cpp": "llama_cpp"}
+
+
+@pytest.fixture(params=sorted(PROFILE_OF_HOST))
+def host_model(request: pytest.FixtureRequest, smollm: Backend) -> Backend:
+    """The model the host serves: transformers (the fixture the verifier uses too), or
+    llama.cpp over the same weights."""
+    if request.param == "transformers":
+        return smollm
+    backend: Backend = request.getfixturevalue("llama")
+    return backend
+
+
 def test_smollm_session_of_200_tokens_settles_90_10_and_its_proofs_verify(
-    world: DevWorld, smollm: Backend, start_node: NodeFactory
+    world: DevWorld, host_model: Backend, smollm: Backend, start_node: NodeFactory
 ) -> None:
     c = world.contracts
-    sha256 = bytes.fromhex(smollm.weights_sha256)  # type: ignore[attr-defined]
-    model_id = serve_model(world, smollm, sha256, PRICE, INPUT_PRICE)
+    sha256 = bytes.fromhex(host_model.weights_sha256)  # type: ignore[attr-defined]
+    model_id = serve_model(world, host_model, sha256, PRICE, INPUT_PRICE)
     session_id, signer = open_priced(world, model_id)
-    node, server = start_node(smollm)
+    node, server = start_node(host_model)
     assert node.ready, node.preflight.lines()
     assert node.prover.name == "activation"
     host_before = c.earnings.balance_of(world.host.address, c.token.address)
@@ -101,6 +116,7 @@ def test_smollm_session_of_200_tokens_settles_90_10_and_its_proofs_verify(
         data = httpx.get(f"{server.url}/v1/proofs/0x{checkpoint.proof_hash.hex()}").content
         bundle = ProofBundle.decode(data)
         assert bundle.prover == "activation" and not bundle.unproven
+        assert (bundle.backend, bundle.dtype) == (host_model.engine, host_model.dtype)
         verdict = verify_bundle(
             bundle,
             replies,
@@ -110,6 +126,7 @@ def test_smollm_session_of_200_tokens_settles_90_10_and_its_proofs_verify(
             model_id=model_id,
         )
         assert verdict.status == "pass", verdict.reason
+        assert verdict.profile == PROFILE_OF_HOST[host_model.engine]
         bundles.append(bundle)
     proof_bytes = sum(len(p) for b in bundles for s in b.segments for p in s.activation_proofs)
     assert proof_bytes / tokens <= 10  # the issue's target, prompt chunks included

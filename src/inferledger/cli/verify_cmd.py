@@ -25,6 +25,7 @@ STYLES = {"pass": "green", "fail": "red", "unproven": "yellow", "unverifiable": 
 
 class VerifierBackend(StrEnum):
     transformers = "transformers"
+    llama_cpp = "llama_cpp"
     scripted = "scripted"
 
 
@@ -33,6 +34,7 @@ class ProfileName(StrEnum):
 
     fp32 = "fp32"
     bf16 = "bf16"
+    llama_cpp = "llama_cpp"
     scripted = "scripted"
 
 
@@ -42,8 +44,9 @@ def verify(
         VerifierBackend,
         typer.Option(
             "--backend",
-            help="Model to re-run: transformers (the packaged SmolLM2, as hosts run it) or "
-            "scripted (the test backend).",
+            help="Model to re-run: transformers (the packaged SmolLM2 in float32), llama_cpp "
+            "(the same GGUF in llama.cpp; needs the inferledger[llama] extra) or scripted "
+            "(the test backend).",
         ),
     ] = VerifierBackend.transformers,
     record_file: Annotated[
@@ -71,8 +74,9 @@ def verify(
         typer.Option(
             "--profile",
             help="Thresholds to judge by: fp32 (float32 host and verifier), bf16 (bfloat16 on "
-            "either side) or scripted. Default: the one the bundle's backend, dtype and "
-            "sampler call for; a bundle no profile covers is 'unverifiable'.",
+            "either side), llama_cpp (llama.cpp on either side) or scripted. Default: the "
+            "one the bundle's backend, dtype and sampler call for; a bundle no profile "
+            "covers is 'unverifiable'.",
         ),
     ] = None,
     evidence_file: Annotated[
@@ -176,6 +180,8 @@ def _load_backend(name: str, console: Console) -> Backend:
 
     if name == "scripted":
         return load_backend("scripted")
+    if name == "llama_cpp":
+        return load_backend("llama_cpp", num_threads=1, sequences=1)
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     try:

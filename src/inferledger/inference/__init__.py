@@ -1,7 +1,8 @@
 """Inference backends behind one small protocol (see :mod:`inferledger.inference.base`).
 
 Backends are imported lazily by :func:`load_backend`, so choosing ``scripted`` or
-``openai_http`` never imports torch or transformers.
+``openai_http`` never imports torch or transformers, nor anything but ``llama_cpp`` the
+optional llama-cpp-python.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from inferledger.inference.base import (
     UpstreamError,
 )
 
-BACKEND_NAMES = ("transformers", "scripted", "openai_http")
+BACKEND_NAMES = ("transformers", "llama_cpp", "scripted", "openai_http")
 
 __all__ = [
     "BACKEND_NAMES",
@@ -56,6 +57,10 @@ def load_backend(name: str, /, **options: Any) -> Backend:
                 "run `pip install torch==2.13.0` then `pip install transformers accelerate gguf`"
             ) from error
         return TransformersBackend(**options)
+    if name == "llama_cpp":
+        from inferledger.inference.llama_cpp_backend import LlamaCppBackend
+
+        return LlamaCppBackend(**options)
     if name == "scripted":
         from inferledger.inference.scripted import ScriptedBackend
 

@@ -11,28 +11,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    DynamicCache,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.utils import logging as hf_logging
 
-from inferledger.inference.base import (
-    Event,
-    Finish,
-    FinishReason,
-    GenerationParams,
-    Hidden,
-    Message,
-    validate_messages,
-)
+from inferledger.inference.base import Event, GenerationParams, Message
+from inferledger.inference.chat_tokenizer import ChatTokenizer
+from inferledger.inference.decoding import check_room, decode
 from inferledger.inference.model_cache import (
     GGUF_PACKAGE,
     ensure_converted,
@@ -40,8 +27,7 @@ from inferledger.inference.model_cache import (
     is_converted,
     sha256_file,
 )
-from inferledger.inference.sampling import SAMPLER, sample_next
-from inferledger.inference.textstream import TokenStream
+from inferledger.inference.sampling import SAMPLER
 
 STAGE_HASH = "checking the weights (sha256)"
 STAGE_CONVERT = "converting the GGUF to float32 (first run only)"
@@ -90,37 +76,24 @@ class TransformersBackend:
             report(STAGE_CONVERT)
         self.model_dir = ensure_converted(self.weights_path, self.weights_sha256, cache_home)
         report(STAGE_LOAD)
-        self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+        self._chat = ChatTokenizer(self.model_dir)
         self._model = AutoModelForCausalLM.from_pretrained(
             self.model_dir, dtype=_DTYPES[dtype], local_files_only=True
         ).eval()
         config = self._model.config
         self.hidden_size: int = config.hidden_size
         self.context_length: int = config.max_position_embeddings
-        self._eos_ids = _eos_ids(self._model, self._tokenizer)
+        self._eos_ids = self._chat.eos_ids
         # One lock per forward pass, not per request: concurrent streams interleave step by
         # step instead of one stream blocking the others until it ends.
         self._lock = threading.Lock()
 
     def tokenize_chat(self, messages: Sequence[Message]) -> list[int]:
-        # casts: a Message is a dict of str; tokenize=True, return_dict=False gives ids.
-        ids = self._tokenizer.apply_chat_template(
-            cast(list[dict[str, str]], validate_messages(messages)),
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-        )
-        return list(cast(list[int], ids))
+        return self._chat.tokenize_chat(messages)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of ``token_ids`` exactly as generated (special tokens kept, no cleanup)."""
-        # cast: one sequence of ids decodes to one string.
-        return cast(
-            str,
-            self._tokenizer.decode(
-                list(token_ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
-            ),
-        )
+        return self._chat.decode(token_ids)
 
     def generate(
         self,
@@ -130,45 +103,22 @@ class TransformersBackend:
         capture_hidden_states: bool = False,
     ) -> Generator[Event, None, None]:
         prompt_ids = self.tokenize_chat(messages)
-        room = self.context_length - len(prompt_ids)
-        if room < 1:
-            raise ValueError(
-                f"prompt is {len(prompt_ids)} tokens; the context holds {self.context_length}"
-            )
-        return self._generate(
-            prompt_ids, params, min(params.max_tokens, room), capture_hidden_states
-        )
-
-    def _generate(
-        self, prompt_ids: list[int], params: GenerationParams, limit: int, capture: bool
-    ) -> Generator[Event, None, None]:
-        stream = TokenStream(self.decode, params.stop)
+        room = check_room(len(prompt_ids), self.context_length)
         cache = DynamicCache(config=self._model.config)
-        fed = 0  # positions already run through the model
-        generated: list[int] = []
-        step_input = prompt_ids
-        reason: FinishReason = "length"
-        while len(generated) < limit:
-            hidden = self._forward(step_input, cache)
-            if capture:
-                yield Hidden(fed, _rows(hidden))
-            fed += len(step_input)
-            logits = self._logits(hidden[-1]).float().numpy()
-            token_id = sample_next(logits, params, len(generated), [*prompt_ids, *generated])
-            if token_id in self._eos_ids:
-                reason = "stop"
-                break
-            generated.append(token_id)
-            yield from stream.push(token_id)
-            if stream.stopped:
-                reason = "stop"
-                break
-            step_input = [token_id]
-        yield from stream.finish()
-        if capture and fed < len(prompt_ids) + len(generated):
-            # The last sampled token was never fed back; one more step gives its state.
-            yield Hidden(fed, _rows(self._forward(generated[-1:], cache)))
-        yield Finish(reason=reason, prompt_tokens=len(prompt_ids))
+
+        def step(token_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+            hidden = self._forward(token_ids, cache)
+            return _rows(hidden), self._logits(hidden[-1]).float().numpy()
+
+        return decode(
+            prompt_ids,
+            params,
+            min(params.max_tokens, room),
+            capture=capture_hidden_states,
+            step=step,
+            eos_ids=self._eos_ids,
+            detokenize=self.decode,
+        )
 
     def prefill_hidden_states(self, token_ids: Sequence[int]) -> np.ndarray:
         if not token_ids:
@@ -231,16 +181,3 @@ def _rows(hidden: torch.Tensor) -> np.ndarray:
     """Hidden states as float32 numpy rows, whatever the model computes in."""
     rows: np.ndarray = hidden.float().numpy()
     return rows
-
-
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
-    """Every id the model uses to end a turn (generation config and tokenizer may differ)."""
-    ids: set[int] = set()
-    configured = model.generation_config.eos_token_id
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(configured)
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)

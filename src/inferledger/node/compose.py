@@ -127,8 +127,14 @@ def backend_from_settings(settings: Settings) -> Backend:
             "dtype": settings.model_dtype,
             "progress": lambda stage: log.info("model: %s", stage),
         }
-        if settings.weights_path is not None:
-            options["gguf_path"] = settings.weights_path
+    if settings.backend == "llama_cpp":
+        options |= {
+            "num_threads": 1,
+            "sequences": settings.max_concurrent_generations,
+            "progress": lambda stage: log.info("model: %s", stage),
+        }
+    if settings.backend in ("transformers", "llama_cpp") and settings.weights_path is not None:
+        options["gguf_path"] = settings.weights_path
     try:
         return load_backend(settings.backend, **options)
     except OSError as exc:

@@ -39,10 +39,22 @@ logits (13 of 600), so gaps up to 0.5 are noise; none beyond. Loose by necessity
 perturbation within bf16's own noise (requantization, about 1% weight noise) passes it,
 and the dtype is the host's claim (docs/architecture.md)."""
 
+LLAMA_CPP = Profile(
+    "llama_cpp",
+    Thresholds(exp_mismatches=20, mant_err_mean=6.0, mant_err_median=5.0),
+    SamplingTolerance(near_tie=0.6, max_mismatches=0),
+)
+"""llama.cpp (the GGUF's quantized weights, dtype ``gguf``) on one side, float32
+transformers or llama.cpp on the other. Honest runs (bench/cross_backend.py) differed by
+up to 9 of 128 top-k exponents per chunk, mantissa errors up to 3.7 (mean) and 3
+(median), and chose a token other than the verifier's at about 3% of positions, each
+within 0.36 logits; the bounds are about twice those. Between the same-backend and the
+bf16 profile in strength: docs/proofs.md tables what it catches."""
+
 SCRIPTED = Profile("scripted", SAME_BACKEND, None)
 """The scripted test backend: its pseudo-states are exact, its tokens follow a script."""
 
-PROFILES = {profile.name: profile for profile in (FP32, BF16, SCRIPTED)}
+PROFILES = {profile.name: profile for profile in (FP32, BF16, LLAMA_CPP, SCRIPTED)}
 
 
 def profile_for(backend: str, dtype: str, sampler: str, verifier_dtype: str) -> Profile | None:
@@ -50,9 +62,12 @@ def profile_for(backend: str, dtype: str, sampler: str, verifier_dtype: str) -> 
     verifier computing in ``verifier_dtype``; None when no profile covers it."""
     if backend == "scripted" and sampler == "scripted":
         return SCRIPTED
-    if backend != "transformers" or sampler != SAMPLER:
+    if backend not in ("transformers", "llama_cpp") or sampler != SAMPLER:
         return None
     dtypes = {dtype, verifier_dtype}
+    if "gguf" in dtypes:
+        # llama.cpp against float32 or itself; with bfloat16 nothing has been measured.
+        return LLAMA_CPP if dtypes <= {"gguf", "float32"} else None
     if dtypes == {"float32"}:
         return FP32
     if dtypes <= {"float32", "bfloat16"}:

@@ -1,0 +1,411 @@
+"""SmolLM2 (or any llama-family GGUF) run by llama.cpp, with proofs and shared decode steps.
+
+The GGUF is computed in its own quantized form, so this backend is 3-4x faster than
+transformers on a CPU. What stays the same as the transformers backend: the prompt's token
+ids (the same tokenizer, ``chat_tokenizer``), the decode loop and the verifiable sampler
+(``decoding``), and the final-norm hidden state of every position, which llama.cpp hands
+out as its token embeddings when pooling is off (``result_norm``, the row the head reads).
+So a transformers verifier checks a llama.cpp host's proofs (profile ``llama_cpp``).
+
+One llama.cpp context serves every concurrent generation: each is a sequence in the KV
+cache, and one engine thread runs the decode steps that are waiting, together, in one
+``llama_decode`` batch. Sessions so share the machine's matrix work instead of queueing.
+
+llama.cpp's extra CPU buffer types (AMX, repacked weights) are off: on this project's
+machines (Xeon with AMX) they produced wrong logits for Q4_1 weights, a mean prompt
+log-likelihood of -7.6 against -4.5 from the same GGUF dequantized in numpy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inferledger.inference.base import (
+    BackendError,
+    BackendUnavailable,
+    Event,
+    GenerationParams,
+    Message,
+)
+from inferledger.inference.chat_tokenizer import ChatTokenizer
+from inferledger.inference.decoding import check_room, decode
+from inferledger.inference.model_cache import (
+    GGUF_PACKAGE,
+    ensure_converted,
+    find_packaged_gguf,
+    sha256_file,
+)
+from inferledger.inference.sampling import SAMPLER
+
+INSTALL_HINT = "bash scripts/llama-wheel.sh (builds llama-cpp-python once and caches the wheel)"
+DTYPE = "gguf"
+"""What a llama.cpp bundle names as its dtype: the GGUF's own quantized weights."""
+
+
+def _import_llama() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as error:
+        raise BackendUnavailable(
+            f"llama_cpp backend needs llama-cpp-python ({error}); install the extra with "
+            f"`pip install 'inferledger[llama]'` or `{INSTALL_HINT}`"
+        ) from error
+    return llama_cpp
+
+
+@dataclass(eq=False)
+class _Feed:
+    """One caller's tokens for the next decode, and where its answer goes."""
+
+    seq: int
+    tokens: list[int]
+    start: int
+    rows: bool
+    done: threading.Event = field(default_factory=threading.Event)
+    hidden: np.ndarray | None = None
+    logits: np.ndarray | None = None
+    error: BaseException | None = None
+
+
+class _Engine:
+    """The one thread that calls llama.cpp: it takes every feed waiting and decodes them
+    as one batch (at most ``n_batch`` tokens), then wakes their callers."""
+
+    def __init__(self, lib: Any, ctx: Any, n_batch: int, n_embd: int, n_vocab: int) -> None:
+        self._lib, self._ctx = lib, ctx
+        self.n_batch, self._n_embd, self._n_vocab = n_batch, n_embd, n_vocab
+        self._batch = lib.llama_batch_init(n_batch, 0, 1)
+        self._waiting: list[_Feed] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self.decodes = 0
+        """How many llama_decode calls ran (tests and benches read it)."""
+        self.batched_feeds = 0
+        """How many feeds shared a decode with another one."""
+        self._thread = threading.Thread(target=self._run, name="llama-cpp-engine", daemon=True)
+        self._thread.start()
+
+    def feed(self, seq: int, tokens: list[int], start: int, rows: bool) -> _Feed:
+        """Run ``tokens`` at positions ``start..`` of sequence ``seq``; blocks until done."""
+        if not 0 < len(tokens) <= self.n_batch:
+            raise ValueError(f"a feed holds 1..{self.n_batch} tokens, got {len(tokens)}")
+        item = _Feed(seq, tokens, start, rows)
+        with self._cond:
+            if self._closed:
+                raise BackendError("the llama.cpp backend is closed")
+            self._waiting.append(item)
+            self._cond.notify()
+        item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+        self._lib.llama_batch_free(self._batch)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    for item in self._waiting:
+                        item.error = BackendError("the llama.cpp backend is closed")
+                        item.done.set()
+                    return
+                batch: list[_Feed] = []
+                room = self.n_batch
+                for item in list(self._waiting):
+                    if len(item.tokens) <= room:
+                        batch.append(item)
+                        room -= len(item.tokens)
+                        self._waiting.remove(item)
+            try:
+                self._decode(batch)
+            except BaseException as error:  # handed to every caller of this batch
+                for item in batch:
+                    item.error = error
+            for item in batch:
+                item.done.set()
+
+    def _decode(self, feeds: list[_Feed]) -> None:
+        lib, batch = self._lib, self._batch
+        want_rows = any(item.rows for item in feeds)
+        # Embeddings on makes llama.cpp output every position; off, only the flagged ones.
+        lib.llama_set_embeddings(self._ctx, want_rows)
+        n = 0
+        last: list[int] = []
+        for item in feeds:
+            for offset, token in enumerate(item.tokens):
+                batch.token[n] = token
+                batch.pos[n] = item.start + offset
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = item.seq
+                batch.logits[n] = 1 if want_rows or offset == len(item.tokens) - 1 else 0
+                n += 1
+            last.append(n - 1)
+        batch.n_tokens = n
+        status = lib.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise BackendError(
+                f"llama_decode failed ({status}): the KV cache is full or the batch invalid"
+            )
+        self.decodes += 1
+        if len(feeds) > 1:
+            self.batched_feeds += len(feeds)
+        first = 0
+        for item, end in zip(feeds, last, strict=True):
+            if item.rows:
+                item.hidden = np.stack(
+                    [
+                        self._vector(lib.llama_get_embeddings_ith, i, self._n_embd)
+                        for i in range(first, end + 1)
+                    ]
+                )
+            item.logits = self._vector(lib.llama_get_logits_ith, end, self._n_vocab)
+            first = end + 1
+
+    def _vector(self, getter: Callable[[Any, int], Any], index: int, size: int) -> np.ndarray:
+        pointer = getter(self._ctx, index)
+        if not pointer:
+            raise BackendError(f"llama.cpp kept no output for batch position {index}")
+        return np.ctypeslib.as_array(pointer, shape=(size,)).copy()
+
+
+class LlamaCppBackend:
+    """A GGUF run by llama.cpp; ``sequences`` generations share each decode step."""
+
+    supports_hidden_states = True
+    engine = "llama_cpp"
+    dtype = DTYPE
+    sampler = SAMPLER
+
+    def __init__(
+        self,
+        gguf_path: str | Path | None = None,
+        *,
+        home: str | Path | None = None,
+        name: str | None = None,
+        num_threads: int | None = None,
+        sequences: int = 4,
+        context_length: int | None = None,
+        batch_tokens: int = 512,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        """``sequences``: generations decoded together (more wait for a free one);
+        ``context_length``: positions per sequence (default: the model's own)."""
+        if sequences < 1:
+            raise ValueError("sequences must be at least 1")
+        lib = _import_llama()
+        report = progress or (lambda stage: None)
+        packaged = gguf_path is None
+        self.weights_path = find_packaged_gguf() if gguf_path is None else Path(gguf_path)
+        report("checking the weights (sha256)")
+        self.weights_sha256 = sha256_file(self.weights_path)
+        self.name = name or (
+            f"{GGUF_PACKAGE}/{self.weights_path.name}" if packaged else self.weights_path.name
+        )
+        # The tokenizer every backend shares lives next to the converted weights.
+        self._chat = ChatTokenizer(
+            ensure_converted(self.weights_path, self.weights_sha256, Path(home) if home else None)
+        )
+        report("loading the model (llama.cpp)")
+        self._lib = lib
+        _quiet(lib)
+        lib.llama_backend_init()
+        model_params = lib.llama_model_default_params()
+        model_params.use_extra_bufts = False  # see the module docstring: wrong logits
+        self._model = lib.llama_model_load_from_file(str(self.weights_path).encode(), model_params)
+        if not self._model:
+            raise BackendUnavailable(f"llama.cpp cannot load {self.weights_path}")
+        trained = lib.llama_model_n_ctx_train(self._model)
+        self.context_length: int = min(context_length or trained, trained)
+        self.hidden_size: int = lib.llama_model_n_embd(self._model)
+        n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model))
+        self.threads = num_threads or 1
+        params = lib.llama_context_default_params()
+        params.n_ctx = self.context_length * sequences
+        params.n_seq_max = sequences
+        params.kv_unified = False  # each sequence its own cache stream of context_length
+        params.n_batch = params.n_ubatch = batch_tokens
+        params.n_threads = params.n_threads_batch = self.threads
+        params.embeddings = True
+        params.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
+        self._ctx = lib.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            lib.llama_model_free(self._model)
+            raise BackendUnavailable("llama.cpp cannot create a context (out of memory?)")
+        self._memory = lib.llama_get_memory(self._ctx)
+        self._engine = _Engine(lib, self._ctx, batch_tokens, self.hidden_size, n_vocab)
+        self._free = list(range(sequences))
+        self._slots = threading.Condition()
+        self._eos_ids = self._chat.eos_ids
+        self._head: np.ndarray | None = None
+        self._head_lock = threading.Lock()
+
+    @property
+    def engine_stats(self) -> tuple[int, int]:
+        """(decode calls, feeds that shared a decode): how much batching happened."""
+        return self._engine.decodes, self._engine.batched_feeds
+
+    def tokenize_chat(self, messages: Sequence[Message]) -> list[int]:
+        return self._chat.tokenize_chat(messages)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of ``token_ids`` exactly as generated (special tokens kept, no cleanup)."""
+        return self._chat.decode(token_ids)
+
+    def generate(
+        self,
+        messages: Sequence[Message],
+        params: GenerationParams,
+        *,
+        capture_hidden_states: bool = False,
+    ) -> Generator[Event, None, None]:
+        prompt_ids = self.tokenize_chat(messages)
+        room = check_room(len(prompt_ids), self.context_length)
+        return self._generate(
+            prompt_ids, params, min(params.max_tokens, room), capture_hidden_states
+        )
+
+    def _generate(
+        self, prompt_ids: list[int], params: GenerationParams, limit: int, capture: bool
+    ) -> Generator[Event, None, None]:
+        seq = self._acquire()
+        try:
+            step = self._stepper(seq, capture)
+            yield from decode(
+                prompt_ids,
+                params,
+                limit,
+                capture=capture,
+                step=step,
+                eos_ids=self._eos_ids,
+                detokenize=self.decode,
+            )
+        finally:
+            self._release(seq)
+
+    def prefill_hidden_states(self, token_ids: Sequence[int]) -> np.ndarray:
+        if not token_ids:
+            raise ValueError("token_ids must not be empty")
+        if len(token_ids) > self.context_length:
+            raise ValueError(f"{len(token_ids)} tokens exceed the context ({self.context_length})")
+        seq = self._acquire()
+        try:
+            rows, _ = self._stepper(seq, True)(list(token_ids))
+            return rows
+        finally:
+            self._release(seq)
+
+    def logits(self, hidden_states: np.ndarray) -> np.ndarray:
+        """Next-token logits after each final-norm row: the GGUF's (tied) output matrix,
+        dequantized once, applied in float32 (a verifier's check of sampled tokens)."""
+        head = self._output_matrix()
+        rows = np.ascontiguousarray(hidden_states, dtype=np.float32)
+        result: np.ndarray = rows @ head.T
+        return result
+
+    def describe(self) -> dict[str, object]:
+        """The machine and code a verdict came from (see the transformers backend)."""
+        import platform
+
+        lib = self._lib
+        return {
+            "engine": self.engine,
+            "weights_sha256": self.weights_sha256,
+            "dtype": self.dtype,
+            "device": "cpu",
+            "threads": self.threads,
+            "llama_cpp_python": lib.__version__,
+            "system": lib.llama_print_system_info().decode(errors="replace").strip(),
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "sampler": self.sampler,
+        }
+
+    def close(self) -> None:
+        """Stop the engine thread and free the context and the weights."""
+        if self._ctx:
+            self._engine.close()
+            self._lib.llama_free(self._ctx)
+            self._lib.llama_model_free(self._model)
+            self._ctx = None
+
+    def _stepper(
+        self, seq: int, capture: bool
+    ) -> Callable[[list[int]], tuple[np.ndarray, np.ndarray]]:
+        """A decode step for sequence ``seq``: long inputs go in chunks of the batch size."""
+        position = 0
+
+        def step(token_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+            nonlocal position
+            size = self._engine.n_batch
+            parts: list[np.ndarray] = []
+            logits: np.ndarray | None = None
+            for start in range(0, len(token_ids), size):
+                chunk = token_ids[start : start + size]
+                done = self._engine.feed(seq, chunk, position, capture)
+                position += len(chunk)
+                if done.hidden is not None:
+                    parts.append(done.hidden)
+                logits = done.logits
+            assert logits is not None
+            rows = np.concatenate(parts) if parts else np.empty((0, self.hidden_size), np.float32)
+            return rows, logits
+
+        return step
+
+    def _acquire(self) -> int:
+        with self._slots:
+            while not self._free:
+                self._slots.wait()
+            return self._free.pop()
+
+    def _release(self, seq: int) -> None:
+        # Forget the sequence's cache so the next user of the slot starts clean.
+        self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        with self._slots:
+            self._free.append(seq)
+            self._slots.notify()
+
+    def _output_matrix(self) -> np.ndarray:
+        with self._head_lock:
+            if self._head is None:
+                self._head = _read_output_matrix(self.weights_path)
+            return self._head
+
+
+def _read_output_matrix(path: Path) -> np.ndarray:
+    """``output.weight`` of a GGUF, or the token embeddings when the head is tied."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    tensors = {tensor.name: tensor for tensor in GGUFReader(str(path)).tensors}
+    tensor = tensors.get("output.weight") or tensors["token_embd.weight"]
+    shape = [int(size) for size in reversed(tensor.shape)]
+    matrix: np.ndarray = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+    return matrix.astype(np.float32)
+
+
+_LOG_SINK: Any = None
+
+
+def _quiet(lib: Any) -> None:
+    """Send llama.cpp's chatter (hundreds of lines per load) nowhere; errors still raise."""
+    global _LOG_SINK
+    if _LOG_SINK is None:
+        _LOG_SINK = lib.llama_log_callback(lambda level, text, data: None)
+        lib.llama_log_set(_LOG_SINK, ctypes.c_void_p())
