@@ -28,6 +28,8 @@ bench: $(STAMP) $(LLAMA) node_modules/.bin/anvil
 	$(BIN)/python bench/overhead.py --rounds 1
 	$(BIN)/python bench/proofs.py
 	$(BIN)/python bench/integrity.py
+	$(BIN)/python bench/backends.py
+	$(BIN)/python bench/cross_backend.py
 	$(BIN)/python bench/gateway.py
 
 # torch goes first, pinned to the CPU build: anything else pulls a multi-GB CUDA build.
