@@ -208,6 +208,28 @@ def test_an_unknown_dtype_is_unverifiable_not_failed(smollm, honest):
     assert "float16" in verdict.reason and "--profile" in verdict.reason
 
 
+@pytest.mark.parametrize(
+    ("backend", "dtype", "sampler", "verifier_dtype", "expected"),
+    [
+        ("llama_cpp", "gguf", SAMPLER, "float32", "llama_cpp"),
+        ("transformers", "float32", SAMPLER, "gguf", "llama_cpp"),
+        ("llama_cpp", "gguf", SAMPLER, "gguf", "llama_cpp"),
+        ("llama_cpp", "gguf", SAMPLER, "bfloat16", None),  # never measured: no verdict
+        ("transformers", "bfloat16", SAMPLER, "gguf", None),
+        ("llama_cpp", "gguf", "remote", "float32", None),
+        ("llama_cpp", "float32", SAMPLER, "float32", "fp32"),
+        ("vllm", "float32", SAMPLER, "float32", None),
+    ],
+)
+def test_a_llama_cpp_side_gets_the_llama_cpp_profile(
+    backend: str, dtype: str, sampler: str, verifier_dtype: str, expected: str | None
+) -> None:
+    from inferledger.proofs.profiles import profile_for
+
+    profile = profile_for(backend, dtype, sampler, verifier_dtype)
+    assert (profile.name if profile else None) == expected
+
+
 def test_the_verifier_describes_itself_for_a_dispute(smollm, smollm_bf16):
     described = smollm.describe()
     assert described["weights_sha256"] == smollm.weights_sha256
