@@ -68,9 +68,7 @@ def test_a_generation_decoded_with_others_is_the_one_decoded_alone(llama: Any) -
         def llama_decode(self, ctx: Any, batch: Any) -> int:
             if not self.held:
                 self.held = True
-                deadline = time.monotonic() + 120
-                while len(engine._waiting) < 3 and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                wait_until(lambda: len(engine._waiting) >= 3, "three callers never queued")
             return int(real.llama_decode(ctx, batch))
 
     engine._lib = HoldFirstDecode()
@@ -95,16 +93,57 @@ def test_a_generation_decoded_with_others_is_the_one_decoded_alone(llama: Any) -
         np.testing.assert_array_equal(rows, alone_rows)
 
 
+def wait_until(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + 120
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
 def test_a_generation_closed_early_gives_its_sequence_back(llama: Any) -> None:
-    started = [llama.generate(CHAT, SAMPLED) for _ in range(4)]  # every sequence taken
+    engine = llama._engine
+    started = [llama.generate(CHAT, SAMPLED) for _ in range(4)]
     for stream in started:
         next(stream)
-    assert llama._free == []
+    assert len(engine._resident) == 4  # every sequence taken
     for stream in started:
         stream.close()
-    assert sorted(llama._free) == [0, 1, 2, 3]
+    wait_until(lambda: not engine._resident, "closed generations still hold sequences")
     first = run(llama)[0]
     assert first == run(llama)[0]  # each cache was cleared: the same answer again
+
+
+def test_more_generations_than_sequences_take_turns_and_lose_nothing(llama: Any) -> None:
+    """One sequence, three generations stepped in turn (as replies paused for receipts
+    resume): each step moves another's cache out and this one's back in."""
+    from inferledger.inference.llama_cpp_backend import LlamaCppBackend
+
+    alone = run(llama)
+    other = [{"role": "user", "content": "Say something about winter."}]
+    other_alone = run(llama, other)
+    narrow = LlamaCppBackend(num_threads=1, sequences=1, context_length=512)
+    try:
+        streams = [
+            narrow.generate(messages, SAMPLED, capture_hidden_states=True)
+            for messages in (CHAT, other, CHAT)
+        ]
+        events: list[list[Any]] = [[], [], []]
+        live = set(range(3))
+        while live:  # strict turns: every step of one comes between steps of the others
+            for index in sorted(live):
+                event = next(streams[index], None)
+                if event is None:
+                    live.discard(index)
+                else:
+                    events[index].append(event)
+        assert narrow.engine_stats[2] >= 20  # caches were moved out and back, many times
+    finally:
+        narrow.close()
+    for got, (tokens, rows) in zip(events, [alone, other_alone, alone], strict=True):
+        assert [e.token_id for e in got if isinstance(e, Token)] == tokens
+        np.testing.assert_array_equal(
+            np.concatenate([e.rows for e in got if isinstance(e, Hidden)]), rows
+        )
 
 
 def test_a_prompt_beyond_the_context_is_refused_before_anything_runs(llama: Any) -> None:

@@ -9,7 +9,9 @@ So a transformers verifier checks a llama.cpp host's proofs (profile ``llama_cpp
 
 One llama.cpp context serves every concurrent generation: each is a sequence in the KV
 cache, and one engine thread runs the decode steps that are waiting, together, in one
-``llama_decode`` batch. Sessions so share the machine's matrix work instead of queueing.
+``llama_decode`` batch. A generation paused for its receipt keeps its cache, but not its
+sequence: when all are taken, the least recently fed one's cache is moved out to memory
+and back when it is fed again (``_Engine``).
 
 llama.cpp's extra CPU buffer types (AMX, repacked weights) are off: on this project's
 machines (Xeon with AMX) they produced wrong logits for Q4_1 weights, a mean prompt
@@ -61,10 +63,20 @@ def _import_llama() -> Any:
 
 
 @dataclass(eq=False)
+class _Stream:
+    """One generation's place in llama.cpp: a physical sequence of the context while it is
+    resident, else its KV cache saved aside (``saved``) until it is fed again."""
+
+    seq: int | None = None
+    saved: Any = None
+    used: int = 0  # the engine's decode count when it was last fed
+
+
+@dataclass(eq=False)
 class _Feed:
     """One caller's tokens for the next decode, and where its answer goes."""
 
-    seq: int
+    stream: _Stream
     tokens: list[int]
     start: int
     rows: bool
@@ -75,28 +87,44 @@ class _Feed:
 
 
 class _Engine:
-    """The one thread that calls llama.cpp: it takes every feed waiting and decodes them
-    as one batch (at most ``n_batch`` tokens), then wakes their callers."""
+    """The one thread that calls llama.cpp. It takes every feed waiting (at most one per
+    physical sequence and ``n_batch`` tokens in all), decodes them as one batch, then wakes
+    their callers.
 
-    def __init__(self, lib: Any, ctx: Any, n_batch: int, n_embd: int, n_vocab: int) -> None:
+    Generations outnumber the context's sequences whenever replies wait for receipts: a
+    waiting generation still holds its KV cache. So a generation holds a sequence only
+    while it is resident; a feed that finds none free moves the least recently fed one's
+    cache out to memory (``llama_state_seq_get_data``) and takes its place, and that one is
+    moved back in when it is next fed. Nobody waits for a sequence, so a client that never
+    signs cannot keep anyone else from being served."""
+
+    def __init__(
+        self, lib: Any, ctx: Any, sequences: int, n_batch: int, n_embd: int, n_vocab: int
+    ) -> None:
         self._lib, self._ctx = lib, ctx
+        self._memory = lib.llama_get_memory(ctx)
         self.n_batch, self._n_embd, self._n_vocab = n_batch, n_embd, n_vocab
         self._batch = lib.llama_batch_init(n_batch, 0, 1)
+        self._free = list(range(sequences))
+        self._resident: list[_Stream] = []
         self._waiting: list[_Feed] = []
+        self._dropped: list[_Stream] = []
         self._cond = threading.Condition()
         self._closed = False
         self.decodes = 0
         """How many llama_decode calls ran (tests and benches read it)."""
         self.batched_feeds = 0
         """How many feeds shared a decode with another one."""
+        self.evictions = 0
+        """How many times a waiting generation's cache was moved out for another."""
         self._thread = threading.Thread(target=self._run, name="llama-cpp-engine", daemon=True)
         self._thread.start()
 
-    def feed(self, seq: int, tokens: list[int], start: int, rows: bool) -> _Feed:
-        """Run ``tokens`` at positions ``start..`` of sequence ``seq``; blocks until done."""
+    def feed(self, stream: _Stream, tokens: list[int], start: int, rows: bool) -> _Feed:
+        """Run ``tokens`` at positions ``start..`` of ``stream``; blocks until done."""
         if not 0 < len(tokens) <= self.n_batch:
             raise ValueError(f"a feed holds 1..{self.n_batch} tokens, got {len(tokens)}")
-        item = _Feed(seq, tokens, start, rows)
+        item = _Feed(stream, tokens, start, rows)
         with self._cond:
             if self._closed:
                 raise BackendError("the llama.cpp backend is closed")
@@ -106,6 +134,12 @@ class _Engine:
         if item.error is not None:
             raise item.error
         return item
+
+    def drop(self, stream: _Stream) -> None:
+        """Forget ``stream``'s cache (its generation ended); done by the engine thread."""
+        with self._cond:
+            self._dropped.append(stream)
+            self._cond.notify()
 
     def close(self) -> None:
         with self._cond:
@@ -117,27 +151,74 @@ class _Engine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._closed:
+                while not (self._waiting or self._dropped or self._closed):
                     self._cond.wait()
                 if self._closed:
                     for item in self._waiting:
                         item.error = BackendError("the llama.cpp backend is closed")
                         item.done.set()
                     return
-                batch: list[_Feed] = []
-                room = self.n_batch
-                for item in list(self._waiting):
-                    if len(item.tokens) <= room:
-                        batch.append(item)
-                        room -= len(item.tokens)
-                        self._waiting.remove(item)
+                dropped, self._dropped = self._dropped, []
+                batch = self._take_batch()
+            for stream in dropped:
+                self._forget(stream)
+            if not batch:
+                continue
             try:
+                self._place(batch)
                 self._decode(batch)
             except BaseException as error:  # handed to every caller of this batch
                 for item in batch:
                     item.error = error
             for item in batch:
                 item.done.set()
+
+    def _take_batch(self) -> list[_Feed]:
+        """The waiting feeds that fit one decode, oldest first."""
+        batch: list[_Feed] = []
+        room, seats = self.n_batch, len(self._free) + len(self._resident)
+        for item in list(self._waiting):
+            if len(item.tokens) <= room and len(batch) < seats:
+                batch.append(item)
+                room -= len(item.tokens)
+                self._waiting.remove(item)
+        return batch
+
+    def _place(self, feeds: list[_Feed]) -> None:
+        """Make every stream of ``feeds`` resident, moving out the least recently fed."""
+        lib = self._lib
+        needed = {id(item.stream) for item in feeds}
+        for item in feeds:
+            stream = item.stream
+            if stream.seq is not None:
+                continue
+            if not self._free:
+                idle = [s for s in self._resident if id(s) not in needed]
+                victim = min(idle, key=lambda s: s.used)
+                assert victim.seq is not None
+                size = lib.llama_state_seq_get_size(self._ctx, victim.seq)
+                victim.saved = (ctypes.c_uint8 * size)()
+                lib.llama_state_seq_get_data(self._ctx, victim.saved, size, victim.seq)
+                self._evict(victim)
+                self.evictions += 1
+            stream.seq = self._free.pop()
+            self._resident.append(stream)
+            if stream.saved is not None:
+                saved, stream.saved = stream.saved, None
+                if not lib.llama_state_seq_set_data(self._ctx, saved, len(saved), stream.seq):
+                    raise BackendError("llama.cpp could not restore a generation's cache")
+
+    def _evict(self, stream: _Stream) -> None:
+        assert stream.seq is not None
+        self._lib.llama_memory_seq_rm(self._memory, stream.seq, -1, -1)
+        self._resident.remove(stream)
+        self._free.append(stream.seq)
+        stream.seq = None
+
+    def _forget(self, stream: _Stream) -> None:
+        stream.saved = None
+        if stream.seq is not None:
+            self._evict(stream)
 
     def _decode(self, feeds: list[_Feed]) -> None:
         lib, batch = self._lib, self._batch
@@ -147,20 +228,19 @@ class _Engine:
         n = 0
         last: list[int] = []
         for item in feeds:
+            item.stream.used = self.decodes
             for offset, token in enumerate(item.tokens):
                 batch.token[n] = token
                 batch.pos[n] = item.start + offset
                 batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = item.seq
+                batch.seq_id[n][0] = item.stream.seq
                 batch.logits[n] = 1 if want_rows or offset == len(item.tokens) - 1 else 0
                 n += 1
             last.append(n - 1)
         batch.n_tokens = n
         status = lib.llama_decode(self._ctx, batch)
         if status != 0:
-            raise BackendError(
-                f"llama_decode failed ({status}): the KV cache is full or the batch invalid"
-            )
+            raise BackendError(f"llama_decode failed ({status}): the batch was refused")
         self.decodes += 1
         if len(feeds) > 1:
             self.batched_feeds += len(feeds)
@@ -184,7 +264,7 @@ class _Engine:
 
 
 class LlamaCppBackend:
-    """A GGUF run by llama.cpp; ``sequences`` generations share each decode step."""
+    """A GGUF run by llama.cpp; up to ``sequences`` generations share each decode step."""
 
     supports_hidden_states = True
     engine = "llama_cpp"
@@ -203,8 +283,9 @@ class LlamaCppBackend:
         batch_tokens: int = 512,
         progress: Callable[[str], None] | None = None,
     ) -> None:
-        """``sequences``: generations decoded together (more wait for a free one);
-        ``context_length``: positions per sequence (default: the model's own)."""
+        """``sequences``: generations decoded together, each with a KV cache of
+        ``context_length`` positions (default: the model's own); more generations than
+        that take turns, their caches moved out and back as they are fed."""
         if sequences < 1:
             raise ValueError("sequences must be at least 1")
         lib = _import_llama()
@@ -246,18 +327,16 @@ class LlamaCppBackend:
         if not self._ctx:
             lib.llama_model_free(self._model)
             raise BackendUnavailable("llama.cpp cannot create a context (out of memory?)")
-        self._memory = lib.llama_get_memory(self._ctx)
-        self._engine = _Engine(lib, self._ctx, batch_tokens, self.hidden_size, n_vocab)
-        self._free = list(range(sequences))
-        self._slots = threading.Condition()
+        self._engine = _Engine(lib, self._ctx, sequences, batch_tokens, self.hidden_size, n_vocab)
         self._eos_ids = self._chat.eos_ids
         self._head: np.ndarray | None = None
         self._head_lock = threading.Lock()
 
     @property
-    def engine_stats(self) -> tuple[int, int]:
-        """(decode calls, feeds that shared a decode): how much batching happened."""
-        return self._engine.decodes, self._engine.batched_feeds
+    def engine_stats(self) -> tuple[int, int, int]:
+        """(decode calls, feeds that shared a decode, caches moved out for another)."""
+        engine = self._engine
+        return engine.decodes, engine.batched_feeds, engine.evictions
 
     def tokenize_chat(self, messages: Sequence[Message]) -> list[int]:
         return self._chat.tokenize_chat(messages)
@@ -282,9 +361,9 @@ class LlamaCppBackend:
     def _generate(
         self, prompt_ids: list[int], params: GenerationParams, limit: int, capture: bool
     ) -> Generator[Event, None, None]:
-        seq = self._acquire()
+        stream = _Stream()
         try:
-            step = self._stepper(seq, capture)
+            step = self._stepper(stream, capture)
             yield from decode(
                 prompt_ids,
                 params,
@@ -295,19 +374,19 @@ class LlamaCppBackend:
                 detokenize=self.decode,
             )
         finally:
-            self._release(seq)
+            self._engine.drop(stream)
 
     def prefill_hidden_states(self, token_ids: Sequence[int]) -> np.ndarray:
         if not token_ids:
             raise ValueError("token_ids must not be empty")
         if len(token_ids) > self.context_length:
             raise ValueError(f"{len(token_ids)} tokens exceed the context ({self.context_length})")
-        seq = self._acquire()
+        stream = _Stream()
         try:
-            rows, _ = self._stepper(seq, True)(list(token_ids))
+            rows, _ = self._stepper(stream, True)(list(token_ids))
             return rows
         finally:
-            self._release(seq)
+            self._engine.drop(stream)
 
     def logits(self, hidden_states: np.ndarray) -> np.ndarray:
         """Next-token logits after each final-norm row: the GGUF's (tied) output matrix,
@@ -345,9 +424,9 @@ class LlamaCppBackend:
             self._ctx = None
 
     def _stepper(
-        self, seq: int, capture: bool
+        self, stream: _Stream, capture: bool
     ) -> Callable[[list[int]], tuple[np.ndarray, np.ndarray]]:
-        """A decode step for sequence ``seq``: long inputs go in chunks of the batch size."""
+        """A decode step for ``stream``: long inputs go in chunks of the batch size."""
         position = 0
 
         def step(token_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -357,7 +436,7 @@ class LlamaCppBackend:
             logits: np.ndarray | None = None
             for start in range(0, len(token_ids), size):
                 chunk = token_ids[start : start + size]
-                done = self._engine.feed(seq, chunk, position, capture)
+                done = self._engine.feed(stream, chunk, position, capture)
                 position += len(chunk)
                 if done.hidden is not None:
                     parts.append(done.hidden)
@@ -367,19 +446,6 @@ class LlamaCppBackend:
             return rows, logits
 
         return step
-
-    def _acquire(self) -> int:
-        with self._slots:
-            while not self._free:
-                self._slots.wait()
-            return self._free.pop()
-
-    def _release(self, seq: int) -> None:
-        # Forget the sequence's cache so the next user of the slot starts clean.
-        self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
-        with self._slots:
-            self._free.append(seq)
-            self._slots.notify()
 
     def _output_matrix(self) -> np.ndarray:
         with self._head_lock:
