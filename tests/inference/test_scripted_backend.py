@@ -93,6 +93,8 @@ def test_factory_builds_scripted_with_options():
 
 
 def test_factory_rejects_unknown_names_and_lists_the_known_ones():
-    for name in ("nope", "llama_cpp"):  # llama_cpp: not a backend until it is real
-        with pytest.raises(ValueError, match=r"unknown backend .* transformers, scripted"):
+    for name in ("nope", "llama.cpp"):
+        with pytest.raises(
+            ValueError, match=r"unknown backend .* transformers, llama_cpp, scripted, openai_http"
+        ):
             load_backend(name)
