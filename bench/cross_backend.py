@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -57,6 +58,28 @@ MODES = ("greedy", "sampled")
 TOKENS = 100
 
 
+GAPS = bench.Meter()
+"""Collects the gap of every token choice that was not exactly the verifier's."""
+NEAR_TIES = (0.6, 1.0, 1.5, 2.0, 3.0)
+MISMATCHES = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One verified checkpoint: whether its activations passed, and its choices' gaps."""
+
+    activation_ok: bool
+    gaps: tuple[float, ...]
+
+    @classmethod
+    def of(cls, verdict: BundleVerdict) -> Record:
+        """The gaps ``GAPS`` collected while ``verdict`` was reached."""
+        return cls(all(segment.ok for segment in verdict.segments), tuple(GAPS.gaps))
+
+    def fails(self, near_tie: float, mismatches: int) -> bool:
+        return not self.activation_ok or sum(g > near_tie for g in self.gaps) > mismatches
+
+
 @dataclass
 class Honest:
     name: str
@@ -69,8 +92,10 @@ class Honest:
     non_exact: int = 0
     max_gap: float = 0.0
     profiles: set[str] = field(default_factory=set)
+    records: list[Record] = field(default_factory=list)
 
-    def add(self, verdict: BundleVerdict) -> None:
+    def add(self, verdict: BundleVerdict, record: Record) -> None:
+        self.records.append(record)
         self.checkpoints += 1
         self.passed += verdict.status == "pass"
         self.profiles.add(verdict.profile or "-")
@@ -90,8 +115,11 @@ class Attack:
     name: str
     checkpoints: dict[str, int] = field(default_factory=lambda: {"llama_cpp": 0, "fp32": 0})
     caught: dict[str, int] = field(default_factory=lambda: {"llama_cpp": 0, "fp32": 0})
+    records: list[Record] = field(default_factory=list)
 
-    def add(self, profile: str, verdict: BundleVerdict) -> None:
+    def add(self, profile: str, verdict: BundleVerdict, record: Record) -> None:
+        if profile == "llama_cpp":
+            self.records.append(record)
         self.checkpoints[profile] += 1
         self.caught[profile] += verdict.status == "fail"
 
@@ -106,10 +134,16 @@ class Attack:
 
 def verify_all(
     replies: list[bench.Reply], host: str, dtype: str, verifier: Any
-) -> list[BundleVerdict]:
+) -> list[tuple[BundleVerdict, Record]]:
+    """Every checkpoint of the session, verified, with its activation result and gaps."""
     kept, bundles = bench.prove_session(replies, dtype, host)
     model = VerifierModel.of(verifier)
-    return [verify_bundle(bundle, kept, model, salt=bench.SALT) for bundle in bundles]
+    results = []
+    for bundle in bundles:
+        GAPS.gaps = []
+        verdict = verify_bundle(bundle, kept, model, salt=bench.SALT)
+        results.append((verdict, Record.of(verdict)))
+    return results
 
 
 def requantized(source: Path, directory: Path) -> Path:
@@ -137,6 +171,37 @@ def main() -> None:
     modes = MODES if args.full else ("sampled",)
     console = Console(width=160)
     hf_logging.disable_progress_bar()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the requantized GGUF's conversion bar
+    GAPS.collect = True
+    with GAPS.installed():
+        run(console, prompts, samples, modes)
+
+
+def sweep_table(honest: list[Honest], attacks: list[Attack]) -> Table:
+    """Honest checkpoints failed and attacks caught at other sampling tolerances."""
+    table = Table(
+        title="3. the llama_cpp profile's sampling tolerance, swept (same checkpoints)",
+        caption="a checkpoint fails when its activations fail or more than 'mism.' token "
+        "choices fall short of the verifier's by more than near_tie logits",
+    )
+    table.add_column("near_tie", justify="right")
+    table.add_column("mism.", justify="right")
+    table.add_column("honest failed", justify="right")
+    for attack in attacks:
+        table.add_column(attack.name, justify="right")
+    records = [record for row in honest for record in row.records]
+    for near_tie in NEAR_TIES:
+        for allowed in MISMATCHES:
+            failed = sum(record.fails(near_tie, allowed) for record in records)
+            cells = []
+            for attack in attacks:
+                caught = sum(record.fails(near_tie, allowed) for record in attack.records)
+                cells.append(f"{caught}/{len(attack.records)}")
+            table.add_row(f"{near_tie:g}", str(allowed), f"{failed}/{len(records)}", *cells)
+    return table
+
+
+def run(console: Console, prompts: list[str], samples: int, modes: tuple[str, ...]) -> None:
     transformers = load_backend("transformers", num_threads=1)
     llama = load_backend("llama_cpp", num_threads=1, sequences=1, context_length=2048)
 
@@ -156,8 +221,8 @@ def main() -> None:
                     bench.generate(host, bench.user(q), bench.sampling_for(mode, i), TOKENS)
                     for i, q in enumerate(prompts)
                 ]
-                for verdict in verify_all(replies, engine, dtype, verifier):
-                    row.add(verdict)
+                for verdict, record in verify_all(replies, engine, dtype, verifier):
+                    row.add(verdict, record)
             honest.append(row)
     table = Table(title="1. honest checkpoints across backends (target: 0 failed)")
     for column in (
@@ -235,8 +300,8 @@ def main() -> None:
                 ("fp32", transformers, "transformers", "float32"),
             ):
                 forged = bench.proved_by_prefill(host, prompt, output, sampling)
-                for verdict in verify_all([forged], engine, dtype, transformers):
-                    attack.add(profile, verdict)
+                for verdict, record in verify_all([forged], engine, dtype, transformers):
+                    attack.add(profile, verdict, record)
 
         with console.status("part 2: attacks") as status:
             for mode in modes:
@@ -257,8 +322,8 @@ def main() -> None:
                     edited[spot] = bench.runner_up(llama, honest_reply, spot)
                     judge(attacks["one token edited"], prompt, edited, sampling)
                     own = bench.generate(swapped, messages, sampling, TOKENS)
-                    for verdict in verify_all([own], "llama_cpp", "gguf", transformers):
-                        attacks["Q4_0, its own states"].add("llama_cpp", verdict)
+                    for verdict, record in verify_all([own], "llama_cpp", "gguf", transformers):
+                        attacks["Q4_0, its own states"].add("llama_cpp", verdict, record)
         swapped.close()
 
     table = Table(
@@ -273,9 +338,9 @@ def main() -> None:
     for attack in attacks.values():
         table.add_row(attack.name, attack.rate("llama_cpp"), attack.rate("fp32"))
     console.print(table)
-    console.print(
-        f"fp32 profile for comparison: near_tie {FP32.sampling.near_tie if FP32.sampling else '-'}"
-    )
+    assert FP32.sampling is not None
+    console.print(f"fp32 profile for comparison: near_tie {FP32.sampling.near_tie} logits")
+    console.print(sweep_table(honest, list(attacks.values())))
     transformers.close()
     llama.close()
 
