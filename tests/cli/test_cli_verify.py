@@ -278,3 +278,21 @@ def test_a_session_whose_receipts_name_no_bundle_yet_has_nothing_to_verify(
     )
     assert code == 0, output
     assert "its 2 receipts name no proof bundle yet" in output
+
+
+def test_verify_can_rerun_the_model_in_llama_cpp() -> None:
+    """``--backend llama_cpp``: the verifier's model is the same GGUF in llama.cpp, whose
+    bundles' profile (llama_cpp) then applies to float32 hosts too."""
+    pytest.importorskip("llama_cpp", reason="the llama extra: bash scripts/llama-wheel.sh")
+    from rich.console import Console
+
+    from inferledger.cli.verify_cmd import _load_backend
+    from inferledger.proofs.verify import VerifierModel
+
+    backend = _load_backend("llama_cpp", Console())
+    try:
+        model = VerifierModel.of(backend)
+        assert (backend.engine, model.dtype) == ("llama_cpp", "gguf")
+        assert model.logits is not None
+    finally:
+        backend.close()
