@@ -21,6 +21,7 @@ import asyncio
 import itertools
 import multiprocessing as mp
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -137,8 +138,17 @@ async def _drive(
 class NodeRun:
     """`inferledger node run` for the world's host, with its state in ``directory``."""
 
-    def __init__(self, chain_url: str, deployment: Path, directory: Path, sessions: int) -> None:
+    def __init__(
+        self,
+        chain_url: str,
+        deployment: Path,
+        directory: Path,
+        sessions: int,
+        profile: Path | None = None,
+        prover: str = "auto",
+    ) -> None:
         self.port = free_port()
+        self.profile = profile
         self.log = directory / "node.log"
         self.env = {
             **os.environ,
@@ -148,6 +158,7 @@ class NodeRun:
             "INFERLEDGER_PROOF_STORE": str(directory / "proofs"),
             "INFERLEDGER_HOST_KEY": "0x" + dev_account("host").key.hex(),
             "INFERLEDGER_BACKEND": "scripted",
+            "INFERLEDGER_PROVER": prover,
             # Every session is one depositor's on loopback: the per-client limits do not apply.
             "INFERLEDGER_MAX_CONNECTIONS": str(sessions + 64),
             "INFERLEDGER_MAX_CONNECTIONS_PER_IP": str(sessions + 64),
@@ -162,6 +173,8 @@ class NodeRun:
 
     def start(self) -> psutil.Process:
         command = [sys.executable, "-m", "inferledger.cli.main", "node", "run"]
+        if self.profile is not None:  # the event loop's thread, under cProfile
+            command[1:1] = ["-m", "cProfile", "-o", str(self.profile)]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [*command, "--port", str(self.port)], env=self.env, stdout=log, stderr=log
@@ -179,7 +192,8 @@ class NodeRun:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            # uvicorn re-raises the signal it stopped on: SIGINT lets cProfile write its file.
+            self.process.send_signal(signal.SIGINT if self.profile else signal.SIGTERM)
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -192,6 +206,23 @@ def cpu_seconds(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
+def thread_cpu(process: psutil.Process) -> dict[str, float]:
+    """CPU seconds of the process's threads by kind: the event loop's (the main thread),
+    the generation pool's, and the rest (to_thread workers, SQLite, settlement); Linux only."""
+    kinds: dict[str, float] = {"loop": 0.0, "generate": 0.0, "other": 0.0}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{process.pid}/task").glob("*"):
+        try:
+            comm = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        kind = "loop" if task.name == str(process.pid) else "other"
+        kinds["generate" if comm.startswith("generate") else kind] += seconds
+    return kinds
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -199,7 +230,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run(chain_url: str, sessions: int, tokens: int, processes: int) -> dict[str, float]:
+def run(
+    chain_url: str,
+    sessions: int,
+    tokens: int,
+    processes: int,
+    profile: Path | None = None,
+    prover: str = "auto",
+) -> dict[str, float]:
     """One node, ``sessions`` sessions over ``processes`` client processes; its figures."""
     chain = connect(chain_url)
     directory = Path(tempfile.mkdtemp(prefix="inferledger-load-"))
@@ -210,7 +248,7 @@ def run(chain_url: str, sessions: int, tokens: int, processes: int) -> dict[str,
     c.nodes.set_models(world.host, {model_id: (INPUT_PRICE, PRICE)})
     deployment = directory / "deployment.json"
     c.deployment.save(deployment)
-    node = NodeRun(chain_url, deployment, directory, sessions)
+    node = NodeRun(chain_url, deployment, directory, sessions, profile, prover)
     process = node.start()
 
     context = mp.get_context("spawn")
@@ -240,11 +278,11 @@ def run(chain_url: str, sessions: int, tokens: int, processes: int) -> dict[str,
             return got
 
         opened = [sid for ids in collect("ready") for sid in ids]
-        cpu0, t0 = cpu_seconds(process), time.perf_counter()
+        cpu0, t0, threads0 = cpu_seconds(process), time.perf_counter(), thread_cpu(process)
         login_cpu = cpu0 - login_cpu
         go.set()
         streamed = collect("streamed")
-        cpu1, t1 = cpu_seconds(process), time.perf_counter()
+        cpu1, t1, threads1 = cpu_seconds(process), time.perf_counter(), thread_cpu(process)
         settle.set()
         settled_at = [t for times in collect("settled") for t in times]
         cpu2 = cpu_seconds(process)
@@ -265,6 +303,10 @@ def run(chain_url: str, sessions: int, tokens: int, processes: int) -> dict[str,
         "tokens": count,
         "cpu_us_per_token": (cpu1 - cpu0) / max(count, 1) * 1e6,
         "tokens_per_s": count / (t1 - t0),
+        **{
+            f"{kind}_us_per_token": (threads1[kind] - threads0.get(kind, 0.0)) / max(count, 1) * 1e6
+            for kind in threads1
+        },
         "gap_p50_ms": percentile(gaps, 0.50) * 1e3,
         "gap_p99_ms": percentile(gaps, 0.99) * 1e3,
         "first_p99_ms": percentile(firsts, 0.99) * 1e3,
@@ -283,6 +325,15 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, nargs="+", help="concurrent sessions per run")
     parser.add_argument("--tokens", type=int, help="reply tokens per session")
     parser.add_argument("--processes", type=int, default=0, help="load processes (default: auto)")
+    parser.add_argument(
+        "--prover",
+        default="auto",
+        help="the node's prover: auto (activation proofs over the scripted backend's "
+        "pseudo-states, which it then computes per token) or commitment (no hidden states)",
+    )
+    parser.add_argument(
+        "--profile", type=Path, help="write the node's cProfile stats here (the last run's)"
+    )
     args = parser.parse_args()
     sizes = args.sessions or ([100, 1000] if args.full else [100])
     tokens = args.tokens or (200 if args.full else 40)
@@ -292,7 +343,8 @@ def main() -> None:
         for sessions in sizes:
             processes = args.processes or max(2, min(4, sessions // 100))
             with console.status(f"{sessions} sessions x {tokens} tokens..."):
-                results.append(run(anvil.url, sessions, tokens, processes))
+                figures = run(anvil.url, sessions, tokens, processes, args.profile, args.prover)
+                results.append(figures)
             console.print(results[-1])
     table = Table(title=f"one node process under load (scripted backend, {tokens} tokens/session)")
     table.add_column("measurement")
@@ -303,6 +355,9 @@ def main() -> None:
         table.add_row(name, *(format(r[key], fmt) for r in results))
 
     row("node CPU per streamed token (us)", "cpu_us_per_token", ".1f")
+    row("  of which the event loop's thread", "loop_us_per_token", ".1f")
+    row("  of which generation threads (the backend)", "generate_us_per_token", ".1f")
+    row("  of which other threads (SQLite, proofs, chain)", "other_us_per_token", ".1f")
     row("aggregate tokens/s", "tokens_per_s", ".0f")
     row("gap between tokens, p50 (ms)", "gap_p50_ms", ".2f")
     row("gap between tokens, p99 (ms)", "gap_p99_ms", ".1f")

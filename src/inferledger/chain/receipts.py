@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import coincurve
 from eth_account import Account
 from eth_account.messages import SignableMessage, encode_typed_data
-from eth_utils import to_checksum_address
+from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
 from inferledger.chain.keccak import keccak256
