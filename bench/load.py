@@ -206,21 +206,15 @@ def cpu_seconds(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-def thread_cpu(process: psutil.Process) -> dict[str, float]:
-    """CPU seconds of the process's threads by kind: the event loop's (the main thread),
-    the generation pool's, and the rest (to_thread workers, SQLite, settlement); Linux only."""
-    kinds: dict[str, float] = {"loop": 0.0, "generate": 0.0, "other": 0.0}
-    tick = os.sysconf("SC_CLK_TCK")
-    for task in Path(f"/proc/{process.pid}/task").glob("*"):
-        try:
-            comm = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the thread ended meanwhile
-        seconds = (int(fields[11]) + int(fields[12])) / tick
-        kind = "loop" if task.name == str(process.pid) else "other"
-        kinds["generate" if comm.startswith("generate") else kind] += seconds
-    return kinds
+def loop_cpu(process: psutil.Process) -> float:
+    """CPU seconds of the process's main thread, which runs the event loop (Linux only;
+    NaN elsewhere): the rest of the node's CPU is its worker threads'."""
+    try:
+        fields = Path(f"/proc/{process.pid}/task/{process.pid}/stat").read_text()
+    except OSError:
+        return float("nan")
+    utime, stime = fields.rsplit(")", 1)[1].split()[11:13]
+    return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -278,11 +272,11 @@ def run(
             return got
 
         opened = [sid for ids in collect("ready") for sid in ids]
-        cpu0, t0, threads0 = cpu_seconds(process), time.perf_counter(), thread_cpu(process)
+        cpu0, t0, loop0 = cpu_seconds(process), time.perf_counter(), loop_cpu(process)
         login_cpu = cpu0 - login_cpu
         go.set()
         streamed = collect("streamed")
-        cpu1, t1, threads1 = cpu_seconds(process), time.perf_counter(), thread_cpu(process)
+        cpu1, t1, loop1 = cpu_seconds(process), time.perf_counter(), loop_cpu(process)
         settle.set()
         settled_at = [t for times in collect("settled") for t in times]
         cpu2 = cpu_seconds(process)
@@ -303,10 +297,7 @@ def run(
         "tokens": count,
         "cpu_us_per_token": (cpu1 - cpu0) / max(count, 1) * 1e6,
         "tokens_per_s": count / (t1 - t0),
-        **{
-            f"{kind}_us_per_token": (threads1[kind] - threads0.get(kind, 0.0)) / max(count, 1) * 1e6
-            for kind in threads1
-        },
+        "loop_us_per_token": (loop1 - loop0) / max(count, 1) * 1e6,
         "gap_p50_ms": percentile(gaps, 0.50) * 1e3,
         "gap_p99_ms": percentile(gaps, 0.99) * 1e3,
         "first_p99_ms": percentile(firsts, 0.99) * 1e3,
@@ -356,8 +347,6 @@ def main() -> None:
 
     row("node CPU per streamed token (us)", "cpu_us_per_token", ".1f")
     row("  of which the event loop's thread", "loop_us_per_token", ".1f")
-    row("  of which generation threads (the backend)", "generate_us_per_token", ".1f")
-    row("  of which other threads (SQLite, proofs, chain)", "other_us_per_token", ".1f")
     row("aggregate tokens/s", "tokens_per_s", ".0f")
     row("gap between tokens, p50 (ms)", "gap_p50_ms", ".2f")
     row("gap between tokens, p99 (ms)", "gap_p99_ms", ".1f")
