@@ -145,7 +145,8 @@ class NodeRun:
         directory: Path,
         sessions: int,
         profile: Path | None = None,
-        prover: str = "auto",
+        prover: str = "commitment",
+        rate: float = 0.0,
     ) -> None:
         self.port = free_port()
         self.profile = profile
@@ -159,6 +160,7 @@ class NodeRun:
             "INFERLEDGER_HOST_KEY": "0x" + dev_account("host").key.hex(),
             "INFERLEDGER_BACKEND": "scripted",
             "INFERLEDGER_PROVER": prover,
+            "INFERLEDGER_SCRIPTED_TOKENS_PER_SECOND": str(rate),
             # Every session is one depositor's on loopback: the per-client limits do not apply.
             "INFERLEDGER_MAX_CONNECTIONS": str(sessions + 64),
             "INFERLEDGER_MAX_CONNECTIONS_PER_IP": str(sessions + 64),
@@ -230,7 +232,8 @@ def run(
     tokens: int,
     processes: int,
     profile: Path | None = None,
-    prover: str = "auto",
+    prover: str = "commitment",
+    rate: float = 0.0,
 ) -> dict[str, float]:
     """One node, ``sessions`` sessions over ``processes`` client processes; its figures."""
     chain = connect(chain_url)
@@ -242,7 +245,7 @@ def run(
     c.nodes.set_models(world.host, {model_id: (INPUT_PRICE, PRICE)})
     deployment = directory / "deployment.json"
     c.deployment.save(deployment)
-    node = NodeRun(chain_url, deployment, directory, sessions, profile, prover)
+    node = NodeRun(chain_url, deployment, directory, sessions, profile, prover, rate)
     process = node.start()
 
     context = mp.get_context("spawn")
@@ -318,9 +321,17 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=0, help="load processes (default: auto)")
     parser.add_argument(
         "--prover",
-        default="auto",
-        help="the node's prover: auto (activation proofs over the scripted backend's "
-        "pseudo-states, which it then computes per token) or commitment (no hidden states)",
+        default="commitment",
+        help="the node's prover: commitment (default: bundles without activations, so the "
+        "figures are the node's own) or auto (activation proofs over the scripted backend's "
+        "pseudo-states, which it then computes for every token; bench/proofs.py measures "
+        "proving)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="tokens/s of each reply (the scripted backend's pace); 0: as fast as it can",
     )
     parser.add_argument(
         "--profile", type=Path, help="write the node's cProfile stats here (the last run's)"
@@ -334,10 +345,16 @@ def main() -> None:
         for sessions in sizes:
             processes = args.processes or max(2, min(4, sessions // 100))
             with console.status(f"{sessions} sessions x {tokens} tokens..."):
-                figures = run(anvil.url, sessions, tokens, processes, args.profile, args.prover)
+                figures = run(
+                    anvil.url, sessions, tokens, processes, args.profile, args.prover, args.rate
+                )
                 results.append(figures)
             console.print(results[-1])
-    table = Table(title=f"one node process under load (scripted backend, {tokens} tokens/session)")
+    pace = f"{args.rate:g} tokens/s per reply" if args.rate else "as fast as it can"
+    table = Table(
+        title=f"one node process under load: scripted backend ({pace}), {tokens} tokens per "
+        f"session, {args.prover} prover"
+    )
     table.add_column("measurement")
     for result in results:
         table.add_column(f"{result['sessions']:.0f} sessions", justify="right")
