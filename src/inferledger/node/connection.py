@@ -2,9 +2,11 @@
 
 The reader loop parses every inbound frame and answers bad ones with an error frame; a
 reply streams in its own task, so receipts keep arriving while tokens flow. The backend's
-events are pulled one at a time in the generation pool while the reply holds a generation
-slot; a reply waiting for its receipt gives the slot back, so a client that stops signing
-pauses only its own stream (and, after the receipt timeout, loses the connection).
+events are pulled in the generation pool while the reply holds a generation slot, each call
+returning the tokens computed within ``_BATCH_SECONDS`` (never more than may be sent now),
+and the tokens served but not yet sent go out together in one frame at the next write; a
+reply waiting for its receipt gives the slot back, so a client that stops signing pauses
+only its own stream (and, after the receipt timeout, loses the connection).
 
 What all connections share, so that no one client can take it all, is the node's
 :class:`Gate`: live sockets in total and per address, replies in flight per depositor.
