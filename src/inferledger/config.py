@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     upstream_url: str | None = Field(
         default=None, description="OpenAI-compatible server for the openai_http backend"
     )
+    scripted_tokens_per_second: float = Field(
+        default=0.0,
+        ge=0,
+        description="The scripted backend's pace per reply (tests, benchmarks); 0: as fast "
+        "as it can",
+    )
     model_name: str | None = Field(
         default=None,
         description="Model name as approved in ModelRegistry (model id = keccak256 of it); "

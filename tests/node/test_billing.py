@@ -48,13 +48,26 @@ async def login(url: str, session_id: int, key: bytes) -> tuple[Any, dict[str, A
     return ws, json.loads(await ws.recv())
 
 
+def as_token_frames(frame: dict[str, Any]) -> list[dict[str, Any]]:
+    """A frame, with a ``tokens`` frame (several tokens) as the ``token`` frames it stands for."""
+    if frame["type"] != "tokens":
+        return [frame]
+    pairs = zip(frame["token_ids"], frame["texts"], strict=True)
+    return [
+        {"type": "token", "request_id": frame["request_id"], "index": frame["index"] + i}
+        | {"token_id": token_id, "text": text}
+        for i, (token_id, text) in enumerate(pairs)
+    ]
+
+
 async def frames_until(ws: Any, kind: str) -> list[dict[str, Any]]:
-    """Every frame up to and including the first of ``kind`` (bounded in time)."""
+    """Every frame up to and including the first of ``kind`` (bounded in time); a ``tokens``
+    frame is counted as its ``token`` frames."""
     seen = []
     while True:
-        frame = json.loads(await asyncio.wait_for(ws.recv(), 20))
-        seen.append(frame)
-        if frame["type"] == kind:
+        frames = as_token_frames(json.loads(await asyncio.wait_for(ws.recv(), 20)))
+        seen.extend(frames)
+        if any(frame["type"] == kind for frame in frames):
             return seen
 
 

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from inferledger.protocol.client import client_frame_schemas, parse_client_frame
 from inferledger.protocol.codes import ErrorCode, ProtocolError
-from inferledger.protocol.server import NodeFrameError, node_frame_schemas, parse_node_frame
+from inferledger.protocol.server import (
+    NodeFrameError,
+    TokenFrame,
+    TokensFrame,
+    dump_json,
+    node_frame_schemas,
+    parse_node_frame,
+    token_frame_json,
+)
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -68,8 +77,26 @@ def test_published_schemas_match_the_code() -> None:
         '{"type": "wat"}',
         '{"type": "token", "request_id": "r", "index": 0, "token_id": 1, "text": ""}',
         '{"type": "receipt_request", "session_id": 1, "input_tokens": -1, "output_tokens": 1}',
+        '{"type": "tokens", "request_id": "r", "index": 1, "token_ids": [], "texts": []}',
+        '{"type": "tokens", "request_id": "r", "index": 1, "token_ids": [1, 2], "texts": ["a"]}',
+        '{"type": "tokens", "request_id": "r", "index": 0, "token_ids": [1], "texts": ["a"]}',
+        '{"type": "tokens", "request_id": "r", "index": 9223372036854775807, '
+        '"token_ids": [1, 2], "texts": ["a", "b"]}',
     ],
 )
 def test_a_malformed_node_frame_is_a_protocol_error_on_the_client(raw: str) -> None:
     with pytest.raises(NodeFrameError):
         parse_node_frame(raw)
+
+
+@pytest.mark.parametrize("count", [1, 2, 17])
+def test_the_fast_token_encoding_is_the_frame_models_json(count: int) -> None:
+    ids = list(range(256, 256 + count))
+    texts = [f' w\u00e9rd{i}"\n' for i in range(count)]
+    raw = token_frame_json("r-1", 5, ids, texts)
+    if count == 1:
+        model: Any = TokenFrame(request_id="r-1", index=5, token_id=ids[0], text=texts[0])
+    else:
+        model = TokensFrame(request_id="r-1", index=5, token_ids=ids, texts=texts)
+    assert raw == dump_json(model.dump())
+    assert parse_node_frame(raw) == model

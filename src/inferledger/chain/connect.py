@@ -197,8 +197,14 @@ def connect(url: str = EMBEDDED, *, timeout: float = 10.0, **sender_defaults: An
         retry = ExceptionRetryConfiguration(
             errors=(requests.exceptions.ConnectionError,), retries=2
         )
+        # web3's validation middleware asks the chain id before every call and transaction:
+        # an endpoint's chain id does not change, so it is asked once.
         provider = Web3.HTTPProvider(
-            url, request_kwargs={"timeout": timeout}, exception_retry_configuration=retry
+            url,
+            request_kwargs={"timeout": timeout},
+            exception_retry_configuration=retry,
+            cache_allowed_requests=True,
+            cacheable_requests={RPCEndpoint("eth_chainId")},
         )
     else:
         raise ChainError(

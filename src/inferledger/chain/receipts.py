@@ -13,11 +13,16 @@ signature is the session's secret salt for proof bundles (docs/proofs.md, "Priva
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import coincurve
 from eth_account import Account
 from eth_account.messages import SignableMessage, encode_typed_data
+from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
+
+from inferledger.chain.keccak import keccak256
 
 DOMAIN_NAME = "inferledger"
 DOMAIN_VERSION = "1"
@@ -203,20 +208,73 @@ def session_salt(private_key: bytes | str, domain: ReceiptDomain, session_id: in
     return keccak(Account.sign_message(message, private_key).signature)
 
 
+_DOMAIN_TYPEHASH = keccak(
+    b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
+)
+_RECEIPT_TYPEHASH = keccak(
+    b"Receipt(uint256 sessionId,uint256 inputTokens,uint256 outputTokens,bytes32 proofHash)"
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _domain_separator(domain: ReceiptDomain) -> bytes:
+    """EIP-712's domain separator for ``domain``, computed once per domain."""
+    marketplace = bytes.fromhex(domain.marketplace.removeprefix("0x").removeprefix("0X"))
+    if len(marketplace) != 20:
+        raise ValueError(f"marketplace must be a 20-byte address, got {domain.marketplace!r}")
+    return keccak(
+        _DOMAIN_TYPEHASH
+        + keccak(DOMAIN_NAME.encode())
+        + keccak(DOMAIN_VERSION.encode())
+        + domain.chain_id.to_bytes(32, "big")
+        + bytes(12)
+        + marketplace
+    )
+
+
 def receipt_digest(domain: ReceiptDomain, receipt: Receipt) -> bytes:
-    """The 32-byte digest that is signed (equals the contract's ``receipt_digest``)."""
+    """The 32-byte digest that is signed (equals the contract's ``receipt_digest``).
+
+    Encoded by hand (``keccak(0x1901 || domain separator || struct hash)``), as it is
+    computed for every receipt on both sides; a test keeps it equal to eth-account's
+    EIP-712 encoding of the same message."""
+    struct = keccak256(
+        _RECEIPT_TYPEHASH
+        + receipt.session_id.to_bytes(32, "big")
+        + receipt.input_tokens.to_bytes(32, "big")
+        + receipt.output_tokens.to_bytes(32, "big")
+        + receipt.proof_hash
+    )
+    return keccak256(b"\x19\x01" + _domain_separator(domain) + struct)
+
+
+def typed_receipt_digest(domain: ReceiptDomain, receipt: Receipt) -> bytes:
+    """``receipt_digest`` by eth-account's general EIP-712 encoder (the reference)."""
     message = _message(domain, receipt)
     return keccak(b"\x19" + message.version + message.header + message.body)
 
 
 def sign_receipt(private_key: bytes | str, domain: ReceiptDomain, receipt: Receipt) -> bytes:
-    """The 65-byte signature (r, s, v) the contract expects."""
-    return bytes(Account.sign_message(_message(domain, receipt), private_key).signature)
+    """The 65-byte signature (r, s, v) the contract expects: v 27 or 28, low s, RFC 6979
+    (libsecp256k1's), so byte for byte eth-account's ``sign_message`` of the typed data."""
+    if isinstance(private_key, str):
+        private_key = bytes.fromhex(private_key.removeprefix("0x"))
+    signed = coincurve.PrivateKey(bytes(private_key)).sign_recoverable(
+        receipt_digest(domain, receipt), hasher=None
+    )
+    return signed[:64] + bytes([signed[64] + 27])
 
 
 def recover_receipt_signer(domain: ReceiptDomain, receipt: Receipt, signature: bytes) -> str:
     """The address that signed ``receipt``; compare it with the session signer."""
     return str(Account.recover_message(_message(domain, receipt), signature=signature))
+
+
+def _recover_digest_signer(digest: bytes, signature: bytes) -> bytes:
+    """The 20-byte address whose key made ``signature`` (v 27/28) over ``digest``."""
+    recoverable = signature[:64] + bytes([signature[64] - 27])
+    public = coincurve.PublicKey.from_signature_and_message(recoverable, digest, hasher=None)
+    return keccak256(public.format(compressed=False)[1:])[12:]
 
 
 _SECP256K1_HALF_N = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0
@@ -242,8 +300,10 @@ def check_receipt_signature(
     """Accept ``signature`` only if JobMarketplace would: 65 bytes, v 27/28, low s, signer."""
     check_signature_shape(signature, "receipt signature")
     try:
-        recovered = recover_receipt_signer(domain, receipt, signature)
+        recovered = _recover_digest_signer(receipt_digest(domain, receipt), signature)
     except Exception as exc:
         raise InvalidSignature(f"receipt signature does not recover: {exc}") from exc
-    if recovered.lower() != signer.lower():
-        raise InvalidSignature(f"receipt signed by {recovered}, not the session signer {signer}")
+    if "0x" + recovered.hex() != signer.lower():
+        raise InvalidSignature(
+            f"receipt signed by {to_checksum_address(recovered)}, not the session signer {signer}"
+        )

@@ -121,6 +121,8 @@ def backend_from_settings(settings: Settings) -> Backend:
         options = {"base_url": settings.upstream_url, "model": settings.model_name or "default"}
     elif settings.model_name:
         options["name"] = settings.model_name
+    if settings.backend == "scripted" and settings.scripted_tokens_per_second:
+        options["tokens_per_second"] = settings.scripted_tokens_per_second
     if settings.backend == "transformers":
         options |= {
             "num_threads": 1,

@@ -2,9 +2,11 @@
 
 The reader loop parses every inbound frame and answers bad ones with an error frame; a
 reply streams in its own task, so receipts keep arriving while tokens flow. The backend's
-events are pulled one at a time in the generation pool while the reply holds a generation
-slot; a reply waiting for its receipt gives the slot back, so a client that stops signing
-pauses only its own stream (and, after the receipt timeout, loses the connection).
+events are pulled in the generation pool while the reply holds a generation slot, each call
+returning the tokens computed within ``_BATCH_SECONDS`` (never more than may be sent now),
+and the tokens served but not yet sent go out together in one frame at the next write; a
+reply waiting for its receipt gives the slot back, so a client that stops signing pauses
+only its own stream (and, after the receipt timeout, loses the connection).
 
 What all connections share, so that no one client can take it all, is the node's
 :class:`Gate`: live sockets in total and per address, replies in flight per depositor.
@@ -19,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -94,14 +95,16 @@ from inferledger.protocol.server import (
     SessionReady,
     Settled,
     SettlementPending,
-    TokenFrame,
     _NodeFrame,
+    dump_json,
+    token_frame_json,
 )
 from inferledger.protocol.server import ReceiptRequest as ReceiptRequestFrame
 
 log = logging.getLogger("inferledger.node")
 
 _END = object()
+_BATCH_SECONDS = 0.002  # a generation step returns the tokens computed within this long
 _TRY_AGAIN_LATER = 1013  # WebSocket close code: the node is at a connection limit
 _NO_BUNDLE = bytes(32)  # the proof hash a receipt names before the session's first bundle
 
@@ -212,14 +215,28 @@ class _Steps:
         self._events: Generator[Event, None, None] | None = None
         self._step: asyncio.Future[Any] | None = None
 
-    def _advance(self) -> Any:
+    def _advance(self, limit: int) -> list[Any]:
         if self._events is None:
             self._events = self._start()
-        return next(self._events, _END)
+        events: list[Any] = []
+        tokens, deadline = 0, time.monotonic() + _BATCH_SECONDS
+        while True:
+            event = next(self._events, _END)
+            events.append(event)
+            if event is _END:
+                return events
+            if isinstance(event, Token):
+                tokens += 1
+                if tokens >= limit or time.monotonic() >= deadline:
+                    return events
 
-    async def next(self) -> Any:
-        """The next event, or ``_END``; a backend failure is the client's BAD_REQUEST."""
-        self._step = asyncio.get_running_loop().run_in_executor(self._executor, self._advance)
+    async def next(self, limit: int = 1) -> list[Any]:
+        """The next events, up to the ``limit``-th token (fewer if computing them takes over
+        ``_BATCH_SECONDS``: a model's token comes alone, a fast backend's come together), the
+        last ``_END`` when the backend is done; a backend failure is the client's BAD_REQUEST.
+        """
+        loop = asyncio.get_running_loop()
+        self._step = loop.run_in_executor(self._executor, self._advance, max(1, limit))
         try:
             # Shielded: a cancelled reply leaves the step to finish; ``close`` waits for it.
             return await asyncio.shield(self._step)
@@ -260,19 +277,48 @@ class Connection:
         self.settles_at = 0.0  # wall-clock time at which serving stops (before expiry)
         self.receipt_every = max(1, node.settings.max_unreceipted_tokens // 2)
         self._send_lock = asyncio.Lock()
+        # Tokens served but not yet sent: they go in one frame at the next write.
+        self._unsent_request = ""
+        self._unsent_from = 0  # index of the first
+        self._unsent_ids: list[int] = []
+        self._unsent_texts: list[str] = []
         self.keys = KeyPair()  # this connection's ephemeral channel key
         self.channel: Channel | None = None  # set by key_share; None: a plaintext session
 
     # Frames ------------------------------------------------------------------------
 
     async def send(self, frame: _NodeFrame) -> None:
-        text = json.dumps(frame.dump(), separators=(",", ":"), ensure_ascii=False)
+        """Send ``frame``, after any tokens still unsent (so frames keep their order)."""
+        data = dump_json(frame.dump())
         async with self._send_lock:  # seals in wire order: the nonce is the frame's position
-            if self.ws.application_state == WebSocketState.CONNECTED:
-                if self.channel is None:
-                    await self.ws.send_text(text)
-                else:
-                    await self.ws.send_bytes(self.channel.seal(text.encode()))
+            await self._write_unsent()
+            await self._write(data)
+
+    def _queue_token(self, request_id: str, index: int, token: Token) -> None:
+        if not self._unsent_ids:
+            self._unsent_request, self._unsent_from = request_id, index
+        self._unsent_ids.append(token.token_id)
+        self._unsent_texts.append(token.text)
+
+    async def flush_tokens(self) -> None:
+        """Send the tokens served and not yet sent, in one frame."""
+        if self._unsent_ids:
+            async with self._send_lock:
+                await self._write_unsent()
+
+    async def _write_unsent(self) -> None:
+        ids, texts = self._unsent_ids, self._unsent_texts
+        if ids:
+            self._unsent_ids, self._unsent_texts = [], []
+            self.node.metrics.tokens_generated.inc(len(ids))
+            await self._write(token_frame_json(self._unsent_request, self._unsent_from, ids, texts))
+
+    async def _write(self, data: bytes) -> None:
+        if self.ws.application_state == WebSocketState.CONNECTED:
+            if self.channel is None:
+                await self.ws.send_text(data.decode())
+            else:
+                await self.ws.send_bytes(self.channel.seal(data))
 
     async def send_error(self, error: ProtocolError) -> None:
         self.node.metrics.errors.labels(code=error.code.value).inc()
@@ -714,14 +760,14 @@ class Connection:
             )
         )
         received = time.monotonic()
-        row = await asyncio.to_thread(
-            node.state.start_request, self.info.session_id, prompt.request_id, len(prompt_ids)
+        row = await node.state.astart_request(
+            self.info.session_id, prompt.request_id, len(prompt_ids)
         )
         count, reason = await self._generate_reply(prompt, messages, params, capture, received)
         meter.end_reply()
         async with self._checkpoint_lock:
             await self._checkpoint_tail()
-        await asyncio.to_thread(node.state.finish_request, row, count, reason, None)
+        await node.state.afinish_request(row, count, reason, None)
         await self.send(
             Done(
                 request_id=prompt.request_id,
@@ -755,28 +801,42 @@ class Connection:
         count, reason = 0, "length"
         try:
             await slot.take()
-            while (event := await steps.next()) is not _END:
-                if isinstance(event, Finish):
-                    reason = event.reason
-                    continue
-                if isinstance(event, Hidden):
-                    self.trace.add_rows(event)
-                    await self._checkpoint_when_ready()
-                    continue
-                if meter.waiting_for_receipt():
-                    slot.give_back()
-                    await self._wait_for_window()
-                    await slot.take()
-                stopped = self._stop_reason()
-                if stopped is not None:
-                    reason = stopped
-                    break
-                # The reply's last token is receipted with its bundle, not before it.
-                last = count + 1 >= params.max_tokens
-                await self._send_token(prompt.request_id, event, last=last)
-                count += 1
-                if count == 1:
-                    node.metrics.time_to_first_token.observe(time.monotonic() - received)
+            finished = False
+            while not finished:
+                # As many tokens as may be sent now, computed in one call when they are quick.
+                room = min(
+                    meter.max_unreceipted - meter.unreceipted_output,
+                    meter.output_left(),
+                    params.max_tokens - count,
+                )
+                for event in await steps.next(room):
+                    if event is _END:
+                        finished = True
+                        break
+                    if isinstance(event, Finish):
+                        reason = event.reason
+                        continue
+                    if isinstance(event, Hidden):
+                        self.trace.add_rows(event)
+                        await self._checkpoint_when_ready()
+                        continue
+                    if meter.waiting_for_receipt():
+                        await self.flush_tokens()
+                        slot.give_back()
+                        await self._wait_for_window()
+                        await slot.take()
+                    stopped = self._stop_reason()
+                    if stopped is not None:
+                        reason = stopped
+                        finished = True
+                        break
+                    # The reply's last token is receipted with its bundle, not before it.
+                    last = count + 1 >= params.max_tokens
+                    await self._serve_token(prompt.request_id, event, last=last)
+                    count += 1
+                    if count == 1:
+                        node.metrics.time_to_first_token.observe(time.monotonic() - received)
+                await self.flush_tokens()  # the tokens of this step go out together
         finally:
             await steps.close()  # before the slot goes: a step may still be computing
             slot.give_back()
@@ -795,19 +855,19 @@ class Connection:
             return "budget"
         return None
 
-    async def _send_token(self, request_id: str, token: Token, *, last: bool = False) -> None:
+    async def _serve_token(self, request_id: str, token: Token, *, last: bool = False) -> None:
+        """Count a token as served and queue it (sent with the others ready, at the next
+        write); ask for a checkpoint or a receipt when one is due."""
         assert self.info is not None and self.transcript is not None and self.trace is not None
         assert self.meter is not None
         index = self.meter.token_sent(token.token_id, token.text)
         self.transcript.update(token.token_id)
         self.trace.add_token(token.token_id)
-        self.node.metrics.tokens_generated.inc()
-        await self.send(
-            TokenFrame(request_id=request_id, index=index, token_id=token.token_id, text=token.text)
-        )
+        self._queue_token(request_id, index, token)
         if index % self.info.proof_interval == 0:
             self.checkpoint_due = True
-        await self._checkpoint_when_ready()
+        if self.checkpoint_due:
+            await self._checkpoint_when_ready()
         if not last and not self.checkpoint_due and self.meter.receipt_due(self.receipt_every):
             await self._ask_receipt(self.last_bundle)
 
@@ -834,6 +894,7 @@ class Connection:
         """Build a due checkpoint once the row of its last token has arrived."""
         assert self.trace is not None
         if self.checkpoint_due and self.trace.rows_ready():
+            await self.flush_tokens()  # the client gets them while the bundle is built
             async with self._checkpoint_lock:
                 self.checkpoint_due = False
                 await self._ask_receipt(await self._prove())
@@ -877,12 +938,9 @@ class Connection:
         request = ReceiptRequest(
             meter.served, proof_hash, self.transcript.value, self._bundles.get(proof_hash)
         )
-        await asyncio.to_thread(
-            self.node.state.record_served,
-            self.info.session_id,
-            meter.served,
-            list(meter.tail),
-            meter.abandoned,
+        await self.flush_tokens()  # the client gets them while the state is written
+        await self.node.state.arecord_served(
+            self.info.session_id, meter.served, meter.tail, meter.abandoned
         )
         meter.request(request)
         self.sent_at[request.counts] = time.monotonic()
@@ -916,13 +974,8 @@ class Connection:
             check_receipt_signature(self.node.domain, receipt, signature, self.info.signer)
         except InvalidSignature as exc:
             raise ProtocolError(ErrorCode.RECEIPT_INVALID, str(exc)) from exc
-        await asyncio.to_thread(
-            self.node.state.store_receipt,
-            receipt.session_id,
-            counts,
-            proof_hash,
-            signature,
-            request.transcript_hash,
+        await self.node.state.astore_receipt(
+            receipt.session_id, counts, proof_hash, signature, request.transcript_hash
         )
         self.meter.accept(request)
         self.node.metrics.checkpoints.labels(state="receipted").inc()
@@ -933,7 +986,7 @@ class Connection:
         self.sent_at = {c: t for c, t in self.sent_at.items() if not counts.covers(c)}
         if sent_at is not None:
             self.node.metrics.receipt_round_trip.observe(time.monotonic() - sent_at)
-        log.info(
+        log.debug(  # one per receipt: at debug level, so many sessions do not flood the log
             "session %s: checkpoint stored: receipt for %s input / %s output tokens signed "
             "(proof_hash 0x%s)",
             receipt.session_id,

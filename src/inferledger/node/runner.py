@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import uvicorn
@@ -40,6 +41,12 @@ def start_or_refuse(parts: NodeParts) -> Node:
 def run_node(settings: Settings) -> None:
     """Serve until interrupted; refuse to start when preflight fails, unless allowed."""
     node = start_or_refuse(build_node_parts(settings))
+    # What was loaded at start (web3, the contracts' ABIs, the model) lives as long as the
+    # process: out of the collector's sight, and collections rarer, so that a busy node does
+    # not rescan it many times a second.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     uvicorn.Server(
         uvicorn_config(node, settings.node_bind, settings.node_port, log_level="info")
     ).run()

@@ -10,19 +10,29 @@ OS crash; a lost receipt is lost money, and one fsync per receipt or request is 
 
 One connection is shared by all threads behind a lock: writes are serialised anyway, and the
 lock also makes read-modify-write sequences (counters, receipt checks) atomic.
+
+The writes of the streaming path (what was served, receipts, requests) have ``a``-prefixed
+async twins that run in one writer thread, which commits every write waiting at the time in
+one transaction (one fsync), each write in its own savepoint so that one refused write
+fails alone; each returns once the commit holding it is on disk, exactly as the blocking
+method would. Many sessions' receipts thus cost one commit and one wake-up of the event
+loop, not one each.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 from inferledger.chain.contracts import SessionInfo
 from inferledger.node.metering import Counts, SentToken
@@ -273,6 +283,101 @@ class StoredReceipt:
         return Counts(self.input_tokens, self.tokens)
 
 
+T = TypeVar("T")
+_BATCH_MAX = 512  # writes in one group commit at most
+
+
+class _Writer:
+    """One thread running queued writes in group commits (see the module's docstring)."""
+
+    def __init__(self, state: NodeState) -> None:
+        self._state = state
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    async def run(self, op: Callable[..., T], *args: Any) -> T:
+        """``op(db, *args)`` in the next group commit; its result once that commit is done."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        if self._thread is None:
+            self._start()
+        self._queue.put((op, args, loop, future))
+        return await future
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="inferledger-state-writer", daemon=True
+                )
+                self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < _BATCH_MAX:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(item)
+            self._commit(batch)
+
+    def _commit(self, batch: list[Any]) -> None:
+        outcomes: list[tuple[Any, Exception | None]] = []
+        state = self._state
+        try:
+            with state._lock:
+                db = state._conn
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for op, args, _loop, _future in batch:
+                        db.execute("SAVEPOINT write")
+                        try:
+                            outcomes.append((op(db, *args), None))
+                            db.execute("RELEASE write")
+                        except Exception as exc:
+                            db.execute("ROLLBACK TO write")
+                            db.execute("RELEASE write")
+                            outcomes.append((None, exc))
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+        except Exception as exc:  # the commit itself failed: so did every write in it
+            outcomes = [(None, exc)] * len(batch)
+        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        for (_op, _args, loop, future), (value, error) in zip(batch, outcomes, strict=True):
+            by_loop.setdefault(loop, []).append((future, value, error))
+        for loop, settled in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                loop.call_soon_threadsafe(_settle_futures, settled)
+
+
+def _settle_futures(settled: list[tuple[asyncio.Future[Any], Any, Exception | None]]) -> None:
+    for future, value, error in settled:
+        if future.done():
+            continue  # its waiter was cancelled; the write itself stands
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+
+
 class NodeState:
     """The node's SQLite state at ``path`` (created, or migrated, on open)."""
 
@@ -283,6 +388,7 @@ class NodeState:
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
         self._lock = threading.Lock()
+        self._writer = _Writer(self)
         try:
             self._configure()
             self._migrate()
@@ -412,17 +518,13 @@ class NodeState:
         tail may have been taken while that receipt was being stored, and a resumed client
         is replayed exactly the tokens after the last receipt."""
         with self.transaction() as db:
-            row = db.execute(
-                "SELECT tokens_receipted FROM sessions WHERE session_id = ?", (session_id,)
-            ).fetchone()
-            if row is None:
-                raise UnknownSession(session_id)
-            encoded = json.dumps([[t.index, t.token_id, t.text] for t in tail if t.index > row[0]])
-            db.execute(
-                "UPDATE sessions SET input_served = ?, tokens_generated = ?, served_tail = ?, "
-                "abandoned = ?, updated_at = ? WHERE session_id = ?",
-                (served.input, served.output, encoded, abandoned, time.time(), session_id),
-            )
+            _record_served(db, session_id, served, tail, abandoned)
+
+    async def arecord_served(
+        self, session_id: int, served: Counts, tail: Sequence[SentToken], abandoned: int
+    ) -> None:
+        """``record_served`` in the next group commit (see ``_Writer``), off the event loop."""
+        await self._writer.run(_record_served, session_id, served, tuple(tail), abandoned)
 
     def set_status(self, session_id: int, status: HostedStatus) -> None:
         _check_status(status)
@@ -439,15 +541,11 @@ class NodeState:
     def start_request(self, session_id: int, request_id: str, prompt_tokens: int) -> int:
         """Record a prompt about to be served; returns the row id for ``finish_request``."""
         with self.transaction() as db:
-            known = db.execute("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,))
-            if known.fetchone() is None:
-                raise UnknownSession(session_id)
-            cursor = db.execute(
-                "INSERT INTO requests (session_id, request_id, prompt_tokens, started_at) "
-                "VALUES (?, ?, ?, ?)",
-                (session_id, request_id, prompt_tokens, time.time()),
-            )
-            return int(cursor.lastrowid or 0)
+            return _start_request(db, session_id, request_id, prompt_tokens)
+
+    async def astart_request(self, session_id: int, request_id: str, prompt_tokens: int) -> int:
+        """``start_request`` in the next group commit, off the event loop."""
+        return await self._writer.run(_start_request, session_id, request_id, prompt_tokens)
 
     def finish_request(
         self,
@@ -458,13 +556,19 @@ class NodeState:
     ) -> None:
         """Record how a request ended; ``prompt_tokens`` when only known at the end."""
         with self.transaction() as db:
-            cursor = db.execute(
-                "UPDATE requests SET completion_tokens = ?, finish_reason = ?, finished_at = ?, "
-                "prompt_tokens = COALESCE(?, prompt_tokens) WHERE id = ?",
-                (completion_tokens, finish_reason, time.time(), prompt_tokens, row_id),
-            )
-            if cursor.rowcount == 0:
-                raise KeyError(f"no request row {row_id}")
+            _finish_request(db, row_id, completion_tokens, finish_reason, prompt_tokens)
+
+    async def afinish_request(
+        self,
+        row_id: int,
+        completion_tokens: int,
+        finish_reason: str,
+        prompt_tokens: int | None = None,
+    ) -> None:
+        """``finish_request`` in the next group commit, off the event loop."""
+        await self._writer.run(
+            _finish_request, row_id, completion_tokens, finish_reason, prompt_tokens
+        )
 
     def list_requests(self, session_id: int) -> list[RequestRecord]:
         rows = self.query("SELECT * FROM requests WHERE session_id = ? ORDER BY id", (session_id,))
@@ -488,69 +592,21 @@ class NodeState:
         ``receipted`` in the same transaction, and ``transcript_hash`` is where a resumed
         session continues its chain.
         """
-        if len(proof_hash) != 32:
-            raise ValueError(f"proof_hash must be 32 bytes, got {len(proof_hash)}")
-        if not signature:
-            raise ValueError("receipt signature is empty")
-        received_at = time.time()
         with self.transaction() as db:
-            row = db.execute(
-                "SELECT input_receipted, tokens_receipted, served_tail FROM sessions "
-                "WHERE session_id = ?",
-                (session_id,),
-            ).fetchone()
-            if row is None:
-                raise UnknownSession(session_id)
-            last = Counts(row[0], row[1])
-            if not counts.covers(last) or counts == last:
-                raise ValueError(
-                    f"receipt for {counts.input}/{counts.output} input/output tokens refused: "
-                    f"session {session_id} already has a receipt for {last.input}/{last.output}, "
-                    "and receipts must increase"
-                )
-            db.execute(
-                "INSERT INTO receipts (session_id, input_tokens, tokens, proof_hash, signature, "
-                "received_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    session_id,
-                    counts.input,
-                    counts.output,
-                    proof_hash.hex(),
-                    signature.hex(),
-                    received_at,
-                ),
-            )
-            tail = [t for t in json.loads(row[2]) if t[0] > counts.output]
-            db.execute(
-                "UPDATE sessions SET input_receipted = ?, tokens_receipted = ?, "
-                "input_served = MAX(input_served, ?), tokens_generated = MAX(tokens_generated, ?), "
-                "served_tail = ?, last_proof_hash = ?, "
-                "last_transcript_hash = COALESCE(?, last_transcript_hash), updated_at = ? "
-                "WHERE session_id = ?",
-                (
-                    counts.input,
-                    counts.output,
-                    counts.input,
-                    counts.output,
-                    json.dumps(tail),
-                    proof_hash.hex(),
-                    _hex_or_none(transcript_hash),
-                    received_at,
-                    session_id,
-                ),
-            )
-            db.execute(
-                "UPDATE checkpoints SET status = 'receipted', updated_at = ? "
-                "WHERE session_id = ? AND token_end <= ? AND status = 'proved'",
-                (received_at, session_id, counts.output),
-            )
-        return StoredReceipt(
-            session_id,
-            counts.input,
-            counts.output,
-            bytes(proof_hash),
-            bytes(signature),
-            received_at,
+            return _store_receipt(db, session_id, counts, proof_hash, signature, transcript_hash)
+
+    async def astore_receipt(
+        self,
+        session_id: int,
+        counts: Counts,
+        proof_hash: bytes,
+        signature: bytes,
+        transcript_hash: bytes | None = None,
+    ) -> StoredReceipt:
+        """``store_receipt`` in the next group commit, off the event loop: it returns once
+        the commit holding the receipt is on disk, as ``store_receipt`` does."""
+        return await self._writer.run(
+            _store_receipt, session_id, counts, proof_hash, signature, transcript_hash
         )
 
     def latest_receipt(self, session_id: int) -> StoredReceipt | None:
@@ -646,6 +702,7 @@ class NodeState:
         return str(self.query("PRAGMA journal_mode")[0][0])
 
     def close(self) -> None:
+        self._writer.stop()
         with self._lock:
             self._conn.close()
 
@@ -722,3 +779,125 @@ def _receipt(row: sqlite3.Row) -> StoredReceipt:
         signature=bytes.fromhex(row["signature"]),
         received_at=row["received_at"],
     )
+
+
+def _store_receipt(
+    db: sqlite3.Connection,
+    session_id: int,
+    counts: Counts,
+    proof_hash: bytes,
+    signature: bytes,
+    transcript_hash: bytes | None,
+) -> StoredReceipt:
+    if len(proof_hash) != 32:
+        raise ValueError(f"proof_hash must be 32 bytes, got {len(proof_hash)}")
+    if not signature:
+        raise ValueError("receipt signature is empty")
+    received_at = time.time()
+    row = db.execute(
+        "SELECT input_receipted, tokens_receipted, served_tail FROM sessions WHERE session_id = ?",
+        (session_id,),
+    ).fetchone()
+    if row is None:
+        raise UnknownSession(session_id)
+    last = Counts(row[0], row[1])
+    if not counts.covers(last) or counts == last:
+        raise ValueError(
+            f"receipt for {counts.input}/{counts.output} input/output tokens refused: "
+            f"session {session_id} already has a receipt for {last.input}/{last.output}, "
+            "and receipts must increase"
+        )
+    db.execute(
+        "INSERT INTO receipts (session_id, input_tokens, tokens, proof_hash, signature, "
+        "received_at) VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            session_id,
+            counts.input,
+            counts.output,
+            proof_hash.hex(),
+            signature.hex(),
+            received_at,
+        ),
+    )
+    tail = [t for t in json.loads(row[2]) if t[0] > counts.output]
+    db.execute(
+        "UPDATE sessions SET input_receipted = ?, tokens_receipted = ?, "
+        "input_served = MAX(input_served, ?), tokens_generated = MAX(tokens_generated, ?), "
+        "served_tail = ?, last_proof_hash = ?, "
+        "last_transcript_hash = COALESCE(?, last_transcript_hash), updated_at = ? "
+        "WHERE session_id = ?",
+        (
+            counts.input,
+            counts.output,
+            counts.input,
+            counts.output,
+            json.dumps(tail),
+            proof_hash.hex(),
+            _hex_or_none(transcript_hash),
+            received_at,
+            session_id,
+        ),
+    )
+    db.execute(
+        "UPDATE checkpoints SET status = 'receipted', updated_at = ? "
+        "WHERE session_id = ? AND token_end <= ? AND status = 'proved'",
+        (received_at, session_id, counts.output),
+    )
+    return StoredReceipt(
+        session_id,
+        counts.input,
+        counts.output,
+        bytes(proof_hash),
+        bytes(signature),
+        received_at,
+    )
+
+
+def _record_served(
+    db: sqlite3.Connection,
+    session_id: int,
+    served: Counts,
+    tail: Sequence[SentToken],
+    abandoned: int,
+) -> None:
+    row = db.execute(
+        "SELECT tokens_receipted FROM sessions WHERE session_id = ?", (session_id,)
+    ).fetchone()
+    if row is None:
+        raise UnknownSession(session_id)
+    encoded = json.dumps([[t.index, t.token_id, t.text] for t in tail if t.index > row[0]])
+    db.execute(
+        "UPDATE sessions SET input_served = ?, tokens_generated = ?, served_tail = ?, "
+        "abandoned = ?, updated_at = ? WHERE session_id = ?",
+        (served.input, served.output, encoded, abandoned, time.time(), session_id),
+    )
+
+
+def _start_request(
+    db: sqlite3.Connection, session_id: int, request_id: str, prompt_tokens: int
+) -> int:
+    known = db.execute("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,))
+    if known.fetchone() is None:
+        raise UnknownSession(session_id)
+    cursor = db.execute(
+        "INSERT INTO requests (session_id, request_id, prompt_tokens, started_at) "
+        "VALUES (?, ?, ?, ?)",
+        (session_id, request_id, prompt_tokens, time.time()),
+    )
+    return int(cursor.lastrowid or 0)
+
+
+def _finish_request(
+    db: sqlite3.Connection,
+    row_id: int,
+    completion_tokens: int,
+    finish_reason: str,
+    prompt_tokens: int | None,
+) -> None:
+    cursor = db.execute(
+        "UPDATE requests SET completion_tokens = ?, finish_reason = ?, finished_at = ?, "
+        "prompt_tokens = COALESCE(?, prompt_tokens) WHERE id = ?",
+        (completion_tokens, finish_reason, time.time(), prompt_tokens, row_id),
+    )
+    if cursor.rowcount == 0:
+        raise KeyError(f"no request row {row_id}")

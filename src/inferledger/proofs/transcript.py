@@ -6,7 +6,7 @@ from the client's means they disagree on what was delivered.
 
 from __future__ import annotations
 
-from eth_utils.crypto import keccak
+from inferledger.chain.keccak import keccak256
 
 _TRANSCRIPT_DOMAIN = b"inferledger/transcript/v1"
 
@@ -20,8 +20,8 @@ class TranscriptHash:
     """
 
     def __init__(self, session_id: int, start: bytes | None = None) -> None:
-        self.value = start or keccak(_TRANSCRIPT_DOMAIN + session_id.to_bytes(32, "big"))
+        self.value = start or keccak256(_TRANSCRIPT_DOMAIN + session_id.to_bytes(32, "big"))
 
     def update(self, token_id: int) -> bytes:
-        self.value = keccak(self.value + token_id.to_bytes(8, "big", signed=True))
+        self.value = keccak256(self.value + token_id.to_bytes(8, "big", signed=True))
         return self.value

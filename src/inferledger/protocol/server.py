@@ -9,11 +9,13 @@ Their JSON schemas are published in docs/protocol-schemas.json next to the clien
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from inferledger.protocol.client import Hex32, Int64, PositiveInt64, Signature
+from inferledger.protocol.client import INT64_MAX, Hex32, Int64, PositiveInt64, Signature
 
 # Token counts, ids and session ids come from the node's SQLite (int64); the SDK packs token
 # ids as int64 into the transcript hash. Money and the chain id are uint256 on chain.
@@ -99,6 +101,61 @@ class TokenFrame(_NodeFrame):
     text: str
 
 
+class TokensFrame(_NodeFrame):
+    """Several reply tokens in one frame: tokens ``index`` to ``index + len(token_ids) - 1``
+    in order, ``texts[i]`` the text of ``token_ids[i]``; the same as that many ``token``
+    frames. The node sends it for tokens that are ready together (the backend is ahead of
+    the connection), a ``token`` frame for a token that is ready alone."""
+
+    type: Literal["tokens"] = "tokens"
+    request_id: str
+    index: PositiveInt64
+    token_ids: list[Count] = Field(min_length=1)
+    texts: list[str] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_text_per_token(self) -> TokensFrame:
+        if len(self.token_ids) != len(self.texts):
+            raise ValueError(f"{len(self.token_ids)} token ids but {len(self.texts)} texts")
+        if self.index + len(self.token_ids) - 1 > INT64_MAX:
+            raise ValueError("token index beyond int64")
+        return self
+
+
+def token_frame_json(
+    request_id: str, index: int, token_ids: Sequence[int], texts: Sequence[str]
+) -> bytes:
+    """The UTF-8 JSON of ``TokenFrame`` (one token) or ``TokensFrame`` (several) starting at
+    ``index``, as their ``dump`` would give it, without building the model: the node's
+    per-frame hot path (a test keeps the two equal)."""
+    if len(token_ids) == 1:
+        frame: dict[str, Any] = {
+            "type": "token",
+            "request_id": request_id,
+            "index": index,
+            "token_id": token_ids[0],
+            "text": texts[0],
+        }
+    else:
+        frame = {
+            "type": "tokens",
+            "request_id": request_id,
+            "index": index,
+            "token_ids": list(token_ids),
+            "texts": list(texts),
+        }
+    return dump_json(frame)
+
+
+def dump_json(frame: dict[str, Any]) -> bytes:
+    """A frame's compact UTF-8 JSON, as the node sends it: by orjson, or by ``json`` for
+    what orjson does not encode (an integer beyond 64 bits, such as a uint256 amount)."""
+    try:
+        return orjson.dumps(frame)
+    except TypeError:
+        return json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 class ReceiptRequest(_NodeFrame):
     """Sign ``Receipt(session_id, input_tokens, output_tokens, proof_hash)``: cumulative
     counts, and the newest proof bundle's hash (it may cover fewer output tokens)."""
@@ -176,6 +233,7 @@ NodeFrame = Annotated[
     | SessionReady
     | ReplyStart
     | TokenFrame
+    | TokensFrame
     | ReceiptRequest
     | ReceiptAck
     | Done
@@ -193,6 +251,7 @@ NODE_FRAMES: dict[str, type[_NodeFrame]] = {
         SessionReady,
         ReplyStart,
         TokenFrame,
+        TokensFrame,
         ReceiptRequest,
         ReceiptAck,
         Done,

@@ -59,6 +59,7 @@ from inferledger.protocol.server import (
     Settled,
     SettlementPending,
     TokenFrame,
+    TokensFrame,
     parse_node_frame,
 )
 from inferledger.sdk.errors import SdkError
@@ -404,11 +405,9 @@ class SessionClient:
         """Read one frame and do its bookkeeping: count tokens, sign receipts, raise errors."""
         frame = await _recv(self.ws)
         if isinstance(frame, TokenFrame):
-            self.received += 1
-            if frame.index != self.received:
-                raise SessionError("PROTOCOL", f"token index {frame.index} out of order")
-            self.transcript.update(frame.token_id)
-            self.tokens.append(StreamedToken(frame.index, frame.token_id, frame.text))
+            self._receive_tokens(frame.index, [frame.token_id], [frame.text])
+        elif isinstance(frame, TokensFrame):
+            self._receive_tokens(frame.index, frame.token_ids, frame.texts)
         elif isinstance(frame, ReplyStart):
             self._accept_input(frame)
         elif isinstance(frame, ReceiptRequest):
@@ -422,6 +421,15 @@ class SessionClient:
         elif isinstance(frame, ErrorFrame):
             raise SessionError(frame.code, frame.message)
         return frame
+
+    def _receive_tokens(self, index: int, token_ids: Sequence[int], texts: Sequence[str]) -> None:
+        """Tokens ``index``, ``index + 1``, ...: the next ones, in order, or a protocol error."""
+        if index != self.received + 1:
+            raise SessionError("PROTOCOL", f"token index {index} out of order")
+        for offset, (token_id, text) in enumerate(zip(token_ids, texts, strict=True)):
+            self.transcript.update(token_id)
+            self.tokens.append(StreamedToken(index + offset, token_id, text))
+        self.received += len(token_ids)
 
     def _accept_input(self, frame: ReplyStart) -> None:
         """A prompt's input tokens: no more than the prompt could hold, added once."""
@@ -454,6 +462,9 @@ class SessionClient:
             frame = await self._next()
             if isinstance(frame, TokenFrame):
                 yield self.tokens[-1]
+            elif isinstance(frame, TokensFrame):
+                for token in self.tokens[-len(frame.token_ids) :]:
+                    yield token
             elif isinstance(frame, Done):
                 self.last_done = frame
                 return
