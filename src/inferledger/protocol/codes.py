@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-PROTOCOL_VERSION = 4
-"""4: the host signs the challenge and every frame after ``key_share`` is sealed
-(3: ``session_init`` carries the session's bundle salt)."""
+PROTOCOL_VERSION = 5
+"""5: the node may send several tokens in one ``tokens`` frame (4: the host signs the
+challenge and every frame after ``key_share`` is sealed; 3: ``session_init`` carries the
+session's bundle salt)."""
 
 
 class ErrorCode(StrEnum):
