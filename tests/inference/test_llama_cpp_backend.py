@@ -56,8 +56,8 @@ def test_a_generation_decoded_with_others_is_the_one_decoded_alone(llama: Any) -
     real = engine._lib
 
     class HoldFirstDecode:
-        """llama.cpp, except that the first decode waits until the three other callers
-        are queued, so the next decode takes all of them: batching without timing."""
+        """llama.cpp, except that the first decode waits until every caller not in it is
+        queued, so the next decode takes all of them: batching without timing."""
 
         def __init__(self) -> None:
             self.held = False
@@ -68,7 +68,8 @@ def test_a_generation_decoded_with_others_is_the_one_decoded_alone(llama: Any) -
         def llama_decode(self, ctx: Any, batch: Any) -> int:
             if not self.held:
                 self.held = True
-                wait_until(lambda: len(engine._waiting) >= 3, "three callers never queued")
+                held = len({batch.seq_id[i][0] for i in range(batch.n_tokens)})
+                wait_until(lambda: held + len(engine._waiting) >= 4, "callers never queued")
             return int(real.llama_decode(ctx, batch))
 
     engine._lib = HoldFirstDecode()
