@@ -20,7 +20,12 @@ from transformers import DynamicCache
 
 from inferledger.inference import GenerationParams
 from inferledger.inference.base import Finish, Token
-from inferledger.inference.transformers_batching import BatchDecoder, invariant_batch
+from inferledger.inference.transformers_batching import (
+    BatchDecoder,
+    Decoding,
+    Engine,
+    invariant_batch,
+)
 from inferledger.proofs.activation import SAME_BACKEND, build_proofs, verify_proofs
 from inferledger.proofs.profiles import FP32
 
@@ -272,3 +277,19 @@ def test_close_stops_the_engine_and_the_next_generation_starts_it(smollm):
     assert smollm._engine()._thread is None
     again = run(smollm, PROMPTS[1], GenerationParams(max_tokens=4, temperature=0))
     assert again[0] == first[0] and np.array_equal(again[1], first[1])
+
+
+def test_an_engine_of_one_decodes_through_the_models_own_forward(smollm):
+    engine = Engine(smollm._decoder, smollm._forward, smollm._logits, max_batch=1)
+    ids = smollm.tokenize_chat(chat(PROMPTS[0]))
+    try:
+        sequence = Decoding(DynamicCache(config=smollm._model.config))
+        _, logits = engine.run(sequence, ids)
+        token = int(logits.argmax())
+        rows, _ = engine.run(sequence, [token])
+    finally:
+        engine.stop()
+    assert engine.max_batch == 1 and engine.batched_steps == 0
+    cache = DynamicCache(config=smollm._model.config)
+    smollm._forward(ids, cache)
+    assert torch.equal(rows, smollm._forward([token], cache))

@@ -12,9 +12,11 @@ the batch. Attention is per sequence, norms and activations work row by row, and
 go through ``rows @ weight.T`` with the transposed weights kept contiguous, which this
 project's BLAS (MKL) computes row by row identically for every batch of 2 or more rows (a
 single row takes a matrix-vector kernel that rounds differently, so a lone row is run
-duplicated). Batch invariance is a property of the BLAS, not a law: :func:`invariant_batch`
-probes it once per weight shape when the engine starts and the engine never batches beyond
-what passed (at worst, it runs one sequence per pass).
+duplicated, which makes a lone generation's step about 30% slower than the matrix-vector
+product on this machine; ``max_batch=1`` keeps the model's own forward for every step). Batch
+invariance is a property of the BLAS, not a law: :func:`invariant_batch` probes it once per
+weight shape when the engine starts and the engine never batches beyond what passed (at
+worst, one sequence per pass, through the model's own forward).
 """
 
 from __future__ import annotations
@@ -327,8 +329,10 @@ class Engine:
             work.done.set()
 
     def _step_batch(self, works: list[_Work]) -> None:
-        if not self._decoder.supported():
-            # A model the decoder cannot walk (a test's edited one): the model's own forward.
+        if self.max_batch == 1 or not self._decoder.supported():
+            # Nothing to share (so no need for the batch-invariant products, slower for a
+            # lone row than the model's matrix-vector one), or a model
+            # the decoder cannot walk (a test's edited one): the model's own forward.
             for work in works:
                 self._step_alone([work])
             return
