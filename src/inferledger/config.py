@@ -111,8 +111,8 @@ class Settings(BaseSettings):
         default=4,
         ge=1,
         description="Generations run at once per backend; others queue. A reply waiting for "
-        "the user's receipt gives its slot back. llama_cpp decodes them together, one batch "
-        "per step",
+        "the user's receipt gives its slot back. llama_cpp and transformers decode them "
+        "together, one batch per step",
     )
     allow_plaintext_sessions: bool = Field(
         default=False,

@@ -166,13 +166,20 @@ def test_inputs_longer_than_the_context_are_rejected(smollm):
 def test_decode_feeds_one_token_per_step_through_the_kv_cache(smollm, monkeypatch):
     calls: list[tuple[int, bool]] = []
     real_forward = smollm._forward
+    real_step = smollm._decoder.step
 
     def spy(token_ids, cache):
         calls.append((len(token_ids), cache is not None))
         return real_forward(token_ids, cache)
 
+    def step_spy(caches, token_ids):
+        calls.extend((1, cache.get_seq_length() > 0) for cache in caches)
+        return real_step(caches, token_ids)
+
     monkeypatch.setattr(smollm, "_forward", spy)
+    monkeypatch.setattr(smollm._decoder, "step", step_spy)
     tokens, _ = collect(smollm.generate(STORY, GenerationParams(max_tokens=5, temperature=0)))
     prompt_length = len(smollm.tokenize_chat(STORY))
+    # The prompt in one prefill, then each token fed alone after the cached positions.
     assert calls == [(prompt_length, True)] + [(1, True)] * 4
     assert len(tokens) == 5

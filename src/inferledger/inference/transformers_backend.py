@@ -28,6 +28,7 @@ from inferledger.inference.model_cache import (
     sha256_file,
 )
 from inferledger.inference.sampling import SAMPLER
+from inferledger.inference.transformers_batching import BatchDecoder, Decoding, Engine
 
 STAGE_HASH = "checking the weights (sha256)"
 STAGE_CONVERT = "converting the GGUF to float32 (first run only)"
@@ -50,12 +51,16 @@ class TransformersBackend:
         name: str | None = None,
         num_threads: int | None = None,
         dtype: str = "float32",
+        max_batch: int = 8,
         progress: Callable[[str], None] | None = None,
     ) -> None:
         """``progress`` is told each loading stage as it starts (for a progress display);
-        ``dtype`` is ``float32`` (the default, what verifiers match exactly) or ``bfloat16``."""
+        ``dtype`` is ``float32`` (the default, what verifiers match exactly) or ``bfloat16``;
+        ``max_batch``: the most generations decoded in one pass (1: one at a time)."""
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
         self.dtype = dtype
         report = progress or (lambda stage: None)
         if progress is not None:
@@ -84,9 +89,22 @@ class TransformersBackend:
         self.hidden_size: int = config.hidden_size
         self.context_length: int = config.max_position_embeddings
         self._eos_ids = self._chat.eos_ids
-        # One lock per forward pass, not per request: concurrent streams interleave step by
-        # step instead of one stream blocking the others until it ends.
-        self._lock = threading.Lock()
+        self._max_batch = max_batch
+        self._decoder = BatchDecoder(self._model)
+        self._engine_lock = threading.Lock()
+        self._running: Engine | None = None  # made at the first step (it probes the BLAS)
+
+    @property
+    def engine_stats(self) -> tuple[int, int]:
+        """(forward passes, decode steps that shared a pass): how much batching happened."""
+        engine = self._engine()
+        return engine.passes, engine.batched_steps
+
+    @property
+    def max_batch(self) -> int:
+        """The most decode steps one pass takes: ``max_batch`` as asked, or less when the
+        BLAS here did not compute rows identically at every batch size up to it."""
+        return self._engine().max_batch
 
     def tokenize_chat(self, messages: Sequence[Message]) -> list[int]:
         return self._chat.tokenize_chat(messages)
@@ -104,28 +122,39 @@ class TransformersBackend:
     ) -> Generator[Event, None, None]:
         prompt_ids = self.tokenize_chat(messages)
         room = check_room(len(prompt_ids), self.context_length)
-        cache = DynamicCache(config=self._model.config)
+        return self._generate(
+            prompt_ids, params, min(params.max_tokens, room), capture_hidden_states
+        )
+
+    def _generate(
+        self, prompt_ids: list[int], params: GenerationParams, limit: int, capture: bool
+    ) -> Generator[Event, None, None]:
+        engine = self._engine()
+        sequence = Decoding(DynamicCache(config=self._model.config))
 
         def step(token_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-            hidden = self._forward(token_ids, cache)
-            return _rows(hidden), self._logits(hidden[-1]).float().numpy()
+            hidden, logits = engine.run(sequence, token_ids)
+            return _rows(hidden), logits
 
-        return decode(
-            prompt_ids,
-            params,
-            min(params.max_tokens, room),
-            capture=capture_hidden_states,
-            step=step,
-            eos_ids=self._eos_ids,
-            detokenize=self.decode,
-        )
+        try:
+            yield from decode(
+                prompt_ids,
+                params,
+                limit,
+                capture=capture,
+                step=step,
+                eos_ids=self._eos_ids,
+                detokenize=self.decode,
+            )
+        finally:
+            engine.release(sequence)
 
     def prefill_hidden_states(self, token_ids: Sequence[int]) -> np.ndarray:
         if not token_ids:
             raise ValueError("token_ids must not be empty")
         if len(token_ids) > self.context_length:
             raise ValueError(f"{len(token_ids)} tokens exceed the context ({self.context_length})")
-        return _rows(self._forward(list(token_ids), cache=None))
+        return _rows(self._engine().prefill(list(token_ids)))
 
     def logits(self, hidden_states: np.ndarray) -> np.ndarray:
         """The next-token logits after each row of final-norm ``hidden_states`` (as the
@@ -156,12 +185,29 @@ class TransformersBackend:
         }
 
     def close(self) -> None:
-        """Nothing to release; the model is freed with the object."""
+        """Stop the engine thread now (it also ends by itself when idle; a later call
+        starts it again). The model is freed with the object."""
+        with self._engine_lock:
+            engine = self._running
+        if engine is not None:
+            engine.stop()
+
+    def _engine(self) -> Engine:
+        with self._engine_lock:
+            if self._running is None:
+                self._running = Engine(
+                    self._decoder,
+                    lambda ids, cache: self._forward(ids, cache),
+                    self._logits,
+                    self._max_batch,
+                )
+            return self._running
 
     def _forward(self, token_ids: list[int], cache: DynamicCache | None) -> torch.Tensor:
-        """Final-norm hidden states ``[len(token_ids), hidden]`` for new positions."""
+        """Final-norm hidden states ``[len(token_ids), hidden]`` for new positions: the
+        model's own forward (prefills; the engine thread calls it)."""
         input_ids = torch.tensor([token_ids], dtype=torch.long)
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             output = self._model.model(
                 input_ids=input_ids, cache=cache, use_cache=cache is not None
             )

@@ -127,6 +127,7 @@ def backend_from_settings(settings: Settings) -> Backend:
         options |= {
             "num_threads": 1,
             "dtype": settings.model_dtype,
+            "max_batch": settings.max_concurrent_generations,
             "progress": lambda stage: log.info("model: %s", stage),
         }
     if settings.backend == "llama_cpp":
