@@ -98,8 +98,11 @@ def main() -> None:
     for name in backends:
         ratio = rates[name, 8] / rates[name, 1]
         console.print(f"{name}: 8 sessions / 1 session in aggregate: {ratio:.2f}x (target >= 3)")
-    decodes, shared = backends["llama_cpp"].engine_stats  # type: ignore[attr-defined]
-    console.print(f"llama.cpp decode calls: {decodes}, feeds that shared a decode: {shared}")
+    decodes, shared, moved = backends["llama_cpp"].engine_stats  # type: ignore[attr-defined]
+    console.print(
+        f"llama.cpp decode calls: {decodes}, feeds that shared a decode: {shared}, "
+        f"caches moved out for another: {moved}"
+    )
     for backend in backends.values():
         backend.close()
 
