@@ -7,13 +7,14 @@ saved next to the converted weights (``model_cache``), and end a turn on the sam
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import cast
 
 from transformers import AutoTokenizer, GenerationConfig
 
-from inferledger.inference.base import Message, validate_messages
+from inferledger.inference.base import Event, GenerationParams, Message, validate_messages
+from inferledger.inference.decoding import check_room
 
 
 class ChatTokenizer:
@@ -53,3 +54,37 @@ class ChatTokenizer:
                 list(token_ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
             ),
         )
+
+
+class ChatModel:
+    """What every local backend does alike around its own decode: the shared tokenizer,
+    and the context checked before a generation starts (so a too-long prompt fails at
+    ``generate()``, not at the first event)."""
+
+    _chat: ChatTokenizer
+    context_length: int
+
+    def tokenize_chat(self, messages: Sequence[Message]) -> list[int]:
+        return self._chat.tokenize_chat(messages)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of ``token_ids`` exactly as generated (special tokens kept, no cleanup)."""
+        return self._chat.decode(token_ids)
+
+    def generate(
+        self,
+        messages: Sequence[Message],
+        params: GenerationParams,
+        *,
+        capture_hidden_states: bool = False,
+    ) -> Generator[Event, None, None]:
+        prompt_ids = self.tokenize_chat(messages)
+        room = check_room(len(prompt_ids), self.context_length)
+        return self._generate(
+            prompt_ids, params, min(params.max_tokens, room), capture_hidden_states
+        )
+
+    def _generate(
+        self, prompt_ids: list[int], params: GenerationParams, limit: int, capture: bool
+    ) -> Generator[Event, None, None]:
+        raise NotImplementedError

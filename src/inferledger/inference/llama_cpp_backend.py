@@ -34,10 +34,9 @@ from inferledger.inference.base import (
     BackendUnavailable,
     Event,
     GenerationParams,
-    Message,
 )
-from inferledger.inference.chat_tokenizer import ChatTokenizer
-from inferledger.inference.decoding import check_room, decode
+from inferledger.inference.chat_tokenizer import ChatModel, ChatTokenizer
+from inferledger.inference.decoding import decode
 from inferledger.inference.model_cache import (
     GGUF_PACKAGE,
     ensure_converted,
@@ -263,7 +262,7 @@ class _Engine:
         return np.ctypeslib.as_array(pointer, shape=(size,)).copy()
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(ChatModel):
     """A GGUF run by llama.cpp; up to ``sequences`` generations share each decode step."""
 
     supports_hidden_states = True
@@ -337,26 +336,6 @@ class LlamaCppBackend:
         """(decode calls, feeds that shared a decode, caches moved out for another)."""
         engine = self._engine
         return engine.decodes, engine.batched_feeds, engine.evictions
-
-    def tokenize_chat(self, messages: Sequence[Message]) -> list[int]:
-        return self._chat.tokenize_chat(messages)
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        """Text of ``token_ids`` exactly as generated (special tokens kept, no cleanup)."""
-        return self._chat.decode(token_ids)
-
-    def generate(
-        self,
-        messages: Sequence[Message],
-        params: GenerationParams,
-        *,
-        capture_hidden_states: bool = False,
-    ) -> Generator[Event, None, None]:
-        prompt_ids = self.tokenize_chat(messages)
-        room = check_room(len(prompt_ids), self.context_length)
-        return self._generate(
-            prompt_ids, params, min(params.max_tokens, room), capture_hidden_states
-        )
 
     def _generate(
         self, prompt_ids: list[int], params: GenerationParams, limit: int, capture: bool

