@@ -61,6 +61,7 @@ class Lies:
     request_input: int | None = None  # default: what reply_start said
     request_output: int = len(TOKENS)
     request_ids: list[int] = field(default_factory=lambda: list(TOKENS))
+    asked_max_tokens: int | None = None  # what the client asks; the node sends 3 regardless
 
 
 def ready_frame(lies: Lies, transcript_ids: list[int]) -> str:
@@ -142,7 +143,10 @@ async def hostile_node(lies: Lies) -> tuple[str, list[dict[str, Any]]]:
         except SessionError as refused:
             return refused.code, answers
         try:
-            await client.chat(HI)
+            if lies.asked_max_tokens is None:
+                await client.chat(HI)
+            else:
+                await client.chat(HI, max_tokens=lies.asked_max_tokens)
         except SessionError as refused:
             await client.close()
             await asyncio.sleep(0.05)
@@ -156,8 +160,9 @@ def outcome(lies: Lies) -> tuple[str, list[dict[str, Any]]]:
     return asyncio.run(asyncio.wait_for(hostile_node(lies), 10))
 
 
-def test_an_honest_node_gets_its_receipt() -> None:
-    code, answers = outcome(Lies())
+@pytest.mark.parametrize("asked", [None, 3])  # 3: exactly the tokens the node sends
+def test_an_honest_node_gets_its_receipt(asked: int | None) -> None:
+    code, answers = outcome(Lies(asked_max_tokens=asked))
     assert code == "signed"
     (receipt,) = answers
     assert (receipt["type"], receipt["input_tokens"], receipt["output_tokens"]) == (
@@ -185,6 +190,8 @@ def test_an_honest_node_gets_its_receipt() -> None:
         (Lies(served=(0, 2), replay=[1, 2]), "RECEIPT_REFUSED"),
         # prompt tokens billed before we sent any prompt
         (Lies(served=(40, 0)), "RECEIPT_REFUSED"),
+        # more tokens than the user asked for, to be signed for
+        (Lies(asked_max_tokens=2), "RECEIPT_REFUSED"),
     ],
     ids=[
         "count",
@@ -198,6 +205,7 @@ def test_an_honest_node_gets_its_receipt() -> None:
         "inflated-receipted",
         "unseen-served",
         "unseen-input",
+        "beyond-max-tokens",
     ],
 )
 def test_each_lie_is_refused_and_nothing_is_signed(lies: Lies, code: str) -> None:

@@ -311,6 +311,7 @@ class SessionClient:
         ]
         self.receipts: list[SignedReceipt] = []
         self.prompt_bound = 0  # prompt_token_bound of the prompt awaiting its reply_start
+        self.reply_end: int | None = None  # the last token index the open reply may have
         self.last_done: Done | None = None
         self.ended: SessionEnd | None = None
         self.settled: Settled | None = None
@@ -426,6 +427,12 @@ class SessionClient:
         """Tokens ``index``, ``index + 1``, ...: the next ones, in order, or a protocol error."""
         if index != self.received + 1:
             raise SessionError("PROTOCOL", f"token index {index} out of order")
+        if self.reply_end is not None and self.received + len(token_ids) > self.reply_end:
+            # Never counted, so never signed: the node is not paid for what was not asked.
+            raise _refuse(
+                f"node sent token {self.received + len(token_ids)} of a reply that may end "
+                f"at {self.reply_end} (max_tokens)"
+            )
         for offset, (token_id, text) in enumerate(zip(token_ids, texts, strict=True)):
             self.transcript.update(token_id)
             self.tokens.append(StreamedToken(index + offset, token_id, text))
@@ -455,6 +462,8 @@ class SessionClient:
     ) -> AsyncIterator[StreamedToken]:
         """Send a prompt and yield its tokens; receipts are signed along the way."""
         self.prompt_bound = prompt_token_bound(messages)
+        limit = params.get("max_tokens")
+        self.reply_end = self.received + limit if isinstance(limit, int) and limit > 0 else None
         await self.send(
             {"type": "prompt", "request_id": request_id, "messages": list(messages), **params}
         )
