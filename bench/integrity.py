@@ -945,7 +945,7 @@ def main() -> None:
             step(f"attack: text written by hand, {mode}")
             attack = Attack("text written by hand", mode)
             for i, (m, s) in enumerate(zip(prompts, samplings, strict=True)):
-                ids = host._tokenizer.encode(HANDWRITTEN[i % len(HANDWRITTEN)])
+                ids = host._chat._tokenizer.encode(HANDWRITTEN[i % len(HANDWRITTEN)])
                 text = whole_checkpoints(ids[: sizes.attack_tokens])
                 forged = proved_by_prefill(host, host.tokenize_chat(m), text, s)
                 check_attack(meter, plain, attack, forged)
