@@ -286,10 +286,10 @@ def test_verify_can_rerun_the_model_in_llama_cpp() -> None:
     pytest.importorskip("llama_cpp", reason="the llama extra: bash scripts/llama-wheel.sh")
     from rich.console import Console
 
-    from inferledger.cli.verify_cmd import _load_backend
+    from inferledger.cli.verify_cmd import load_verifier_backend
     from inferledger.proofs.verify import VerifierModel
 
-    backend = _load_backend("llama_cpp", Console())
+    backend = load_verifier_backend("llama_cpp", Console())
     try:
         model = VerifierModel.of(backend)
         assert (backend.engine, model.dtype) == ("llama_cpp", "gguf")

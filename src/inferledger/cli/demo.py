@@ -29,11 +29,11 @@ from inferledger.config import Settings, load_settings
 from inferledger.node.node import create_node
 from inferledger.node.preflight import PreflightFailed
 from inferledger.node.server import BackgroundServer
+from inferledger.proofs.evidence import Tokenize
 from inferledger.proofs.verify import VerifierModel
 from inferledger.sdk import Client, Settlement
 from inferledger.sdk.verification import (
     CheckpointVerdict,
-    Tokenize,
     fetch_bundles,
     unnamed_receipts,
     verify_session,

@@ -175,7 +175,8 @@ def _find_record(session_id: int, path: Path | None, deployment: Path | None) ->
     return found[0]
 
 
-def _load_backend(name: str, console: Console) -> Backend:
+def load_verifier_backend(name: str, console: Console) -> Backend:
+    """The model a verifier re-runs, loaded with a progress bar on a terminal."""
     from inferledger.inference import load_backend
 
     if name == "scripted":
@@ -262,11 +263,11 @@ def _check_all(
     """Verdicts in checkpoint order, and what ran them; the model is loaded only if there
     is a bundle to check (its tokenizer rebuilds the prompts, its prefill re-runs the
     activations and its head the token choices)."""
+    from inferledger.proofs.evidence import Tokenize
     from inferledger.proofs.profiles import PROFILES
     from inferledger.proofs.verify import VerifierModel, sharing_prefills
     from inferledger.sdk.verification import (
         BundleUnavailable,
-        Tokenize,
         missing_bundle,
         next_after,
         transcripts,
@@ -278,7 +279,7 @@ def _check_all(
     model = None
     replies: list[ReplyTranscript] = []
     if any(not isinstance(item, BundleUnavailable) for _, item in fetched):
-        model = _load_backend(backend, console)
+        model = load_verifier_backend(backend, console)
         _warn_on_other_model(model, record, console)
         # cast: the record's messages are role/content dicts, which the backend validates.
         replies = transcripts(record, cast(Tokenize, model.tokenize_chat))

@@ -19,12 +19,12 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
+from inferledger.proofs.evidence import Tokenize
 from inferledger.proofs.verify import Model
 from inferledger.sdk.records import SessionRecord
 from inferledger.sdk.verification import (
     BundleUnavailable,
     CheckpointVerdict,
-    Tokenize,
     checkpoints,
     fetch_bundle,
     missing_bundle,

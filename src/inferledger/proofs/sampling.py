@@ -11,8 +11,9 @@ mismatch. A segment passes with at most ``max_mismatches`` of them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from eth_utils.crypto import keccak
@@ -44,6 +45,17 @@ class Sampling:
 
 
 GREEDY = Sampling()
+
+
+def sampling_of(params: Mapping[str, Any]) -> Sampling:
+    """What a reply's parameters asked of the sampler, with the node's defaults for the
+    ones not given (docs/protocol.md, ``prompt``)."""
+    return Sampling(
+        temperature=float(params.get("temperature", 0.0)),
+        top_p=float(params.get("top_p", 1.0)),
+        repetition_penalty=float(params.get("repetition_penalty", 1.0)),
+        seed=params.get("seed"),
+    )
 
 
 def seed_commitment(seed: int, salt: bytes) -> bytes:

@@ -29,7 +29,7 @@ No rich, no typer: the CLI (``inferledger verify``) and the demo both build on t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit
@@ -38,8 +38,8 @@ import httpx
 from eth_utils.crypto import keccak
 
 from inferledger.proofs.bundle import ProofBundle
+from inferledger.proofs.evidence import Tokenize, reply_transcripts
 from inferledger.proofs.profiles import Profile
-from inferledger.proofs.sampling import Sampling
 from inferledger.proofs.verify import (
     BundleVerdict,
     Model,
@@ -51,10 +51,6 @@ from inferledger.proofs.verify import (
 from inferledger.sdk.errors import SdkError
 from inferledger.sdk.records import ReceiptRecord, SessionRecord
 from inferledger.sdk.wire import http_base
-
-Tokenize = Callable[[Sequence[dict[str, str]]], Sequence[int]]
-"""Chat messages -> prompt token ids, exactly as the node's backend renders them
-(``backend.tokenize_chat``)."""
 
 VerdictStatus = Literal["pass", "fail", "unproven", "unverifiable"]
 FETCH_TIMEOUT = 10.0
@@ -212,27 +208,7 @@ def fetch_bundles(record: SessionRecord, *, timeout: float = FETCH_TIMEOUT) -> l
 
 def transcripts(record: SessionRecord, tokenize: Tokenize) -> list[ReplyTranscript]:
     """The replies the record kept, as the verifier sees them (empty replies left out)."""
-    return [
-        ReplyTranscript(
-            prompt_ids=tuple(int(t) for t in tokenize(reply.messages)),
-            reply_ids=tuple(reply.token_ids),
-            first_token=reply.first_token,
-            sampling=sampling_of(reply.params),
-        )
-        for reply in record.replies
-        if reply.token_ids
-    ]
-
-
-def sampling_of(params: Mapping[str, Any]) -> Sampling:
-    """What a reply's parameters asked of the sampler, with the node's defaults for the
-    ones not given (docs/protocol.md, ``prompt``)."""
-    return Sampling(
-        temperature=float(params.get("temperature", 0.0)),
-        top_p=float(params.get("top_p", 1.0)),
-        repetition_penalty=float(params.get("repetition_penalty", 1.0)),
-        seed=params.get("seed"),
-    )
+    return reply_transcripts(record.replies, tokenize)
 
 
 def verify_checkpoint(
