@@ -12,8 +12,9 @@ from web3.contract import Contract
 
 from inferledger.chain.compile import CompiledContract, compile_all, compile_source
 from inferledger.chain.connect import Chain
+from inferledger.chain.contracts import NodeRegistry
 from inferledger.chain.deploy import deploy_compiled
-from inferledger.chain.devchain import (  # noqa: F401 (re-exported for the tests)
+from inferledger.chain.devchain import (
     INPUT_PRICE,
     PRICE,
     PROOF,
@@ -117,3 +118,106 @@ def reverts(reason: str) -> Iterator[None]:
     with pytest.raises(ContractRevert) as caught:
         yield
     assert caught.value.reason == reason
+
+
+def registry_args(world: DevWorld, min_stake: int | None = None, delay: int = 0) -> tuple[Any, ...]:
+    """NodeRegistry constructor arguments over the world's token and model registry."""
+    c = world.contracts
+    params = c.deployment.params
+    stake = params.min_stake if min_stake is None else min_stake
+    return (c.token.address, c.models.address, stake, delay, params.exposure_bps)
+
+
+def slashable_registry(world: DevWorld) -> tuple[NodeRegistry, TxSender]:
+    """A fresh NodeRegistry whose marketplace and dispute contract are one plain account
+    (the "judge"), with the world's host registered at the minimum stake: slashing and the
+    session counters can be driven directly. In a real deployment only the DisputeManager
+    slashes, after a resolved dispute."""
+    c = world.contracts
+    delay = c.deployment.params.unbonding_delay
+    contract = deploy_contract(world, "NodeRegistry", *registry_args(world, delay=delay))
+    judge = world.funded_sender("judge")
+    world.owner.transact(contract.functions.set_marketplace(judge.address))
+    world.owner.transact(contract.functions.set_disputes(judge.address))
+    nodes = NodeRegistry(world.chain, contract)
+    stake = c.deployment.params.min_stake
+    c.token.approve(world.host, nodes.address, stake)
+    nodes.register(world.host, "ws://127.0.0.1:9", {world.model_id: (INPUT_PRICE, PRICE)}, stake)
+    return nodes, judge
+
+
+def slash(nodes: NodeRegistry, judge: TxSender, host: str, amount: int, recipient: str) -> Any:
+    """Slash as the registry's dispute contract (``judge`` from :func:`slashable_registry`)."""
+    return judge.transact(nodes.contract.functions.slash(host, amount, recipient))
+
+
+def cover_exposure(world: DevWorld, deposits: int) -> None:
+    """Stake enough more for the world's host to hold ``deposits`` more of open sessions
+    (its exposure is capped at exposure_bps of its stake)."""
+    c = world.contracts
+    extra = deposits * 10_000 // c.deployment.params.exposure_bps + 1
+    c.token.mint(world.owner, world.host.address, extra)
+    c.token.approve(world.host, c.nodes.address, extra)
+    c.nodes.add_stake(world.host, extra)
+
+
+# Disputes ------------------------------------------------------------------------------
+
+VERIFIER_STAKE = 20 * 10**6
+
+
+def staked_verifiers(world: DevWorld, count: int = 3, prefix: str = "juror") -> list[TxSender]:
+    """``count`` funded verifiers, registered with ``VERIFIER_STAKE`` each."""
+    c = world.contracts
+    jurors = []
+    for i in range(count):
+        juror = world.funded_sender(f"{prefix}-{i}", VERIFIER_STAKE)
+        c.token.approve(juror, c.verifiers.address, VERIFIER_STAKE)
+        c.verifiers.register(juror, f"http://127.0.0.1:{9000 + i}", VERIFIER_STAKE)
+        jurors.append(juror)
+    return jurors
+
+
+def settled_session(world: DevWorld, tokens: tuple[int, int] = (20, 100)) -> int:
+    """A session of the world's host completed at ``tokens`` (input, output); its id."""
+    session_id, signer = open_session(world)
+    signature = sign(world, signer, session_id, *tokens)
+    world.contracts.marketplace.complete_session(
+        world.host, session_id, *tokens, PROOF, URI, signature
+    )
+    return session_id
+
+
+def host_signed(world: DevWorld, label: bytes = b"a bundle") -> tuple[bytes, bytes]:
+    """(bundle hash, the world host's raw signature over it), as a node signs a bundle."""
+    from eth_account import Account
+    from eth_utils import keccak
+
+    bundle_hash = keccak(label)
+    signature = Account.unsafe_sign_hash(bundle_hash, world.host.account.key).signature
+    return bundle_hash, bytes(signature)
+
+
+def open_dispute(world: DevWorld, session_id: int, challenger: TxSender | None = None) -> int:
+    """A dispute on checkpoint 1 of ``session_id`` by ``challenger`` (default: a new one)."""
+    c = world.contracts
+    challenger = challenger or world.funded_sender("challenger", 100 * 10**6)
+    c.token.approve(challenger, c.disputes.address, c.disputes.bond())
+    bundle_hash, signature = host_signed(world)
+    commitment = b"\x07" * 32
+    return c.disputes.open_dispute(challenger, session_id, 1, bundle_hash, signature, commitment)
+
+
+def verdict(world: DevWorld, dispute_id: int, juror: TxSender, fraud: bool) -> Any:
+    """``juror``'s signed verdict, relayed by the juror itself."""
+    from inferledger.chain.receipts import sign_verdict
+
+    c = world.contracts
+    signature = sign_verdict(juror.account.key, c.disputes.domain(), dispute_id, fraud)
+    return c.disputes.submit_verdict(juror, dispute_id, fraud, signature)
+
+
+def seated(world: DevWorld, dispute_id: int, jurors: list[TxSender]) -> list[TxSender]:
+    """The senders among ``jurors`` that sit on the dispute's jury, in seat order."""
+    by_address = {j.address: j for j in jurors}
+    return [by_address[a] for a in world.contracts.disputes.get_dispute(dispute_id).seated]

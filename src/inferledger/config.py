@@ -310,10 +310,32 @@ class Settings(BaseSettings):
         description="Share of checkpoints (0..1) the gateway re-verifies in the background by "
         "prefill with the local model",
     )
+    gateway_auto_dispute: bool = Field(
+        default=False,
+        description="Open a dispute (with the deployment's bond) on a checkpoint whose "
+        "background verification failed, once its session settles; needs "
+        "gateway_verify_share above 0",
+    )
     gateway_state_dir: Path | None = Field(
         default=None,
         description="The gateway's session records and spend ledger; default "
         "$INFERLEDGER_HOME/gateway",
+    )
+
+    # Verifier (`inferledger verifier run`: a staked juror that judges disputes) ---------
+    verifier_key: SecretStr | None = Field(
+        default=None,
+        description="Private key of the verifier's account (registered in the VerifierRegistry); "
+        "it signs verdicts and pays for relaying them",
+    )
+    verifier_bind: str = Field(default="127.0.0.1", description="Address the verifier listens on")
+    verifier_port: int = Field(
+        default=8700, ge=0, le=65535, description="Port the verifier listens on"
+    )
+    verifier_poll_interval: float = Field(
+        default=1.0,
+        gt=0,
+        description="Seconds between the verifier's looks at the chain for disputes it sits on",
     )
 
     @classmethod

@@ -119,4 +119,6 @@ def test_compile_cache_is_reused_and_keyed_on_sources(tmp_path: Path) -> None:
         "NodeRegistry",
         "HostEarnings",
         "JobMarketplace",
+        "VerifierRegistry",
+        "DisputeManager",
     }

@@ -8,7 +8,7 @@ say. A meta-test reads the ABIs, so a function added without a case fails here.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -18,10 +18,26 @@ from web3.contract import Contract
 from web3.types import TxReceipt
 
 from inferledger.chain.compile import compile_all
-from inferledger.chain.devchain import DevWorld
+from inferledger.chain.devchain import DevWorld, dev_account
 from inferledger.chain.tx import TxSender
 from inferledger.chain.units import settlement_split, usdc
-from support import INPUT_PRICE, PRICE, PROOF, URI, deploy_contract, open_session, sign
+from support import (
+    INPUT_PRICE,
+    PRICE,
+    PROOF,
+    URI,
+    deploy_contract,
+    host_signed,
+    open_dispute,
+    open_session,
+    registry_args,
+    seated,
+    settled_session,
+    sign,
+    slashable_registry,
+    staked_verifiers,
+    verdict,
+)
 
 ZERO = "0x0000000000000000000000000000000000000000"
 HASH = b"\x02" * 32
@@ -61,6 +77,8 @@ def logged(
         "NodeRegistry": c.nodes.contract,
         "HostEarnings": c.earnings.contract,
         "JobMarketplace": c.marketplace.contract,
+        "VerifierRegistry": c.verifiers.contract,
+        "DisputeManager": c.disputes.contract,
         **(extra or {}),
     }
     by_address = {contract.address: (label, contract) for label, contract in sources.items()}
@@ -286,8 +304,16 @@ def add_stake(world: DevWorld, amount: int) -> TxReceipt:
     return c.nodes.add_stake(world.host, amount)
 
 
-def slash(world: DevWorld, amount: int) -> TxReceipt:
-    return world.contracts.nodes.slash(world.owner, world.host.address, amount, world.user.address)
+def slashable(world: DevWorld) -> tuple[DevWorld, TxSender]:
+    """The world with a fresh NodeRegistry whose dispute contract (and marketplace) is a
+    plain account, the "judge", so slashes can be made directly; the host registered."""
+    nodes, judge = slashable_registry(world)
+    return replace(world, contracts=replace(world.contracts, nodes=nodes)), judge
+
+
+def slash(world: DevWorld, judge: TxSender, amount: int) -> TxReceipt:
+    fn = world.contracts.nodes.contract.functions
+    return judge.transact(fn.slash(world.host.address, amount, world.user.address))
 
 
 @case("NodeRegistry", "add_stake")
@@ -302,7 +328,8 @@ def add_stake_to_an_active_host(world: DevWorld) -> None:
 
 @case("NodeRegistry", "add_stake")
 def add_stake_reactivates_a_slashed_host(world: DevWorld) -> None:
-    slash(world, 1)
+    world, judge = slashable(world)
+    slash(world, judge, 1)
     receipt = add_stake(world, 1)
     h = world.host.address
     assert logged(world, receipt) == [
@@ -314,8 +341,9 @@ def add_stake_reactivates_a_slashed_host(world: DevWorld) -> None:
 
 @case("NodeRegistry", "add_stake")
 def add_stake_while_unbonding(world: DevWorld) -> None:
+    world, judge = slashable(world)
     world.contracts.nodes.request_unstake(world.host)
-    slash(world, 1)
+    slash(world, judge, 1)
     receipt = add_stake(world, 1)
     h = world.host.address
     assert logged(world, receipt) == [  # an unbonding host stays inactive
@@ -337,7 +365,8 @@ def request_unstake(world: DevWorld) -> None:
 
 @case("NodeRegistry", "request_unstake")
 def request_unstake_when_slashed_inactive(world: DevWorld) -> None:
-    slash(world, 1)
+    world, judge = slashable(world)
+    slash(world, judge, 1)
     receipt = world.contracts.nodes.request_unstake(world.host)
     h = world.host.address
     ends_at = timestamp(world, receipt) + world.contracts.deployment.params.unbonding_delay
@@ -380,8 +409,9 @@ def withdraw_stake(world: DevWorld) -> None:
 
 @case("NodeRegistry", "slash")
 def slash_leaving_the_minimum(world: DevWorld) -> None:
+    world, judge = slashable(world)
     add_stake(world, 3)
-    receipt = slash(world, 3)
+    receipt = slash(world, judge, 3)
     h = world.host.address
     assert logged(world, receipt) == [
         ev(
@@ -398,7 +428,8 @@ def slash_leaving_the_minimum(world: DevWorld) -> None:
 
 @case("NodeRegistry", "slash")
 def slash_below_the_minimum(world: DevWorld) -> None:
-    receipt = slash(world, 1)
+    world, judge = slashable(world)
+    receipt = slash(world, judge, 1)
     h = world.host.address
     assert logged(world, receipt) == [
         ev(
@@ -414,46 +445,68 @@ def slash_below_the_minimum(world: DevWorld) -> None:
     ]
 
 
-def fresh_nodes(world: DevWorld) -> tuple[Contract, TxSender]:
-    c = world.contracts
-    return fake_marketplace(
-        world, "NodeRegistry", c.token.address, c.models.address, min_stake(world), 0
-    )
-
-
 @case("NodeRegistry", "session_opened")
 def session_opened(world: DevWorld) -> None:
-    nodes, marketplace = fresh_nodes(world)
-    receipt = marketplace.transact(nodes.functions.session_opened(world.host.address))
-    assert logged(world, receipt, {"fresh": nodes}) == [
-        ev("fresh", "SessionCountChanged", host=world.host.address, open_sessions=1)
+    world, judge = slashable(world)
+    receipt = judge.transact(nodes_fn(world).session_opened(world.host.address, 7))
+    h = world.host.address
+    assert logged(world, receipt) == [
+        ev("NodeRegistry", "SessionCountChanged", host=h, open_sessions=1),
+        ev("NodeRegistry", "ExposureChanged", host=h, exposure=7),
     ]
 
 
 @case("NodeRegistry", "session_closed")
 def session_closed(world: DevWorld) -> None:
-    nodes, marketplace = fresh_nodes(world)
-    marketplace.transact(nodes.functions.session_opened(world.host.address))
-    receipt = marketplace.transact(nodes.functions.session_closed(world.host.address))
-    assert logged(world, receipt, {"fresh": nodes}) == [
-        ev("fresh", "SessionCountChanged", host=world.host.address, open_sessions=0)
+    world, judge = slashable(world)
+    h = world.host.address
+    judge.transact(nodes_fn(world).session_opened(h, 7))
+    receipt = judge.transact(nodes_fn(world).session_closed(h, 7, 3))
+    assert logged(world, receipt) == [  # the paid 3 stay exposed until released
+        ev("NodeRegistry", "SessionCountChanged", host=h, open_sessions=0),
+        ev("NodeRegistry", "ExposureChanged", host=h, exposure=3),
     ]
+
+
+@case("NodeRegistry", "release_exposure")
+def nodes_release_exposure(world: DevWorld) -> None:
+    world, judge = slashable(world)
+    h = world.host.address
+    judge.transact(nodes_fn(world).session_opened(h, 7))
+    receipt = judge.transact(nodes_fn(world).release_exposure(h, 7))
+    assert logged(world, receipt) == [ev("NodeRegistry", "ExposureChanged", host=h, exposure=0)]
 
 
 @case("NodeRegistry", "set_marketplace")
 def nodes_set_marketplace(world: DevWorld) -> None:
-    c = world.contracts
-    nodes = deploy_contract(world, "NodeRegistry", c.token.address, c.models.address, 1, 0)
+    nodes = deploy_contract(world, "NodeRegistry", *registry_args(world))
     receipt = world.owner.transact(nodes.functions.set_marketplace(world.user.address))
     assert logged(world, receipt, {"fresh": nodes}) == [
         ev("fresh", "MarketplaceSet", marketplace=world.user.address)
     ]
 
 
-@case("NodeRegistry", "set_arbiter")
-def set_arbiter(world: DevWorld) -> None:
-    receipt = world.owner.transact(nodes_fn(world).set_arbiter(world.user.address))
-    assert logged(world, receipt) == [ev("NodeRegistry", "ArbiterSet", arbiter=world.user.address)]
+@case("NodeRegistry", "set_disputes")
+def nodes_set_disputes(world: DevWorld) -> None:
+    nodes = deploy_contract(world, "NodeRegistry", *registry_args(world))
+    receipt = world.owner.transact(nodes.functions.set_disputes(world.user.address))
+    assert logged(world, receipt, {"fresh": nodes}) == [
+        ev("fresh", "DisputesSet", disputes=world.user.address)
+    ]
+
+
+@case("NodeRegistry", "accept_ownership")
+def nodes_accept_ownership(world: DevWorld) -> None:
+    world.owner.transact(nodes_fn(world).transfer_ownership(world.user.address))
+    receipt = world.user.transact(nodes_fn(world).accept_ownership())
+    assert logged(world, receipt) == [
+        ev(
+            "NodeRegistry",
+            "OwnershipTransferred",
+            previous_owner=world.owner.address,
+            new_owner=world.user.address,
+        )
+    ]
 
 
 @case("NodeRegistry", "transfer_ownership")
@@ -462,7 +515,7 @@ def nodes_transfer_ownership(world: DevWorld) -> None:
     assert logged(world, receipt) == [
         ev(
             "NodeRegistry",
-            "OwnershipTransferred",
+            "OwnershipTransferStarted",
             previous_owner=world.owner.address,
             new_owner=world.user.address,
         )
@@ -560,6 +613,7 @@ def create_session(world: DevWorld) -> None:
             expires_at=timestamp(world, receipt) + 86400,
         ),
         ev("NodeRegistry", "SessionCountChanged", host=h, open_sessions=1),
+        ev("NodeRegistry", "ExposureChanged", host=h, exposure=DEPOSIT),
         ev("TestUSDC", "Transfer", sender=u, receiver=c.marketplace.address, value=DEPOSIT),
     ]
 
@@ -602,6 +656,8 @@ def settled_logs(
             refund=split.refund,
         ),
         ev("NodeRegistry", "SessionCountChanged", host=h, open_sessions=0),
+        # What it paid stays exposed to disputes until its window is released.
+        ev("NodeRegistry", "ExposureChanged", host=h, exposure=split.gross),
     ]
     if split.host:
         logs += [
@@ -743,6 +799,379 @@ def market_transfer_ownership(world: DevWorld) -> None:
     ]
 
 
+# VerifierRegistry ----------------------------------------------------------------------
+
+V_STAKE = usdc("20")
+
+
+def verifier_fn(world: DevWorld) -> Any:
+    return world.contracts.verifiers.contract.functions
+
+
+def v_transfer(world: DevWorld, sender: str, receiver: str, value: int) -> Event:
+    return ev("TestUSDC", "Transfer", sender=sender, receiver=receiver, value=value)
+
+
+def v_active(verifier: str, active: bool) -> Event:
+    return ev("VerifierRegistry", "VerifierActiveChanged", verifier=verifier, active=active)
+
+
+@case("VerifierRegistry", "register")
+def verifier_register(world: DevWorld) -> None:
+    c = world.contracts
+    v = world.funded_sender("verifier", V_STAKE)
+    c.token.approve(v, c.verifiers.address, V_STAKE)
+    receipt = c.verifiers.register(v, URL, V_STAKE)
+    assert logged(world, receipt) == [
+        ev("VerifierRegistry", "VerifierRegistered", verifier=v.address, url=URL, stake=V_STAKE),
+        v_active(v.address, True),
+        v_transfer(world, v.address, c.verifiers.address, V_STAKE),
+    ]
+
+
+@case("VerifierRegistry", "update_url")
+def verifier_update_url(world: DevWorld) -> None:
+    (v,) = staked_verifiers(world, 1)
+    receipt = world.contracts.verifiers.update_url(v, "http://elsewhere")
+    assert logged(world, receipt) == [
+        ev("VerifierRegistry", "VerifierUrlUpdated", verifier=v.address, url="http://elsewhere")
+    ]
+
+
+@case("VerifierRegistry", "add_stake")
+def verifier_add_stake(world: DevWorld) -> None:
+    c = world.contracts
+    (v,) = staked_verifiers(world, 1)
+    c.token.mint(v, v.address, 5)
+    c.token.approve(v, c.verifiers.address, 5)
+    receipt = c.verifiers.add_stake(v, 5)
+    assert logged(world, receipt) == [
+        ev(
+            "VerifierRegistry",
+            "VerifierStakeAdded",
+            verifier=v.address,
+            amount=5,
+            stake=V_STAKE + 5,
+        ),
+        v_transfer(world, v.address, c.verifiers.address, 5),
+    ]
+
+
+@case("VerifierRegistry", "request_unstake")
+def verifier_request_unstake(world: DevWorld) -> None:
+    (v,) = staked_verifiers(world, 1)
+    receipt = world.contracts.verifiers.request_unstake(v)
+    ends = timestamp(world, receipt) + world.contracts.deployment.params.unbonding_delay
+    assert logged(world, receipt) == [
+        ev(
+            "VerifierRegistry",
+            "VerifierUnbondingStarted",
+            verifier=v.address,
+            unbonding_ends_at=ends,
+        ),
+        v_active(v.address, False),
+    ]
+
+
+@case("VerifierRegistry", "cancel_unstake")
+def verifier_cancel_unstake(world: DevWorld) -> None:
+    (v,) = staked_verifiers(world, 1)
+    world.contracts.verifiers.request_unstake(v)
+    receipt = world.contracts.verifiers.cancel_unstake(v)
+    assert logged(world, receipt) == [
+        ev("VerifierRegistry", "VerifierUnbondingCancelled", verifier=v.address),
+        v_active(v.address, True),
+    ]
+
+
+@case("VerifierRegistry", "withdraw_stake")
+def verifier_withdraw_stake(world: DevWorld) -> None:
+    c = world.contracts
+    (v,) = staked_verifiers(world, 1)
+    c.verifiers.request_unstake(v)
+    world.chain.time_travel(c.deployment.params.unbonding_delay + 1)
+    receipt = c.verifiers.withdraw_stake(v)
+    assert logged(world, receipt) == [
+        ev("VerifierRegistry", "VerifierStakeWithdrawn", verifier=v.address, amount=V_STAKE),
+        v_transfer(world, c.verifiers.address, v.address, V_STAKE),
+    ]
+
+
+def fake_disputes(world: DevWorld) -> tuple[Contract, TxSender, TxSender]:
+    """A fresh VerifierRegistry whose dispute contract is a plain account, with one
+    verifier staked: (registry, the account, the verifier)."""
+    c = world.contracts
+    registry = deploy_contract(world, "VerifierRegistry", c.token.address, V_STAKE, 0)
+    judge = world.funded_sender("fake disputes")
+    world.owner.transact(registry.functions.set_disputes(judge.address))
+    v = world.funded_sender("verifier", V_STAKE)
+    c.token.approve(v, registry.address, V_STAKE)
+    v.transact(registry.functions.register(URL, V_STAKE))
+    return registry, judge, v
+
+
+@case("VerifierRegistry", "penalize")
+def verifier_penalize(world: DevWorld) -> None:
+    registry, judge, v = fake_disputes(world)
+    receipt = judge.transact(registry.functions.penalize(v.address, 3, judge.address))
+    assert logged(world, receipt, {"fresh": registry}) == [
+        ev(
+            "fresh",
+            "VerifierPenalized",
+            verifier=v.address,
+            amount=3,
+            recipient=judge.address,
+            stake=V_STAKE - 3,
+        ),
+        ev("fresh", "VerifierActiveChanged", verifier=v.address, active=False),
+        v_transfer(world, registry.address, judge.address, 3),
+    ]
+
+
+@case("VerifierRegistry", "assign")
+def verifier_assign(world: DevWorld) -> None:
+    registry, judge, v = fake_disputes(world)
+    receipt = judge.transact(registry.functions.assign(v.address))
+    assert logged(world, receipt, {"fresh": registry}) == [
+        ev("fresh", "AssignmentsChanged", verifier=v.address, assignments=1)
+    ]
+
+
+@case("VerifierRegistry", "release")
+def verifier_release(world: DevWorld) -> None:
+    registry, judge, v = fake_disputes(world)
+    judge.transact(registry.functions.assign(v.address))
+    receipt = judge.transact(registry.functions.release(v.address))
+    assert logged(world, receipt, {"fresh": registry}) == [
+        ev("fresh", "AssignmentsChanged", verifier=v.address, assignments=0)
+    ]
+
+
+@case("VerifierRegistry", "set_disputes")
+def verifier_set_disputes(world: DevWorld) -> None:
+    c = world.contracts
+    registry = deploy_contract(world, "VerifierRegistry", c.token.address, V_STAKE, 0)
+    receipt = world.owner.transact(registry.functions.set_disputes(world.user.address))
+    assert logged(world, receipt, {"fresh": registry}) == [
+        ev("fresh", "DisputesSet", disputes=world.user.address)
+    ]
+
+
+# DisputeManager ------------------------------------------------------------------------
+
+
+def bond_of(world: DevWorld) -> int:
+    return world.contracts.disputes.bond()
+
+
+@case("DisputeManager", "open_dispute")
+def dispute_open(world: DevWorld) -> None:
+    c = world.contracts
+    session_id = settled_session(world)
+    challenger = world.funded_sender("challenger", usdc("10"))
+    c.token.approve(challenger, c.disputes.address, bond_of(world))
+    bundle_hash, signature = host_signed(world)
+    receipt = challenger.transact(
+        c.disputes.contract.functions.open_dispute(session_id, 1, bundle_hash, signature, HASH)
+    )
+    assert logged(world, receipt) == [
+        ev(
+            "DisputeManager",
+            "DisputeOpened",
+            dispute_id=1,
+            session_id=session_id,
+            checkpoint_index=1,
+            challenger=challenger.address,
+            bundle_hash=bundle_hash,
+            transcript_commitment=HASH,
+            bond=bond_of(world),
+        ),
+        v_transfer(world, challenger.address, c.disputes.address, bond_of(world)),
+    ]
+
+
+@case("DisputeManager", "draw")
+def dispute_draw(world: DevWorld) -> None:
+    c = world.contracts
+    staked_verifiers(world, 3)
+    dispute_id = open_dispute(world, settled_session(world))
+    receipt = c.disputes.draw(world.owner, dispute_id)
+    jurors = c.disputes.get_dispute(dispute_id).seated
+    deadline = timestamp(world, receipt) + c.disputes.verdict_period()
+    assert logged(world, receipt) == [
+        *[
+            ev(
+                "DisputeManager",
+                "JurorDrawn",
+                dispute_id=dispute_id,
+                seat=i,
+                verifier=j,
+                verdict_deadline=deadline,
+            )
+            for i, j in enumerate(jurors)
+        ],
+        *[ev("VerifierRegistry", "AssignmentsChanged", verifier=j, assignments=1) for j in jurors],
+    ]
+
+
+@case("DisputeManager", "submit_verdict")
+def dispute_verdicts(world: DevWorld) -> None:
+    c = world.contracts
+    jurors = staked_verifiers(world, 3)
+    session_id = settled_session(world)
+    dispute_id = open_dispute(world, session_id)
+    c.disputes.draw(world.owner, dispute_id)
+    first, second, third = seated(world, dispute_id, jurors)
+    receipt = verdict(world, dispute_id, first, False)
+    assert logged(world, receipt) == [
+        ev(
+            "DisputeManager",
+            "VerdictSubmitted",
+            dispute_id=dispute_id,
+            verifier=first.address,
+            fraud=False,
+        )
+    ]
+    verdict(world, dispute_id, second, True)  # the minority, in the end
+    receipt = verdict(world, dispute_id, third, False)
+    fee = c.disputes.verifier_fee()
+    penalty = c.disputes.minority_penalty()
+    host_share = bond_of(world) + penalty - 2 * fee
+    assert logged(world, receipt) == [
+        ev(
+            "DisputeManager",
+            "VerdictSubmitted",
+            dispute_id=dispute_id,
+            verifier=third.address,
+            fraud=False,
+        ),
+        ev("VerifierRegistry", "AssignmentsChanged", verifier=first.address, assignments=0),
+        ev("VerifierRegistry", "AssignmentsChanged", verifier=second.address, assignments=0),
+        ev(
+            "VerifierRegistry",
+            "VerifierPenalized",
+            verifier=second.address,
+            amount=penalty,
+            recipient=c.disputes.address,
+            stake=V_STAKE - penalty,
+        ),
+        v_transfer(world, c.verifiers.address, c.disputes.address, penalty),
+        ev(
+            "DisputeManager",
+            "JurorPenalized",
+            dispute_id=dispute_id,
+            verifier=second.address,
+            penalty=penalty,
+        ),
+        ev("VerifierRegistry", "AssignmentsChanged", verifier=third.address, assignments=0),
+        ev("DisputeManager", "Credited", account=first.address, dispute_id=dispute_id, amount=fee),
+        ev("DisputeManager", "Credited", account=third.address, dispute_id=dispute_id, amount=fee),
+        ev(
+            "DisputeManager",
+            "Credited",
+            account=world.host.address,
+            dispute_id=dispute_id,
+            amount=host_share,
+        ),
+        ev(
+            "DisputeManager",
+            "DisputeResolved",
+            dispute_id=dispute_id,
+            session_id=session_id,
+            fraud=False,
+            slashed=0,
+            depositor_amount=0,
+            challenger_amount=0,
+            host_amount=host_share,
+            verifier_fees=2 * fee,
+        ),
+    ]
+
+
+@case("DisputeManager", "replace_silent")
+def dispute_replace_silent(world: DevWorld) -> None:
+    c = world.contracts
+    jurors = staked_verifiers(world, 3)
+    dispute_id = open_dispute(world, settled_session(world))
+    c.disputes.draw(world.owner, dispute_id)
+    first, *silent = seated(world, dispute_id, jurors)
+    verdict(world, dispute_id, first, False)
+    world.chain.time_travel(c.disputes.verdict_period() + 1)
+    receipt = c.disputes.replace_silent(world.owner, dispute_id)
+    penalty = c.disputes.silent_penalty()
+    expected = []
+    for juror in silent:
+        expected += [
+            ev("VerifierRegistry", "AssignmentsChanged", verifier=juror.address, assignments=0),
+            ev(
+                "VerifierRegistry",
+                "VerifierPenalized",
+                verifier=juror.address,
+                amount=penalty,
+                recipient=c.disputes.address,
+                stake=V_STAKE - penalty,
+            ),
+            v_transfer(world, c.verifiers.address, c.disputes.address, penalty),
+            ev(
+                "DisputeManager",
+                "JurorReplaced",
+                dispute_id=dispute_id,
+                verifier=juror.address,
+                penalty=penalty,
+            ),
+        ]
+    assert logged(world, receipt) == expected
+
+
+@case("DisputeManager", "cancel")
+def dispute_cancel(world: DevWorld) -> None:
+    c = world.contracts
+    dispute_id = open_dispute(world, settled_session(world))  # no verifier to draw
+    challenger = c.disputes.get_dispute(dispute_id).challenger
+    world.chain.time_travel(c.disputes.verdict_period() + 1)
+    receipt = c.disputes.cancel(world.owner, dispute_id)
+    assert logged(world, receipt) == [
+        ev(
+            "DisputeManager",
+            "Credited",
+            account=challenger,
+            dispute_id=dispute_id,
+            amount=bond_of(world),
+        ),
+        ev("DisputeManager", "DisputeCancelled", dispute_id=dispute_id),
+    ]
+
+
+@case("DisputeManager", "release_exposure")
+def dispute_release_exposure(world: DevWorld) -> None:
+    c = world.contracts
+    session_id = settled_session(world)
+    paid = c.marketplace.dispute_facts(session_id).paid
+    world.chain.time_travel(c.disputes.dispute_window() + 1)
+    receipt = c.disputes.release_exposure(world.owner, session_id)
+    h = world.host.address
+    assert logged(world, receipt) == [
+        ev("DisputeManager", "ExposureReleased", session_id=session_id, host=h, amount=paid),
+        ev("NodeRegistry", "ExposureChanged", host=h, exposure=0),
+    ]
+
+
+@case("DisputeManager", "withdraw")
+def dispute_withdraw(world: DevWorld) -> None:
+    c = world.contracts
+    dispute_id = open_dispute(world, settled_session(world))
+    challenger = c.disputes.get_dispute(dispute_id).challenger
+    world.chain.time_travel(c.disputes.verdict_period() + 1)
+    c.disputes.cancel(world.owner, dispute_id)
+    receipt = world.chain.sender(dev_account("challenger")).transact(
+        c.disputes.contract.functions.withdraw()
+    )
+    assert logged(world, receipt) == [
+        ev("DisputeManager", "Withdrawn", account=challenger, amount=bond_of(world)),
+        v_transfer(world, c.disputes.address, challenger, bond_of(world)),
+    ]
+
+
 # The table, and what it must cover ----------------------------------------------------
 
 
@@ -770,7 +1199,22 @@ def test_constructors_log_the_roles_they_set(world: DevWorld) -> None:
     o = world.owner.address
     owned = ("OwnershipTransferred", {"previous_owner": ZERO, "new_owner": o})
     args: dict[str, tuple[Any, ...]] = {
-        "NodeRegistry": (c.token.address, c.models.address, 1, 0),
+        "NodeRegistry": registry_args(world, 1),
+        "VerifierRegistry": (c.token.address, 1, 0),
+        "DisputeManager": (
+            c.token.address,
+            c.marketplace.address,
+            c.nodes.address,
+            c.verifiers.address,
+            1,
+            1,
+            3,
+            1,
+            0,
+            20_000,
+            0,
+            0,
+        ),
         "JobMarketplace": (
             c.token.address,
             c.nodes.address,
@@ -784,14 +1228,14 @@ def test_constructors_log_the_roles_they_set(world: DevWorld) -> None:
         ),
     }
     extra_logs: dict[str, list[tuple[str, dict[str, Any]]]] = {
-        "NodeRegistry": [("ArbiterSet", {"arbiter": o})],
         "JobMarketplace": [("TreasuryUpdated", {"treasury": o}), ("FeeUpdated", {"fee_bps": 250})],
     }
     for name, compiled in compile_all().items():
         factory = world.chain.w3.eth.contract(abi=compiled.abi, bytecode=compiled.bytecode)
         receipt = world.owner.transact(factory.constructor(*args.get(name, ())))
         contract = world.chain.w3.eth.contract(address=receipt["contractAddress"], abi=compiled.abi)
-        expected = [(name, event, fields) for event, fields in [owned, *extra_logs.get(name, [])]]
+        roles = [] if name == "DisputeManager" else [owned]  # no owner: every parameter is fixed
+        expected = [(name, event, fields) for event, fields in [*roles, *extra_logs.get(name, [])]]
         assert logged(world, receipt, {name: contract}) == expected, name
 
 
@@ -835,6 +1279,7 @@ class SeenHost:
 
 
 def test_a_watcher_of_events_sees_what_the_registry_stores(world: DevWorld) -> None:
+    world, judge = slashable(world)
     c, nodes, h = world.contracts, world.contracts.nodes, world.host.address
     second = second_model(world)
     seen = SeenHost()
@@ -868,10 +1313,10 @@ def test_a_watcher_of_events_sees_what_the_registry_stores(world: DevWorld) -> N
     steps: list[Callable[[], TxReceipt]] = [
         lambda: nodes.set_models(world.host, {world.model_id: (1, 2), second: (0, 3)}),
         lambda: nodes.update_url(world.host, URL),
-        lambda: slash(world, 1),
+        lambda: slash(world, judge, 1),
         lambda: add_stake(world, 1),
         lambda: nodes.request_unstake(world.host),
-        lambda: slash(world, 2),
+        lambda: slash(world, judge, 2),
         lambda: add_stake(world, 2),
         lambda: nodes.cancel_unstake(world.host),
         lambda: nodes.request_unstake(world.host),

@@ -19,7 +19,16 @@ from inferledger.chain.devchain import DevWorld
 from inferledger.chain.errors import ContractRevert
 from inferledger.chain.receipts import Receipt, receipt_digest, sign_receipt
 from inferledger.chain.units import cost, settlement_split, usdc
-from support import INPUT_PRICE, PRICE, PROOF, URI, deploy_failing_token, open_session, sign
+from support import (
+    INPUT_PRICE,
+    PRICE,
+    PROOF,
+    URI,
+    cover_exposure,
+    deploy_failing_token,
+    open_session,
+    sign,
+)
 
 ZERO = "0x" + "00" * 20
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
@@ -155,6 +164,7 @@ def test_create_session_rejects_bad_parameters(
 
 
 def test_create_session_accepts_every_boundary_value(world: DevWorld) -> None:
+    cover_exposure(world, usdc("25000"))
     c = world.contracts
     c.token.approve(world.user, c.marketplace.address, 2**256 - 1)
     for overrides in [
@@ -287,6 +297,7 @@ def test_create_session_without_allowance_reverts_with_token_reason(world: DevWo
 
 
 def test_create_session_without_balance_reverts_with_token_reason(world: DevWorld) -> None:
+    cover_exposure(world, usdc("25000"))
     c = world.contracts
     deposit = c.token.balance_of(world.user.address) + 1
     c.token.approve(world.user, c.marketplace.address, deposit)
@@ -847,7 +858,7 @@ def test_token_transfers_returning_false_revert_or_are_credited(world: DevWorld)
         return token.functions.balanceOf(address).call()
 
     model = c.models.approve_model(world.owner, "m", keccak(text="m"))
-    stake = c.deployment.params.min_stake
+    stake = 2 * 3 * DEPOSIT  # covers the three sessions' exposure
     world.owner.transact(token.functions.mint(world.host.address, stake))
     c.nodes.register(world.host, "ws://failing", {model: (INPUT_PRICE, PRICE)}, stake)
     world.owner.transact(token.functions.mint(world.user.address, 3 * DEPOSIT))
@@ -893,6 +904,7 @@ def test_token_transfers_returning_false_revert_or_are_credited(world: DevWorld)
 
 
 def test_session_index_pagination(world: DevWorld) -> None:
+    cover_exposure(world, usdc("25000"))
     mp = world.contracts.marketplace
     other = world.funded_sender("other user", usdc("10"))
     u1 = open_session(world)[0]
@@ -994,7 +1006,7 @@ def big_deployment(
     one model per entry of ``prices``; returns the contracts and the model ids."""
     c = deploy(world.chain, world.owner, DeployParams(max_deposit=BIG))
     models = {name: c.models.approve_model(world.owner, name, keccak(text=name)) for name in prices}
-    stake = c.deployment.params.min_stake
+    stake = 2 * BIG  # a host's exposure is capped at half its stake
     c.token.mint(world.host, world.host.address, stake)
     c.token.approve(world.host, c.nodes.address, stake)
     c.nodes.register(

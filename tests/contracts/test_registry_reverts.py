@@ -17,8 +17,11 @@ from support import (
     deploy_failing_token,
     next_tx_at,
     open_session,
+    registry_args,
     reverts,
     sign,
+    slash,
+    slashable_registry,
 )
 
 ZERO = "0x0000000000000000000000000000000000000000"
@@ -318,9 +321,9 @@ def test_cancel_unstake(world: DevWorld) -> None:
 
 def test_cancel_unstake_below_min_stake_after_slash(world: DevWorld) -> None:
     c = world.contracts
-    nodes = c.nodes
+    nodes, judge = slashable_registry(world)
     nodes.request_unstake(world.host)
-    nodes.slash(world.owner, world.host.address, 1, world.owner.address)
+    slash(nodes, judge, world.host.address, 1, world.owner.address)
     with reverts("NodeRegistry: stake below minimum"):
         nodes.cancel_unstake(world.host)
     info = nodes.get_host(world.host.address)
@@ -380,6 +383,16 @@ def test_withdraw_blocked_by_open_session_then_reregister(world: DevWorld) -> No
     settled = c.marketplace.finalize(world.user, session_id)
     assert (settled.input_tokens, settled.output_tokens) == (30, 100)
     assert nodes.get_host(host).open_sessions == 0
+    # What the session paid stays at stake until its dispute window is released.
+    paid = c.marketplace.dispute_facts(session_id).paid
+    assert nodes.get_host(host).exposure == paid > 0
+    with reverts("NodeRegistry: host has unreleased exposure"):
+        nodes.withdraw_stake(world.host)
+    with reverts("DisputeManager: dispute window still open"):
+        c.disputes.release_exposure(world.user, session_id)
+    world.chain.time_travel(c.disputes.dispute_window() + 1)
+    c.disputes.release_exposure(world.user, session_id)
+    assert nodes.get_host(host).exposure == 0
     before = c.token.balance_of(host)
     receipt = nodes.withdraw_stake(world.host)
     # Withdrawing clears the prices, and says so.
@@ -408,57 +421,101 @@ def test_withdraw_blocked_by_open_session_then_reregister(world: DevWorld) -> No
 
 def test_slash_reverts(world: DevWorld) -> None:
     c = world.contracts
-    nodes = c.nodes
+    nodes, judge = slashable_registry(world)
     host = world.host.address
     stake = min_stake(world)
     stranger = world.funded_sender("stranger")
-    with reverts("NodeRegistry: caller is not the arbiter"):
-        nodes.slash(world.host, host, 1, world.host.address)
+    # Nobody but the dispute contract slashes: not the owner, not the host.
+    for caller in (world.owner, world.host):
+        with reverts("NodeRegistry: caller is not the disputes contract"):
+            slash(nodes, caller, host, 1, caller.address)
+        with reverts("NodeRegistry: caller is not the disputes contract"):
+            slash(c.nodes, caller, host, 1, caller.address)
     with reverts("NodeRegistry: recipient is the zero address"):
-        nodes.slash(world.owner, host, 1, ZERO)
+        slash(nodes, judge, host, 1, ZERO)
     with reverts("NodeRegistry: not registered"):
-        nodes.slash(world.owner, stranger.address, 1, world.owner.address)
+        slash(nodes, judge, stranger.address, 1, judge.address)
     with reverts("NodeRegistry: bad slash amount"):
-        nodes.slash(world.owner, host, 0, world.owner.address)
+        slash(nodes, judge, host, 0, judge.address)
     with reverts("NodeRegistry: bad slash amount"):
-        nodes.slash(world.owner, host, stake + 1, world.owner.address)
+        slash(nodes, judge, host, stake + 1, judge.address)
     info = nodes.get_host(host)
     assert (info.stake, info.active) == (stake, True)
     assert c.token.balance_of(nodes.address) == stake
 
 
+def test_the_owner_has_no_way_to_move_a_hosts_stake(world: DevWorld) -> None:
+    """The old arbiter could take any host's whole stake to any address; nothing the
+    owner can call now touches a stake (the dispute contract is set once, at deployment)."""
+    c = world.contracts
+    functions = {e["name"] for e in c.nodes.contract.abi if e["type"] == "function"}
+    assert not {"set_arbiter", "arbiter"} & functions
+    fn = c.nodes.contract.functions
+    with reverts("NodeRegistry: disputes already set"):
+        world.owner.transact(fn.set_disputes(world.owner.address))
+    assert fn.disputes().call() == c.disputes.address
+    with reverts("NodeRegistry: caller is not the disputes contract"):
+        world.owner.transact(fn.release_exposure(world.host.address, 0))
+    assert c.nodes.get_host(world.host.address).stake == min_stake(world)
+
+
 def test_slash_pays_recipient_and_deactivates_below_min(world: DevWorld) -> None:
     c = world.contracts
-    nodes = c.nodes
+    nodes, judge = slashable_registry(world)
     host = world.host.address
     stake = min_stake(world)
     recipient = world.funded_sender("victim").address
     c.token.approve(world.host, nodes.address, usdc("1"))
     nodes.add_stake(world.host, usdc("1"))
     # Leaving exactly the minimum keeps the host active.
-    nodes.slash(world.owner, host, usdc("1"), recipient)
-    assert (nodes.get_host(host).stake, is_active(world, host)) == (stake, True)
-    nodes.slash(world.owner, host, 1, recipient)
+    slash(nodes, judge, host, usdc("1"), recipient)
+    assert (nodes.get_host(host).stake, nodes.get_host(host).active) == (stake, True)
+    slash(nodes, judge, host, 1, recipient)
     info = nodes.get_host(host)
     assert (info.stake, info.active, info.registered) == (stake - 1, False, True)
     assert c.token.balance_of(recipient) == usdc("1") + 1
     # Slashing everything is allowed.
-    nodes.slash(world.owner, host, stake - 1, recipient)
+    slash(nodes, judge, host, stake - 1, recipient)
     assert nodes.get_host(host).stake == 0
     assert c.token.balance_of(recipient) == stake + usdc("1")
 
 
 def test_slashed_host_is_inactive_until_topped_up(world: DevWorld) -> None:
     c = world.contracts
-    nodes = c.nodes
-    nodes.slash(world.owner, world.host.address, 1, world.owner.address)
-    with reverts("JobMarketplace: host not active"):
-        open_session(world)
+    nodes, judge = slashable_registry(world)
+    slash(nodes, judge, world.host.address, 1, world.owner.address)
+    assert not nodes.get_host(world.host.address).active
     c.token.approve(world.host, nodes.address, 1)
     nodes.add_stake(world.host, 1)
-    assert is_active(world, world.host.address)
-    session_id, _ = open_session(world)
-    assert c.marketplace.get_session(session_id).is_open
+    assert nodes.get_host(world.host.address).active
+
+
+def test_exposure_is_capped_by_the_stake(world: DevWorld) -> None:
+    """A host holds open deposits (and paid amounts in their dispute window) of at most
+    exposure_bps of its stake, so a slash of penalty_bps always covers them."""
+    nodes, judge = slashable_registry(world)
+    host = world.host.address
+    fn = nodes.contract.functions
+    cap = min_stake(world) * world.contracts.deployment.params.exposure_bps // 10_000
+    judge.transact(fn.session_opened(host, cap - 1))
+    with reverts("NodeRegistry: host exposure above its stake cap"):
+        judge.transact(fn.session_opened(host, 2))
+    judge.transact(fn.session_opened(host, 1))
+    assert nodes.get_host(host).exposure == cap
+    judge.transact(fn.session_closed(host, 1, 1))  # paid in full: it stays exposed
+    judge.transact(fn.session_closed(host, cap - 1, 0))  # paid nothing: released at once
+    assert nodes.get_host(host).exposure == 1
+    judge.transact(fn.release_exposure(host, 1))
+    assert nodes.get_host(host).exposure == 0
+
+
+def test_a_session_beyond_the_hosts_cap_is_refused(world: DevWorld) -> None:
+    c = world.contracts
+    cap = min_stake(world) * c.deployment.params.exposure_bps // 10_000
+    open_session(world, deposit=cap)
+    with reverts("NodeRegistry: host exposure above its stake cap"):
+        open_session(world, deposit=usdc("1"))
+    assert c.nodes.get_host(world.host.address).exposure == cap
 
 
 def test_top_up_does_not_reactivate_an_unbonding_host(world: DevWorld) -> None:
@@ -481,11 +538,11 @@ def test_session_counters_are_marketplace_only(world: DevWorld) -> None:
     host = world.host.address
     for caller in (world.owner, world.host):
         with reverts("NodeRegistry: caller is not the marketplace"):
-            caller.transact(fn.session_opened(host))
+            caller.transact(fn.session_opened(host, 1))
     open_session(world)
     for caller in (world.owner, world.host):
         with reverts("NodeRegistry: caller is not the marketplace"):
-            caller.transact(fn.session_closed(host))
+            caller.transact(fn.session_closed(host, 1, 0))
     assert nodes.get_host(host).open_sessions == 1
 
 
@@ -497,9 +554,7 @@ def test_set_marketplace(world: DevWorld) -> None:
     with reverts("NodeRegistry: marketplace already set"):
         world.owner.transact(fn.set_marketplace(world.host.address))
     assert fn.marketplace().call() == c.marketplace.address
-    fresh = deploy_contract(
-        world, "NodeRegistry", c.token.address, c.models.address, min_stake(world), 0
-    ).functions
+    fresh = deploy_contract(world, "NodeRegistry", *registry_args(world)).functions
     with reverts("NodeRegistry: caller is not the owner"):
         world.host.transact(fresh.set_marketplace(world.host.address))
     with reverts("NodeRegistry: marketplace is the zero address"):
@@ -509,18 +564,20 @@ def test_set_marketplace(world: DevWorld) -> None:
     assert fresh.marketplace().call() == world.host.address
 
 
-def test_set_arbiter(world: DevWorld) -> None:
-    nodes = world.contracts.nodes
-    fn = nodes.contract.functions
-    arbiter = world.funded_sender("arbiter")
+def test_set_disputes(world: DevWorld) -> None:
+    fresh = deploy_contract(world, "NodeRegistry", *registry_args(world)).functions
     with reverts("NodeRegistry: caller is not the owner"):
-        world.host.transact(fn.set_arbiter(world.host.address))
-    assert fn.arbiter().call() == world.owner.address
-    world.owner.transact(fn.set_arbiter(arbiter.address))
-    with reverts("NodeRegistry: caller is not the arbiter"):
-        nodes.slash(world.owner, world.host.address, 1, world.owner.address)
-    nodes.slash(arbiter, world.host.address, 1, arbiter.address)
-    assert nodes.get_host(world.host.address).stake == min_stake(world) - 1
+        world.host.transact(fresh.set_disputes(world.host.address))
+    with reverts("NodeRegistry: disputes is the zero address"):
+        world.owner.transact(fresh.set_disputes(ZERO))
+    assert fresh.disputes().call() == ZERO
+    world.owner.transact(fresh.set_disputes(world.user.address))
+    assert fresh.disputes().call() == world.user.address
+    with reverts("NodeRegistry: disputes already set"):
+        world.owner.transact(fresh.set_disputes(world.owner.address))
+    with reverts("NodeRegistry: zero exposure cap"):
+        args = registry_args(world)
+        deploy_contract(world, "NodeRegistry", *args[:4], 0)
 
 
 def test_node_registry_transfer_ownership(world: DevWorld) -> None:
@@ -530,13 +587,18 @@ def test_node_registry_transfer_ownership(world: DevWorld) -> None:
         world.host.transact(fn.transfer_ownership(world.host.address))
     with reverts("NodeRegistry: new owner is the zero address"):
         world.owner.transact(fn.transfer_ownership(ZERO))
-    assert fn.owner().call() == world.owner.address
     world.owner.transact(fn.transfer_ownership(new_owner.address))
-    assert fn.owner().call() == new_owner.address
+    # Two steps: the owner stays the owner until the new one accepts.
+    assert (fn.owner().call(), fn.pending_owner().call()) == (
+        world.owner.address,
+        new_owner.address,
+    )
+    with reverts("NodeRegistry: caller is not the pending owner"):
+        world.host.transact(fn.accept_ownership())
+    new_owner.transact(fn.accept_ownership())
+    assert (fn.owner().call(), fn.pending_owner().call()) == (new_owner.address, ZERO)
     with reverts("NodeRegistry: caller is not the owner"):
-        world.owner.transact(fn.set_arbiter(world.owner.address))
-    new_owner.transact(fn.set_arbiter(new_owner.address))
-    assert fn.arbiter().call() == new_owner.address
+        world.owner.transact(fn.transfer_ownership(world.owner.address))
 
 
 # NodeRegistry with a token that returns False ----------------------------------------------
@@ -547,9 +609,10 @@ def test_stake_token_returning_false_reverts_every_transfer(world: DevWorld) -> 
     nodes = NodeRegistry(
         world.chain,
         deploy_contract(
-            world, "NodeRegistry", token.address, world.contracts.models.address, 100, 0
+            world, "NodeRegistry", token.address, world.contracts.models.address, 100, 0, 5000
         ),
     )
+    world.owner.transact(nodes.contract.functions.set_disputes(world.owner.address))
     host, other = world.host, world.user
     for account in (host, other):
         world.owner.transact(token.functions.mint(account.address, 1_000))
@@ -563,7 +626,7 @@ def test_stake_token_returning_false_reverts_every_transfer(world: DevWorld) -> 
     with reverts("NodeRegistry: stake transfer failed"):
         nodes.add_stake(host, 50)
     with reverts("NodeRegistry: slash transfer failed"):
-        nodes.slash(world.owner, host.address, 50, world.owner.address)
+        slash(nodes, world.owner, host.address, 50, world.owner.address)
     assert nodes.get_host(host.address).stake == 200
     nodes.request_unstake(host)
     with reverts("NodeRegistry: stake transfer failed"):

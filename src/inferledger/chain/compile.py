@@ -18,7 +18,15 @@ from typing import Any
 from inferledger.paths import home
 
 EVM_VERSION = "cancun"
-CONTRACT_NAMES = ("TestUSDC", "ModelRegistry", "NodeRegistry", "HostEarnings", "JobMarketplace")
+CONTRACT_NAMES = (
+    "TestUSDC",
+    "ModelRegistry",
+    "NodeRegistry",
+    "HostEarnings",
+    "JobMarketplace",
+    "VerifierRegistry",
+    "DisputeManager",
+)
 
 
 @dataclass(frozen=True)

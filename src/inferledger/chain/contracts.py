@@ -25,6 +25,10 @@ from inferledger.chain.units import Prices, Split, settlement_split
 
 STATUS_OPEN = 1
 STATUS_SETTLED = 2
+DISPUTE_OPEN = 1
+DISPUTE_RESOLVED = 2
+DISPUTE_CANCELLED = 3
+ZERO_ADDRESS = "0x" + "00" * 20
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,57 @@ class HostInfo:
     registered: bool
     unbonding_ends_at: int
     open_sessions: int
+    exposure: int
+    """Deposits of open sessions plus what settled ones paid, until their dispute window
+    is released; at most ``stake * exposure_bps / 10000``."""
+
+
+@dataclass(frozen=True)
+class VerifierInfo:
+    url: str
+    stake: int
+    active: bool
+    registered: bool
+    unbonding_ends_at: int
+    assignments: int
+
+
+@dataclass(frozen=True)
+class DisputeInfo:
+    """A dispute as stored; ``session_id`` 0: there is no such dispute. ``jurors`` are the
+    seats (the zero address: empty)."""
+
+    session_id: int
+    checkpoint_index: int
+    challenger: str
+    bundle_hash: bytes
+    transcript_commitment: bytes
+    bond: int
+    opened_at: int
+    draw_block: int
+    empty_since: int
+    verdict_deadline: int
+    status: int
+    fraud: bool
+    votes_fraud: int
+    votes_honest: int
+    penalties: int
+    jurors: tuple[str, ...] = ()
+
+    @property
+    def seated(self) -> list[str]:
+        """The jurors in their seats, empty seats left out."""
+        return [j for j in self.jurors if int(j, 16) != 0]
+
+
+@dataclass(frozen=True)
+class DisputeFacts:
+    """What a dispute reads of a session; ``settled_at`` 0: not settled yet."""
+
+    depositor: str
+    host: str
+    paid: int
+    settled_at: int
 
 
 @dataclass(frozen=True)
@@ -211,9 +266,6 @@ class NodeRegistry(_Wrapper):
     def withdraw_stake(self, sender: TxSender) -> TxReceipt:
         return self._write(sender, "withdraw_stake")
 
-    def slash(self, sender: TxSender, host: str, amount: int, recipient: str) -> TxReceipt:
-        return self._write(sender, "slash", host, amount, recipient)
-
     def get_host(self, host: str) -> HostInfo:
         return HostInfo(host, *self._read("get_host", host))
 
@@ -240,6 +292,136 @@ def _price_columns(
         [input_price for input_price, _ in prices.values()],
         [output_price for _, output_price in prices.values()],
     )
+
+
+class VerifierRegistry(_Wrapper):
+    """Staked verifiers that juries are drawn from."""
+
+    def register(self, sender: TxSender, url: str, stake: int) -> TxReceipt:
+        return self._write(sender, "register", url, stake)
+
+    def update_url(self, sender: TxSender, url: str) -> TxReceipt:
+        return self._write(sender, "update_url", url)
+
+    def add_stake(self, sender: TxSender, amount: int) -> TxReceipt:
+        return self._write(sender, "add_stake", amount)
+
+    def request_unstake(self, sender: TxSender) -> TxReceipt:
+        return self._write(sender, "request_unstake")
+
+    def cancel_unstake(self, sender: TxSender) -> TxReceipt:
+        return self._write(sender, "cancel_unstake")
+
+    def withdraw_stake(self, sender: TxSender) -> TxReceipt:
+        return self._write(sender, "withdraw_stake")
+
+    def get_verifier(self, verifier: str) -> VerifierInfo:
+        return VerifierInfo(*self._read("get_verifier", verifier))
+
+    def min_stake(self) -> int:
+        return int(self._read("min_stake"))
+
+    def active_verifiers(self) -> list[str]:
+        return [self._read("active_at", i) for i in range(self._read("active_count"))]
+
+
+class Disputes(_Wrapper):
+    """The DisputeManager: open, draw, verdicts, replacements, releases, credits."""
+
+    def open_dispute(
+        self,
+        sender: TxSender,
+        session_id: int,
+        checkpoint_index: int,
+        bundle_hash: bytes,
+        host_signature: bytes,
+        transcript_commitment: bytes,
+    ) -> int:
+        """Open a dispute (the bond must be approved); its id."""
+        receipt = self._write(
+            sender,
+            "open_dispute",
+            session_id,
+            checkpoint_index,
+            bundle_hash,
+            host_signature,
+            transcript_commitment,
+        )
+        return int(self._events("DisputeOpened", receipt)[0]["args"]["dispute_id"])
+
+    def draw(self, sender: TxSender, dispute_id: int) -> TxReceipt:
+        return self._write(sender, "draw", dispute_id)
+
+    def submit_verdict(
+        self, sender: TxSender, dispute_id: int, fraud: bool, signature: bytes
+    ) -> TxReceipt:
+        return self._write(sender, "submit_verdict", dispute_id, fraud, signature)
+
+    def replace_silent(self, sender: TxSender, dispute_id: int) -> TxReceipt:
+        return self._write(sender, "replace_silent", dispute_id)
+
+    def cancel(self, sender: TxSender, dispute_id: int) -> TxReceipt:
+        return self._write(sender, "cancel", dispute_id)
+
+    def release_exposure(self, sender: TxSender, session_id: int) -> TxReceipt:
+        return self._write(sender, "release_exposure", session_id)
+
+    def withdraw(self, sender: TxSender) -> TxReceipt:
+        return self._write(sender, "withdraw")
+
+    def get_dispute(self, dispute_id: int) -> DisputeInfo:
+        stored = self._read("get_dispute", dispute_id)
+        jurors = tuple(self._read("jurors", dispute_id))
+        return DisputeInfo(*stored, jurors=jurors)
+
+    def has_voted(self, dispute_id: int, verifier: str) -> bool:
+        return bool(self._read("has_voted", dispute_id, verifier))
+
+    def dispute_of_session(self, session_id: int) -> int:
+        return int(self._read("dispute_of_session", session_id))
+
+    def dispute_count(self) -> int:
+        return int(self._read("dispute_count"))
+
+    def credit(self, account: str) -> int:
+        return int(self._read("credit", account))
+
+    def verdict_digest(self, dispute_id: int, fraud: bool) -> bytes:
+        return bytes(self._read("verdict_digest", dispute_id, fraud))
+
+    def domain(self) -> ReceiptDomain:
+        """The EIP-712 domain verdicts are signed under (this contract, this chain)."""
+        return ReceiptDomain(self.chain.chain_id, self.address)
+
+    def bond(self) -> int:
+        return int(self._read("bond"))
+
+    def jury_size(self) -> int:
+        return int(self._read("jury_size"))
+
+    def verdict_period(self) -> int:
+        return int(self._read("verdict_period"))
+
+    def dispute_window(self) -> int:
+        return int(self._read("dispute_window"))
+
+    def verifier_fee(self) -> int:
+        return int(self._read("verifier_fee"))
+
+    def penalty_bps(self) -> int:
+        return int(self._read("penalty_bps"))
+
+    def silent_penalty(self) -> int:
+        return int(self._read("silent_penalty"))
+
+    def minority_penalty(self) -> int:
+        return int(self._read("minority_penalty"))
+
+    def is_released(self, session_id: int) -> bool:
+        return bool(self._read("released", session_id))
+
+    def is_fraudulent(self, session_id: int) -> bool:
+        return bool(self._read("fraudulent", session_id))
 
 
 class HostEarnings(_Wrapper):
@@ -420,6 +602,17 @@ class Marketplace(_Wrapper):
         """The address that may withdraw the fees (it can change after deployment)."""
         return str(self._read("treasury"))
 
+    def dispute_facts(self, session_id: int) -> DisputeFacts:
+        return DisputeFacts(*self._read("dispute_facts", session_id))
+
+    def paid_of(self, session_id: int) -> tuple[int, int]:
+        """(host share, fee) a settled session paid; (0, 0) before it settles."""
+        info = self.get_session(session_id)
+        if not info.is_settled:
+            return (0, 0)
+        split = info.paid_split()
+        return (split.host, split.fee)
+
     def session_events(self, from_block: int, to_block: int) -> list[SessionEvent]:
         """CloseRequested and SessionSettled logs of blocks ``from_block..to_block``: one
         ``eth_getLogs`` call however many sessions are open."""
@@ -484,6 +677,8 @@ class Contracts:
     nodes: NodeRegistry
     earnings: HostEarnings
     marketplace: Marketplace
+    verifiers: VerifierRegistry
+    disputes: Disputes
 
     @classmethod
     def attach(cls, chain: Chain, deployment: Deployment) -> Contracts:
@@ -512,4 +707,8 @@ class Contracts:
             nodes=NodeRegistry(chain, bind("NodeRegistry", addresses.node_registry)),
             earnings=HostEarnings(chain, bind("HostEarnings", addresses.host_earnings)),
             marketplace=Marketplace(chain, bind("JobMarketplace", addresses.marketplace)),
+            verifiers=VerifierRegistry(
+                chain, bind("VerifierRegistry", addresses.verifier_registry)
+            ),
+            disputes=Disputes(chain, bind("DisputeManager", addresses.disputes)),
         )

@@ -46,6 +46,7 @@ def deploy(chain: Chain, sender: TxSender, params: DeployParams | None = None) -
         models,
         params.min_stake,
         params.unbonding_delay,
+        params.exposure_bps,
     )
     earnings = deploy_compiled(chain, sender, compiled["HostEarnings"])
     marketplace = deploy_compiled(
@@ -62,6 +63,31 @@ def deploy(chain: Chain, sender: TxSender, params: DeployParams | None = None) -
         params.max_deposit,
         params.close_window,
     )
+    verifiers = deploy_compiled(
+        chain,
+        sender,
+        compiled["VerifierRegistry"],
+        token,
+        params.verifier_min_stake,
+        params.unbonding_delay,
+    )
+    disputes = deploy_compiled(
+        chain,
+        sender,
+        compiled["DisputeManager"],
+        token,
+        marketplace,
+        nodes,
+        verifiers,
+        params.dispute_window,
+        params.dispute_bond,
+        params.jury_size,
+        params.verdict_period,
+        params.verifier_fee,
+        params.penalty_bps,
+        params.silent_penalty,
+        params.minority_penalty,
+    )
     deployment = Deployment(
         chain_id=chain.chain_id,
         deploy_block=start_block + 1,
@@ -73,10 +99,14 @@ def deploy(chain: Chain, sender: TxSender, params: DeployParams | None = None) -
             node_registry=nodes,
             host_earnings=earnings,
             marketplace=marketplace,
+            verifier_registry=verifiers,
+            disputes=disputes,
         ),
         params=params,
     )
     contracts = Contracts.attach(chain, deployment)
     sender.transact(contracts.nodes.contract.functions.set_marketplace(marketplace))
     sender.transact(contracts.earnings.contract.functions.set_marketplace(marketplace))
+    sender.transact(contracts.nodes.contract.functions.set_disputes(disputes))
+    sender.transact(contracts.verifiers.contract.functions.set_disputes(disputes))
     return contracts

@@ -47,6 +47,10 @@ READ_SIGNATURE_HEADER = "X-Inferledger-Signature"
 """The headers of a signed ``GET /v1/sessions/{id}``: unix seconds and a ``SessionRead``
 signature over (session id, those seconds, the node's address)."""
 SESSION_SALT_FIELDS = [{"name": "sessionId", "type": "uint256"}]
+VERDICT_FIELDS = [
+    {"name": "disputeId", "type": "uint256"},
+    {"name": "fraud", "type": "bool"},
+]
 HOST_CHALLENGE_FIELDS = [
     {"name": "nonce", "type": "bytes32"},
     {"name": "nodeKey", "type": "bytes32"},
@@ -172,6 +176,24 @@ def recover_host_challenge_signer(
     """Who signed a challenge; the client compares it with the session's host on chain."""
     message = _host_challenge(domain, nonce, node_key)
     return str(Account.recover_message(message, signature=signature))
+
+
+def _verdict(domain: ReceiptDomain, dispute_id: int, fraud: bool) -> SignableMessage:
+    return _typed(domain, "Verdict", VERDICT_FIELDS, {"disputeId": dispute_id, "fraud": fraud})
+
+
+def verdict_digest(domain: ReceiptDomain, dispute_id: int, fraud: bool) -> bytes:
+    """The EIP-712 digest of a juror's verdict; ``domain`` names the DisputeManager."""
+    message = _verdict(domain, dispute_id, fraud)
+    return keccak(b"\x19" + message.version + message.header + message.body)
+
+
+def sign_verdict(
+    private_key: bytes | str, domain: ReceiptDomain, dispute_id: int, fraud: bool
+) -> bytes:
+    """A juror's 65-byte signature on its verdict, which anyone may relay."""
+    message = _verdict(domain, dispute_id, fraud)
+    return bytes(Account.sign_message(message, private_key).signature)
 
 
 def _read_message(

@@ -219,11 +219,13 @@ def _add_commands() -> None:
     """The chain, model, host, session, chat, verify, gateway and node status commands."""
     from inferledger.cli.chain_cmd import chain_app
     from inferledger.cli.chat_cmd import chat
+    from inferledger.cli.dispute_cmd import dispute_app
     from inferledger.cli.gateway_cmd import gateway
     from inferledger.cli.host_cmd import host_app
     from inferledger.cli.model_cmd import model_app
     from inferledger.cli.node_cmd import status
     from inferledger.cli.session_cmd import session_app
+    from inferledger.cli.verifier_cmd import verifier_app
     from inferledger.cli.verify_cmd import verify
 
     node_app.command("status")(status)
@@ -231,6 +233,8 @@ def _add_commands() -> None:
     app.add_typer(model_app, name="model")
     app.add_typer(host_app, name="host")
     app.add_typer(session_app, name="session")
+    app.add_typer(dispute_app, name="dispute")
+    app.add_typer(verifier_app, name="verifier")
     app.command("chat")(chat)
     app.command("verify")(verify)
     app.command("gateway")(gateway)

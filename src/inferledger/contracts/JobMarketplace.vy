@@ -20,8 +20,8 @@ interface NodeRegistry:
     def is_active(host: address) -> bool: view
     def input_price_per_mtok(host: address, model_id: bytes32) -> uint256: view
     def output_price_per_mtok(host: address, model_id: bytes32) -> uint256: view
-    def session_opened(host: address): nonpayable
-    def session_closed(host: address): nonpayable
+    def session_opened(host: address, deposit: uint256): nonpayable
+    def session_closed(host: address, deposit: uint256, paid: uint256): nonpayable
 
 interface ModelRegistry:
     def is_approved(model_id: bytes32) -> bool: view
@@ -172,6 +172,8 @@ treasury: public(address)
 fee_bps: public(uint256)
 treasury_balance: public(uint256)
 refund_credit: public(HashMap[address, uint256])
+# When each session settled (0 while open): its dispute window starts there.
+settled_at: public(HashMap[uint256, uint256])
 open_deposits: public(uint256)
 
 session_count: public(uint256)
@@ -290,7 +292,7 @@ def create_session(
         proof_interval=proof_interval,
         expires_at=expires_at,
     )
-    extcall node_registry.session_opened(host)
+    extcall node_registry.session_opened(host, deposit)
     assert extcall token.transferFrom(
         msg.sender, self, deposit, default_return_value=True
     ), "JobMarketplace: deposit transfer failed"
@@ -510,6 +512,25 @@ def sessions_of_host(host: address, cursor: uint256, limit: uint256) -> DynArray
 
 @view
 @external
+def dispute_facts(session_id: uint256) -> (address, address, uint256, uint256):
+    """
+    @notice What a dispute needs of a session: its depositor, its host, what the
+            depositor paid (host share and fee) and when it settled (0: not settled).
+    """
+    session: Session = self._load(session_id)
+    paid: uint256 = 0
+    if session.status == STATUS_SETTLED:
+        paid = self._cost(
+            session.input_tokens_paid,
+            session.output_tokens_paid,
+            session.input_price_per_mtok,
+            session.output_price_per_mtok,
+        )
+    return session.depositor, session.host, paid, self.settled_at[session_id]
+
+
+@view
+@external
 def domain_separator() -> bytes32:
     """
     @notice The EIP-712 domain separator receipts are signed under.
@@ -608,6 +629,7 @@ def _settle(session_id: uint256, session: Session):
 
     session.status = STATUS_SETTLED
     self._save_state(session_id, session, session.close_requested_at)
+    self.settled_at[session_id] = block.timestamp
     self.open_deposits -= session.deposit
     self.treasury_balance += fee
     log SessionSettled(
@@ -621,7 +643,7 @@ def _settle(session_id: uint256, session: Session):
         refund=refund,
     )
 
-    extcall node_registry.session_closed(session.host)
+    extcall node_registry.session_closed(session.host, session.deposit, gross)
     if host_amount > 0:
         assert extcall token.transfer(
             host_earnings.address, host_amount, default_return_value=True

@@ -4,7 +4,11 @@
 @title NodeRegistry
 @notice Hosts register an API URL, the models they serve with an input (prompt)
         and an output (completion) price per million tokens each, and a stake. Leaving is a two-step unbonding that
-        cannot complete while the host has open sessions; an arbiter can slash.
+        cannot complete while the host has open sessions or unreleased exposure. A host's
+        exposure (open deposits plus what settled sessions paid until their dispute window
+        is released) is capped at `exposure_bps` of its stake, so a slash always covers it.
+        Only the dispute contract can slash, and only for a resolved dispute; the owner has
+        no power over stakes.
 @license Apache-2.0
 """
 
@@ -25,6 +29,7 @@ struct Host:
     unbonding_ends_at: uint256
     sessions_opened: uint256
     sessions_closed: uint256
+    exposure: uint256
 
 # What `get_host` returns.
 struct HostView:
@@ -34,6 +39,7 @@ struct HostView:
     registered: bool
     unbonding_ends_at: uint256
     open_sessions: uint256
+    exposure: uint256
 
 event HostRegistered:
     host: indexed(address)
@@ -86,11 +92,20 @@ event SessionCountChanged:
     host: indexed(address)
     open_sessions: uint256
 
+# Deposits of open sessions plus paid amounts still inside their dispute window.
+event ExposureChanged:
+    host: indexed(address)
+    exposure: uint256
+
 event MarketplaceSet:
     marketplace: indexed(address)
 
-event ArbiterSet:
-    arbiter: indexed(address)
+event DisputesSet:
+    disputes: indexed(address)
+
+event OwnershipTransferStarted:
+    previous_owner: indexed(address)
+    new_owner: indexed(address)
 
 event OwnershipTransferred:
     previous_owner: indexed(address)
@@ -100,10 +115,12 @@ stake_token: public(immutable(IERC20))
 model_registry: public(immutable(ModelRegistry))
 min_stake: public(immutable(uint256))
 unbonding_delay: public(immutable(uint256))
+exposure_bps: public(immutable(uint256))
 
 owner: public(address)
-arbiter: public(address)
+pending_owner: public(address)
 marketplace: public(address)
+disputes: public(address)
 
 hosts: HashMap[address, Host]
 # A model is served iff its output price is nonzero; the input price may be 0 (free prompts).
@@ -116,15 +133,21 @@ listed: HashMap[address, bool]
 
 
 @deploy
-def __init__(token: IERC20, registry: ModelRegistry, minimum_stake: uint256, delay: uint256):
+def __init__(
+    token: IERC20,
+    registry: ModelRegistry,
+    minimum_stake: uint256,
+    delay: uint256,
+    exposure_cap_bps: uint256,
+):
+    assert exposure_cap_bps > 0, "NodeRegistry: zero exposure cap"
     stake_token = token
     model_registry = registry
     min_stake = minimum_stake
     unbonding_delay = delay
+    exposure_bps = exposure_cap_bps
     self.owner = msg.sender
-    self.arbiter = msg.sender
     log OwnershipTransferred(previous_owner=empty(address), new_owner=msg.sender)
-    log ArbiterSet(arbiter=msg.sender)
 
 
 @external
@@ -158,6 +181,7 @@ def register(
         unbonding_ends_at=0,
         sessions_opened=0,
         sessions_closed=0,
+        exposure=0,
     )
     if not self.listed[msg.sender]:
         self.listed[msg.sender] = True
@@ -261,6 +285,7 @@ def withdraw_stake():
     assert host.unbonding_ends_at != 0, "NodeRegistry: not unbonding"
     assert block.timestamp >= host.unbonding_ends_at, "NodeRegistry: still unbonding"
     assert host.sessions_opened == host.sessions_closed, "NodeRegistry: host has open sessions"
+    assert host.exposure == 0, "NodeRegistry: host has unreleased exposure"
     self._clear_models(msg.sender)
     self.models_of[msg.sender] = []
     # An unbonding host is already inactive, so only the registration itself goes.
@@ -278,12 +303,13 @@ def withdraw_stake():
 def slash(host_address: address, amount: uint256, recipient: address):
     """
     @notice Take `amount` of a host's stake and send it to `recipient`.
-    @dev Arbiter only. A host left below the minimum stake stops being active.
+    @dev The dispute contract only, for a dispute that found fraud. A host left below
+         the minimum stake stops being active.
     @param host_address The registered host to slash.
     @param amount Stake token base units to take; at most the host's stake.
     @param recipient Who receives the slashed amount.
     """
-    assert msg.sender == self.arbiter, "NodeRegistry: caller is not the arbiter"
+    assert msg.sender == self.disputes, "NodeRegistry: caller is not the disputes contract"
     assert recipient != empty(address), "NodeRegistry: recipient is the zero address"
     host: Host = self.hosts[host_address]
     assert host.registered, "NodeRegistry: not registered"
@@ -299,31 +325,59 @@ def slash(host_address: address, amount: uint256, recipient: address):
 
 
 @external
-def session_opened(host_address: address):
+def session_opened(host_address: address, deposit: uint256):
     """
-    @notice Count a new open session for `host_address`. Marketplace only.
+    @notice Count a new open session of `deposit` for `host_address`. Marketplace only.
+    @dev Reverts when the host's exposure would pass `exposure_bps` of its stake.
     @param host_address The session's host.
+    @param deposit The session's deposit.
     """
     assert msg.sender == self.marketplace, "NodeRegistry: caller is not the marketplace"
     opened: uint256 = self.hosts[host_address].sessions_opened + 1
     self.hosts[host_address].sessions_opened = opened
+    exposure: uint256 = self.hosts[host_address].exposure + deposit
+    assert exposure * 10_000 <= self.hosts[host_address].stake * exposure_bps, "NodeRegistry: host exposure above its stake cap"
+    self.hosts[host_address].exposure = exposure
     log SessionCountChanged(
         host=host_address, open_sessions=opened - self.hosts[host_address].sessions_closed
     )
+    log ExposureChanged(host=host_address, exposure=exposure)
 
 
 @external
-def session_closed(host_address: address):
+def session_closed(host_address: address, deposit: uint256, paid: uint256):
     """
     @notice Count a settled session for `host_address`. Marketplace only.
+    @dev The unpaid part of the deposit stops counting at once; what was paid counts
+         until the dispute contract releases it after the dispute window.
     @param host_address The session's host.
+    @param deposit The session's deposit.
+    @param paid What the session paid (host share and fee); at most `deposit`.
     """
     assert msg.sender == self.marketplace, "NodeRegistry: caller is not the marketplace"
     closed: uint256 = self.hosts[host_address].sessions_closed + 1
     self.hosts[host_address].sessions_closed = closed
+    exposure: uint256 = self.hosts[host_address].exposure - (deposit - paid)
+    self.hosts[host_address].exposure = exposure
     log SessionCountChanged(
         host=host_address, open_sessions=self.hosts[host_address].sessions_opened - closed
     )
+    log ExposureChanged(host=host_address, exposure=exposure)
+
+
+@external
+def release_exposure(host_address: address, amount: uint256):
+    """
+    @notice Stop counting `amount` a settled session paid against the host's cap.
+    @dev The dispute contract only: after the session's dispute window, or a dispute
+         that found fraud.
+    @param host_address The session's host.
+    @param amount What the session paid.
+    """
+    assert msg.sender == self.disputes, "NodeRegistry: caller is not the disputes contract"
+    exposure: uint256 = self.hosts[host_address].exposure - amount
+    self.hosts[host_address].exposure = exposure
+    log ExposureChanged(host=host_address, exposure=exposure)
 
 
 @external
@@ -340,26 +394,39 @@ def set_marketplace(marketplace: address):
 
 
 @external
-def set_arbiter(arbiter: address):
+def set_disputes(disputes: address):
     """
-    @notice Name the address allowed to slash. Owner only.
-    @param arbiter The new arbiter.
+    @notice Name the dispute contract, the only one allowed to slash. Owner only, once.
+    @param disputes The DisputeManager; not the zero address.
     """
     assert msg.sender == self.owner, "NodeRegistry: caller is not the owner"
-    self.arbiter = arbiter
-    log ArbiterSet(arbiter=arbiter)
+    assert self.disputes == empty(address), "NodeRegistry: disputes already set"
+    assert disputes != empty(address), "NodeRegistry: disputes is the zero address"
+    self.disputes = disputes
+    log DisputesSet(disputes=disputes)
 
 
 @external
 def transfer_ownership(new_owner: address):
     """
-    @notice Hand the owner role to `new_owner`.
+    @notice Offer the owner role to `new_owner`, who must accept it.
     @param new_owner The next owner; not the zero address.
     """
     assert msg.sender == self.owner, "NodeRegistry: caller is not the owner"
     assert new_owner != empty(address), "NodeRegistry: new owner is the zero address"
-    log OwnershipTransferred(previous_owner=self.owner, new_owner=new_owner)
-    self.owner = new_owner
+    self.pending_owner = new_owner
+    log OwnershipTransferStarted(previous_owner=self.owner, new_owner=new_owner)
+
+
+@external
+def accept_ownership():
+    """
+    @notice Take the owner role offered to the caller.
+    """
+    assert msg.sender == self.pending_owner, "NodeRegistry: caller is not the pending owner"
+    log OwnershipTransferred(previous_owner=self.owner, new_owner=msg.sender)
+    self.owner = msg.sender
+    self.pending_owner = empty(address)
 
 
 @view
@@ -376,7 +443,17 @@ def get_host(host_address: address) -> HostView:
         registered=host.registered,
         unbonding_ends_at=host.unbonding_ends_at,
         open_sessions=host.sessions_opened - host.sessions_closed,
+        exposure=host.exposure,
     )
+
+
+@view
+@external
+def stake_of(host_address: address) -> uint256:
+    """
+    @notice A host's stake.
+    """
+    return self.hosts[host_address].stake
 
 
 @view

@@ -37,6 +37,7 @@ from inferledger.gateway.errors import (
 from inferledger.gateway.hosts import HostChooser, PriceCaps
 from inferledger.gateway.ledger import Limits, SpendLedger
 from inferledger.gateway.pool import Pooled, SessionPool, signed_cost
+from inferledger.gateway.disputes import AutoDisputes
 from inferledger.gateway.verify import Verifier
 from inferledger.paths import home
 from inferledger.proofs.verify import VerifierModel
@@ -130,6 +131,14 @@ class Gateway:
                 local_model.tokenize_chat,
                 self.registry,
             )
+        self.disputes: AutoDisputes | None = None
+        if settings.gateway_auto_dispute:
+            if self.verifier is None:
+                raise ConfigError(
+                    "setting gateway_auto_dispute (INFERLEDGER_GATEWAY_AUTO_DISPUTE): disputes "
+                    "come from failed background verification; set gateway_verify_share above 0"
+                )
+            self.disputes = AutoDisputes(client, self.verifier, self.registry)
         self.reserve_tokens = settings.gateway_reserve_tokens
         self.ledger = SpendLedger(
             state_dir(settings) / "spend.json",
@@ -184,6 +193,8 @@ class Gateway:
         while True:  # idle sessions closed, closing ones finalized
             await asyncio.sleep(min(SWEEP_EVERY, self.settings.gateway_idle_close / 4))
             await self.pool.sweep()
+            if self.disputes is not None:
+                await asyncio.to_thread(self.disputes.sweep)
 
     # Models --------------------------------------------------------------------------
 

@@ -3,9 +3,10 @@
 After each reply, the session's new checkpoints (proof bundles its receipts name) are
 sampled at ``share``; each sampled one is fetched from the host and re-run by prefill
 with the local model (:mod:`inferledger.sdk.verification`), in a worker thread so no
-request waits. A failure moves no money (there is no on-chain dispute yet); it is a
-warning in the log, a count in ``/metrics`` and an entry in ``/v1/inferledger/sessions``,
-so the user can stop using the host.
+request waits. A failure is a warning in the log, a count in ``/metrics`` and an entry
+in ``/v1/inferledger/sessions``, so the user can stop using the host; with
+``gateway_auto_dispute`` on it is also disputed once the session settles
+(``gateway/disputes.py``).
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ class Verifier:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="inferledger-verify")
         self.checked: list[Checked] = []
+        self.failed: dict[int, int] = {}
+        """Session id -> the bundle index (the host's) of its first failed checkpoint."""
         self.verified = Counter(
             "inferledger_gateway_checkpoints_verified",
             "Checkpoints re-verified by prefill, by verdict",
@@ -101,6 +104,11 @@ class Verifier:
                 except BundleUnavailable as exc:
                     verdict = missing_bundle(checkpoint, exc.problem)
                 self._record(record, verdict)
+                if verdict.status == "fail" and bundle is not None and verdict.evidence:
+                    # Only a failed re-run convicts: jurors call any other failure the
+                    # challenger's (docs/disputes.md), and the bond would be lost.
+                    with self._lock:
+                        self.failed.setdefault(record.session_id, bundle.checkpoint_index)
             after = next_after(after, checkpoint, bundle)
 
     def _record(self, record: SessionRecord, verdict: CheckpointVerdict) -> None:
@@ -125,6 +133,11 @@ class Verifier:
                 record.host,
                 verdict.reason,
             )
+
+    def failures(self) -> dict[int, int]:
+        """Session id -> the host's bundle index of its first checkpoint whose re-run failed."""
+        with self._lock:
+            return dict(self.failed)
 
     def view(self) -> list[dict[str, Any]]:
         with self._lock:

@@ -242,10 +242,22 @@ def uvicorn_config(node: Node, host: str, port: int, **options: Any) -> uvicorn.
 
 
 class BackgroundServer:
-    """Runs a node's server in a thread (tests, the demo); ``url`` once started."""
+    """Runs a node's server (or another ``app``: a verifier's) in a thread (tests, the
+    demo); ``url`` once started."""
 
-    def __init__(self, node: Node, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.server = uvicorn.Server(uvicorn_config(node, host, port))
+    def __init__(
+        self,
+        node: Node | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        app: Any = None,
+    ) -> None:
+        if node is not None:
+            config = uvicorn_config(node, host, port)
+        else:
+            config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, name="inferledger-node", daemon=True)
         self.host = host
 

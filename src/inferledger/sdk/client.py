@@ -19,6 +19,7 @@ from inferledger.chain.contracts import Contracts
 from inferledger.chain.deployment import Deployment
 from inferledger.chain.tx import TxSender
 from inferledger.config import env_name
+from inferledger.sdk.disputes import Disputes
 from inferledger.sdk.errors import ConfigurationError
 from inferledger.sdk.hosts import HostAccount, Hosts, Treasury
 from inferledger.sdk.networks import Network, check_chain, embedded_chain, get_network
@@ -83,6 +84,7 @@ class Client:
         self.hosts = Hosts(self)
         self.host = HostAccount(self)
         self.treasury = Treasury(self)
+        self.disputes = Disputes(self)
         self.sessions = Sessions(self, RecordStore(sessions_dir))
 
     def __repr__(self) -> str:

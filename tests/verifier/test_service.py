@@ -1,0 +1,145 @@
+"""The juror service on both chains, with the scripted backend (fast): evidence only from
+the dispute, only to its jurors; a cheating host slashed, an honest one not; the metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from dispute_support import host_node, start_in_process_jury
+from eth_utils import keccak
+
+from inferledger.chain.contracts import DISPUTE_RESOLVED
+from inferledger.chain.devchain import DevWorld, dev_account
+from inferledger.chain.units import usdc
+from inferledger.inference import load_backend
+from inferledger.sdk import Client, SessionRecord
+from inferledger.sdk.disputes import find_bundle, transcript_of
+
+SCRIPTED = load_backend("scripted", tokens_per_second=0, hidden_size=64)
+
+
+class CheatingScripted:
+    """The scripted model, but every hidden state the host proves is nudged: another model."""
+
+    def __init__(self) -> None:
+        self._inner = load_backend("scripted", tokens_per_second=0, hidden_size=64)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def generate(self, messages: Any, params: Any, **options: Any) -> Iterator[Any]:
+        from inferledger.inference.base import Hidden
+
+        for event in self._inner.generate(messages, params, **options):
+            if isinstance(event, Hidden):
+                event = Hidden(event.start, event.rows * np.float32(1.01))
+            yield event
+
+
+def _clients(world: DevWorld, tmp: Path) -> tuple[Client, Client]:
+    world.funded_sender("challenger", usdc("50"))
+    made = []
+    for label in ("user", "challenger"):
+        made.append(
+            Client(
+                world.chain,
+                key="0x" + dev_account(label).key.hex(),
+                deployment=world.contracts.deployment,
+                sessions_dir=tmp / label,
+            )
+        )
+    return made[0], made[1]
+
+
+def _session(world: DevWorld, user: Client, backend: Any, tmp: Path) -> SessionRecord:
+    c = world.contracts
+    model_id = c.models.approve_model(world.owner, SCRIPTED.name, keccak(text="scripted"))
+    c.nodes.set_models(world.host, {model_id: (0, 2_000_000)})
+    with (
+        host_node(world, backend, tmp),
+        user.sessions.open(world.host.address, model_id, usdc("1"), proof_interval=10) as session,
+    ):
+        session.chat_sync([{"role": "user", "content": "Hello"}], max_tokens=20)
+    assert session.settlement is not None and session.settlement.settled
+    return session.record
+
+
+@pytest.mark.parametrize("cheat", [False, True], ids=["honest", "cheating"])
+def test_jurors_judge_a_scripted_host(world: DevWorld, tmp_path: Path, cheat: bool) -> None:
+    user, challenger = _clients(world, tmp_path)
+    jury = start_in_process_jury(world, SCRIPTED, 3)
+    try:
+        backend = CheatingScripted() if cheat else SCRIPTED
+        record = _session(world, user, backend, tmp_path / "node")
+        c = world.contracts
+        stake = c.nodes.get_host(world.host.address).stake
+        dispute_id = challenger.disputes.open(record, 1)
+        challenger.disputes.draw(dispute_id)
+        assert all(d.ok for d in challenger.disputes.deliver(dispute_id, record))
+        info = challenger.disputes.wait(dispute_id, timeout=120)
+        assert (info.status, info.fraud) == (DISPUTE_RESOLVED, cheat)
+        host_amount, fee = c.marketplace.paid_of(record.session_id)
+        if cheat:
+            slash = (host_amount + fee) * c.disputes.penalty_bps() // 10_000
+            assert c.nodes.get_host(world.host.address).stake == stake - slash
+            assert c.disputes.credit(record.depositor) == host_amount + fee
+        else:
+            assert c.nodes.get_host(world.host.address).stake == stake
+            assert c.disputes.credit(challenger.address) == 0
+        verdicts = sum(
+            _metric(server.url, "inferledger_verifier_verdicts_total") for server in jury.servers
+        )
+        assert verdicts == info.votes_fraud + info.votes_honest
+    finally:
+        jury.stop()
+
+
+def test_evidence_is_taken_only_from_the_dispute_and_only_by_its_jurors(
+    world: DevWorld, tmp_path: Path
+) -> None:
+    user, challenger = _clients(world, tmp_path)
+    jury = start_in_process_jury(world, SCRIPTED, 4)
+    try:
+        record = _session(world, user, SCRIPTED, tmp_path / "node")
+        dispute_id = challenger.disputes.open(record, 1)
+        jurors = challenger.disputes.draw(dispute_id)
+        pairs = zip(jury.services, jury.servers, strict=True)
+        urls = {service.address: server.url for service, server in pairs}
+        (outsider,) = [who for who in urls if who not in jurors]
+        bundle = find_bundle(record, 1)
+        good = {
+            "bundle": "0x" + bundle.encode().hex(),
+            "transcript": "0x" + transcript_of(record).encode().hex(),
+        }
+        forged = transcript_of(record).model_copy(update={"salt": "0x" + "11" * 32})
+
+        def post(who: str, body: Any, dispute: int = dispute_id) -> httpx.Response:
+            return httpx.post(f"{urls[who]}/v1/disputes/{dispute}/evidence", json=body, timeout=30)
+
+        juror = jurors[0]
+        assert post(outsider, good).status_code == 403  # the transcript stays with the jury
+        assert post(juror, good, dispute=dispute_id + 1).status_code == 404
+        assert post(juror, {"bundle": "0x00"}).status_code == 400
+        assert post(juror, "not an object").status_code == 400
+        wrong = {**good, "transcript": "0x" + forged.encode().hex()}
+        response = post(juror, wrong)
+        assert response.status_code == 422 and "commitment" in response.json()["message"]
+        assert post(juror, good).status_code == 200
+        info = challenger.disputes.wait(dispute_id, timeout=120)
+        assert info.status == DISPUTE_RESOLVED and not info.fraud
+    finally:
+        jury.stop()
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
