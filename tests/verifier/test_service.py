@@ -4,6 +4,7 @@ the dispute, only to its jurors; a cheating host slashed, an honest one not; the
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,17 +57,18 @@ def _clients(world: DevWorld, tmp: Path) -> tuple[Client, Client]:
     return made[0], made[1]
 
 
-def _session(world: DevWorld, user: Client, backend: Any, tmp: Path) -> SessionRecord:
+@contextmanager
+def _session(world: DevWorld, user: Client, backend: Any, tmp: Path) -> Iterator[SessionRecord]:
+    """A settled session with a node that keeps serving its proofs while this lasts."""
     c = world.contracts
     model_id = c.models.approve_model(world.owner, SCRIPTED.name, keccak(text="scripted"))
     c.nodes.set_models(world.host, {model_id: (0, 2_000_000)})
-    with (
-        host_node(world, backend, tmp),
-        user.sessions.open(world.host.address, model_id, usdc("1"), proof_interval=10) as session,
-    ):
-        session.chat_sync([{"role": "user", "content": "Hello"}], max_tokens=20)
-    assert session.settlement is not None and session.settlement.settled
-    return session.record
+    with host_node(world, backend, tmp):
+        host = world.host.address
+        with user.sessions.open(host, model_id, usdc("1"), proof_interval=10) as session:
+            session.chat_sync([{"role": "user", "content": "Hello"}], max_tokens=20)
+        assert session.settlement is not None and session.settlement.settled
+        yield session.record
 
 
 @pytest.mark.parametrize("cheat", [False, True], ids=["honest", "cheating"])
@@ -75,12 +77,14 @@ def test_jurors_judge_a_scripted_host(world: DevWorld, tmp_path: Path, cheat: bo
     jury = start_in_process_jury(world, SCRIPTED, 3)
     try:
         backend = CheatingScripted() if cheat else SCRIPTED
-        record = _session(world, user, backend, tmp_path / "node")
+        with _session(world, user, backend, tmp_path / "node") as record:
+            bundle = find_bundle(record, 1)
         c = world.contracts
         stake = c.nodes.get_host(world.host.address).stake
-        dispute_id = challenger.disputes.open(record, 1)
+        # The host is gone by now: the challenger kept the bundle it fetched.
+        dispute_id = challenger.disputes.open(record, 1, bundle)
         challenger.disputes.draw(dispute_id)
-        assert all(d.ok for d in challenger.disputes.deliver(dispute_id, record))
+        assert all(d.ok for d in challenger.disputes.deliver(dispute_id, record, bundle))
         info = challenger.disputes.wait(dispute_id, timeout=120)
         assert (info.status, info.fraud) == (DISPUTE_RESOLVED, cheat)
         host_amount, fee = c.marketplace.paid_of(record.session_id)
@@ -105,13 +109,13 @@ def test_evidence_is_taken_only_from_the_dispute_and_only_by_its_jurors(
     user, challenger = _clients(world, tmp_path)
     jury = start_in_process_jury(world, SCRIPTED, 4)
     try:
-        record = _session(world, user, SCRIPTED, tmp_path / "node")
-        dispute_id = challenger.disputes.open(record, 1)
+        with _session(world, user, SCRIPTED, tmp_path / "node") as record:
+            bundle = find_bundle(record, 1)
+        dispute_id = challenger.disputes.open(record, 1, bundle)
         jurors = challenger.disputes.draw(dispute_id)
         pairs = zip(jury.services, jury.servers, strict=True)
         urls = {service.address: server.url for service, server in pairs}
         (outsider,) = [who for who in urls if who not in jurors]
-        bundle = find_bundle(record, 1)
         good = {
             "bundle": "0x" + bundle.encode().hex(),
             "transcript": "0x" + transcript_of(record).encode().hex(),
@@ -130,6 +134,7 @@ def test_evidence_is_taken_only_from_the_dispute_and_only_by_its_jurors(
         response = post(juror, wrong)
         assert response.status_code == 422 and "commitment" in response.json()["message"]
         assert post(juror, good).status_code == 200
+        assert all(d.ok for d in challenger.disputes.deliver(dispute_id, record, bundle))
         info = challenger.disputes.wait(dispute_id, timeout=120)
         assert info.status == DISPUTE_RESOLVED and not info.fraud
     finally:

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from inferledger.chain.units import Prices, cost, format_usdc, price_per_token_to_mtok, usdc
 from inferledger.config import ConfigError, Settings
 from inferledger.gateway import schema
+from inferledger.gateway.disputes import AutoDisputes
 from inferledger.gateway.errors import (
     GatewayError,
     from_sdk,
@@ -37,7 +38,6 @@ from inferledger.gateway.errors import (
 from inferledger.gateway.hosts import HostChooser, PriceCaps
 from inferledger.gateway.ledger import Limits, SpendLedger
 from inferledger.gateway.pool import Pooled, SessionPool, signed_cost
-from inferledger.gateway.disputes import AutoDisputes
 from inferledger.gateway.verify import Verifier
 from inferledger.paths import home
 from inferledger.proofs.verify import VerifierModel

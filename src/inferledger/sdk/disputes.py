@@ -115,8 +115,8 @@ class Disputes:
         """Draw the jury (anyone may, from the block after the opening); the jurors."""
         disputes = self._client.contracts.disputes
         info = disputes.get_dispute(dispute_id)
-        if all(info.jurors) and len(info.jurors) == disputes.jury_size():
-            return list(info.jurors)
+        if len(info.seated) == disputes.jury_size():
+            return info.seated
         chain = self._client.chain
         deadline = time.monotonic() + DRAW_WAIT
         while chain.block_number() <= info.draw_block:  # the draw hashes the opening block
@@ -126,8 +126,12 @@ class Disputes:
                 raise SdkError(f"no block after the opening of dispute {dispute_id} yet: retry")
             else:
                 time.sleep(POLL)
-        disputes.draw(self._client.sender, dispute_id)
-        return list(disputes.get_dispute(dispute_id).jurors)
+        try:
+            disputes.draw(self._client.sender, dispute_id)
+        except ContractRevert as exc:
+            if disputes.get_dispute(dispute_id).verdict_deadline == 0:  # nobody drew it
+                raise SdkError(f"cannot draw the jury of dispute {dispute_id}: {exc}") from exc
+        return disputes.get_dispute(dispute_id).seated
 
     def deliver(
         self, dispute_id: int, record: SessionRecord, bundle: ProofBundle | None = None
@@ -142,9 +146,7 @@ class Disputes:
         }
         results = []
         with httpx.Client(timeout=DELIVERY_TIMEOUT) as http:
-            for juror in info.jurors:
-                if not juror or int(juror, 16) == 0:
-                    continue
+            for juror in info.seated:
                 url = contracts.verifiers.get_verifier(juror).url.rstrip("/")
                 target = f"{url}/v1/disputes/{dispute_id}/evidence"
                 try:

@@ -122,7 +122,7 @@ class VerifierService:
             raise EvidenceRefused(404, f"no dispute {dispute_id} on chain")
         if info.status != DISPUTE_OPEN:
             raise EvidenceRefused(409, f"dispute {dispute_id} is no longer open")
-        if self.address.lower() not in (j.lower() for j in info.jurors):
+        if self.address.lower() not in (j.lower() for j in info.seated):
             raise EvidenceRefused(
                 403, f"this verifier ({self.address}) is not on the jury of dispute {dispute_id}"
             )
@@ -156,7 +156,7 @@ class VerifierService:
 
     def _advance(self, dispute_id: int, info: DisputeInfo) -> None:
         disputes = self.contracts.disputes
-        seated = [j for j in info.jurors if int(j, 16) != 0]
+        seated = info.seated
         if len(seated) < disputes.jury_size():
             if self.contracts.chain.block_number() > info.draw_block:
                 self._try("draw", dispute_id, lambda: disputes.draw(self.sender, dispute_id))
@@ -250,6 +250,8 @@ class VerifierService:
             except ChainError as exc:
                 self.metrics.chain_errors.inc()
                 log.warning("cannot read the disputes: %s (retrying)", exc)
+            except Exception:  # a juror that dies is a silent juror: log, and look again
+                log.exception("the verifier's look at the chain failed (retrying)")
             self._wake.wait(self.poll_interval)
             self._wake.clear()
 
