@@ -94,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     rounds, tokens = (6, 400) if args.full else (2, 100)
 
-    world = build_dev_world(connect())
+    world = build_dev_world(connect(), host_stake=usdc("200"))  # 20 USDC sessions
     backend = load_backend("scripted", tokens_per_second=args.pace)
     assert isinstance(backend, ScriptedBackend)
     c = world.contracts

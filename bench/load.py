@@ -239,7 +239,8 @@ def run(
     """One node, ``sessions`` sessions over ``processes`` client processes; its figures."""
     chain = connect(chain_url)
     directory = Path(tempfile.mkdtemp(prefix="inferledger-load-"))
-    world = build_dev_world(chain)
+    # A host's exposure (open deposits) is capped at half its stake.
+    world = build_dev_world(chain, host_stake=2 * DEPOSIT * sessions + usdc("10"))
     backend = load_backend("scripted")
     c = world.contracts
     model_id = c.models.approve_model(world.owner, backend.name, keccak(text=backend.name))

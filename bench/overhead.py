@@ -197,8 +197,10 @@ def main() -> None:
     parser.add_argument("--skip-model", action="store_true", help="only the scripted part")
     args = parser.parse_args()
     console = Console(width=110)
-    world = build_dev_world(connect())
-    for i in range(args.sessions + 2 * max(args.rounds, 5) + 2):  # USDC for every session below
+    opened = args.sessions + 2 * max(args.rounds, 5) + 2
+    # 2 USDC each; a host's exposure is capped at half its stake.
+    world = build_dev_world(connect(), host_stake=opened * 4_000_000)
+    for i in range(opened):  # USDC for every session below
         world.contracts.token.mint(world.owner, world.user.address, 2_000_000)
         del i
 

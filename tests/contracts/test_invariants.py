@@ -101,7 +101,14 @@ def build_market(world: DevWorld) -> Market:
         c.token.approve(user, c.marketplace.address, MAX_UINT)
     hosts = [world.host]
     prices: list[tuple[int, int]] = [c.nodes.prices_of(world.host.address, world.model_id)]
-    stake = c.deployment.params.min_stake
+    # Every host stakes enough that its exposure cap (open deposits plus paid amounts in
+    # their dispute window, at most exposure_bps of the stake) never binds in a history:
+    # the cap has its own tests (test_registry_reverts.py).
+    stake = HOST_STAKE
+    extra = stake - c.deployment.params.min_stake
+    c.token.mint(world.host, world.host.address, extra)
+    c.token.approve(world.host, c.nodes.address, extra)
+    c.nodes.add_stake(world.host, extra)
     for i, price in enumerate(EXTRA_HOST_PRICES, 1):
         host = world.funded_sender(f"invariant-host-{i}", stake)
         c.token.approve(host, c.nodes.address, stake)
@@ -165,6 +172,7 @@ def signer_for(sid: int) -> LocalAccount:
     return Account.from_key(keccak(text=f"invariant-signer:{sid}"))
 
 
+HOST_STAKE = usdc(10_000)
 INTRUDER = Account.from_key(keccak(text="invariant-intruder"))
 
 selector = st.integers(min_value=0, max_value=2**16)

@@ -62,16 +62,21 @@ def build_dev_world(
     host_url: str = "ws://127.0.0.1:8545",
     model_name: str = DEV_MODEL_NAME,
     weights_sha256: bytes = b"\x01" * 32,
+    host_stake: int | None = None,
 ) -> DevWorld:
-    """Deploy everything, approve one model and register one host serving it."""
+    """Deploy everything, approve one model and register one host serving it, staking
+    ``host_stake`` (default the minimum; its open deposits are capped at exposure_bps of
+    it, so a world that opens many sessions at once stakes more)."""
     owner = chain.sender(dev_account("owner"))
     chain.fund(owner.address, GAS_MONEY)
     contracts = deploy(chain, owner, params)
     model_id = contracts.models.approve_model(owner, model_name, weights_sha256)
     world = DevWorld(chain, contracts, owner, owner, owner, model_id)
-    world.host = world.funded_sender("host", usdc("100"))
+    stake = contracts.deployment.params.min_stake if host_stake is None else host_stake
+    world.host = world.funded_sender(
+        "host", usdc("100") + max(0, stake - contracts.deployment.params.min_stake)
+    )
     world.user = world.funded_sender("user", usdc("100"))
-    stake = contracts.deployment.params.min_stake
     contracts.token.approve(world.host, contracts.nodes.address, stake)
     prices = Prices(host_input_price_per_mtok, host_output_price_per_mtok)
     contracts.nodes.register(world.host, host_url, {model_id: prices}, stake)
