@@ -372,7 +372,7 @@ class Disputes(_Wrapper):
     def get_dispute(self, dispute_id: int) -> DisputeInfo:
         stored = self._read("get_dispute", dispute_id)
         jurors = tuple(self._read("jurors", dispute_id))
-        return DisputeInfo(*stored, jurors=jurors)
+        return DisputeInfo(*(*stored, jurors))
 
     def has_voted(self, dispute_id: int, verifier: str) -> bool:
         return bool(self._read("has_voted", dispute_id, verifier))

@@ -194,7 +194,8 @@ class VerifierService:
         judgement = self._voted.get(dispute_id)
         if judgement is None:
             started = time.perf_counter()
-            judgement = judge(self._case(dispute_id, info), *(evidence or (None, None)), self.model)
+            bundle, transcript = evidence or (None, None)
+            judgement = judge(self._case(dispute_id, info), bundle, transcript, self.model)
             self.metrics.judge_seconds.observe(time.perf_counter() - started)
             self._voted[dispute_id] = judgement
             log.info(
