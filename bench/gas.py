@@ -1,4 +1,4 @@
-"""Gas used by each marketplace action, printed as a table.
+"""Gas used by each marketplace and dispute action, printed as a table.
 
 Run: ``python bench/gas.py`` (embedded chain) or ``python bench/gas.py --rpc URL``.
 Gas is deterministic for a given state, so one run is the measurement; the
@@ -19,10 +19,20 @@ from rich.console import Console
 from rich.table import Table
 
 from inferledger.chain.connect import EMBEDDED, connect
-from inferledger.chain.devchain import INPUT_PRICE, PRICE, build_dev_world, open_session, sign
+from inferledger.chain.devchain import (
+    INPUT_PRICE,
+    PRICE,
+    DevWorld,
+    build_dev_world,
+    open_session,
+    sign,
+)
+from inferledger.chain.receipts import sign_verdict
 from inferledger.chain.tx import TxSender
 
-BUDGETS = {"create_session": 300_000, "submit_checkpoint": 80_000, "complete_session": 150_000}
+# complete_session rose by about 27k with disputes: the settlement time (a fresh slot, for
+# the dispute window) and the host's exposure (what the session paid stays at stake).
+BUDGETS = {"create_session": 300_000, "submit_checkpoint": 80_000, "complete_session": 180_000}
 FIRST_SESSION = "first session of a fresh deployment"
 FIRST_SETTLEMENT = "first settlement of a fresh deployment"
 ONE_OFF_CASES = {FIRST_SESSION, FIRST_SETTLEMENT}
@@ -31,7 +41,7 @@ URI = "http://127.0.0.1:8080/v1/proofs/0x" + "ab" * 32
 
 def measure(rpc: str) -> list[tuple[str, str, int]]:
     chain = connect(rpc)
-    world = build_dev_world(chain)
+    world = build_dev_world(chain, host_stake=100_000_000)  # room for every session here
     c, market, host, user = world.contracts, world.contracts.marketplace, world.host, world.user
     rows: list[tuple[str, str, int]] = []
 
@@ -99,6 +109,59 @@ def measure(rpc: str) -> list[tuple[str, str, int]]:
     rows.append(("withdraw", "host earnings, one token", receipt["gasUsed"]))
     receipt = c.marketplace.withdraw_treasury(world.owner)
     rows.append(("withdraw_treasury", "treasury", receipt["gasUsed"]))
+    rows += dispute_rows(world, [third, fourth])
+    return rows
+
+
+def dispute_rows(world: DevWorld, settled: list[int]) -> list[tuple[str, str, int]]:
+    """Disputes over two settled sessions: one judged honest, one fraudulent; then the
+    dispute window of a third passes and its exposure is released."""
+    c, chain = world.contracts, world.chain
+    rows: list[tuple[str, str, int]] = []
+    jurors = []
+    for i in range(3):
+        juror = world.funded_sender(f"gas-juror-{i}", 20_000_000)
+        c.token.approve(juror, c.verifiers.address, 20_000_000)
+        rows.append(
+            (
+                "verifier register",
+                "",
+                c.verifiers.register(juror, "http://j", 20_000_000)["gasUsed"],
+            )
+        )
+        jurors.append(juror)
+    by_address = {j.address: j for j in jurors}
+    challenger = world.funded_sender("gas-challenger", 100_000_000)
+    c.token.approve(challenger, c.disputes.address, 2**256 - 1)
+    outcomes = [(settled[0], False, "no fraud"), (settled[1], True, "fraud")]
+    for session_id, fraud, label in outcomes:
+        bundle_hash = keccak(text=f"bundle {session_id}")
+        signature = bytes(Account.unsafe_sign_hash(bundle_hash, world.host.account.key).signature)
+        fn = c.disputes.contract.functions
+        call = fn.open_dispute(session_id, 1, bundle_hash, signature, keccak(text="transcript"))
+        receipt = challenger.transact(call, "open_dispute")
+        rows.append(("open_dispute", label, receipt["gasUsed"]))
+        dispute_id = c.disputes.dispute_count()
+        rows.append(("draw", "3 jurors", c.disputes.draw(challenger, dispute_id)["gasUsed"]))
+        seats = [by_address[a] for a in c.disputes.get_dispute(dispute_id).seated]
+        for n, juror in enumerate(seats[:2]):
+            vote = sign_verdict(juror.account.key, c.disputes.domain(), dispute_id, fraud)
+            used = c.disputes.submit_verdict(challenger, dispute_id, fraud, vote)["gasUsed"]
+            case = "first verdict" if n == 0 else f"verdict that resolves it ({label})"
+            rows.append(("submit_verdict", case, used))
+    later = open_session(world)[0]
+    c.marketplace.complete_session(world.host, later, 0, 0, keccak(text="none"), URI, b"")
+    chain.time_travel(c.disputes.dispute_window() + 1)
+    rows.append(
+        (
+            "release_exposure",
+            "after the window",
+            c.disputes.release_exposure(challenger, later)["gasUsed"],
+        )
+    )
+    rows.append(
+        ("withdraw (disputes)", "challenger credit", c.disputes.withdraw(challenger)["gasUsed"])
+    )
     return rows
 
 
@@ -106,7 +169,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rpc", default=EMBEDDED, help="chain URL (default: embedded)")
     args = parser.parse_args()
-    table = Table(title=f"JobMarketplace gas ({args.rpc})")
+    table = Table(title=f"inferledger contracts gas ({args.rpc})")
     for column in ("action", "case", "gas used", "budget"):
         table.add_column(column, justify="right" if column in ("gas used", "budget") else "left")
     over = []
