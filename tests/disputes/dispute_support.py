@@ -108,7 +108,7 @@ def start_process_jury(
         }
         log = tmp / f"{label}.log"
         processes[sender.address] = subprocess.Popen(
-            [sys.executable, "-m", "inferledger", "verifier", "run", "--port", str(port)],
+            [sys.executable, "-m", "inferledger.cli.main", "verifier", "run", "--port", str(port)],
             env=env,
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,

@@ -93,14 +93,19 @@ def batched_steps(smollm) -> int:
 # The decoder itself -------------------------------------------------------------------
 
 
-def test_every_product_is_batch_invariant_up_to_the_batch_asked(smollm):
-    assert invariant_batch(smollm._decoder, 8) == 8
-    assert smollm.max_batch == 8
+def test_the_batch_is_capped_where_products_stop_being_batch_invariant(smollm):
+    """Invariance is the BLAS's, per CPU: 8 of 8 on the Xeons this was built on, 3 on an
+    AMD EPYC. The engine batches no more than the probe found, and batching is still worth
+    something (at least 2)."""
+    found = invariant_batch(smollm._decoder, 8)
+    assert smollm.max_batch == found >= 2
 
 
 def test_a_batched_step_gives_each_sequence_its_solo_rows_and_logits(smollm):
     decoder: BatchDecoder = smollm._decoder
-    prompts = [smollm.tokenize_chat(chat(p)) for p in PROMPTS]
+    # As many together as the engine would batch on this CPU (up to four).
+    prompts = [smollm.tokenize_chat(chat(p)) for p in PROMPTS[: smollm.max_batch]]
+    assert len(prompts) >= 2
 
     def prefilled() -> tuple[list[DynamicCache], list[int]]:
         caches, firsts = [], []
@@ -122,7 +127,7 @@ def test_a_batched_step_gives_each_sequence_its_solo_rows_and_logits(smollm):
             current = [int(logits[0].argmax())]
         alone.append(steps)
 
-    # Together: all four in every step, and in another order halfway.
+    # Together: all of them in every step, and in another order halfway.
     caches, tokens = prefilled()
     order = list(range(len(prompts)))
     for step in range(6):
