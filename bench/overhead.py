@@ -198,8 +198,8 @@ def main() -> None:
     args = parser.parse_args()
     console = Console(width=110)
     opened = args.sessions + 2 * max(args.rounds, 5) + 2
-    # 2 USDC each; a host's exposure is capped at half its stake.
-    world = build_dev_world(connect(), host_stake=opened * 4_000_000)
+    # 2 USDC each, some phases open more than counted here; the cap is half the stake.
+    world = build_dev_world(connect(), host_stake=opened * 16_000_000)
     for i in range(opened):  # USDC for every session below
         world.contracts.token.mint(world.owner, world.user.address, 2_000_000)
         del i
