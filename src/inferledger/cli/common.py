@@ -155,13 +155,20 @@ def env_key(name: str, role: str) -> str:
     return value
 
 
-def host_key(settings: Settings) -> str:
-    if settings.host_key is None:
+def setting_key(settings: Settings, name: str, role: str) -> str:
+    """The private key in setting ``name`` (``host_key``, ``verifier_key``), or a CliError
+    saying how to set it."""
+    value = getattr(settings, name)
+    if value is None:
         raise CliError(
-            f"{setting_ref('host_key')} is not set: export {HOST_KEY_ENV}=0x<the host's "
+            f"{setting_ref(name)} is not set: export {env_name(name)}=0x<the {role}'s "
             "private key> (on a dev chain `inferledger chain` prints keys you can use)"
         )
-    return settings.host_key.get_secret_value().strip()
+    return str(value.get_secret_value()).strip()
+
+
+def host_key(settings: Settings) -> str:
+    return setting_key(settings, "host_key", "host")
 
 
 def owner_account(settings: Settings, chain: Chain) -> LocalAccount:

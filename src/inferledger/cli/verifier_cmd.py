@@ -17,10 +17,11 @@ from inferledger.cli.common import (
     one_line_errors,
     out,
     parse_usdc,
+    setting_key,
     settings_for,
 )
 from inferledger.cli.verify_cmd import VerifierBackend, load_verifier_backend
-from inferledger.config import env_name, setting_ref
+from inferledger.config import env_name
 
 if TYPE_CHECKING:
     from inferledger.config import Settings
@@ -37,12 +38,7 @@ verifier_app = typer.Typer(
 
 
 def _key(settings: Settings) -> str:
-    if settings.verifier_key is None:
-        raise CliError(
-            f"{setting_ref('verifier_key')} is not set: export {VERIFIER_KEY_ENV}=0x<the "
-            "verifier's private key> (on a dev chain `inferledger chain` prints keys you can use)"
-        )
-    return settings.verifier_key.get_secret_value().strip()
+    return setting_key(settings, "verifier_key", "verifier")
 
 
 def _client(rpc: str | None, deployment: Path | None) -> Client:

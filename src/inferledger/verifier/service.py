@@ -109,6 +109,9 @@ class VerifierService:
         self._next_id = 1  # the oldest dispute that may still be open
         self.metrics = _Metrics()
         self.domain = ReceiptDomain(contracts.chain.chain_id, contracts.disputes.address)
+        # Fixed at deployment: read once, not at every look.
+        self.jury_size = contracts.disputes.jury_size()
+        self.verdict_period = contracts.disputes.verdict_period()
 
     # Evidence -------------------------------------------------------------------------
 
@@ -157,7 +160,7 @@ class VerifierService:
     def _advance(self, dispute_id: int, info: DisputeInfo) -> None:
         disputes = self.contracts.disputes
         seated = info.seated
-        if len(seated) < disputes.jury_size():
+        if len(seated) < self.jury_size:
             if self.contracts.chain.block_number() > info.draw_block:
                 self._try("draw", dispute_id, lambda: disputes.draw(self.sender, dispute_id))
             return
@@ -183,7 +186,7 @@ class VerifierService:
             return
         with self._lock:
             evidence = self._evidence.get(dispute_id)
-        margin = max(1.0, disputes.verdict_period() / 4)
+        margin = max(1.0, self.verdict_period / 4)
         if evidence is None and self._clock() < info.verdict_deadline - margin:
             return  # the challenger may still deliver
         self._vote(dispute_id, info, evidence)
@@ -241,7 +244,7 @@ class VerifierService:
         return True
 
     def _chain_time(self) -> float:
-        return float(self.contracts.chain.w3.eth.get_block("latest")["timestamp"])
+        return float(self.contracts.chain.now())
 
     def run_forever(self) -> None:
         """Look at the chain every ``poll_interval`` (sooner when evidence arrives)."""
