@@ -137,6 +137,11 @@ def test_evidence_is_taken_only_from_the_dispute_and_only_by_its_jurors(
         assert all(d.ok for d in challenger.disputes.deliver(dispute_id, record, bundle))
         info = challenger.disputes.wait(dispute_id, timeout=120)
         assert info.status == DISPUTE_RESOLVED and not info.fraud
+        # Decided: a juror refuses more evidence, and the challenger's delivery says it was
+        # not needed rather than failed (the others' votes came first).
+        assert post(juror, good).status_code == 409
+        late = challenger.disputes.deliver(dispute_id, record, bundle)
+        assert late and all(d.ok and d.late for d in late), late
     finally:
         jury.stop()
 

@@ -83,7 +83,12 @@ def open_dispute(
         jurors = disputes.draw(dispute_id)
         err().print(f"jury: {', '.join(jurors)}")
         for delivery in disputes.deliver(dispute_id, record):
-            state = "took the evidence" if delivery.ok else f"refused it: {delivery.message}"
+            if delivery.late:
+                state = "was not needed: the others' verdicts decided the dispute"
+            elif delivery.ok:
+                state = "took the evidence"
+            else:
+                state = f"refused it: {delivery.message}"
             err().print(f"  {delivery.juror} {state}")
         if wait > 0:
             _print(dispute_id, disputes.wait(dispute_id, timeout=wait))

@@ -73,12 +73,14 @@ def find_bundle(record: SessionRecord, checkpoint_index: int) -> ProofBundle:
 
 @dataclass(frozen=True)
 class Delivery:
-    """What one juror said to the evidence: ``ok``, or why not."""
+    """What one juror said to the evidence: ``ok`` (it took it, or the dispute was decided
+    before it needed it: ``late``), or why not."""
 
     juror: str
     url: str
     ok: bool
     message: str
+    late: bool = False
 
 
 class Disputes:
@@ -154,9 +156,16 @@ class Disputes:
                 except httpx.HTTPError as exc:
                     results.append(Delivery(juror, target, False, f"{type(exc).__name__}: {exc}"))
                     continue
+                if response.status_code == 409 and not self._open(dispute_id):
+                    # The others' votes decided it first: this juror's is not needed.
+                    results.append(Delivery(juror, target, True, "dispute decided", late=True))
+                    continue
                 ok = response.status_code == 200
                 results.append(Delivery(juror, target, ok, response.text[:200]))
         return results
+
+    def _open(self, dispute_id: int) -> bool:
+        return self._client.contracts.disputes.get_dispute(dispute_id).status == DISPUTE_OPEN
 
     def wait(self, dispute_id: int, timeout: float = 600.0) -> DisputeInfo:
         """Poll until the dispute is resolved or cancelled (SdkError after ``timeout``)."""
