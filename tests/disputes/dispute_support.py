@@ -20,12 +20,14 @@ from typing import Any
 
 import httpx
 import numpy as np
+from eth_utils import keccak
 
 from inferledger.chain.anvil import free_port
 from inferledger.chain.devchain import DevWorld, dev_account
 from inferledger.chain.tx import TxSender
 from inferledger.chain.units import usdc
 from inferledger.config import load_settings
+from inferledger.inference import load_backend
 from inferledger.inference.base import Finish, GenerationParams, Hidden, Token
 from inferledger.node.node import create_node
 from inferledger.node.server import BackgroundServer
@@ -234,3 +236,57 @@ def run_session(
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
+
+
+# The scripted backend (fast) --------------------------------------------------------
+
+SCRIPTED = load_backend("scripted", tokens_per_second=0, hidden_size=64)
+
+
+class CheatingScripted:
+    """The scripted model, but every hidden state the host proves is nudged: another model."""
+
+    def __init__(self) -> None:
+        self._inner = load_backend("scripted", tokens_per_second=0, hidden_size=64)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def generate(self, messages: Any, params: Any, **options: Any) -> Iterator[Any]:
+        for event in self._inner.generate(messages, params, **options):
+            if isinstance(event, Hidden):
+                event = Hidden(event.start, event.rows * np.float32(1.01))
+            yield event
+
+
+def scripted_clients(world: DevWorld, tmp: Path) -> tuple[Client, Client]:
+    """The world's user, and a challenger funded for its bonds."""
+    world.funded_sender("challenger", usdc("50"))
+    made = []
+    for label in ("user", "challenger"):
+        made.append(
+            Client(
+                world.chain,
+                key="0x" + dev_account(label).key.hex(),
+                deployment=world.contracts.deployment,
+                sessions_dir=tmp / label,
+            )
+        )
+    return made[0], made[1]
+
+
+@contextmanager
+def scripted_session(
+    world: DevWorld, user: Client, backend: Any, tmp: Path
+) -> Iterator[SessionRecord]:
+    """A settled session on ``backend``, with a node that keeps serving its proofs while
+    this lasts."""
+    c = world.contracts
+    model_id = c.models.approve_model(world.owner, SCRIPTED.name, keccak(text="scripted"))
+    c.nodes.set_models(world.host, {model_id: (0, 2_000_000)})
+    with host_node(world, backend, tmp):
+        host = world.host.address
+        with user.sessions.open(host, model_id, usdc("1"), proof_interval=10) as session:
+            session.chat_sync([{"role": "user", "content": "Hello"}], max_tokens=20)
+        assert session.settlement is not None and session.settlement.settled
+        yield session.record

@@ -68,3 +68,11 @@ def test_verifying_without_a_local_model_refuses_to_start(
 ) -> None:
     with pytest.raises(ConfigError, match="gateway_verify_share"):
         start_gateway(gateway_verify_share=0.5)
+
+
+def test_auto_disputes_without_background_verification_refuse_to_start(
+    market: Market, start_gateway: GatewayFactory
+) -> None:
+    # Disputes come from failed re-runs: with no share verified there would never be one.
+    with pytest.raises(ConfigError, match=r"gateway_auto_dispute.*gateway_verify_share above 0"):
+        start_gateway(gateway_auto_dispute=True)

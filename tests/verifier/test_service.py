@@ -3,81 +3,31 @@ the dispute, only to its jurors; a cheating host slashed, an honest one not; the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-from dispute_support import host_node, start_in_process_jury
-from eth_utils import keccak
+from dispute_support import (
+    SCRIPTED,
+    CheatingScripted,
+    scripted_clients,
+    scripted_session,
+    start_in_process_jury,
+)
 
 from inferledger.chain.contracts import DISPUTE_RESOLVED
-from inferledger.chain.devchain import DevWorld, dev_account
-from inferledger.chain.units import usdc
-from inferledger.inference import load_backend
-from inferledger.sdk import Client, SessionRecord
+from inferledger.chain.devchain import DevWorld
 from inferledger.sdk.disputes import find_bundle, transcript_of
-
-SCRIPTED = load_backend("scripted", tokens_per_second=0, hidden_size=64)
-
-
-class CheatingScripted:
-    """The scripted model, but every hidden state the host proves is nudged: another model."""
-
-    def __init__(self) -> None:
-        self._inner = load_backend("scripted", tokens_per_second=0, hidden_size=64)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def generate(self, messages: Any, params: Any, **options: Any) -> Iterator[Any]:
-        from inferledger.inference.base import Hidden
-
-        for event in self._inner.generate(messages, params, **options):
-            if isinstance(event, Hidden):
-                event = Hidden(event.start, event.rows * np.float32(1.01))
-            yield event
-
-
-def _clients(world: DevWorld, tmp: Path) -> tuple[Client, Client]:
-    world.funded_sender("challenger", usdc("50"))
-    made = []
-    for label in ("user", "challenger"):
-        made.append(
-            Client(
-                world.chain,
-                key="0x" + dev_account(label).key.hex(),
-                deployment=world.contracts.deployment,
-                sessions_dir=tmp / label,
-            )
-        )
-    return made[0], made[1]
-
-
-@contextmanager
-def _session(world: DevWorld, user: Client, backend: Any, tmp: Path) -> Iterator[SessionRecord]:
-    """A settled session with a node that keeps serving its proofs while this lasts."""
-    c = world.contracts
-    model_id = c.models.approve_model(world.owner, SCRIPTED.name, keccak(text="scripted"))
-    c.nodes.set_models(world.host, {model_id: (0, 2_000_000)})
-    with host_node(world, backend, tmp):
-        host = world.host.address
-        with user.sessions.open(host, model_id, usdc("1"), proof_interval=10) as session:
-            session.chat_sync([{"role": "user", "content": "Hello"}], max_tokens=20)
-        assert session.settlement is not None and session.settlement.settled
-        yield session.record
 
 
 @pytest.mark.parametrize("cheat", [False, True], ids=["honest", "cheating"])
 def test_jurors_judge_a_scripted_host(world: DevWorld, tmp_path: Path, cheat: bool) -> None:
-    user, challenger = _clients(world, tmp_path)
+    user, challenger = scripted_clients(world, tmp_path)
     jury = start_in_process_jury(world, SCRIPTED, 3)
     try:
         backend = CheatingScripted() if cheat else SCRIPTED
-        with _session(world, user, backend, tmp_path / "node") as record:
+        with scripted_session(world, user, backend, tmp_path / "node") as record:
             bundle = find_bundle(record, 1)
         c = world.contracts
         stake = c.nodes.get_host(world.host.address).stake
@@ -106,10 +56,10 @@ def test_jurors_judge_a_scripted_host(world: DevWorld, tmp_path: Path, cheat: bo
 def test_evidence_is_taken_only_from_the_dispute_and_only_by_its_jurors(
     world: DevWorld, tmp_path: Path
 ) -> None:
-    user, challenger = _clients(world, tmp_path)
+    user, challenger = scripted_clients(world, tmp_path)
     jury = start_in_process_jury(world, SCRIPTED, 4)
     try:
-        with _session(world, user, SCRIPTED, tmp_path / "node") as record:
+        with scripted_session(world, user, SCRIPTED, tmp_path / "node") as record:
             bundle = find_bundle(record, 1)
         dispute_id = challenger.disputes.open(record, 1, bundle)
         jurors = challenger.disputes.draw(dispute_id)

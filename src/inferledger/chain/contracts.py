@@ -177,9 +177,10 @@ class _Wrapper:
     def address(self) -> str:
         return self.contract.address
 
-    def _read(self, name: str, *args: Any) -> Any:
+    def _read(self, name: str, *args: Any, block: int | None = None) -> Any:
+        """Call view ``name``, at ``block`` (default: the latest)."""
         try:
-            return getattr(self.contract.functions, name)(*args).call()
+            return getattr(self.contract.functions, name)(*args).call(block_identifier=block)
         except Exception as exc:
             raise translate(exc, name, self.chain.url) from exc
 
@@ -370,8 +371,11 @@ class Disputes(_Wrapper):
         return self._write(sender, "withdraw")
 
     def get_dispute(self, dispute_id: int) -> DisputeInfo:
-        stored = self._read("get_dispute", dispute_id)
-        jurors = tuple(self._read("jurors", dispute_id))
+        # Both reads at one block: a draw landing between them would pair a seated jury
+        # with the deadline of an unseated one (a juror then saw its deadline long past).
+        block = self.chain.block_number()
+        stored = self._read("get_dispute", dispute_id, block=block)
+        jurors = tuple(self._read("jurors", dispute_id, block=block))
         return DisputeInfo(*(*stored, jurors))
 
     def has_voted(self, dispute_id: int, verifier: str) -> bool:

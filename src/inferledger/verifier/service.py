@@ -187,8 +187,17 @@ class VerifierService:
         with self._lock:
             evidence = self._evidence.get(dispute_id)
         margin = max(1.0, self.verdict_period / 4)
-        if evidence is None and self._clock() < info.verdict_deadline - margin:
+        now = self._clock()
+        if evidence is None and now < info.verdict_deadline - margin:
             return  # the challenger may still deliver
+        if evidence is None:
+            log.warning(
+                "dispute %d: no evidence at chain time %d, %d s before the verdict deadline %d",
+                dispute_id,
+                now,
+                info.verdict_deadline - now,
+                info.verdict_deadline,
+            )
         self._vote(dispute_id, info, evidence)
 
     def _vote(
