@@ -26,7 +26,7 @@ from inferledger.proofs.bundle import ProofBundle
 from inferledger.proofs.verify import ReplyTranscript, verify_bundle
 from inferledger.protocol.server import Settled, SettlementPending
 from inferledger.sdk.wire import History, SessionClient
-from support import open_session
+from support import open_dispute, open_session
 
 HELLO = [{"role": "user", "content": "hello"}]
 DEPOSIT = usdc("2")
@@ -409,3 +409,29 @@ def test_a_nonce_taken_by_another_transaction_of_the_host_key_is_recovered(
     assert_paid_exactly(world, session_id, 2 * billed, 80)
     statuses = [c.status for c in node.outbox.checkpoints(session_id)]
     assert statuses == ["settled", "settled"]
+
+
+def test_the_node_releases_its_paid_amounts_after_the_dispute_window(
+    world: DevWorld, scripted: Backend, start_node: NodeFactory
+) -> None:
+    """Once a settled session's dispute window is over, the host's node gives its cap the
+    room back by itself; a session under dispute stays counted until the dispute ends."""
+    c = world.contracts
+    first, first_signer = open_served(world, scripted)
+    second, second_signer = open_priced(world, keccak(text=scripted.name))
+    node, server = start_node(scripted, chain_poll_interval=0.2)
+    for session_id, signer in ((first, first_signer), (second, second_signer)):
+        asyncio.run(_chat_and_end(world, server.ws_url, session_id, signer.key, 30))
+        wait_settled(node, session_id)
+    paid = {sid: c.marketplace.dispute_facts(sid).paid for sid in (first, second)}
+    open_dispute(world, second)  # a challenger holds the second one open
+    exposure = c.nodes.get_host(world.host.address).exposure
+    assert exposure >= sum(paid.values()) > 0
+    world.chain.time_travel(c.disputes.dispute_window() + 1)
+    wait_until(lambda: c.disputes.is_released(first), "the node to release the first session")
+    assert c.nodes.get_host(world.host.address).exposure == exposure - paid[first]
+    assert not c.disputes.is_released(second)
+    assert node.state.unreleased_sessions() == [second]
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert "inferledger_exposure_released_total 1.0" in metrics
+    assert 'action="release_exposure"' not in metrics  # no transaction tried and failed

@@ -309,7 +309,12 @@ def test_a_version_3_database_migrates_and_keeps_its_receipts(tmp_path: Path) ->
     path = tmp_path / "v3.sqlite3"
     _version_3_database(path)
     with NodeState(path) as migrated:
-        assert migrated.schema_version() == SCHEMA_VERSION == 5
+        assert migrated.schema_version() == SCHEMA_VERSION == 6
+        # A settled session from before v6 still has its paid amount to release.
+        assert migrated.unreleased_sessions() == [4]
+        migrated.mark_released(4)
+        migrated.mark_released(4)  # once is enough; again changes nothing
+        assert migrated.unreleased_sessions() == []
         record = migrated.get_session(4)
         assert record is not None
         # The one price was the output price; prompts were free; tokens after the last

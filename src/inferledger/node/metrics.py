@@ -76,6 +76,11 @@ class NodeMetrics:
             ["action", "error"],
             registry=self.registry,
         )
+        self.exposure_released = Counter(
+            "inferledger_exposure_released",
+            "Settled sessions whose paid amount the node released from its exposure cap",
+            registry=self.registry,
+        )
 
         self.chain_up = Gauge(
             "inferledger_chain_up",

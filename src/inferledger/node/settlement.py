@@ -43,6 +43,7 @@ from inferledger.chain.tx import TxSender
 from inferledger.chain.units import format_usdc
 from inferledger.config import Settings
 from inferledger.node.chain_health import ChainHealth
+from inferledger.node.exposure import ExposureReleaser
 from inferledger.node.metering import Counts, settle_lead
 from inferledger.node.metrics import NodeMetrics
 from inferledger.node.notices import SettlementNotices
@@ -98,6 +99,7 @@ class SettlementWorker:
             start_block=contracts.deployment.deploy_block,
             rescan_depth=max(RESCAN_BLOCKS, confirmations),
         )
+        self.exposure = ExposureReleaser(state, contracts, sender, metrics)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -175,6 +177,7 @@ class SettlementWorker:
                     self._ended_on_chain(event.session_id)
             self._expiries(poll.timestamp)
             self._confirm(poll)
+            self.exposure.step(poll.timestamp)
         except ChainError as exc:
             self._chain_failed(exc, "watching the chain")
             return

@@ -198,6 +198,15 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    (
+        # Settled sessions whose paid amount the node released from its exposure cap.
+        """
+        CREATE TABLE exposure_released (
+            session_id INTEGER PRIMARY KEY REFERENCES sessions (session_id),
+            released_at REAL NOT NULL
+        )
+        """,
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -626,6 +635,20 @@ class NodeState:
         return [_receipt(row) for row in rows]
 
     # Lifecycle -----------------------------------------------------------------
+
+    def unreleased_sessions(self) -> list[int]:
+        """Settled sessions whose paid amount still counts against the exposure cap."""
+        rows = self.query(
+            "SELECT session_id FROM sessions WHERE status = 'settled' AND session_id NOT IN "
+            "(SELECT session_id FROM exposure_released) ORDER BY session_id"
+        )
+        return [int(row["session_id"]) for row in rows]
+
+    def mark_released(self, session_id: int) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO exposure_released VALUES (?, ?)", (session_id, time.time())
+            )
 
     def bind_deployment(self, chain_id: int, marketplace: str) -> None:
         """Tie this database to one marketplace: session ids restart at 1 in every
