@@ -18,7 +18,10 @@ revert, and why; who is credited what) and after every step the chain is checked
   finding credits the depositor exactly what the session paid.
 
 Block timestamps follow the wall clock, so the model knows the next block's time only to
-within ``SLACK`` seconds; inside that band a time-dependent call may go either way.
+within ``SLACK`` seconds; inside that band a time-dependent call may go either way. Which
+way it went is state, so no rule has a precondition on it (hypothesis replays a failing
+history and needs the same rules enabled each time): the initial step makes sessions and
+a dispute exist, and a rule with nothing to act on returns.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
-    precondition,
     rule,
     run_state_machine_as_test,
 )
@@ -201,7 +203,12 @@ class DisputeMachine(RuleBasedStateMachine):
     # Helpers --------------------------------------------------------------------------
 
     def timing(self, deadline: int) -> str:
-        """Whether the next transaction is surely at or "before" the deadline, "after" it."""
+        """Whether the next transaction is surely at or "before" the deadline, "after" it.
+
+        A block mined first pins the latest timestamp to the clock: a busy machine may have
+        spent longer than ``SLACK`` since the last one.
+        """
+        self.chain.mine()
         now = self.chain.now()
         if now + SLACK <= deadline:
             return "before"
@@ -270,7 +277,6 @@ class DisputeMachine(RuleBasedStateMachine):
 
     # Sessions ---------------------------------------------------------------------------
 
-    @precondition(lambda self: len(self.sessions) < MAX_SESSIONS)
     @rule(
         host=st.integers(0, 1),
         user=st.integers(0, 1),
@@ -279,6 +285,8 @@ class DisputeMachine(RuleBasedStateMachine):
     )
     def settle_session(self, host: int, user: int, deposit: int, share: int) -> None:
         """A session opened and completed at once: its paid amount is what disputes judge."""
+        if len(self.sessions) >= MAX_SESSIONS:  # (a precondition would be flaky: see the docstring)
+            return
         host_sender, user_sender = self.w.hosts[host], self.w.users[user]
         model_host = self.hosts[host_sender.address]
         in_price, out_price = self.c.nodes.prices_of(host_sender.address, self.world.model_id)
@@ -327,7 +335,6 @@ class DisputeMachine(RuleBasedStateMachine):
         self.sessions[sid] = ModelSession(sid, host, user_sender.address, paid, settled_at)
         assert self.c.marketplace.dispute_facts(sid).paid == paid
 
-    @precondition(lambda self: self.sessions)
     @rule(index=selector)
     def release_exposure(self, index: int) -> None:
         s = self.pick_session(index)
@@ -362,7 +369,6 @@ class DisputeMachine(RuleBasedStateMachine):
 
     # Disputes ---------------------------------------------------------------------------
 
-    @precondition(lambda self: self.sessions)
     @rule(
         index=selector,
         who=st.sampled_from(["challenger", "challenger", "depositor", "host"]),
@@ -423,7 +429,6 @@ class DisputeMachine(RuleBasedStateMachine):
             seats=[None] * self.jury,
         )
 
-    @precondition(lambda self: self.disputes)
     @rule(index=selector, caller=st.integers(0, 4))
     def draw(self, index: int, caller: int) -> None:
         self.draw_jury(self.pick_dispute(index, lambda d: None in d.seats), caller)
@@ -463,7 +468,6 @@ class DisputeMachine(RuleBasedStateMachine):
                 assert address == d.seats[i]
         d.deadline = self.block_time(receipt) + self.period
 
-    @precondition(lambda self: self.disputes)
     @rule(
         index=selector,
         seat=st.integers(0, 5),
@@ -525,7 +529,6 @@ class DisputeMachine(RuleBasedStateMachine):
         if sum(1 for v in d.votes.values() if v == fraud) >= majority:
             self.resolve(d, fraud)
 
-    @precondition(lambda self: self.disputes)
     @rule(index=selector, ballots=st.lists(st.sampled_from([True, False, None]), min_size=3))
     def jury_votes(self, index: int, ballots: list[bool | None]) -> None:
         """The seated jurors who have not voted each vote (or stay silent: None), in turn."""
@@ -569,7 +572,6 @@ class DisputeMachine(RuleBasedStateMachine):
                 self.credit[juror] += fee
         self.credit[d.challenger if fraud else self.host_of(s).address] += pot
 
-    @precondition(lambda self: self.disputes)
     @rule(index=selector)
     def replace_silent(self, index: int) -> None:
         d = self.pick_dispute(index, lambda d: d.deadline != 0)
@@ -605,7 +607,6 @@ class DisputeMachine(RuleBasedStateMachine):
         d.empty_since = self.block_time(receipt)
         d.deadline = 0
 
-    @precondition(lambda self: self.disputes)
     @rule(index=selector)
     def cancel(self, index: int) -> None:
         d = self.pick_dispute(index, lambda d: d.deadline == 0)
@@ -629,13 +630,12 @@ class DisputeMachine(RuleBasedStateMachine):
             if juror is not None:
                 self.verifiers[juror].assignments -= 1
 
-    @precondition(lambda self: any(self.credit.values()))
     @rule(index=st.integers(0, 15))
     def withdraw_credit(self, index: int) -> None:
         """Someone withdraws their dispute credit; one time in four anyone (maybe owed
         nothing)."""
         owed = [a for a, amount in self.credit.items() if amount]
-        pool = owed if index % 4 else list(self.senders)
+        pool = owed if owed and index % 4 else list(self.senders)
         address = pool[index % len(pool)]
         amount = self.credit[address]
         reasons = [] if amount else [DM + "nothing to withdraw"]
