@@ -4,8 +4,8 @@ by a prefill) is slashed and the depositor made whole; an honest host disputed 2
 never is, and the challenger loses its bonds; a dispute after the window is refused; jurors
 that stay silent are replaced and lose part of their stake.
 
-The embedded chain runs the jurors in this process; anvil runs five `inferledger verifier
-run` processes.
+The embedded chain runs the jurors in this process; anvil runs `inferledger verifier run`
+processes (five for the silent jurors; three for edits, forgeries and an honest host).
 """
 
 from __future__ import annotations
@@ -348,3 +348,40 @@ def assert_slashed_with_penalties(stage: Stage, record: SessionRecord, run: Any)
     assert c.disputes.credit(stage.challenger.address) - before == (
         slashed + c.disputes.bond() + penalties - paid - fees
     )
+
+
+def test_juror_processes_slash_edits_and_forgeries_and_acquit_an_honest_host(
+    anvil_url: str, smollm: Any, tmp_path: Path
+) -> None:
+    """The other two cheats, and an honest host, judged by three `inferledger verifier run`
+    processes on anvil (every juror sits on every dispute). The jurors run torch with its
+    default thread count, the host with one: an honest host still passes."""
+    stage = build_stage(anvil_url, smollm, tmp_path)
+    deployment = tmp_path / "deployment.json"
+    stage.c.deployment.save(deployment)
+    params = GenerationParams(max_tokens=30, temperature=0)
+    other = [
+        e.token_id
+        for e in smollm.generate([{"role": "user", "content": OTHER}], params)
+        if isinstance(e, Token)
+    ]
+    cheats = {"edit": EditingBackend(smollm, at=4), "forge": PrefillForgingBackend(smollm, other)}
+    jury = start_process_jury(stage.world, deployment, 3, tmp_path)
+    try:
+        for name, backend in cheats.items():
+            with host_node(stage.world, backend, tmp_path / name):
+                record = run_session(
+                    stage.user, stage.world, stage.model_id, [STORY], max_tokens=30
+                )
+                assert_slashed(stage, record, lambda record=record: dispute(stage, record, 1))
+        c, host = stage.c, stage.world.host.address
+        with host_node(stage.world, smollm, tmp_path / "honest"):
+            record = run_session(stage.user, stage.world, stage.model_id, [OTHER], max_tokens=60)
+            stake = c.nodes.get_host(host).stake
+            for index in sorted({bundle.checkpoint_index for bundle in _bundles(record)}):
+                _, info = dispute(stage, record, index)
+                assert (info.status, info.fraud, info.votes_fraud) == (DISPUTE_RESOLVED, False, 0)
+        assert index >= 5, "SmolLM2 stopped early: too few checkpoints disputed"
+        assert c.nodes.get_host(host).stake == stake
+    finally:
+        jury.stop()
