@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 from web3.contract import Contract
 
 from inferledger.chain.compile import CompiledContract, compile_all, compile_source
@@ -221,3 +222,17 @@ def seated(world: DevWorld, dispute_id: int, jurors: list[TxSender]) -> list[TxS
     """The senders among ``jurors`` that sit on the dispute's jury, in seat order."""
     by_address = {j.address: j for j in jurors}
     return [by_address[a] for a in world.contracts.disputes.get_dispute(dispute_id).seated]
+
+
+def machine_settings(max_examples: int, steps: int) -> settings:
+    """Hypothesis settings for the contract state machines: slow chain steps, no example
+    database (the chain is rebuilt per run), the failing history printed to replay."""
+    return settings(
+        max_examples=max_examples,
+        stateful_step_count=steps,
+        deadline=None,
+        database=None,
+        print_blob=True,
+        report_multiple_bugs=False,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )

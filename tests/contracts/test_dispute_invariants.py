@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import pytest
 from eth_account import Account
 from eth_utils import keccak
-from hypothesis import HealthCheck, event, settings
+from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -49,7 +49,7 @@ from inferledger.chain.errors import ContractRevert
 from inferledger.chain.receipts import sign_verdict
 from inferledger.chain.tx import TxSender
 from inferledger.chain.units import MTOK, cost, settlement_split, usdc
-from support import URI, VERIFIER_STAKE
+from support import URI, VERIFIER_STAKE, machine_settings
 
 T = TypeVar("T")
 
@@ -798,13 +798,5 @@ class DisputeMachine(RuleBasedStateMachine):
 def test_dispute_invariants_hold_over_random_histories(dispute_world: World) -> None:
     run_state_machine_as_test(
         lambda: DisputeMachine(dispute_world),
-        settings=settings(
-            max_examples=MAX_EXAMPLES,
-            stateful_step_count=STEPS,
-            deadline=None,
-            database=None,
-            print_blob=True,
-            report_multiple_bugs=False,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-        ),
+        settings=machine_settings(MAX_EXAMPLES, STEPS),
     )

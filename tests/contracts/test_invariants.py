@@ -32,7 +32,6 @@ import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -53,7 +52,7 @@ from inferledger.chain.devchain import DevWorld
 from inferledger.chain.errors import ContractRevert
 from inferledger.chain.tx import TxSender
 from inferledger.chain.units import MTOK, Split, cost, settlement_split, usdc
-from support import URI, sign
+from support import URI, machine_settings, sign
 
 T = TypeVar("T")
 
@@ -749,13 +748,5 @@ class MarketMachine(RuleBasedStateMachine):
 def test_marketplace_invariants_hold_over_random_histories(market: Market) -> None:
     run_state_machine_as_test(
         lambda: MarketMachine(market),
-        settings=settings(
-            max_examples=MAX_EXAMPLES,
-            stateful_step_count=STEPS,
-            deadline=None,
-            database=None,
-            print_blob=True,
-            report_multiple_bugs=False,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-        ),
+        settings=machine_settings(MAX_EXAMPLES, STEPS),
     )

@@ -49,57 +49,25 @@ def test_the_dispute_commands_slash_a_cheater_and_pay_the_challenger(
             record_file = tmp_path / "record.json"
             record_file.write_text(record.model_dump_json())
 
-            code, output = _run(
-                world,
-                deployment,
-                "open",
-                str(record.session_id),
-                "--checkpoint",
-                "1",
-                "--record",
-                str(record_file),
-                key=False,
-            )
+            def open_dispute(
+                checkpoint: int, path: Path, *extra: str, key: bool = True
+            ) -> tuple[int, str]:
+                """`dispute open` on the session, from the record at ``path``."""
+                args = ["open", str(record.session_id), "--checkpoint", str(checkpoint)]
+                return _run(world, deployment, *args, "--record", str(path), *extra, key=key)
+
+            code, output = open_dispute(1, record_file, key=False)
             assert code == 1 and "INFERLEDGER_KEY is not set" in output, output
             bad = tmp_path / "bad.json"
             bad.write_text("{")
-            code, output = _run(
-                world,
-                deployment,
-                "open",
-                str(record.session_id),
-                "--checkpoint",
-                "1",
-                "--record",
-                str(bad),
-            )
+            code, output = open_dispute(1, bad)
             assert code == 1 and "not a session record" in output, output
-            code, output = _run(
-                world,
-                deployment,
-                "open",
-                str(record.session_id),
-                "--checkpoint",
-                "9",
-                "--record",
-                str(record_file),
-            )
+            code, output = open_dispute(9, record_file)
             assert code == 1 and "has no checkpoint 9" in output, output
             assert c.disputes.dispute_count() == 0  # nothing opened, no bond taken
 
             stake = c.nodes.get_host(world.host.address).stake
-            code, output = _run(
-                world,
-                deployment,
-                "open",
-                str(record.session_id),
-                "--checkpoint",
-                "1",
-                "--record",
-                str(record_file),
-                "--wait",
-                "120",
-            )
+            code, output = open_dispute(1, record_file, "--wait", "120")
         assert code == 0, output
         assert "dispute 1 opened" in output and "took the evidence" in output, output
         assert "FRAUD, the host was slashed" in output, output
