@@ -204,20 +204,38 @@ class NodeRun:
                 self.process.wait()
 
 
+def _sample(process: psutil.Process, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling the node's GIL holder (where its Python CPU goes) while it streams."""
+    command = ["py-spy", "record", "--pid", str(process.pid), "--gil", "--threads"]
+    return subprocess.Popen(
+        [*command, "--rate", "200", "--format", "raw", "--output", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def cpu_seconds(process: psutil.Process) -> float:
     times = process.cpu_times()
     return float(times.user + times.system)
 
 
-def loop_cpu(process: psutil.Process) -> float:
-    """CPU seconds of the process's main thread, which runs the event loop (Linux only;
-    NaN elsewhere): the rest of the node's CPU is its worker threads'."""
-    try:
-        fields = Path(f"/proc/{process.pid}/task/{process.pid}/stat").read_text()
-    except OSError:
-        return float("nan")
-    utime, stime = fields.rsplit(")", 1)[1].split()[11:13]
-    return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+def thread_cpu(process: psutil.Process) -> dict[str, float]:
+    """CPU seconds of the process's threads by kind (Linux only; empty elsewhere): the event
+    loop's main thread, the generation pool, the to_thread pool, each named worker."""
+    tick = os.sysconf("SC_CLK_TCK")
+    kinds: dict[str, float] = {}
+    for task in Path(f"/proc/{process.pid}/task").glob("*"):
+        try:
+            fields = (task / "stat").read_text()
+        except OSError:
+            continue  # the thread ended
+        name = fields.split("(", 1)[1].rsplit(")", 1)[0]
+        if task.name == str(process.pid):
+            name = "event loop"
+        kind = name.rstrip("0123456789_").removeprefix("inferledger-") or name
+        utime, stime = fields.rsplit(")", 1)[1].split()[11:13]
+        kinds[kind] = kinds.get(kind, 0.0) + (int(utime) + int(stime)) / tick
+    return kinds
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -235,6 +253,7 @@ def run(
     profile: Path | None = None,
     prover: str = "commitment",
     rate: float = 0.0,
+    spy: Path | None = None,
 ) -> dict[str, float]:
     """One node, ``sessions`` sessions over ``processes`` client processes; its figures."""
     chain = connect(chain_url)
@@ -277,11 +296,15 @@ def run(
             return got
 
         opened = [sid for ids in collect("ready") for sid in ids]
-        cpu0, t0, loop0 = cpu_seconds(process), time.perf_counter(), loop_cpu(process)
+        cpu0, t0, threads0 = cpu_seconds(process), time.perf_counter(), thread_cpu(process)
         login_cpu = cpu0 - login_cpu
+        sampler = _sample(process, spy) if spy is not None else None
         go.set()
         streamed = collect("streamed")
-        cpu1, t1, loop1 = cpu_seconds(process), time.perf_counter(), loop_cpu(process)
+        if sampler is not None:
+            sampler.send_signal(signal.SIGINT)
+            sampler.wait(timeout=60)
+        cpu1, t1, threads1 = cpu_seconds(process), time.perf_counter(), thread_cpu(process)
         settle.set()
         settled_at = [t for times in collect("settled") for t in times]
         cpu2 = cpu_seconds(process)
@@ -302,7 +325,10 @@ def run(
         "tokens": count,
         "cpu_us_per_token": (cpu1 - cpu0) / max(count, 1) * 1e6,
         "tokens_per_s": count / (t1 - t0),
-        "loop_us_per_token": (loop1 - loop0) / max(count, 1) * 1e6,
+        **{
+            f"thread:{kind}": (seconds - threads0.get(kind, 0.0)) / max(count, 1) * 1e6
+            for kind, seconds in threads1.items()
+        },
         "gap_p50_ms": percentile(gaps, 0.50) * 1e3,
         "gap_p99_ms": percentile(gaps, 0.99) * 1e3,
         "first_p99_ms": percentile(firsts, 0.99) * 1e3,
@@ -338,6 +364,12 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, help="write the node's cProfile stats here (the last run's)"
     )
+    parser.add_argument(
+        "--spy",
+        type=Path,
+        help="write py-spy's samples of the node while it streams here (collapsed stacks; "
+        "needs py-spy on PATH)",
+    )
     args = parser.parse_args()
     sizes = args.sessions or ([100, 1000] if args.full else [100])
     tokens = args.tokens or (200 if args.full else 40)
@@ -348,7 +380,14 @@ def main() -> None:
             processes = args.processes or max(2, min(4, sessions // 100))
             with console.status(f"{sessions} sessions x {tokens} tokens..."):
                 figures = run(
-                    anvil.url, sessions, tokens, processes, args.profile, args.prover, args.rate
+                    anvil.url,
+                    sessions,
+                    tokens,
+                    processes,
+                    args.profile,
+                    args.prover,
+                    args.rate,
+                    args.spy,
                 )
                 results.append(figures)
             console.print(results[-1])
@@ -365,7 +404,12 @@ def main() -> None:
         table.add_row(name, *(format(r[key], fmt) for r in results))
 
     row("node CPU per streamed token (us)", "cpu_us_per_token", ".1f")
-    row("  of which the event loop's thread", "loop_us_per_token", ".1f")
+    kinds = sorted({k for r in results for k in r if k.startswith("thread:")})
+    for key in kinds:
+        table.add_row(
+            f"  of which {key.removeprefix('thread:')} threads",
+            *(format(r.get(key, 0.0), ".1f") for r in results),
+        )
     row("aggregate tokens/s", "tokens_per_s", ".0f")
     row("gap between tokens, p50 (ms)", "gap_p50_ms", ".2f")
     row("gap between tokens, p99 (ms)", "gap_p99_ms", ".1f")
