@@ -335,7 +335,7 @@ class LlamaCppBackend(ChatModel):
             self.weights_path,
             self.weights_sha256,
             COMPUTED,
-            lambda target: _requantize(lib, self.weights_path, target),
+            lambda target: requantize(self.weights_path, target),
             cache,
         )
         report("loading the model (llama.cpp)")
@@ -469,16 +469,18 @@ class LlamaCppBackend(ChatModel):
             return self._head
 
 
-def _requantize(lib: Any, source: Path, target: Path) -> None:
-    """Write ``source`` with every matrix in Q8_0 (those already Q8_0 are copied as they are)."""
+def requantize(source: Path, target: Path, ftype: str = "Q8_0") -> None:
+    """Write ``source`` to ``target`` with every matrix in ``ftype`` (a llama.cpp
+    ``LLAMA_FTYPE_MOSTLY_*`` name; matrices already in it are copied as they are)."""
+    lib = _import_llama()
     params = lib.llama_model_quantize_default_params()
-    params.ftype = lib.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.ftype = getattr(lib, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.allow_requantize = True
     status = lib.llama_model_quantize(
         str(source).encode(), str(target).encode(), ctypes.byref(params)
     )
     if status != 0:
-        raise BackendUnavailable(f"llama.cpp cannot requantize {source} to Q8_0 ({status})")
+        raise BackendUnavailable(f"llama.cpp cannot requantize {source} to {ftype} ({status})")
 
 
 def _read_output_matrix(path: Path) -> np.ndarray:
