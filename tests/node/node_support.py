@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,14 @@ from websockets.sync.client import ClientConnection as SyncConnection
 
 from inferledger.chain.contracts import Contracts
 from inferledger.chain.devchain import INPUT_PRICE, PRICE, DevWorld, dev_account
-from inferledger.chain.receipts import session_salt
+from inferledger.chain.receipts import (
+    Receipt,
+    ReceiptDomain,
+    SessionAuth,
+    session_salt,
+    sign_receipt,
+    sign_session_auth,
+)
 from inferledger.config import load_settings
 from inferledger.inference import Backend, load_backend
 from inferledger.node.node import Node, create_node
@@ -130,6 +138,69 @@ async def open_sealed(url: str, **connect: Any) -> tuple[SealedSocket, dict[str,
     return await start_channel(ws, challenge), challenge.dump()
 
 
+def session_init_frame(
+    challenge: dict[str, Any], session_id: int, key: bytes, nonce: bytes | None = None
+) -> dict[str, Any]:
+    """The ``session_init`` that logs in to ``session_id`` with ``key``, over ``nonce`` (by
+    default the challenge's), under the challenge's domain."""
+    domain = challenge_domain(challenge)
+    nonce = nonce or bytes.fromhex(str(challenge["nonce"])[2:])
+    auth = SessionAuth(session_id, nonce, str(challenge["host"]))
+    return {
+        "type": "session_init",
+        "session_id": session_id,
+        "nonce": "0x" + nonce.hex(),
+        "signature": "0x" + sign_session_auth(key, domain, auth).hex(),
+        "salt": "0x" + session_salt(key, domain, session_id).hex(),
+    }
+
+
+def challenge_domain(challenge: dict[str, Any]) -> ReceiptDomain:
+    """The receipt domain a challenge names."""
+    return ReceiptDomain(int(challenge["chain_id"]), str(challenge["marketplace"]))
+
+
+def signed_receipt(
+    request: dict[str, Any], session_id: int, key: bytes, domain: ReceiptDomain
+) -> dict[str, Any]:
+    """The ``receipt`` frame that signs ``request`` as asked."""
+    proof_hash = bytes.fromhex(request["proof_hash"][2:])
+    receipt = Receipt(session_id, request["input_tokens"], request["output_tokens"], proof_hash)
+    return {
+        "type": "receipt",
+        "input_tokens": request["input_tokens"],
+        "output_tokens": request["output_tokens"],
+        "proof_hash": request["proof_hash"],
+        "signature": "0x" + sign_receipt(key, domain, receipt).hex(),
+    }
+
+
+def _frames(message: str | bytes) -> list[dict[str, Any]]:
+    """A node message as its frames: one, or a JSON array of those it had ready at once."""
+    data = json.loads(message)
+    return data if isinstance(data, list) else [data]
+
+
+class NodeFrames:
+    """An ``open_sealed`` socket that reads the node's frames one at a time, as dicts
+    (bounded in time); it sends and closes as the socket does."""
+
+    def __init__(self, ws: SealedSocket) -> None:
+        self.ws = ws
+        self._ready: deque[dict[str, Any]] = deque()
+
+    async def next(self, timeout: float = 20) -> dict[str, Any]:
+        if not self._ready:
+            self._ready.extend(_frames(await asyncio.wait_for(self.ws.recv(), timeout)))
+        return self._ready.popleft()
+
+    async def send(self, text: str) -> None:
+        await self.ws.send(text)
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
 class SyncSealed:
     """``open_sealed`` for a ``websockets.sync`` connection."""
 
@@ -140,9 +211,13 @@ class SyncSealed:
         self.challenge = challenge.dump()
         share, self.channel = client_handshake(challenge)
         ws.send(share)
+        self._ready: deque[dict[str, Any]] = deque()
 
     def send(self, frame: str | bytes) -> None:
         self.ws.send(self.channel.seal(frame.encode() if isinstance(frame, str) else frame))
 
     def recv(self, timeout: float) -> dict[str, Any]:
-        return dict(json.loads(self.channel.open(self.ws.recv(timeout))))
+        """The next node frame (a message may hold several)."""
+        if not self._ready:
+            self._ready.extend(_frames(self.channel.open(self.ws.recv(timeout))))
+        return self._ready.popleft()

@@ -14,10 +14,17 @@ from typing import Any
 
 from eth_account import Account
 from eth_utils import keccak
-from node_support import NodeFactory, expect, open_sealed, serve_model, wait_until
+from node_support import (
+    NodeFactory,
+    NodeFrames,
+    expect,
+    open_sealed,
+    serve_model,
+    session_init_frame,
+    wait_until,
+)
 
 from inferledger.chain.devchain import INPUT_PRICE, PRICE, DevWorld
-from inferledger.chain.receipts import ReceiptDomain, SessionAuth, session_salt, sign_session_auth
 from inferledger.chain.units import settlement_split, usdc
 from inferledger.inference import Backend
 from inferledger.node.metering import Phase
@@ -28,24 +35,12 @@ HELLO = [{"role": "user", "content": "hello"}]
 CAP = 8  # max_unreceipted_tokens for these tests
 
 
-async def login(url: str, session_id: int, key: bytes) -> tuple[Any, dict[str, Any]]:
-    """A raw connection logged in to ``session_id``: (socket, its answer to session_init)."""
+async def login(url: str, session_id: int, key: bytes) -> tuple[NodeFrames, dict[str, Any]]:
+    """A raw connection logged in to ``session_id``: (its frames, the answer to session_init)."""
     ws, challenge = await open_sealed(url, max_size=2**22)
-    domain = ReceiptDomain(int(challenge["chain_id"]), str(challenge["marketplace"]))
-    nonce = bytes.fromhex(challenge["nonce"][2:])
-    signature = sign_session_auth(key, domain, SessionAuth(session_id, nonce, challenge["host"]))
-    await ws.send(
-        json.dumps(
-            {
-                "type": "session_init",
-                "session_id": session_id,
-                "nonce": challenge["nonce"],
-                "signature": "0x" + signature.hex(),
-                "salt": "0x" + session_salt(key, domain, session_id).hex(),
-            }
-        )
-    )
-    return ws, json.loads(await ws.recv())
+    await ws.send(json.dumps(session_init_frame(challenge, session_id, key)))
+    frames = NodeFrames(ws)
+    return frames, await frames.next()
 
 
 def as_token_frames(frame: dict[str, Any]) -> list[dict[str, Any]]:
@@ -60,14 +55,14 @@ def as_token_frames(frame: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-async def frames_until(ws: Any, kind: str) -> list[dict[str, Any]]:
+async def frames_until(frames: NodeFrames, kind: str) -> list[dict[str, Any]]:
     """Every frame up to and including the first of ``kind`` (bounded in time); a ``tokens``
     frame is counted as its ``token`` frames."""
     seen = []
     while True:
-        frames = as_token_frames(json.loads(await asyncio.wait_for(ws.recv(), 20)))
-        seen.extend(frames)
-        if any(frame["type"] == kind for frame in frames):
+        frames_read = as_token_frames(await frames.next())
+        seen.extend(frames_read)
+        if any(frame["type"] == kind for frame in frames_read):
             return seen
 
 
@@ -84,32 +79,32 @@ def test_a_user_who_never_signs_gets_at_most_the_cap_over_any_number_of_reconnec
         new_tokens: set[int] = set()  # distinct token indices ever received
         codes = []
         for _ in range(3):
-            ws, ready = await login(server.ws_url, session_id, signer.key)
+            conn, ready = await login(server.ws_url, session_id, signer.key)
             assert ready["type"] == "session_ready"
             new_tokens |= {t["index"] for t in ready["replay"]}
-            await ws.send(
+            await conn.send(
                 json.dumps(
                     {"type": "prompt", "request_id": "x", "messages": HELLO, "max_tokens": 500}
                 )
             )
             # Held owing a receipt: the node asks for one (mid-reply, or again on resume)
             # before anything is unpaid; only then is the ping's pong a fair cut-off.
-            frames = await frames_until(ws, "receipt_request")
-            await ws.send(json.dumps({"type": "ping"}))
-            for frame in frames + await frames_until(ws, "pong"):
+            frames = await frames_until(conn, "receipt_request")
+            await conn.send(json.dumps({"type": "ping"}))
+            for frame in frames + await frames_until(conn, "pong"):
                 if frame["type"] == "token":
                     new_tokens.add(frame["index"])
                 if frame["type"] == "error":
                     codes.append(frame["code"])
             # The stream is held at the cap: a second ping is answered, no token comes.
-            await ws.send(json.dumps({"type": "ping"}))
-            later = await frames_until(ws, "pong")
+            await conn.send(json.dumps({"type": "ping"}))
+            later = await frames_until(conn, "pong")
             new_tokens |= {f["index"] for f in later if f["type"] == "token"}
-            await ws.close()
+            await conn.close()
             wait_until(lambda: session_id not in node.live, "the node to see the disconnect")
-        ws, refused = await login(server.ws_url, session_id, signer.key)
+        conn, refused = await login(server.ws_url, session_id, signer.key)
         codes.append(refused.get("code", refused["type"]))
-        await ws.close()
+        await conn.close()
         return new_tokens, codes
 
     received, codes = asyncio.run(attack())
@@ -173,8 +168,8 @@ def test_two_logins_at_once_get_one_session(
             login(server.ws_url, session_id, key), login(server.ws_url, session_id, key)
         )
         kinds = sorted(r[1].get("code", r[1]["type"]) for r in results)
-        for ws, _ in results:
-            await ws.close()
+        for conn, _ in results:
+            await conn.close()
         return kinds
 
     async def run() -> list[list[str]]:
@@ -247,8 +242,8 @@ def test_a_stranger_cannot_log_in_to_a_session(
     node, server = start_node(scripted)
 
     async def run() -> str:
-        ws, answer = await login(server.ws_url, session_id, Account.create().key)
-        await ws.close()
+        conn, answer = await login(server.ws_url, session_id, Account.create().key)
+        await conn.close()
         return str(answer.get("code"))
 
     assert asyncio.run(run()) == "BAD_SIGNATURE"
@@ -275,9 +270,9 @@ def test_a_login_that_fails_after_reserving_gives_the_session_back(
     async def run() -> list[str]:
         answers = []
         for _ in range(2):
-            ws, answer = await login(server.ws_url, session_id, signer.key)
+            conn, answer = await login(server.ws_url, session_id, signer.key)
             answers.append(str(answer.get("code", answer["type"])))
-            await ws.close()
+            await conn.close()
             wait_until(lambda: session_id not in node.live, "the slot to be released")
         return answers
 

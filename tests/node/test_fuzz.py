@@ -24,7 +24,14 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from node_support import NodeFactory, SyncSealed, expect, serve_model
+from node_support import (
+    NodeFactory,
+    SyncSealed,
+    expect,
+    serve_model,
+    session_init_frame,
+    signed_receipt,
+)
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
@@ -32,11 +39,7 @@ from inferledger.chain.devchain import DevWorld
 from inferledger.chain.receipts import (
     Receipt,
     ReceiptDomain,
-    SessionAuth,
     check_receipt_signature,
-    session_salt,
-    sign_receipt,
-    sign_session_auth,
 )
 from inferledger.chain.units import settlement_split, usdc
 from inferledger.inference import Backend, load_backend
@@ -339,16 +342,7 @@ class Prober:
         return self.open[logged_in]
 
     def _login(self, ws: SyncSealed, challenge: dict[str, Any]) -> None:
-        nonce = bytes.fromhex(challenge["nonce"][2:])
-        auth = SessionAuth(self.session_id, nonce, challenge["host"])
-        signature = sign_session_auth(self.signer.key, self.domain, auth)
-        salt = session_salt(self.signer.key, self.domain, self.session_id)
-        init = {
-            "session_id": self.session_id,
-            "nonce": challenge["nonce"],
-            "salt": "0x" + salt.hex(),
-        }
-        ws.send(json.dumps({"type": "session_init", **init, "signature": "0x" + signature.hex()}))
+        ws.send(json.dumps(session_init_frame(challenge, self.session_id, self.signer.key)))
         ready = ws.recv(10)
         assert ready["type"] == "session_ready", ready
         self._answer_until(ws, "pong", ping=True)
@@ -376,21 +370,13 @@ class Prober:
             answer = answer if isinstance(answer, dict) else json.loads(answer)
             self.answers.append(answer)
             if answer["type"] == "receipt_request":
-                ws.send(json.dumps(self._receipt(answer)))
+                ws.send(
+                    json.dumps(
+                        signed_receipt(answer, self.session_id, self.signer.key, self.domain)
+                    )
+                )
             if answer["type"] == last or (last == "done" and answer["type"] == "error"):
                 return
-
-    def _receipt(self, request: dict[str, Any]) -> dict[str, Any]:
-        counts = request["input_tokens"], request["output_tokens"]
-        receipt = Receipt(self.session_id, *counts, bytes.fromhex(request["proof_hash"][2:]))
-        signature = sign_receipt(self.signer.key, self.domain, receipt)
-        return {
-            "type": "receipt",
-            "input_tokens": counts[0],
-            "output_tokens": counts[1],
-            "proof_hash": request["proof_hash"],
-            "signature": "0x" + signature.hex(),
-        }
 
     def close(self) -> None:
         self.sockets.close()

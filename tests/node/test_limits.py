@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import websockets
 from eth_utils import keccak
-from node_support import NodeFactory, expect, serve_model
+from node_support import NodeFactory, NodeFrames, expect, serve_model
 from process_support import NodeProcess
 from test_billing import frames_until, login
 
@@ -156,10 +156,10 @@ async def _retry_challenged(url: str, source: str) -> Any:
         await asyncio.sleep(0.05)  # polling the node, not racing it: any delay works
 
 
-async def _outcome(ws: Any) -> dict[str, Any]:
+async def _outcome(frames: NodeFrames) -> dict[str, Any]:
     """The frame that ends a prompt: its ``done`` or an ``error``."""
     while True:
-        frame = json.loads(await asyncio.wait_for(ws.recv(), BOUND))
+        frame = await frames.next(BOUND)
         if frame["type"] in ("done", "error"):
             return dict(frame)
 
@@ -255,7 +255,7 @@ def test_a_prompt_beyond_the_context_is_refused_before_it_is_billed(
         )
         long = [{"role": "user", "content": "x" * 100}]
         await client.send({"type": "prompt", "request_id": "long", "messages": long})
-        refused = await frames_until(client.ws, "error")
+        refused = await frames_until(NodeFrames(client.ws), "error")
         assert not any(f["type"] == "reply_start" for f in refused)
         reply = await client.chat(HELLO, max_tokens=5)
         await client.end()

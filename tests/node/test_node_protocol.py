@@ -12,16 +12,20 @@ from eth_account import Account
 from eth_utils import keccak
 from node_support import (
     NodeFactory,
+    NodeFrames,
+    challenge_domain,
     expect,
     open_sealed,
     read_session,
     serve_model,
+    session_init_frame,
+    signed_receipt,
     wait_for_receipt,
     wait_until,
 )
 
 from inferledger.chain.devchain import INPUT_PRICE, PRICE, DevWorld
-from inferledger.chain.receipts import Receipt, check_receipt_signature
+from inferledger.chain.receipts import Receipt, ReceiptDomain, check_receipt_signature
 from inferledger.chain.units import cost
 from inferledger.inference import Backend
 from inferledger.node.metering import Counts
@@ -112,6 +116,7 @@ class RawClient:
 
     def __init__(self, ws: SealedSocket, challenge: dict[str, object]) -> None:
         self.ws = ws
+        self.frames = NodeFrames(ws)
         self.challenge = challenge
 
     @classmethod
@@ -123,42 +128,32 @@ class RawClient:
 
     async def next_error(self) -> dict[str, object]:
         while True:
-            frame = json.loads(await asyncio.wait_for(self.ws.recv(), 10))
+            frame = await self.frames.next(10)
             if frame["type"] == "error":
                 return frame
 
+    @property
+    def domain(self) -> ReceiptDomain:
+        return challenge_domain(self.challenge)
+
+    async def login(
+        self, session_id: int, key: bytes, nonce: bytes | None = None
+    ) -> dict[str, Any]:
+        """Log in to ``session_id`` with ``key`` (over ``nonce``, by default the challenge's);
+        the node's answer."""
+        await self.send(session_init_frame(self.challenge, session_id, key, nonce))
+        return await self.frames.next()
+
     async def still_alive(self) -> bool:
         await self.send({"type": "ping"})
-        return json.loads(await asyncio.wait_for(self.ws.recv(), 10))["type"] == "pong"
+        return (await self.frames.next(10))["type"] == "pong"
 
 
 async def _login_error(url: str, session_id: int, key: bytes, nonce: bytes | None = None) -> str:
-    from inferledger.chain.receipts import (
-        ReceiptDomain,
-        SessionAuth,
-        session_salt,
-        sign_session_auth,
-    )
-
     raw = await RawClient.open(url)
-    challenge = raw.challenge
-    domain = ReceiptDomain(int(challenge["chain_id"]), str(challenge["marketplace"]))
-    real_nonce = bytes.fromhex(str(challenge["nonce"])[2:])
-    signed_nonce = nonce or real_nonce
-    signature = sign_session_auth(
-        key, domain, SessionAuth(session_id, signed_nonce, str(challenge["host"]))
-    )
-    await raw.send(
-        {
-            "type": "session_init",
-            "session_id": session_id,
-            "nonce": "0x" + signed_nonce.hex(),
-            "signature": "0x" + signature.hex(),
-            "salt": "0x" + session_salt(key, domain, session_id).hex(),
-        }
-    )
-    error = await raw.next_error()
+    error = await raw.login(session_id, key, nonce)
     await raw.ws.close()
+    assert error["type"] == "error", error
     return str(error["code"])
 
 
@@ -568,18 +563,75 @@ def test_a_client_leaving_right_after_its_last_receipt_is_no_node_error(
     assert node.metrics.errors.labels(code="INTERNAL")._value.get() == 0
 
 
+def _last_index(frame: dict[str, Any]) -> int:
+    """The index of a token frame's last token."""
+    return int(frame["index"]) + len(frame.get("token_ids", [None])) - 1
+
+
+def test_frames_ready_together_go_in_one_message(
+    world: DevWorld, scripted: Backend, start_node: NodeFactory
+) -> None:
+    """The node's per-receipt cost is its messages: a receipt request goes with the tokens
+    it covers, and the ack of a receipt with the tokens the receipt lets out."""
+    model_id = serve_model(world, scripted, keccak(text="scripted"))
+    session_id, signer = open_session(world, model_id=model_id, proof_interval=1000)
+    _node, server = start_node(scripted, max_unreceipted_tokens=32)  # a request every 16
+
+    async def messages_until(raw: RawClient, output_tokens: int) -> list[list[dict[str, Any]]]:
+        seen: list[list[dict[str, Any]]] = []
+        while not any(
+            f["type"] == "receipt_request" and f["output_tokens"] == output_tokens
+            for f in (seen[-1] if seen else [])
+        ):
+            message = json.loads(await asyncio.wait_for(raw.ws.recv(), 20))
+            seen.append(message if isinstance(message, list) else [message])
+        return seen
+
+    async def run() -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
+        raw = await RawClient.open(server.ws_url)
+        assert (await raw.login(session_id, signer.key))["type"] == "session_ready"
+        await raw.send({"type": "prompt", "request_id": "a", "messages": HELLO, "max_tokens": 60})
+        # Not signing: the node streams 32 tokens, asking at 16 and 32, and pauses.
+        before = await messages_until(raw, 32)
+        (request,) = [f for f in before[-1] if f["type"] == "receipt_request"]
+        await raw.send(signed_receipt(request, session_id, signer.key, raw.domain))
+        message = json.loads(await asyncio.wait_for(raw.ws.recv(), 20))
+        assert isinstance(message, list), message  # several frames: a JSON array
+        after: list[dict[str, Any]] = message
+
+        def final_ack(f: dict[str, Any]) -> bool:
+            return f["type"] == "receipt_ack" and f["output_tokens"] == 60
+
+        while not (any(f["type"] == "done" for f in after) and any(map(final_ack, after))):
+            frame = await raw.frames.next()
+            if frame["type"] == "receipt_request":
+                await raw.send(signed_receipt(frame, session_id, signer.key, raw.domain))
+            after.append(frame)
+        await raw.ws.close()
+        return before, after
+
+    before, after = asyncio.run(asyncio.wait_for(run(), 60))
+    first = before[0]
+    assert first[0]["type"] == "reply_start"  # with the reply's first tokens
+    assert first[1]["type"] in ("token", "tokens") and first[1]["index"] == 1
+    for output_tokens in (16, 32):
+        (message,) = [m for m in before if any(f.get("output_tokens") == output_tokens for f in m)]
+        # The request is the message's last frame, right after the tokens it covers.
+        assert message[-1]["type"] == "receipt_request"
+        assert message[-2]["type"] in ("token", "tokens")
+        assert _last_index(message[-2]) == output_tokens
+    # The signed receipt's ack and the tokens it let out, in the one message that followed.
+    assert after[0]["type"] == "receipt_ack" and after[0]["output_tokens"] == 32
+    assert after[1]["type"] in ("token", "tokens") and after[1]["index"] == 33
+    (done,) = [f for f in after if f["type"] == "done"]
+    assert done["completion_tokens"] == 60
+
+
 def test_prompts_are_refused_while_streaming_while_owing_and_after_end(
     world: DevWorld, scripted: Backend, start_node: NodeFactory
 ) -> None:
     """REQUEST_IN_PROGRESS, RECEIPT_OWED and SESSION_CLOSING over the wire, from a hand-driven
     client that signs exactly when it chooses to."""
-    from inferledger.chain.receipts import (
-        SessionAuth,
-        session_salt,
-        sign_receipt,
-        sign_session_auth,
-    )
-
     model_id = serve_model(world, scripted, keccak(text="scripted"))
     session_id, signer = open_session(world, model_id=model_id, proof_interval=1000)
     _node, server = start_node(scripted)
@@ -587,38 +639,18 @@ def test_prompts_are_refused_while_streaming_while_owing_and_after_end(
     prompt = {"type": "prompt", "messages": HELLO, "max_tokens": 100}
 
     def receipt_for(request: dict[str, Any]) -> dict[str, Any]:
-        proof_hash = bytes.fromhex(request["proof_hash"][2:])
-        receipt = Receipt(session_id, request["input_tokens"], request["output_tokens"], proof_hash)
-        signature = sign_receipt(signer.key, domain, receipt)
-        return {
-            "type": "receipt",
-            "input_tokens": request["input_tokens"],
-            "output_tokens": request["output_tokens"],
-            "proof_hash": request["proof_hash"],
-            "signature": "0x" + signature.hex(),
-        }
+        return signed_receipt(request, session_id, signer.key, domain)
 
     async def run() -> tuple[list[str], dict[str, Any], dict[str, Any]]:
         raw = await RawClient.open(server.ws_url)
-        nonce = bytes.fromhex(str(raw.challenge["nonce"])[2:])
-        auth = SessionAuth(session_id, nonce, world.host.address)
-        await raw.send(
-            {
-                "type": "session_init",
-                "session_id": session_id,
-                "nonce": raw.challenge["nonce"],
-                "signature": "0x" + sign_session_auth(signer.key, domain, auth).hex(),
-                "salt": "0x" + session_salt(signer.key, domain, session_id).hex(),
-            }
-        )
-        assert json.loads(await raw.ws.recv())["type"] == "session_ready"
+        assert (await raw.login(session_id, signer.key))["type"] == "session_ready"
         codes = []
         # 100 tokens cannot stream past the 32-token window without our receipts.
         await raw.send({**prompt, "request_id": "a"})
         await raw.send({**prompt, "request_id": "b"})
         held = None
         while True:
-            frame = json.loads(await asyncio.wait_for(raw.ws.recv(), 20))
+            frame = await raw.frames.next()
             if frame["type"] == "error":
                 codes.append(frame["code"])
             elif frame["type"] == "receipt_request" and frame["output_tokens"] < 100:
@@ -631,13 +663,13 @@ def test_prompts_are_refused_while_streaming_while_owing_and_after_end(
         await raw.send({**prompt, "request_id": "c"})
         codes.append(str((await raw.next_error())["code"]))
         await raw.send(receipt_for(held))
-        ack = json.loads(await asyncio.wait_for(raw.ws.recv(), 20))
+        ack = await raw.frames.next()
         assert ack["type"] == "receipt_ack", ack
         await raw.send({"type": "end"})
         await raw.send({**prompt, "request_id": "d"})
         frames = []
         while not frames or frames[-1]["type"] not in ("settled", "settlement_pending"):
-            frames.append(json.loads(await asyncio.wait_for(raw.ws.recv(), 30)))
+            frames.append(await raw.frames.next(30))
         codes += [f["code"] for f in frames if f["type"] == "error"]
         await raw.ws.close()
         return codes, ack, frames[-1]

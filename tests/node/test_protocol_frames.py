@@ -12,11 +12,13 @@ from inferledger.protocol.client import client_frame_schemas, parse_client_frame
 from inferledger.protocol.codes import ErrorCode, ProtocolError
 from inferledger.protocol.server import (
     NodeFrameError,
+    Pong,
     TokenFrame,
     TokensFrame,
     dump_json,
     node_frame_schemas,
     parse_node_frame,
+    parse_node_frames,
     token_frame_json,
 )
 
@@ -87,6 +89,33 @@ def test_published_schemas_match_the_code() -> None:
 def test_a_malformed_node_frame_is_a_protocol_error_on_the_client(raw: str) -> None:
     with pytest.raises(NodeFrameError):
         parse_node_frame(raw)
+
+
+PONG = '{"type": "pong"}'
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "[]",  # an empty batch
+        f"[{PONG}, [{PONG}]]",  # nested
+        f'[{PONG}, {{"type": "wat"}}]',  # one bad frame spoils the message
+        f'[{PONG}, "pong"]',
+    ],
+)
+def test_a_malformed_batch_of_node_frames_is_a_protocol_error_on_the_client(raw: str) -> None:
+    with pytest.raises(NodeFrameError):
+        parse_node_frames(raw)
+
+
+def test_a_batch_is_its_frames_in_order_and_only_where_several_may_come() -> None:
+    ack = '{"type": "receipt_ack", "input_tokens": 3, "output_tokens": 4}'
+    frames = parse_node_frames(f"[{ack}, {PONG}]")
+    assert [f.type for f in frames] == ["receipt_ack", "pong"]
+    assert parse_node_frames(PONG) == [Pong()]
+    # The challenge comes alone, before the channel: nothing may ride with it in clear.
+    with pytest.raises(NodeFrameError, match="2 frames where one was due"):
+        parse_node_frame(f"[{PONG}, {PONG}]")
 
 
 @pytest.mark.parametrize("count", [1, 2, 17])

@@ -290,10 +290,10 @@ def test_a_prompt_while_a_receipt_is_owed_is_refused_by_the_node(
         seen = []
         try:
             while True:
-                frame = json.loads(await asyncio.wait_for(wire.ws.recv(), 10))
-                seen.append(frame["type"])
-                if frame["type"] == "error":
-                    return frame["code"], seen
+                frame = await asyncio.wait_for(wire.frames.next(), 10)
+                seen.append(frame.type)
+                if frame.type == "error":
+                    return frame.code, seen
         finally:
             await wire.close()
 

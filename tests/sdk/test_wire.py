@@ -62,6 +62,7 @@ class Lies:
     request_output: int = len(TOKENS)
     request_ids: list[int] = field(default_factory=lambda: list(TOKENS))
     asked_max_tokens: int | None = None  # what the client asks; the node sends 3 regardless
+    batched: bool = False  # the reply's frames in one message (a JSON array), as a node may
 
 
 def ready_frame(lies: Lies, transcript_ids: list[int]) -> str:
@@ -101,7 +102,7 @@ async def hostile_node(lies: Lies) -> tuple[str, list[dict[str, Any]]]:
         await ws.send(ready_frame(lies, list(range(lies.receipted[1]))))
         await ws.recv()  # prompt
         start = {"type": "reply_start", "request_id": "r1", "prompt_tokens": lies.prompt_tokens}
-        await ws.send(json.dumps({**start, "input_tokens": lies.prompt_tokens}))
+        reply: list[dict[str, Any]] = [{**start, "input_tokens": lies.prompt_tokens}]
         for index, token_id in enumerate(TOKENS, 1):
             frame = {
                 "type": "token",
@@ -110,7 +111,7 @@ async def hostile_node(lies: Lies) -> tuple[str, list[dict[str, Any]]]:
                 "token_id": token_id,
                 "text": "x",
             }
-            await ws.send(json.dumps(frame))
+            reply.append(frame)
         request = {
             "type": "receipt_request",
             "session_id": SESSION,
@@ -122,7 +123,6 @@ async def hostile_node(lies: Lies) -> tuple[str, list[dict[str, Any]]]:
             "transcript_hash": transcript_hex(lies.request_ids),
             "proof_uri": None,
         }
-        await ws.send(json.dumps(request))
         done = {
             "type": "done",
             "request_id": "r1",
@@ -132,7 +132,9 @@ async def hostile_node(lies: Lies) -> tuple[str, list[dict[str, Any]]]:
             "input_tokens": lies.prompt_tokens,
             "output_tokens": 3,
         }
-        await ws.send(json.dumps(done))
+        reply += [request, done]
+        for message in [reply] if lies.batched else reply:
+            await ws.send(json.dumps(message))
         answers.extend(await ws.frames())
 
     async with websockets.serve(handler, "127.0.0.1", 0) as server:
@@ -160,9 +162,10 @@ def outcome(lies: Lies) -> tuple[str, list[dict[str, Any]]]:
     return asyncio.run(asyncio.wait_for(hostile_node(lies), 10))
 
 
+@pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("asked", [None, 3])  # 3: exactly the tokens the node sends
-def test_an_honest_node_gets_its_receipt(asked: int | None) -> None:
-    code, answers = outcome(Lies(asked_max_tokens=asked))
+def test_an_honest_node_gets_its_receipt(asked: int | None, batched: bool) -> None:
+    code, answers = outcome(Lies(asked_max_tokens=asked, batched=batched))
     assert code == "signed"
     (receipt,) = answers
     assert (receipt["type"], receipt["input_tokens"], receipt["output_tokens"]) == (
@@ -176,6 +179,7 @@ def test_an_honest_node_gets_its_receipt(asked: int | None) -> None:
     ("lies", "code"),
     [
         (Lies(request_output=4), "RECEIPT_REFUSED"),  # more tokens than were sent
+        (Lies(request_output=4, batched=True), "RECEIPT_REFUSED"),  # the same, in one message
         (Lies(request_ids=[300, 301, 999]), "RECEIPT_REFUSED"),  # another transcript
         (Lies(request_input=50), "RECEIPT_REFUSED"),  # input beyond what reply_start said
         (Lies(prompt_tokens=prompt_token_bound(HI) + 1), "RECEIPT_REFUSED"),  # prompt too big
@@ -195,6 +199,7 @@ def test_an_honest_node_gets_its_receipt(asked: int | None) -> None:
     ],
     ids=[
         "count",
+        "count-batched",
         "transcript",
         "input-count",
         "prompt-bound",

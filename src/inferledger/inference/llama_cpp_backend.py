@@ -1,7 +1,7 @@
 """SmolLM2 (or any llama-family GGUF) run by llama.cpp, with proofs and shared decode steps.
 
-The GGUF is computed quantized, so this backend is 3-4x faster than transformers on a CPU.
-What stays the same as the transformers backend: the prompt's token
+The GGUF is computed in its own quantized form, so this backend is 3-4x faster than
+transformers on a CPU. What stays the same as the transformers backend: the prompt's token
 ids (the same tokenizer, ``chat_tokenizer``), the decode loop and the verifiable sampler
 (``decoding``), and the final-norm hidden state of every position, which llama.cpp hands
 out as its token embeddings when pooling is off (``result_norm``, the row the head reads).
@@ -13,22 +13,22 @@ cache, and one engine thread runs the decode steps that are waiting, together, i
 sequence: when all are taken, the least recently fed one's cache is moved out to memory
 and back when it is fed again (``_Engine``).
 
-The weights are requantized once to Q8_0 (cached next to the converted checkpoint): Q4_1 has
-no matrix-matrix kernel in llama.cpp on x86, so a decode of 8 sequences cost about 8 of
-one (a prompt's tokens as much), while Q8_0 has one (llamafile's, and AMX's repacked int8
-tiles), which also gives every row the same bits whatever else shares its batch. Q8_0
-holds Q4_1's values to within half a step of 1/127 of each block's largest, and the
-extra CPU buffer types (AMX) are on for it: on a Xeon with AMX, a prompt's mean
-log-likelihood was -3.894 (Q8_0 AMX) and -3.912 (Q4_1, no AMX) against -3.926 from the
-GGUF dequantized to float32 in transformers; AMX's Q4_1 and Q4_0 kernels gave -6.5 and
--6.1 (wrong), which is why Q4_1 was computed without them.
+llama.cpp's extra CPU buffer types (AMX, repacked weights) are off: on this project's
+machines (Xeon with AMX) they produced wrong logits for Q4_1 weights, a mean prompt
+log-likelihood of -7.6 against -4.5 from the same GGUF dequantized in numpy.
+
+The GGUF's own Q4_1 is what is computed, although llama.cpp has no matrix-matrix kernel
+for it on x86 (a decode of 8 sequences costs about 8 of one). A Q8_0 copy has those
+kernels (AMX's are right for Q8_0) and ran 1.6x faster for one stream and 1.24x for 8 at
+once, but Q8_0 cannot hold Q4_1's values exactly: a transformers verifier then failed 1
+of 24 honest checkpoints (a token choice 2.54 logits short of its own; the ``llama_cpp``
+profile's tolerance is 2.0), where the Q4_1 host's worst was 1.48 (docs/proofs.md).
 """
 
 from __future__ import annotations
 
 import ctypes
 import threading
-import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,20 +46,13 @@ from inferledger.inference.chat_tokenizer import ChatModel, ChatTokenizer
 from inferledger.inference.decoding import decode
 from inferledger.inference.model_cache import (
     ensure_converted,
-    ensure_derived,
     locate_weights,
 )
 from inferledger.inference.sampling import SAMPLER
 
 INSTALL_HINT = "bash scripts/llama-wheel.sh (builds llama-cpp-python once and caches the wheel)"
 DTYPE = "gguf"
-"""What a llama.cpp bundle names as its dtype: the GGUF's weights, quantized (as Q8_0)."""
-COMPUTED = ".Q8_0.gguf"
-"""The suffix of the requantized copy llama.cpp computes with (see the module docstring)."""
-LINGER = 0.5
-"""How long the engine waits for generations of its last batch that have not fed again,
-as a share of that batch's decode time: decoding a straggler on its own costs nearly a
-whole step, and once out of phase it stays out (8 sessions ran as 7 + 1 every step)."""
+"""What a llama.cpp bundle names as its dtype: the GGUF's own quantized weights."""
 
 
 def _import_llama() -> Any:
@@ -120,8 +113,6 @@ class _Engine:
         self._resident: list[_Stream] = []
         self._waiting: list[_Feed] = []
         self._dropped: list[_Stream] = []
-        self._last: list[_Stream] = []  # the streams of the last decode
-        self._last_seconds = 0.0  # and how long it took
         self._cond = threading.Condition()
         self._closed = False
         self.decodes = 0
@@ -166,8 +157,6 @@ class _Engine:
             with self._cond:
                 while not (self._waiting or self._dropped or self._closed):
                     self._cond.wait()
-                if self._waiting:
-                    self._await_stragglers()
                 if self._closed:
                     for item in self._waiting:
                         item.error = BackendError("the llama.cpp backend is closed")
@@ -187,20 +176,6 @@ class _Engine:
                     item.error = error
             for item in batch:
                 item.done.set()
-
-    def _await_stragglers(self) -> None:
-        """Wait (``LINGER``) for the streams of the last decode that have neither fed again
-        nor ended; one whose reply is paused is waited for once, not at every step."""
-        deadline = time.monotonic() + LINGER * self._last_seconds
-        while not self._closed:
-            fed = {id(item.stream) for item in self._waiting}
-            ended = {id(stream) for stream in self._dropped}
-            if all(id(s) in fed or id(s) in ended for s in self._last):
-                return
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            self._cond.wait(left)
 
     def _take_batch(self) -> list[_Feed]:
         """The waiting feeds that fit one decode, oldest first."""
@@ -267,10 +242,7 @@ class _Engine:
                 n += 1
             last.append(n - 1)
         batch.n_tokens = n
-        started = time.monotonic()
         status = lib.llama_decode(self._ctx, batch)
-        self._last = [item.stream for item in feeds]
-        self._last_seconds = time.monotonic() - started
         if status != 0:
             raise BackendError(f"llama_decode failed ({status}): the batch was refused")
         self.decodes += 1
@@ -325,25 +297,18 @@ class LlamaCppBackend(ChatModel):
         report("checking the weights (sha256)")
         self.weights_path, self.weights_sha256, self.name = locate_weights(gguf_path, name)
         # The tokenizer every backend shares lives next to the converted weights.
-        cache = Path(home) if home else None
-        self._chat = ChatTokenizer(ensure_converted(self.weights_path, self.weights_sha256, cache))
+        self._chat = ChatTokenizer(
+            ensure_converted(self.weights_path, self.weights_sha256, Path(home) if home else None)
+        )
+        report("loading the model (llama.cpp)")
         self._lib = lib
         _quiet(lib)
         lib.llama_backend_init()
-        report("requantizing the weights to Q8_0 (once)")
-        self.computed_path = ensure_derived(
-            self.weights_path,
-            self.weights_sha256,
-            COMPUTED,
-            lambda target: requantize(self.weights_path, target),
-            cache,
-        )
-        report("loading the model (llama.cpp)")
         model_params = lib.llama_model_default_params()
-        model_params.use_extra_bufts = True  # AMX for Q8_0: see the module docstring
-        self._model = lib.llama_model_load_from_file(str(self.computed_path).encode(), model_params)
+        model_params.use_extra_bufts = False  # see the module docstring: wrong logits
+        self._model = lib.llama_model_load_from_file(str(self.weights_path).encode(), model_params)
         if not self._model:
-            raise BackendUnavailable(f"llama.cpp cannot load {self.computed_path}")
+            raise BackendUnavailable(f"llama.cpp cannot load {self.weights_path}")
         trained = lib.llama_model_n_ctx_train(self._model)
         self.context_length: int = min(context_length or trained, trained)
         self.hidden_size: int = lib.llama_model_n_embd(self._model)
@@ -403,9 +368,8 @@ class LlamaCppBackend(ChatModel):
             self._engine.drop(stream)
 
     def logits(self, hidden_states: np.ndarray) -> np.ndarray:
-        """Next-token logits after each final-norm row: the (tied) output matrix llama.cpp
-        computes with, dequantized once, applied in float32 (a verifier's check of sampled
-        tokens)."""
+        """Next-token logits after each final-norm row: the GGUF's (tied) output matrix,
+        dequantized once, applied in float32 (a verifier's check of sampled tokens)."""
         head = self._output_matrix()
         rows = np.ascontiguousarray(hidden_states, dtype=np.float32)
         result: np.ndarray = rows @ head.T
@@ -465,7 +429,7 @@ class LlamaCppBackend(ChatModel):
     def _output_matrix(self) -> np.ndarray:
         with self._head_lock:
             if self._head is None:
-                self._head = _read_output_matrix(self.computed_path)
+                self._head = _read_output_matrix(self.weights_path)
             return self._head
 
 

@@ -4,19 +4,16 @@ Reading a GGUF through transformers de-quantizes every tensor and rebuilds the t
 which takes ~20 s. We do that once and ``save_pretrained`` the result under
 ``$INFERLEDGER_HOME/models/<gguf stem>-<sha256 prefix>/``. The conversion is written to a
 temporary sibling directory and renamed into place, so a crash never leaves a half cache:
-the final directory either exists complete or not at all. Single files derived from the
-GGUF (llama.cpp's requantized copy) are cached the same way (``ensure_derived``).
+the final directory either exists complete or not at all.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -104,33 +101,6 @@ def ensure_converted(gguf_path: Path, gguf_sha256: str, home: Path | None = None
     return target
 
 
-def ensure_derived(
-    gguf_path: Path,
-    gguf_sha256: str,
-    suffix: str,
-    build: Callable[[Path], None],
-    home: Path | None = None,
-) -> Path:
-    """A file made from this exact GGUF by ``build`` (which writes the path it is given),
-    cached as ``<conversion dir name><suffix>``; built once, renamed into place whole."""
-    directory = converted_dir(gguf_path, gguf_sha256, home)
-    target = directory.with_name(directory.name + suffix)
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(target)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    os.close(handle)
-    temp = Path(name)
-    try:
-        build(temp)
-        # Two processes building at once both rename a complete file: either one wins.
-        temp.replace(target)
-    finally:
-        temp.unlink(missing_ok=True)
-    return target
-
-
 def save_converted(gguf_path: Path, directory: Path) -> None:
     """De-quantize the GGUF to a float32 transformers checkpoint in ``directory``."""
     import torch
@@ -157,7 +127,4 @@ def _remove_stale_temps(target: Path) -> None:
     cutoff = time.time() - STALE_TEMP_SECONDS
     for leftover in target.parent.glob(f".{target.name}.tmp-*"):
         if leftover.stat().st_mtime < cutoff:
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
+            shutil.rmtree(leftover, ignore_errors=True)

@@ -277,6 +277,8 @@ class Connection:
         self.settles_at = 0.0  # wall-clock time at which serving stops (before expiry)
         self.receipt_every = max(1, node.settings.max_unreceipted_tokens // 2)
         self._send_lock = asyncio.Lock()
+        self.replying = False  # a reply is being served: it writes again soon
+        self._queued: list[bytes] = []  # frames for the next write, after the unsent tokens
         # Tokens served but not yet sent: they go in one frame at the next write.
         self._unsent_request = ""
         self._unsent_from = 0  # index of the first
@@ -288,11 +290,17 @@ class Connection:
     # Frames ------------------------------------------------------------------------
 
     async def send(self, frame: _NodeFrame) -> None:
-        """Send ``frame``, after any tokens still unsent (so frames keep their order)."""
-        data = dump_json(frame.dump())
-        async with self._send_lock:  # seals in wire order: the nonce is the frame's position
-            await self._write_unsent()
-            await self._write(data)
+        """Send ``frame`` now, in one message with whatever waits to go before it (unsent
+        tokens, queued frames): frames keep their order."""
+        self.queue(frame)
+        async with self._send_lock:
+            await self._write_queued()
+
+    def queue(self, frame: _NodeFrame) -> None:
+        """Send ``frame`` with the next write: for a frame nobody waits on while a reply
+        is streaming (its next tokens carry it)."""
+        self._take_tokens()
+        self._queued.append(dump_json(frame.dump()))
 
     def _queue_token(self, request_id: str, index: int, token: Token) -> None:
         if not self._unsent_ids:
@@ -300,18 +308,29 @@ class Connection:
         self._unsent_ids.append(token.token_id)
         self._unsent_texts.append(token.text)
 
-    async def flush_tokens(self) -> None:
-        """Send the tokens served and not yet sent, in one frame."""
-        if self._unsent_ids:
+    async def flush(self) -> None:
+        """Send what waits to go (unsent tokens, queued frames), as one message."""
+        if self._unsent_ids or self._queued:
             async with self._send_lock:
-                await self._write_unsent()
+                await self._write_queued()
 
-    async def _write_unsent(self) -> None:
+    def _take_tokens(self) -> None:
+        """Move the unsent tokens, as one frame, to the end of the queue."""
         ids, texts = self._unsent_ids, self._unsent_texts
         if ids:
             self._unsent_ids, self._unsent_texts = [], []
             self.node.metrics.tokens_generated.inc(len(ids))
-            await self._write(token_frame_json(self._unsent_request, self._unsent_from, ids, texts))
+            self._queued.append(
+                token_frame_json(self._unsent_request, self._unsent_from, ids, texts)
+            )
+
+    async def _write_queued(self) -> None:
+        """Under the send lock (it seals in wire order: the nonce is the position): one
+        message, a JSON array when it holds several frames (read in order)."""
+        self._take_tokens()
+        frames, self._queued = self._queued, []
+        if frames:
+            await self._write(frames[0] if len(frames) == 1 else _array(frames))
 
     async def _write(self, data: bytes) -> None:
         if self.ws.application_state == WebSocketState.CONNECTED:
@@ -695,6 +714,7 @@ class Connection:
 
     async def _serve_prompt(self, prompt: Prompt) -> None:
         assert self.info is not None
+        self.replying = True
         try:
             with self.gate.reply(self.info.depositor):
                 await self._stream(prompt)
@@ -711,8 +731,11 @@ class Connection:
             log.exception("generation failed")
             await self.send_error(ProtocolError(ErrorCode.INTERNAL, "generation failed"))
         finally:
+            self.replying = False
             if self.meter is not None:
                 self.meter.end_reply()
+            with contextlib.suppress(Exception):
+                await self.flush()  # a receipt_ack queued while the reply ended
 
     async def _stream(self, prompt: Prompt) -> None:
         assert self.info is not None and self.transcript is not None and self.meter is not None
@@ -752,7 +775,7 @@ class Connection:
             seed=params.seed,
         )
         self.trace = ReplyTrace(prompt_ids, keep_rows=capture, sampling=sampling)
-        await self.send(
+        self.queue(  # with the first tokens
             ReplyStart(
                 request_id=prompt.request_id,
                 prompt_tokens=len(prompt_ids),
@@ -821,7 +844,7 @@ class Connection:
                         await self._checkpoint_when_ready()
                         continue
                     if meter.waiting_for_receipt():
-                        await self.flush_tokens()
+                        await self.flush()
                         slot.give_back()
                         await self._wait_for_window()
                         await slot.take()
@@ -836,7 +859,7 @@ class Connection:
                     count += 1
                     if count == 1:
                         node.metrics.time_to_first_token.observe(time.monotonic() - received)
-                await self.flush_tokens()  # the tokens of this step go out together
+                await self.flush()  # the tokens of this step go out together
         finally:
             await steps.close()  # before the slot goes: a step may still be computing
             slot.give_back()
@@ -894,7 +917,7 @@ class Connection:
         """Build a due checkpoint once the row of its last token has arrived."""
         assert self.trace is not None
         if self.checkpoint_due and self.trace.rows_ready():
-            await self.flush_tokens()  # the client gets them while the bundle is built
+            await self.flush()  # the client gets them while the bundle is built
             async with self._checkpoint_lock:
                 self.checkpoint_due = False
                 await self._ask_receipt(await self._prove())
@@ -938,7 +961,7 @@ class Connection:
         request = ReceiptRequest(
             meter.served, proof_hash, self.transcript.value, self._bundles.get(proof_hash)
         )
-        await self.flush_tokens()  # the client gets them while the state is written
+        # The tokens wait for the state write: they go out with the request, in one message.
         await self.node.state.arecord_served(
             self.info.session_id, meter.served, meter.tail, meter.abandoned
         )
@@ -995,7 +1018,11 @@ class Connection:
             proof_hash.hex(),
         )
         self.window.set()
-        await self.send(ReceiptAck(input_tokens=counts.input, output_tokens=counts.output))
+        ack = ReceiptAck(input_tokens=counts.input, output_tokens=counts.output)
+        if self.replying:
+            self.queue(ack)  # it goes with the reply's next tokens, or with its done
+        else:
+            await self.send(ack)
 
     async def _queue_on_chain(self, checkpoint: CheckpointRecord) -> None:
         """Submit this checkpoint on chain too, if the policy says so (default: never)."""
@@ -1105,6 +1132,10 @@ class Connection:
             reason = f"{SETTLEMENT_GAVE_UP} {settlement.last_error}"
             await self.send(SettlementPending(session_id=sid, reason=reason))
         return settlement
+
+
+def _array(frames: list[bytes]) -> bytes:
+    return b"[" + b",".join(frames) + b"]"
 
 
 async def _within(

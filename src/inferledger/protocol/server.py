@@ -1,8 +1,9 @@
 """What a node sends a client: one typed model per frame, shared by the node and the SDK.
 
-The node builds these models and sends ``model_dump``; the SDK parses every inbound frame
-with ``parse_node_frame``, so a frame the node would not send (a missing field, a negative
-count) is a protocol error on the client, not a ``KeyError`` deep in its bookkeeping.
+The node builds these models and sends ``model_dump`` (several at once as a JSON array);
+the SDK parses every inbound message with ``parse_node_frames``, so a frame the node would
+not send (a missing field, a negative count) is a protocol error on the client, not a
+``KeyError`` deep in its bookkeeping.
 Their JSON schemas are published in docs/protocol-schemas.json next to the client frames.
 """
 
@@ -269,12 +270,30 @@ class NodeFrameError(ValueError):
     """A frame from the node that breaks the protocol (not JSON, unknown type, bad field)."""
 
 
-def parse_node_frame(text: str | bytes) -> Any:
-    """One frame from the node as its typed model, or NodeFrameError naming what is wrong."""
+def parse_node_frames(text: str | bytes) -> list[Any]:
+    """One message from the node as its frames' typed models, in order: a message holds
+    one frame, or a JSON array of frames (what the node had ready to send at once).
+    NodeFrameError names what is wrong."""
     try:
         data = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise NodeFrameError(f"node sent a frame that is not JSON: {exc}") from exc
+    if not isinstance(data, list):
+        return [_typed(data)]
+    if not data:
+        raise NodeFrameError("node sent an empty array of frames")
+    return [_typed(item) for item in data]
+
+
+def parse_node_frame(text: str | bytes) -> Any:
+    """A message that must hold exactly one frame (``challenge`` does)."""
+    frames = parse_node_frames(text)
+    if len(frames) != 1:
+        raise NodeFrameError(f"node sent {len(frames)} frames where one was due")
+    return frames[0]
+
+
+def _typed(data: Any) -> Any:
     kind = data.get("type") if isinstance(data, dict) else None
     if kind not in NODE_FRAMES:
         raise NodeFrameError(f"node sent an unknown frame type {kind!r}")

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,7 @@ from inferledger.protocol.server import (
     TokenFrame,
     TokensFrame,
     parse_node_frame,
+    parse_node_frames,
 )
 from inferledger.sdk.errors import SdkError
 from inferledger.sdk.sealed import SealedSocket, start_channel
@@ -280,7 +282,7 @@ class SessionClient:
 
     def __init__(
         self,
-        ws: SealedSocket,
+        frames: _Frames,
         session_id: int,
         signer: LocalAccount,
         domain: ReceiptDomain,
@@ -289,7 +291,8 @@ class SessionClient:
         start_tokens: int,
         on_receipt: ReceiptHook | None = None,
     ) -> None:
-        self.ws = ws
+        self.frames = frames
+        self.ws = frames.ws
         self.session_id = session_id
         self.signer = signer
         self.domain = domain
@@ -348,8 +351,9 @@ class SessionClient:
         )
         ws = SealedSocket(raw, None)
         try:
+            # Alone in its message: nothing may ride in plaintext with it.
             challenge = _expect(
-                await asyncio.wait_for(_recv(ws), open_timeout), Challenge, "challenge"
+                await asyncio.wait_for(_recv_one(ws), open_timeout), Challenge, "challenge"
             )
             check_challenge(challenge, expect)
             if plaintext and not challenge.plaintext:
@@ -358,6 +362,7 @@ class SessionClient:
                     "this node takes only encrypted sessions; connect without plaintext",
                 )
             ws = await start_channel(raw, challenge, plaintext=plaintext)
+            frames = _Frames(ws)
             nonce = bytes.fromhex(challenge.nonce[2:])
             auth = SessionAuth(session_id, nonce, expect.host)
             signature = sign_session_auth(signer.key, expect.domain, auth)
@@ -373,14 +378,14 @@ class SessionClient:
                 )
             )
             ready = _expect(
-                await asyncio.wait_for(_recv(ws), open_timeout), SessionReady, "session_ready"
+                await asyncio.wait_for(frames.next(), open_timeout), SessionReady, "session_ready"
             )
             token_ids = check_ready(ready, session_id, history)
         except BaseException:
             await ws.close()
             raise
         start = min(len(history.token_ids), ready.served_output_tokens)
-        return cls(ws, session_id, signer, expect.domain, ready, token_ids, start, on_receipt)
+        return cls(frames, session_id, signer, expect.domain, ready, token_ids, start, on_receipt)
 
     async def settle_up(self) -> None:
         """On resume: sign for what the node served before the connection dropped (it
@@ -404,7 +409,7 @@ class SessionClient:
 
     async def _next(self) -> Any:
         """Read one frame and do its bookkeeping: count tokens, sign receipts, raise errors."""
-        frame = await _recv(self.ws)
+        frame = await self.frames.next()
         if isinstance(frame, TokenFrame):
             self._receive_tokens(frame.index, [frame.token_id], [frame.text])
         elif isinstance(frame, TokensFrame):
@@ -590,9 +595,27 @@ class SessionClient:
         await self.ws.close()
 
 
-async def _recv(ws: SealedSocket) -> Any:
+class _Frames:
+    """The node's frames one at a time, in order: a message holds one, or several (a JSON
+    array of the frames the node had ready at once)."""
+
+    def __init__(self, ws: SealedSocket) -> None:
+        self.ws = ws
+        self._ready: deque[Any] = deque()
+
+    async def next(self) -> Any:
+        if not self._ready:
+            self._ready.extend(await _recv(self.ws, parse_node_frames))
+        return self._ready.popleft()
+
+
+async def _recv_one(ws: SealedSocket) -> Any:
+    return await _recv(ws, parse_node_frame)
+
+
+async def _recv(ws: SealedSocket, parse: Callable[[str | bytes], Any]) -> Any:
     try:
-        return parse_node_frame(await ws.recv())
+        return parse(await ws.recv())
     except NodeFrameError as exc:
         raise SessionError("PROTOCOL", str(exc)) from exc
     except SealBroken as exc:
