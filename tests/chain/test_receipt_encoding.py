@@ -20,6 +20,7 @@ from inferledger.chain.receipts import (
     check_receipt_signature,
     receipt_digest,
     recover_receipt_signer,
+    sign_digest,
     sign_receipt,
     typed_receipt_digest,
 )
@@ -55,6 +56,19 @@ def test_digest_signature_and_recovery_equal_eth_accounts(
     assert recover_receipt_signer(domain, receipt, signature) == KEY.address
     check_receipt_signature(domain, receipt, signature, KEY.address)
     check_receipt_signature(domain, receipt, signature, KEY.address.lower())
+
+
+@settings(max_examples=50, deadline=None)
+@given(key=st.binary(min_size=32, max_size=32), digest=st.binary(min_size=32, max_size=32))
+def test_a_digest_is_signed_as_eth_account_signs_it(key: bytes, digest: bytes) -> None:
+    try:
+        expected = bytes(Account.unsafe_sign_hash(digest, key).signature)
+    except (ValueError, TypeError):  # not a secp256k1 key (zero, or beyond the order)
+        with pytest.raises(ValueError):
+            sign_digest(key, digest)
+        return
+    assert sign_digest(key, digest) == expected
+    assert sign_digest("0x" + key.hex(), digest) == expected
 
 
 def test_a_receipt_signed_for_other_counts_or_by_another_key_is_refused() -> None:

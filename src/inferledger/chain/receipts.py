@@ -277,13 +277,18 @@ def typed_receipt_digest(domain: ReceiptDomain, receipt: Receipt) -> bytes:
 
 
 def sign_receipt(private_key: bytes | str, domain: ReceiptDomain, receipt: Receipt) -> bytes:
-    """The 65-byte signature (r, s, v) the contract expects: v 27 or 28, low s, RFC 6979
-    (libsecp256k1's), so byte for byte eth-account's ``sign_message`` of the typed data."""
+    """The 65-byte signature the contract expects (``sign_digest`` of the receipt's
+    digest), byte for byte eth-account's ``sign_message`` of the typed data."""
+    return sign_digest(private_key, receipt_digest(domain, receipt))
+
+
+def sign_digest(private_key: bytes | str, digest: bytes) -> bytes:
+    """The 65-byte signature (r, s, v) of a 32-byte digest: v 27 or 28, low s, RFC 6979
+    (libsecp256k1's), as eth-account's ``unsafe_sign_hash`` gives it, without its per-call
+    key parsing and public-key derivation (a node signs a bundle per checkpoint)."""
     if isinstance(private_key, str):
         private_key = bytes.fromhex(private_key.removeprefix("0x"))
-    signed = coincurve.PrivateKey(bytes(private_key)).sign_recoverable(
-        receipt_digest(domain, receipt), hasher=None
-    )
+    signed = coincurve.PrivateKey(bytes(private_key)).sign_recoverable(digest, hasher=None)
     return signed[:64] + bytes([signed[64] + 27])
 
 

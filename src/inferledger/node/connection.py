@@ -396,9 +396,11 @@ class Connection:
         login_by = asyncio.get_running_loop().time() + self.node.settings.login_timeout
         while True:
             try:
-                # Until it has logged in, a socket lives only until the login deadline.
-                async with asyncio.timeout_at(None if self.info else login_by):
+                if self.info is not None:
                     message = await self.ws.receive()
+                else:  # until it has logged in, a socket lives only until the login deadline
+                    async with asyncio.timeout_at(login_by):
+                        message = await self.ws.receive()
             except TimeoutError:
                 await self.send_error(
                     ProtocolError(

@@ -18,6 +18,7 @@ which only the user holds and may hand to a verifier.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable
@@ -28,7 +29,7 @@ from eth_account import Account
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
-from inferledger.chain.receipts import check_signature_shape
+from inferledger.chain.receipts import check_signature_shape, sign_digest
 from inferledger.proofs.activation import PROOF_BYTES, segment_chunks
 
 VERSION = 3
@@ -203,8 +204,7 @@ class ProofBundle:
 
     def signed(self, private_key: bytes | str) -> ProofBundle:
         """A copy carrying the host's 65-byte signature over :meth:`signing_hash`."""
-        signature = Account.unsafe_sign_hash(self.signing_hash(), private_key).signature
-        return replace(self, host_signature=bytes(signature))
+        return replace(self, host_signature=sign_digest(private_key, self.signing_hash()))
 
     def host_signer(self) -> str:
         """The address that signed the bundle; compare it with the session's host."""
@@ -246,6 +246,7 @@ def _salted(purpose: bytes, salt: bytes, data: bytes) -> bytes:
     return keccak(b"inferledger/" + purpose + b"/v2" + salt + data)
 
 
+@functools.lru_cache(maxsize=256)  # a node's bundles name one host: checked once, not each time
 def _is_checksummed(address: str) -> bool:
     try:
         return to_checksum_address(address) == address
