@@ -22,6 +22,7 @@ Figures come from this one run; nothing is asserted. docs/proofs.md publishes th
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import tempfile
 from collections.abc import Callable
@@ -36,7 +37,6 @@ from transformers.utils import logging as hf_logging
 
 import integrity as bench
 from inferledger.inference import load_backend
-from inferledger.inference.llama_cpp_backend import requantize
 from inferledger.proofs.profiles import FP32, LLAMA_CPP
 from inferledger.proofs.verify import BundleVerdict, VerifierModel, verify_bundle
 
@@ -148,8 +148,17 @@ def verify_all(
 
 def requantized(source: Path, directory: Path) -> Path:
     """The GGUF requantized to Q4_0 by llama.cpp: what a host might serve to go faster."""
+    import llama_cpp
+
     target = directory / "SmolLM2-135M-Instruct.Q4_0.gguf"
-    requantize(source, target, "Q4_0")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.allow_requantize = True
+    status = llama_cpp.llama_model_quantize(
+        str(source).encode(), str(target).encode(), ctypes.byref(params)
+    )
+    if status != 0:
+        raise SystemExit(f"llama_model_quantize failed ({status})")
     return target
 
 

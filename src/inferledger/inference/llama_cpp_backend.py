@@ -433,20 +433,6 @@ class LlamaCppBackend(ChatModel):
             return self._head
 
 
-def requantize(source: Path, target: Path, ftype: str = "Q8_0") -> None:
-    """Write ``source`` to ``target`` with every matrix in ``ftype`` (a llama.cpp
-    ``LLAMA_FTYPE_MOSTLY_*`` name; matrices already in it are copied as they are)."""
-    lib = _import_llama()
-    params = lib.llama_model_quantize_default_params()
-    params.ftype = getattr(lib, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-    params.allow_requantize = True
-    status = lib.llama_model_quantize(
-        str(source).encode(), str(target).encode(), ctypes.byref(params)
-    )
-    if status != 0:
-        raise BackendUnavailable(f"llama.cpp cannot requantize {source} to {ftype} ({status})")
-
-
 def _read_output_matrix(path: Path) -> np.ndarray:
     """``output.weight`` of a GGUF, or the token embeddings when the head is tied."""
     from gguf import GGUFReader

@@ -292,7 +292,6 @@ class SessionClient:
         on_receipt: ReceiptHook | None = None,
     ) -> None:
         self.frames = frames
-        self.ws = frames.ws
         self.session_id = session_id
         self.signer = signer
         self.domain = domain
@@ -353,7 +352,9 @@ class SessionClient:
         try:
             # Alone in its message: nothing may ride in plaintext with it.
             challenge = _expect(
-                await asyncio.wait_for(_recv_one(ws), open_timeout), Challenge, "challenge"
+                await asyncio.wait_for(_recv(ws, parse_node_frame), open_timeout),
+                Challenge,
+                "challenge",
             )
             check_challenge(challenge, expect)
             if plaintext and not challenge.plaintext:
@@ -393,6 +394,10 @@ class SessionClient:
         served = (self.ready.served_input_tokens, self.ready.served_output_tokens)
         while self.receipted != served:
             await self._next()
+
+    @property
+    def ws(self) -> SealedSocket:
+        return self.frames.ws
 
     @property
     def is_open(self) -> bool:
@@ -607,10 +612,6 @@ class _Frames:
         if not self._ready:
             self._ready.extend(await _recv(self.ws, parse_node_frames))
         return self._ready.popleft()
-
-
-async def _recv_one(ws: SealedSocket) -> Any:
-    return await _recv(ws, parse_node_frame)
 
 
 async def _recv(ws: SealedSocket, parse: Callable[[str | bytes], Any]) -> Any:
