@@ -120,7 +120,11 @@ class Chain:
             with self.lock:
                 self._tester.time_travel(self.now() + seconds + 1)
         else:
-            self.w3.provider.make_request(RPCEndpoint("evm_increaseTime"), [seconds])
+            # An exact timestamp, not evm_increaseTime: that adds to the wall clock, and blocks
+            # mined faster than one a second run ahead of it (each at least its parent + 1),
+            # so the travel could land short of ``seconds`` past the latest block.
+            target = self.now() + max(seconds, 1)
+            self.w3.provider.make_request(RPCEndpoint("evm_setNextBlockTimestamp"), [target])
             self.w3.provider.make_request(RPCEndpoint("evm_mine"), [])
         return self.now()
 

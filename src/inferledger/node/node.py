@@ -23,6 +23,7 @@ from inferledger.node.outbox import Outbox, SettlementReason
 from inferledger.node.preflight import PreflightFailed, PreflightReport
 from inferledger.node.settlement import SettlementWorker
 from inferledger.node.state import HostedSession, NodeState
+from inferledger.node.threads import named_pool
 from inferledger.proofs.provers import Prover
 from inferledger.store.blobs import BlobStore
 
@@ -182,9 +183,7 @@ class Node:
     def generation_executor(self) -> ThreadPoolExecutor:
         """One worker thread per generation slot, apart from the loop's default pool."""
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                self.settings.max_concurrent_generations, thread_name_prefix="generate"
-            )
+            self._executor = named_pool(self.settings.max_concurrent_generations, "generate")
         return self._executor
 
 

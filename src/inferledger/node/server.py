@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import threading
 import time
@@ -30,9 +31,11 @@ from inferledger.chain.receipts import (
 )
 from inferledger.node.connection import Connection, Gate
 from inferledger.node.node import Node
+from inferledger.node.threads import named_pool
 from inferledger.protocol.client import INT64_MAX
 from inferledger.store.blobs import BlobNotFound, CorruptBlob
 
+_TO_THREAD_WORKERS = min(32, (os.cpu_count() or 1) + 4)  # asyncio's own default size
 _PROOF_HASH = re.compile(r"0x[0-9a-f]{64}")
 _ID = re.compile(r"[1-9][0-9]{0,18}")  # 1 .. 10**19 - 1: never more digits than int64 has
 
@@ -183,6 +186,8 @@ def create_app(node: Node) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # The to_thread pool (state reads, checkpoints, chain calls) named for the OS too.
+        asyncio.get_running_loop().set_default_executor(named_pool(_TO_THREAD_WORKERS, "to_thread"))
         node.settlement.start()
         try:
             yield

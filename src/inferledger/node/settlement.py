@@ -50,6 +50,7 @@ from inferledger.node.notices import SettlementNotices
 from inferledger.node.outbox import CheckpointStatus, Outbox, SettlementReason, SettlementRecord
 from inferledger.node.reconciler import Finding, compare
 from inferledger.node.state import HostedSession, NodeState, session_record
+from inferledger.node.threads import name_os_thread
 from inferledger.node.watcher import ChainWatcher, Poll
 
 log = logging.getLogger("inferledger.node")
@@ -126,6 +127,7 @@ class SettlementWorker:
         self._wake.set()
 
     def _run(self) -> None:
+        name_os_thread()
         self.resume()
         while not self._stop.is_set():
             try:

@@ -36,6 +36,7 @@ from typing import Any, Literal, TypeVar, get_args
 
 from inferledger.chain.contracts import SessionInfo
 from inferledger.node.metering import Counts, SentToken
+from inferledger.node.threads import name_os_thread
 
 HostedStatus = Literal["open", "ended", "settled", "failed"]
 """``open``: serving; ``ended``: the client said end or left, or the chain asked for a close,
@@ -329,6 +330,7 @@ class _Writer:
             self._thread = None
 
     def _loop(self) -> None:
+        name_os_thread()
         while True:
             item = self._queue.get()
             if item is None:

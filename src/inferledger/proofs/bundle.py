@@ -22,7 +22,7 @@ import functools
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
 
 from eth_account import Account
@@ -178,7 +178,7 @@ class ProofBundle:
 
     def encode(self) -> bytes:
         """The canonical bytes; ``proof_hash`` is their keccak256."""
-        doc = {"version": VERSION, **_jsonable(asdict(self))}
+        doc = {"version": VERSION, **_jsonable(self)}
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -278,7 +278,12 @@ def _from_hex(name: str, value: object) -> bytes:
 
 
 def _jsonable(value: Any) -> Any:
-    """``asdict`` output as JSON values: bytes become ``0x`` hex, tuples lists."""
+    """A bundle's fields as JSON values: dataclasses become objects (as ``asdict`` makes
+    them, without its deep copies of every token id), bytes ``0x`` hex, tuples lists."""
+    if type(value) is int or type(value) is str:
+        return value
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
     if isinstance(value, bytes):
         return "0x" + value.hex()
     if isinstance(value, tuple | list):
