@@ -142,13 +142,19 @@ class TxSender:
     def transact(self, call: ContractFunction | ContractConstructor, action: str = "") -> TxReceipt:
         """Send a contract call (or deployment) and return its successful receipt."""
         action = action or getattr(call, "fn_name", "deploy")
+        # Only the call's data and target are wanted here: placeholders keep web3 from asking
+        # the chain for gas, nonce and fees, which ``send`` sets itself.
+        placeholders = {"gas": 0, "nonce": Nonce(0), "maxFeePerGas": 0, "maxPriorityFeePerGas": 0}
         try:
-            tx = call.build_transaction({"from": self.address, "gas": 0, "nonce": Nonce(0)})
+            tx = call.build_transaction(
+                cast(
+                    TxParams,
+                    {"from": self.address, "chainId": self.w3.eth.chain_id, **placeholders},
+                )
+            )
         except Exception as exc:
             raise translate(exc, action, self.url) from exc
-        tx.pop("gas", None)
-        tx.pop("nonce", None)
-        return self.send(dict(tx), action)
+        return self.send({k: v for k, v in tx.items() if k not in placeholders}, action)
 
     def send_value(self, to: str, wei: int) -> TxReceipt:
         """Send plain ether (gas money) to ``to``."""

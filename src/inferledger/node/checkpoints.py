@@ -2,13 +2,14 @@
 
 A connection keeps a :class:`ReplyTrace` per reply. At every ``proof_interval`` tokens and at
 the end of each reply it takes the segment not yet proved and hands it to
-:func:`build_checkpoint`, which runs off the event loop: prove (falling back to an unproven
-commitment if the prover fails, so payment never waits on it), store the bundle under its
-hash, and write the checkpoint to the outbox before the receipt is even requested.
+:func:`build_checkpoint`, which proves in a worker thread (falling back to an unproven
+commitment if the prover fails, so payment never waits on it), stores the bundle under its
+hash, and writes the checkpoint to the outbox before the receipt is even requested.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -20,7 +21,12 @@ import numpy as np
 from inferledger.inference.base import Backend, Hidden, Message, UnsupportedFeature
 from inferledger.node.node import Node
 from inferledger.node.outbox import CheckpointRecord
-from inferledger.proofs.provers import CheckpointWork, SegmentWork, prove_checkpoint
+from inferledger.proofs.provers import (
+    CheckpointWork,
+    ProvedCheckpoint,
+    SegmentWork,
+    prove_checkpoint,
+)
 from inferledger.proofs.sampling import GREEDY, Sampling
 
 log = logging.getLogger("inferledger.node")
@@ -101,8 +107,17 @@ class CheckpointJob:
     salt: bytes
 
 
-def build_checkpoint(node: Node, job: CheckpointJob) -> CheckpointRecord:
-    """Prove, sign, store and record one checkpoint; blocking, run in a worker thread."""
+async def build_checkpoint(node: Node, job: CheckpointJob) -> CheckpointRecord:
+    """Prove, sign and store one checkpoint in a worker thread, then record it in the next
+    group commit (with other sessions' receipts, not a commit of its own)."""
+    proved, record = await asyncio.to_thread(_prove_and_store, node, job)
+    await node.outbox.aadd_checkpoint(record)
+    _report(node, job, proved, record)
+    return record
+
+
+def _prove_and_store(node: Node, job: CheckpointJob) -> tuple[ProvedCheckpoint, CheckpointRecord]:
+    """The blocking part: prove and sign the bundle, store it under its hash."""
     segment = _with_rows(node, job.segment)
     index = node.outbox.next_checkpoint_index(job.session_id)
     work = CheckpointWork(
@@ -137,7 +152,14 @@ def build_checkpoint(node: Node, job: CheckpointJob) -> CheckpointRecord:
         prover_error=proved.error,
         status="proved",
     )
-    node.outbox.add_checkpoint(record)
+    return proved, record
+
+
+def _report(
+    node: Node, job: CheckpointJob, proved: ProvedCheckpoint, record: CheckpointRecord
+) -> None:
+    """Metrics and the log line of a recorded checkpoint."""
+    bundle = proved.bundle
     metrics = node.metrics
     metrics.proof_seconds.labels(prover=bundle.prover).observe(proved.seconds)
     metrics.proof_bytes.observe(len(proved.encoded))
@@ -152,14 +174,14 @@ def build_checkpoint(node: Node, job: CheckpointJob) -> CheckpointRecord:
             "commitment bundle, payment goes on",
             job.session_id,
             node.prover.name,
-            index,
+            record.idx,
             proved.error,
         )
     log.info(
         "session %s: proof generated: checkpoint %s, tokens %s-%s, %s bytes, %.1f ms (%s%s), "
         "proof_hash 0x%s",
         job.session_id,
-        index,
+        record.idx,
         job.token_start,
         job.token_end,
         len(proved.encoded),
@@ -168,7 +190,6 @@ def build_checkpoint(node: Node, job: CheckpointJob) -> CheckpointRecord:
         ", unproven" if bundle.unproven else "",
         proved.proof_hash.hex(),
     )
-    return record
 
 
 def _with_rows(node: Node, segment: SegmentWork) -> SegmentWork:

@@ -949,7 +949,7 @@ class Connection:
         self.checkpointed = job.token_end
         # Shielded: once proving starts, its checkpoint row is written even if `end` or a
         # disconnect cancels this task meanwhile.
-        record = await asyncio.shield(asyncio.to_thread(build_checkpoint, self.node, job))
+        record = await asyncio.shield(build_checkpoint(self.node, job))
         self.last_bundle = record.proof_hash
         self._bundles[record.proof_hash] = record
         return record.proof_hash

@@ -17,6 +17,7 @@ transaction) goes back to ``pending`` (``reopen_settlement``).
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -117,40 +118,12 @@ class Outbox:
 
     def add_checkpoint(self, record: CheckpointRecord) -> None:
         """Record a proved checkpoint."""
-        now = time.time()
         with self.state.transaction() as db:
-            if (
-                db.execute(
-                    "SELECT 1 FROM sessions WHERE session_id = ?", (record.session_id,)
-                ).fetchone()
-                is None
-            ):
-                raise UnknownSession(record.session_id)
-            db.execute(
-                """
-                INSERT INTO checkpoints (
-                    session_id, idx, token_start, token_end, proof_hash, transcript_hash,
-                    prover, unproven, proof_bytes, proof_ms, prover_error, status,
-                    created_at, updated_at
-                ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                """,
-                (
-                    record.session_id,
-                    record.idx,
-                    record.token_start,
-                    record.token_end,
-                    record.proof_hash.hex(),
-                    record.transcript_hash.hex(),
-                    record.prover,
-                    int(record.unproven),
-                    record.proof_bytes,
-                    record.proof_ms,
-                    record.prover_error,
-                    record.status,
-                    now,
-                    now,
-                ),
-            )
+            _add_checkpoint(db, record)
+
+    async def aadd_checkpoint(self, record: CheckpointRecord) -> None:
+        """``add_checkpoint`` in the next group commit, with the receipts of other sessions."""
+        await self.state.in_group_commit(_add_checkpoint, record)
 
     def checkpoints(self, session_id: int) -> list[CheckpointRecord]:
         rows = self.state.query(
@@ -433,4 +406,38 @@ def _settlement(row: object) -> SettlementRecord:
         created_at=r["created_at"],
         block_number=r["block_number"],
         confirmed=bool(r["confirmed"]),
+    )
+
+
+def _add_checkpoint(db: sqlite3.Connection, record: CheckpointRecord) -> None:
+    now = time.time()
+    if (
+        db.execute("SELECT 1 FROM sessions WHERE session_id = ?", (record.session_id,)).fetchone()
+        is None
+    ):
+        raise UnknownSession(record.session_id)
+    db.execute(
+        """
+        INSERT INTO checkpoints (
+            session_id, idx, token_start, token_end, proof_hash, transcript_hash,
+            prover, unproven, proof_bytes, proof_ms, prover_error, status,
+            created_at, updated_at
+        ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        """,
+        (
+            record.session_id,
+            record.idx,
+            record.token_start,
+            record.token_end,
+            record.proof_hash.hex(),
+            record.transcript_hash.hex(),
+            record.prover,
+            int(record.unproven),
+            record.proof_bytes,
+            record.proof_ms,
+            record.prover_error,
+            record.status,
+            now,
+            now,
+        ),
     )

@@ -442,6 +442,11 @@ class NodeState:
                     self._conn.execute("ROLLBACK")
                 raise
 
+    async def in_group_commit(self, op: Callable[..., T], *args: Any) -> T:
+        """``op(db, *args)`` in the next group commit (see ``_Writer``), off the event loop;
+        its result once that commit is on disk. For the outbox's writes on a hot path."""
+        return await self._writer.run(op, *args)
+
     def query(self, sql: str, args: tuple[object, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._conn.execute(sql, args).fetchall()
