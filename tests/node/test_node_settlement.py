@@ -431,8 +431,10 @@ def test_the_node_releases_its_paid_amounts_after_the_dispute_window(
     # The node's books, not the chain: the chain shows the release before the node has its
     # receipt back and has written it down.
     wait_until(
-        lambda: node.state.unreleased_sessions() == [second]
-        and node.metrics.exposure_released._value.get() == 1,
+        lambda: (
+            node.state.unreleased_sessions() == [second]
+            and node.metrics.exposure_released._value.get() == 1
+        ),
         "the node to release the first session and record it",
     )
     assert c.disputes.is_released(first)
