@@ -120,9 +120,9 @@ class Chain:
             with self.lock:
                 self._tester.time_travel(self.now() + seconds + 1)
         else:
-            # An exact timestamp, not evm_increaseTime: that adds to the wall clock, and blocks
-            # mined faster than one a second run ahead of it (each at least its parent + 1),
-            # so the travel could land short of ``seconds`` past the latest block.
+            # An exact timestamp, not evm_increaseTime: that moves anvil's clock (the wall
+            # clock plus an offset), and the latest block can be ahead of that clock (one
+            # mined at a timestamp set by hand), so the travel could land short of it.
             target = self.now() + max(seconds, 1)
             self.w3.provider.make_request(RPCEndpoint("evm_setNextBlockTimestamp"), [target])
             self.w3.provider.make_request(RPCEndpoint("evm_mine"), [])
