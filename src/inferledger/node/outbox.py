@@ -116,13 +116,8 @@ class Outbox:
 
     # Checkpoints ----------------------------------------------------------------------
 
-    def add_checkpoint(self, record: CheckpointRecord) -> None:
-        """Record a proved checkpoint."""
-        with self.state.transaction() as db:
-            _add_checkpoint(db, record)
-
     async def aadd_checkpoint(self, record: CheckpointRecord) -> None:
-        """``add_checkpoint`` in the next group commit, with the receipts of other sessions."""
+        """Record a proved checkpoint, in the next group commit with other sessions' receipts."""
         await self.state.in_group_commit(_add_checkpoint, record)
 
     def checkpoints(self, session_id: int) -> list[CheckpointRecord]:
