@@ -207,9 +207,9 @@ def run(console: Console, prompts: list[str], samples: int, modes: tuple[str, ..
 
     # Part 1 ---------------------------------------------------------------------------
     conditions = [
-        ("llama.cpp host, transformers verifier", llama, "llama_cpp", "gguf", transformers),
+        ("llama.cpp host, transformers verifier", llama, "llama_cpp", "q8_0", transformers),
         ("transformers host, llama.cpp verifier", transformers, "transformers", "float32", llama),
-        ("llama.cpp host, llama.cpp verifier", llama, "llama_cpp", "gguf", llama),
+        ("llama.cpp host, llama.cpp verifier", llama, "llama_cpp", "q8_0", llama),
     ]
     honest = []
     with console.status("part 1: honest replies") as status:
@@ -296,7 +296,7 @@ def run(console: Console, prompts: list[str], samples: int, modes: tuple[str, ..
 
         def judge(attack: Attack, prompt: list[int], output: list[int], sampling: Any) -> None:
             for profile, host, engine, dtype in (
-                ("llama_cpp", llama, "llama_cpp", "gguf"),
+                ("llama_cpp", llama, "llama_cpp", "q8_0"),
                 ("fp32", transformers, "transformers", "float32"),
             ):
                 forged = bench.proved_by_prefill(host, prompt, output, sampling)
@@ -322,7 +322,7 @@ def run(console: Console, prompts: list[str], samples: int, modes: tuple[str, ..
                     edited[spot] = bench.runner_up(llama, honest_reply, spot)
                     judge(attacks["one token edited"], prompt, edited, sampling)
                     own = bench.generate(swapped, messages, sampling, TOKENS)
-                    for verdict, record in verify_all([own], "llama_cpp", "gguf", transformers):
+                    for verdict, record in verify_all([own], "llama_cpp", "q8_0", transformers):
                         attacks["Q4_0, its own states"].add("llama_cpp", verdict, record)
         swapped.close()
 

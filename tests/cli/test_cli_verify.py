@@ -292,7 +292,7 @@ def test_verify_can_rerun_the_model_in_llama_cpp() -> None:
     backend = load_verifier_backend("llama_cpp", Console())
     try:
         model = VerifierModel.of(backend)
-        assert (backend.engine, model.dtype) == ("llama_cpp", "gguf")
+        assert (backend.engine, model.dtype) == ("llama_cpp", "q8_0")
         assert model.logits is not None
     finally:
         backend.close()

@@ -47,7 +47,7 @@ def test_prompts_are_the_transformers_ids_and_states_are_the_final_norm_rows(
     # The quantized GGUF against its float32 dequantization: close, not equal. The wrong
     # rows (pre-norm, or the AMX kernels' wrong logits) were at cosine 0.05-0.2.
     assert cosines(rows, reference).min() > 0.99
-    assert (llama.engine, llama.dtype, llama.sampler) == ("llama_cpp", "gguf", smollm.sampler)
+    assert (llama.engine, llama.dtype, llama.sampler) == ("llama_cpp", "q8_0", smollm.sampler)
 
 
 def test_a_generation_decoded_with_others_is_the_one_decoded_alone(llama: Any) -> None:
@@ -61,18 +61,20 @@ def test_a_generation_decoded_with_others_is_the_one_decoded_alone(llama: Any) -
 
         def __init__(self) -> None:
             self.held = False
+            self.orders: list[list[int]] = []
 
         def __getattr__(self, name: str) -> Any:
             return getattr(real, name)
 
         def llama_decode(self, ctx: Any, batch: Any) -> int:
+            self.orders.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
             if not self.held:
                 self.held = True
                 held = len({batch.seq_id[i][0] for i in range(batch.n_tokens)})
                 wait_until(lambda: held + len(engine._waiting) >= 4, "callers never queued")
             return int(real.llama_decode(ctx, batch))
 
-    engine._lib = HoldFirstDecode()
+    engine._lib = spy = HoldFirstDecode()
     shared = llama.engine_stats[1]
     results: list[tuple | None] = [None] * 4
     try:
@@ -87,6 +89,8 @@ def test_a_generation_decoded_with_others_is_the_one_decoded_alone(llama: Any) -
     finally:
         engine._lib = real
     assert llama.engine_stats[1] - shared >= 3  # some decodes carried several sequences
+    # In sequence order: llama.cpp splits any other batch into a decode per sequence.
+    assert all(order == sorted(order) for order in spy.orders)
     for result in results:
         assert result is not None
         tokens, rows = result

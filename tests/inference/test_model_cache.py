@@ -39,8 +39,15 @@ def test_home_comes_from_the_environment(monkeypatch, tmp_path):
 
 
 def test_cache_dir_is_keyed_by_content(tmp_path, gguf):
-    assert converted_dir(gguf, SHA, tmp_path) == tmp_path / "models" / f"tiny.Q4-{SHA[:16]}"
+    expected = tmp_path / "models" / f"tiny.Q4-{SHA[:16]}-q8_0-v1"
+    assert converted_dir(gguf, SHA, tmp_path) == expected
     assert converted_dir(gguf, "cd" * 32, tmp_path) != converted_dir(gguf, SHA, tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def computed_is_the_file(monkeypatch):
+    """The computed copy's derivation is tested on the real GGUF (test_computed_weights)."""
+    monkeypatch.setattr(model_cache, "ensure_computed", lambda path, sha, home: path)
 
 
 def test_conversion_runs_once_then_is_reused(monkeypatch, tmp_path, gguf):

