@@ -8,7 +8,7 @@ and token-choice gaps, which its thresholds must cover, and every checkpoint sho
 
 Part 2, attacks on a host that names llama.cpp: a text written another way (one token
 edited, weight noise, a dropped layer, bf16-rounded weights, the GGUF requantized to
-Q4_0), proved by an honest llama.cpp prefill of the approved GGUF (so only the sampling
+Q4_0), proved by an honest llama.cpp prefill of the computed copy (so only the sampling
 check can tell), or by the requantized model's own states. Each is judged twice: as a
 llama.cpp bundle (``llama_cpp`` profile) and, for the same text proved by transformers,
 as a float32 bundle (``fp32``): what the cross-backend profile gives up, row by row.
@@ -328,7 +328,7 @@ def run(console: Console, prompts: list[str], samples: int, modes: tuple[str, ..
 
     table = Table(
         title="2. attacks on a llama.cpp host: checkpoints failed (target: all)",
-        caption="llama_cpp: proved by a llama.cpp prefill of the approved GGUF (or the Q4_0 "
+        caption="llama_cpp: proved by a llama.cpp prefill of the computed copy (or the Q4_0 "
         "model's own states), judged by the llama_cpp profile; fp32: the same text proved by "
         "a transformers prefill, judged by the fp32 profile",
     )
