@@ -24,13 +24,14 @@ from pathlib import Path
 RULE = "q8_0/v1"
 """The derivation's name: the computed copy's file name carries it, so a change of rule
 never reuses an old copy."""
+RULE_TAG = RULE.replace("/", "-")
+"""The rule as it appears in cache file names."""
 _KEPT = ("F32", "F16", "Q8_0")
 
 
 def computed_path(gguf_path: Path, gguf_sha256: str, home: Path) -> Path:
     """Where the computed copy of this exact GGUF lives (keyed by content and rule)."""
-    tag = RULE.replace("/", "-")
-    return home / "models" / f"{gguf_path.stem}-{gguf_sha256[:16]}.{tag}.gguf"
+    return home / "models" / f"{gguf_path.stem}-{gguf_sha256[:16]}.{RULE_TAG}.gguf"
 
 
 def ensure_computed(gguf_path: Path, gguf_sha256: str, home: Path) -> Path:

@@ -281,8 +281,8 @@ class _Engine:
         self.decodes += 1
         if len(feeds) > 1:
             self.batched_feeds += len(feeds)
-        # Two calls for every output of the batch: each ctypes call gives the GIL away, and
-        # taking it back waits for the callers' sampling (up to 5 ms a call).
+        # Two calls for all of the batch's outputs, not two per feed: each ctypes call gives
+        # the GIL away and has to take it back from the callers picking their tokens.
         outputs = n if want_rows else len(feeds)
         logits = self._matrix(lib.llama_get_logits, outputs, self._n_vocab)
         rows = self._matrix(lib.llama_get_embeddings, outputs, self._n_embd) if want_rows else None

