@@ -30,8 +30,9 @@ class Profile:
 FP32 = Profile("fp32", SAME_BACKEND, SamplingTolerance(near_tie=0.002, max_mismatches=0))
 """Both sides float32 transformers. Honest runs (1 or 2 threads, one-pass or chunked
 prefill, greedy or sampled) chose exactly the verifier's token at all 1,500 positions
-measured, with hidden states within 8e-5; the closest forgery (bf16-rounded weights at
-t=0.7) was 0.0028 logits off, so a gap above 0.002 is a mismatch and none is allowed."""
+measured, with hidden states within 8e-5, so a gap above 0.002 is a mismatch and none is
+allowed. A forgery that leaves the approved reply at one of the model's own near ties
+(0.0014 for 1% noise at t=0.7, docs/proofs.md) passes: it is nearly the model's reply."""
 
 BF16 = Profile("bf16", CROSS_BACKEND, SamplingTolerance(near_tie=0.5, max_mismatches=0))
 """bfloat16 on either side: honest choices differed from the verifier's by up to 0.14
