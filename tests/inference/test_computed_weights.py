@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,12 +27,12 @@ def derived(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-def tensors(path: Path) -> dict[str, object]:
+def tensors(path: Path) -> dict[str, Any]:
     return {tensor.name: tensor for tensor in GGUFReader(path).tensors}
 
 
-def raw(tensor: object) -> bytes:
-    return np.ascontiguousarray(tensor.data).tobytes()  # type: ignore[attr-defined]
+def raw(tensor: Any) -> bytes:
+    return np.ascontiguousarray(tensor.data).tobytes()
 
 
 def test_only_the_tensors_llama_cpp_cannot_batch_are_requantized(derived: Path) -> None:
@@ -39,16 +40,16 @@ def test_only_the_tensors_llama_cpp_cannot_batch_are_requantized(derived: Path) 
     assert source.keys() == copy.keys()
     requantized = 0
     for name, original in source.items():
-        kind = original.tensor_type.name  # type: ignore[attr-defined]
+        kind = original.tensor_type.name
         mine = copy[name]
         if kind in ("F32", "F16", "Q8_0"):
-            assert mine.tensor_type.name == kind and raw(mine) == raw(original), name  # type: ignore[attr-defined]
+            assert mine.tensor_type.name == kind and raw(mine) == raw(original), name
             continue
         requantized += 1
-        assert mine.tensor_type.name == "Q8_0"  # type: ignore[attr-defined]
-        values = dequantize(original.data, original.tensor_type)  # type: ignore[attr-defined]
+        assert mine.tensor_type.name == "Q8_0"
+        values = dequantize(original.data, original.tensor_type)
         blocks = values.reshape(-1, 32)
-        err = np.abs(dequantize(mine.data, mine.tensor_type).reshape(-1, 32) - blocks)  # type: ignore[attr-defined]
+        err = np.abs(dequantize(mine.data, mine.tensor_type).reshape(-1, 32) - blocks)
         # Half a Q8_0 step (amax / 127), plus the scale's own float16 rounding.
         assert (err.max(1) <= 0.57 * np.abs(blocks).max(1) / 127 + 1e-12).all(), name
     assert requantized == 210  # SmolLM2's Q4_1 tensors; the embeddings are Q8_0 already
@@ -87,21 +88,21 @@ def test_the_tensors_are_those_llama_cpps_own_quantize_writes(
     mine, other = tensors(derived), tensors(theirs)
     assert mine.keys() == other.keys()
     for name, tensor in mine.items():
-        assert tensor.tensor_type == other[name].tensor_type, name  # type: ignore[attr-defined]
+        assert tensor.tensor_type == other[name].tensor_type, name
         assert raw(tensor) == raw(other[name]), name
 
 
-def test_transformers_computes_the_copys_weights_exactly(smollm: object) -> None:
+def test_transformers_computes_the_copys_weights_exactly(smollm: Any) -> None:
     """The float32 weights transformers multiplies are the copy's Q8_0 values, not the
     GGUF's own Q4_1 ones."""
-    home = smollm.model_dir.parent.parent  # type: ignore[attr-defined]
-    copy = tensors(computed_path(smollm.weights_path, smollm.weights_sha256, home))  # type: ignore[attr-defined]
+    home = smollm.model_dir.parent.parent
+    copy = tensors(computed_path(smollm.weights_path, smollm.weights_sha256, home))
     tensor = copy["blk.0.ffn_down.weight"]
-    expected = dequantize(tensor.data, tensor.tensor_type)  # type: ignore[attr-defined]
-    weight = smollm._model.model.layers[0].mlp.down_proj.weight.detach().numpy()  # type: ignore[attr-defined]
+    expected = dequantize(tensor.data, tensor.tensor_type)
+    weight = smollm._model.model.layers[0].mlp.down_proj.weight.detach().numpy()
     np.testing.assert_array_equal(weight, expected)
     original = tensors(find_packaged_gguf())["blk.0.ffn_down.weight"]
-    assert not np.array_equal(weight, dequantize(original.data, original.tensor_type))  # type: ignore[attr-defined]
+    assert not np.array_equal(weight, dequantize(original.data, original.tensor_type))
 
 
 def test_the_copy_is_derived_once_and_never_left_half_written(monkeypatch, tmp_path: Path) -> None:

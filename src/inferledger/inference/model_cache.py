@@ -80,15 +80,16 @@ def is_converted(gguf_path: Path, gguf_sha256: str, home: Path | None = None) ->
 
 def ensure_converted(gguf_path: Path, gguf_sha256: str, home: Path | None = None) -> Path:
     """Return the converted model directory, converting the GGUF first if needed."""
-    target = converted_dir(gguf_path, gguf_sha256, home)
-    if is_converted(gguf_path, gguf_sha256, home):
+    root = home or inferledger_home()
+    target = converted_dir(gguf_path, gguf_sha256, root)
+    if is_converted(gguf_path, gguf_sha256, root):
         return target
     if target.exists():
         # Not ours in a complete state (e.g. edited by hand): rebuild it.
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(target)
-    source = ensure_computed(gguf_path, gguf_sha256, target.parent.parent)
+    source = ensure_computed(gguf_path, gguf_sha256, root)
     temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         save_converted(source, temp)
