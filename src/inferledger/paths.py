@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
+
+STALE_TEMP_SECONDS = 3600
+"""Age after which a cache's temporary sibling is a crashed writer's leftover, not work in
+progress (deriving or converting a model takes seconds to minutes)."""
 
 
 def home() -> Path:
@@ -32,3 +38,19 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(target: Path) -> None:
+    """Delete the temporary siblings (``.<name>.tmp-*``, files or directories) that writers
+    of ``target`` killed mid-write left behind; young ones may belong to a live writer."""
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for leftover in target.parent.glob(f".{target.name}.tmp-*"):
+        try:
+            if leftover.stat().st_mtime >= cutoff:
+                continue
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        except FileNotFoundError:
+            continue  # its writer finished or another cleaner got there first

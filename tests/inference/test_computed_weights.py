@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from gguf.quants import dequantize
 from inferledger.inference import computed_weights
 from inferledger.inference.computed_weights import computed_path, derive, ensure_computed
 from inferledger.inference.model_cache import find_packaged_gguf
+from inferledger.paths import STALE_TEMP_SECONDS
 
 SHA = "ab" * 32
 
@@ -128,3 +131,21 @@ def test_the_copy_is_derived_once_and_never_left_half_written(monkeypatch, tmp_p
     with pytest.raises(OSError, match="disk full"):
         ensure_computed(source, "cd" * 32, tmp_path)
     assert sorted(path.name for path in (tmp_path / "models").iterdir()) == [first.name]
+
+
+def test_a_killed_derivations_leftover_is_removed_once_stale(monkeypatch, tmp_path: Path) -> None:
+    """A derivation killed outright (no ``finally``) leaves its temp file; the next one
+    deletes it once it is older than any live derivation, and leaves a young one alone."""
+    source = tmp_path / "tiny.Q4.gguf"
+    source.write_bytes(b"GGUF fake")
+    monkeypatch.setattr(computed_weights, "derive", lambda src, target: target.write_bytes(b"c"))
+    target = computed_path(source, SHA, tmp_path)
+    target.parent.mkdir(parents=True)
+    old = target.parent / f".{target.name}.tmp-killed"
+    young = target.parent / f".{target.name}.tmp-running"
+    old.write_bytes(b"half")
+    young.write_bytes(b"half")
+    an_hour_ago = time.time() - STALE_TEMP_SECONDS - 1
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    ensure_computed(source, SHA, tmp_path)
+    assert not old.exists() and young.exists() and target.read_bytes() == b"c"

