@@ -199,7 +199,7 @@ def _native_bf16_cpu() -> bool:
 # On a CPU with AVX512-BF16, torch's native bf16 kernels move one of the bf16 host's 100
 # sampled tokens 2.1 logits off the float32 verifier's choice, and the bf16 profile allows
 # none; with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 both cases pass. A known bug
-# (the profile was measured without native bf16), filed as an issue: not hidden, not strict.
+# (the profile was measured without native bf16; re-measure it there): not hidden, not strict.
 @pytest.mark.parametrize(
     "host_dtype",
     [
@@ -207,7 +207,7 @@ def _native_bf16_cpu() -> bool:
             "bfloat16",
             marks=pytest.mark.xfail(
                 _native_bf16_cpu(),
-                reason="bf16 profile too strict for native AVX512-BF16 kernels (open issue)",
+                reason="bf16 profile too strict for native AVX512-BF16 kernels (re-measure it)",
             ),
         ),
         "float32",
