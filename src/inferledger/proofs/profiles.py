@@ -35,10 +35,11 @@ allowed. A forgery that leaves the approved reply at one of the model's own near
 (0.0014 for 1% noise at t=0.7, docs/proofs.md) passes: it is nearly the model's reply."""
 
 BF16 = Profile("bf16", CROSS_BACKEND, SamplingTolerance(near_tie=0.5, max_mismatches=0))
-"""bfloat16 on either side: honest choices differed from the verifier's by up to 0.14
-logits (13 of 600), so gaps up to 0.5 are noise; none beyond. Loose by necessity: a
-perturbation within bf16's own noise (requantization, about 1% weight noise) passes it,
-and the dtype is the host's claim (docs/architecture.md)."""
+"""bfloat16 on either side: honest choices differed from the verifier's by up to 0.28
+logits (94 of 4,702 tokens at t=0.7 and top_p 0.95, 24 replies, both directions, on a CPU
+with native bf16 kernels; greedy up to 0.17), so gaps up to 0.5 are noise; none beyond.
+Loose by necessity: a perturbation within bf16's own noise (requantization, about 1%
+weight noise) passes it, and the dtype is the host's claim (docs/architecture.md)."""
 
 LLAMA_CPP = Profile(
     "llama_cpp",

@@ -12,14 +12,14 @@ mismatch. A segment passes with at most ``max_mismatches`` of them.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from eth_utils.crypto import keccak
 
 from inferledger.inference.base import GenerationParams
-from inferledger.inference.sampling import DEFAULT_SEED, nucleus, penalised, scores
+from inferledger.inference.sampling import DEFAULT_SEED, gumbel_noise, nucleus, penalised, scores
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,16 +139,56 @@ def _gap(
     best: int,
     chosen: int,
 ) -> float:
-    """How far ``chosen`` fell short of ``best``, in logit units. Outside the verifier's
-    nucleus it is measured without the mask (a token at the nucleus's edge may fall on
-    either side on another machine), plus the gap to the edge."""
+    """How far ``chosen`` fell short of ``best``, in logit units.
+
+    With top-p, a machine whose numbers differ slightly may have cut the nucleus a few
+    tokens earlier or later (at its edge tokens are often of nearly equal mass), and then
+    the sampler picks among other tokens. So every nucleus holding ``chosen`` that the
+    verifier's order allows is tried (``_nucleus_choices``); the gap is the smallest, over
+    them, of the larger of two shifts: the one that would cut the nucleus there, and the
+    one by which ``chosen`` trails the best score inside it."""
     if not 0 <= chosen < len(row):
         return float("inf")
-    scale = params.temperature or 1.0
-    if np.isfinite(score[chosen]):
-        return float(score[best] - score[chosen]) * scale
-    z = penalised(row, before, params.repetition_penalty) / params.temperature
-    unmasked = scores(row, replace(params, top_p=1.0), position, before)
-    kept = nucleus(z, params.top_p)
-    edge = float(z[kept].min() - z[chosen]) * scale  # how far below the last kept token
-    return max(float(unmasked[best] - unmasked[chosen]) * scale, edge)
+    if params.temperature == 0 or params.top_p >= 1.0:
+        return float(score[best] - score[chosen]) * (params.temperature or 1.0)
+    return float(_nucleus_choices(row, params, position, before, chosen).min())
+
+
+def _nucleus_choices(
+    row: np.ndarray,
+    params: GenerationParams,
+    position: int,
+    before: Sequence[int],
+    chosen: int,
+) -> np.ndarray:
+    """For each nucleus of the verifier's order (the ``k`` likeliest ids, ties by lowest
+    id) that holds ``chosen`` and could be some machine's: the gap if it was that one.
+
+    Cutting after the ``k``-th id takes the mass ``M`` of the ids before the cut to the
+    ``top_p`` boundary: moving them all by ``d`` logits against the rest changes the odds
+    ``M / (1 - M)`` by ``exp(d / temperature)``, so the shift is ``temperature`` times the
+    log of the ratio of those odds to ``top_p / (1 - top_p)``. The verifier's own nucleus
+    costs nothing; a token far below the edge costs the log-odds of the mass ahead of it,
+    however flat the tail."""
+    temperature, top_p = params.temperature, params.top_p
+    z = penalised(row, before, params.repetition_penalty) / temperature
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    target = probs[chosen]
+    rank = int(np.count_nonzero(probs > target) + np.count_nonzero(probs[:chosen] == target))
+    size = max(rank + 1, int(np.count_nonzero(nucleus(z, top_p))))
+    floor = np.partition(probs, len(probs) - size)[len(probs) - size]
+    candidates = np.flatnonzero(probs >= floor)
+    order = candidates[np.argsort(-probs[candidates], kind="stable")][:size]
+    mass = np.cumsum(probs[order])
+    mass_before = mass - probs[order]
+    odds = np.log(top_p / (1.0 - top_p))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        grow = odds - np.log(mass / (1.0 - mass))  # the cut moves down to the k-th id
+        shrink = np.log(mass_before / (1.0 - mass_before)) - odds  # ... up to it
+    cut = np.nan_to_num(np.maximum(np.maximum(grow, shrink), 0.0), nan=np.inf)
+    seed = DEFAULT_SEED if params.seed is None else params.seed
+    noisy = z[order] + gumbel_noise(seed, position, len(z), order)
+    trail = np.maximum.accumulate(noisy) - noisy[rank]
+    gaps: np.ndarray = temperature * np.maximum(cut, trail)[rank:]
+    return gaps
