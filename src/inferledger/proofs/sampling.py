@@ -175,11 +175,15 @@ def _nucleus_choices(
     probs = np.exp(z - z.max())
     probs /= probs.sum()
     target = probs[chosen]
-    rank = int(np.count_nonzero(probs > target) + np.count_nonzero(probs[:chosen] == target))
-    size = max(rank + 1, int(np.count_nonzero(nucleus(z, top_p))))
-    floor = np.partition(probs, len(probs) - size)[len(probs) - size]
-    candidates = np.flatnonzero(probs >= floor)
-    order = candidates[np.argsort(-probs[candidates], kind="stable")][:size]
+    ahead = (probs > target) | ((probs == target) & (np.arange(len(probs)) < chosen))
+    rank = int(np.count_nonzero(ahead))
+    kept = int(np.count_nonzero(nucleus(z, top_p)))
+    if rank < kept:  # inside the verifier's nucleus: any cut from just after it to its end
+        floor = np.partition(probs, len(probs) - kept)[len(probs) - kept]
+        candidates = np.flatnonzero(probs >= floor)
+        order = candidates[np.argsort(-probs[candidates], kind="stable")][:kept]
+    else:  # below it: a wider cut costs more, so only the one just after ``chosen`` counts,
+        order = np.append(np.flatnonzero(ahead), chosen)  # and only its total and max matter
     mass = np.cumsum(probs[order])
     mass_before = mass - probs[order]
     odds = np.log(top_p / (1.0 - top_p))
