@@ -81,6 +81,15 @@ def test_a_forger_reaching_far_below_the_edge_pays_the_mass_ahead_of_its_token()
     assert (check.mismatches, check.ok) == (1, False)
 
 
+def test_a_token_with_all_the_mass_ahead_is_an_infinite_gap_not_a_huge_number():
+    # So much mass ahead that 1 - mass rounds to 0: the cut would have to move without
+    # bound, and the verdict's message says "inf", not a 300-digit figure.
+    row = logits_for([1.0 - 1e-17, 1e-40, 1e-40, 1e-40, 1e-40])
+    check = checked(row, 0, E)
+    assert check.worst_gap == math.inf
+    assert (check.mismatches, check.ok) == (1, False)
+
+
 def test_inside_the_nucleus_nothing_is_forgiven():
     # Both A and B are kept, well inside the nucleus, and A's noise wins by over a logit:
     # choosing B is the plain score gap, as without a nucleus.

@@ -190,7 +190,7 @@ def _nucleus_choices(
     with np.errstate(divide="ignore", invalid="ignore"):
         grow = odds - np.log(mass / (1.0 - mass))  # the cut moves down to the k-th id
         shrink = np.log(mass_before / (1.0 - mass_before)) - odds  # ... up to it
-    cut = np.nan_to_num(np.maximum(np.maximum(grow, shrink), 0.0), nan=np.inf)
+    cut = np.nan_to_num(np.maximum(np.maximum(grow, shrink), 0.0), nan=np.inf, posinf=np.inf)
     seed = DEFAULT_SEED if params.seed is None else params.seed
     noisy = z[order] + gumbel_noise(seed, position, len(z), order)
     trail = np.maximum.accumulate(noisy) - noisy[rank]
