@@ -37,7 +37,8 @@ allowed. A forgery that leaves the approved reply at one of the model's own near
 BF16 = Profile("bf16", CROSS_BACKEND, SamplingTolerance(near_tie=0.5, max_mismatches=0))
 """bfloat16 on either side: honest choices differed from the verifier's by up to 0.28
 logits (94 of 4,702 tokens at t=0.7 and top_p 0.95, 24 replies, both directions, on a CPU
-with native bf16 kernels; greedy up to 0.17), so gaps up to 0.5 are noise; none beyond.
+with native bf16 kernels; 0.26 and 95 of 4,140 at t=1.0 and top_p 0.9; greedy up to
+0.17), so gaps up to 0.5 are noise; none beyond.
 Loose by necessity: a perturbation within bf16's own noise (requantization, about 1%
 weight noise) passes it, and the dtype is the host's claim (docs/architecture.md)."""
 
