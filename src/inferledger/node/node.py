@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from eth_account.signers.local import LocalAccount
-from eth_utils.crypto import keccak
 
 from inferledger.chain.contracts import Contracts
+from inferledger.chain.keccak import keccak256
 from inferledger.chain.receipts import ReceiptDomain, sign_host_challenge
 from inferledger.config import Settings
 from inferledger.inference.base import Backend
@@ -89,7 +89,7 @@ class Node:
     @property
     def model_id(self) -> bytes:
         """keccak256 of the model's "repo/file" name, as the ModelRegistry keys it."""
-        return keccak(text=self.backend.name)
+        return keccak256(self.backend.name.encode())
 
     @property
     def ready(self) -> bool:

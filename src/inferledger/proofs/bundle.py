@@ -27,8 +27,8 @@ from typing import Any
 
 from eth_account import Account
 from eth_utils.address import to_checksum_address
-from eth_utils.crypto import keccak
 
+from inferledger.chain.keccak import keccak256
 from inferledger.chain.receipts import check_signature_shape, sign_digest
 from inferledger.proofs.activation import PROOF_BYTES, segment_chunks
 
@@ -200,7 +200,7 @@ class ProofBundle:
 
     def signing_hash(self) -> bytes:
         """What the host signs: keccak256 of the encoding with ``host_signature`` emptied."""
-        return keccak(replace(self, host_signature=b"").encode())
+        return keccak256(replace(self, host_signature=b"").encode())
 
     def signed(self, private_key: bytes | str) -> ProofBundle:
         """A copy carrying the host's 65-byte signature over :meth:`signing_hash`."""
@@ -214,7 +214,7 @@ class ProofBundle:
 
     def proof_hash(self) -> bytes:
         """keccak256 of the full encoding, signature included: what receipts commit to."""
-        return keccak(self.encode())
+        return keccak256(self.encode())
 
 
 def prompt_hash(token_ids: Iterable[int], salt: bytes) -> bytes:
@@ -243,7 +243,7 @@ def mask_proof(proof: bytes, salt: bytes, checkpoint: int, segment: int, chunk: 
 
 def _salted(purpose: bytes, salt: bytes, data: bytes) -> bytes:
     _check_bytes("salt", salt, 32)
-    return keccak(b"inferledger/" + purpose + b"/v2" + salt + data)
+    return keccak256(b"inferledger/" + purpose + b"/v2" + salt + data)
 
 
 @functools.lru_cache(maxsize=256)  # a node's bundles name one host: checked once, not each time

@@ -45,8 +45,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from eth_utils.crypto import keccak
 
+from inferledger.chain.keccak import keccak256
 from inferledger.config import env_name
 from inferledger.proofs.activation import build_chunk_proofs, segment_chunks
 from inferledger.proofs.bundle import (
@@ -361,7 +361,7 @@ def prove_checkpoint(prover: Prover, work: CheckpointWork, host_key: bytes) -> P
     return ProvedCheckpoint(
         bundle=signed,
         encoded=encoded,
-        proof_hash=keccak(encoded),
+        proof_hash=keccak256(encoded),
         fell_back=error is not None,
         error=error,
         seconds=time.perf_counter() - started,

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eth_utils.crypto import keccak
-
 from inferledger import paths
+from inferledger.chain.keccak import keccak256
 
 
 class BlobNotFound(KeyError):
@@ -38,7 +37,7 @@ class BlobStore:
         The write is atomic (:func:`inferledger.paths.write_atomic`), so readers never see a
         partial blob, even with concurrent writers.
         """
-        digest = keccak(data)
+        digest = keccak256(data)
         path = self._path(digest)
         if not path.exists():
             paths.write_atomic(path, data)
@@ -51,7 +50,7 @@ class BlobStore:
             data = path.read_bytes()
         except FileNotFoundError:
             raise BlobNotFound(f"no blob 0x{digest.hex()} in {self.root}") from None
-        if keccak(data) != digest:
+        if keccak256(data) != digest:
             raise CorruptBlob(f"{path} does not hash to 0x{digest.hex()}")
         return data
 
