@@ -2,8 +2,9 @@
 
 With top-p, two honest machines may cut the nucleus one token apart when the mass there
 sits next to ``top_p``; then the host samples among other tokens than the verifier. The gap
-is the shift that would move the cut plus none inside it, so such a choice is a near tie;
-a token far below the edge, or one the nucleus holds but the noise did not pick, is not.
+is then the shift that would move the cut there (nothing in that nucleus beats the host's
+token), so such a choice is a near tie; a token far below the edge, or one the nucleus
+holds but the noise did not pick, is not.
 """
 
 from __future__ import annotations

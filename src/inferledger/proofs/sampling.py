@@ -19,7 +19,7 @@ import numpy as np
 from eth_utils.crypto import keccak
 
 from inferledger.inference.base import GenerationParams
-from inferledger.inference.sampling import DEFAULT_SEED, gumbel_noise, nucleus, penalised, scores
+from inferledger.inference.sampling import DEFAULT_SEED, gumbel_noise, penalised, scores
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +151,7 @@ def _gap(
         return float("inf")
     if params.temperature == 0 or params.top_p >= 1.0:
         return float(score[best] - score[chosen]) * (params.temperature or 1.0)
-    return float(_nucleus_choices(row, params, position, before, chosen).min())
+    return float(_nucleus_choices(row, params, position, before, score, chosen).min())
 
 
 def _nucleus_choices(
@@ -159,6 +159,7 @@ def _nucleus_choices(
     params: GenerationParams,
     position: int,
     before: Sequence[int],
+    score: np.ndarray,
     chosen: int,
 ) -> np.ndarray:
     """For each nucleus of the verifier's order (the ``k`` likeliest ids, ties by lowest
@@ -177,11 +178,9 @@ def _nucleus_choices(
     target = probs[chosen]
     ahead = (probs > target) | ((probs == target) & (np.arange(len(probs)) < chosen))
     rank = int(np.count_nonzero(ahead))
-    kept = int(np.count_nonzero(nucleus(z, top_p)))
-    if rank < kept:  # inside the verifier's nucleus: any cut from just after it to its end
-        floor = np.partition(probs, len(probs) - kept)[len(probs) - kept]
-        candidates = np.flatnonzero(probs >= floor)
-        order = candidates[np.argsort(-probs[candidates], kind="stable")][:kept]
+    kept = np.flatnonzero(np.isfinite(score))  # the verifier's nucleus: ``score`` masks it
+    if rank < len(kept):  # inside it: any cut from just after ``chosen`` to its end
+        order = kept[np.argsort(-probs[kept], kind="stable")]
     else:  # below it: a wider cut costs more, so only the one just after ``chosen`` counts,
         order = np.append(np.flatnonzero(ahead), chosen)  # and only its total and max matter
     mass = np.cumsum(probs[order])
