@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from eth_utils import keccak
+from node_support import ONE_TOKEN_STEPS, generation_steps
 from typer.testing import CliRunner
 
 from inferledger.chain.anvil import free_port
@@ -70,31 +71,33 @@ def sessions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sessions]:
         settings, contracts=c, backend=backend, state=NodeState(tmp / "node.sqlite3")
     )
     server = BackgroundServer(node).start()
-    try:
-        c.nodes.update_url(world.host, server.url)
-        home = tmp / "home"
-        client = Client(
-            chain,
-            key="0x" + dev_account("user").key.hex(),
-            deployment=c.deployment,
-            sessions_dir=home / "sessions",
-        )
-        records = []
-        for interval, lengths in ((PROOF_INTERVAL, (25, 12)), (100, (40, 10))):
-            with client.sessions.open(
-                world.host.address, model_id, usdc("2"), proof_interval=interval
-            ) as session:
-                first = [{"role": "user", "content": "What is a receipt?"}]
-                reply = session.chat_sync(first, max_tokens=lengths[0])
-                follow_up = [*first, {"role": "assistant", "content": reply.text}, WHY]
-                session.chat_sync(follow_up, max_tokens=lengths[1])
-            assert session.settlement is not None and session.settlement.settled
-            records.append(session.record)
-        yield Sessions(records[0], records[1], home)
-    finally:
-        for open_session in lifecycle.open_sessions():
-            lifecycle.unregister(open_session)
-        server.stop()
+    # Where receipts fall is pinned (a model's one token a step): the tests below name them.
+    with generation_steps(ONE_TOKEN_STEPS):
+        try:
+            c.nodes.update_url(world.host, server.url)
+            home = tmp / "home"
+            client = Client(
+                chain,
+                key="0x" + dev_account("user").key.hex(),
+                deployment=c.deployment,
+                sessions_dir=home / "sessions",
+            )
+            records = []
+            for interval, lengths in ((PROOF_INTERVAL, (25, 12)), (100, (40, 10))):
+                with client.sessions.open(
+                    world.host.address, model_id, usdc("2"), proof_interval=interval
+                ) as session:
+                    first = [{"role": "user", "content": "What is a receipt?"}]
+                    reply = session.chat_sync(first, max_tokens=lengths[0])
+                    follow_up = [*first, {"role": "assistant", "content": reply.text}, WHY]
+                    session.chat_sync(follow_up, max_tokens=lengths[1])
+                assert session.settlement is not None and session.settlement.settled
+                records.append(session.record)
+            yield Sessions(records[0], records[1], home)
+        finally:
+            for open_session in lifecycle.open_sessions():
+                lifecycle.unregister(open_session)
+            server.stop()
 
 
 @pytest.fixture

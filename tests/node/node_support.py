@@ -7,7 +7,9 @@ tests/node/conftest.py registers the fixtures for the node tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -31,6 +33,7 @@ from inferledger.chain.receipts import (
 )
 from inferledger.config import load_settings
 from inferledger.inference import Backend, load_backend
+from inferledger.node import connection
 from inferledger.node.node import Node, create_node
 from inferledger.node.server import BackgroundServer
 from inferledger.node.state import NodeState
@@ -39,6 +42,20 @@ from inferledger.sdk.sealed import SealedSocket, client_handshake, start_channel
 from inferledger.sdk.wire import Expectation, session_read_headers
 
 NodeFactory = Callable[..., tuple[Node, BackgroundServer]]
+
+ONE_TOKEN_STEPS = 0.0  # every generation step returns one token, as a model's do
+WHOLE_STEPS = math.inf  # a step returns every token that may be sent now
+
+
+@contextlib.contextmanager
+def generation_steps(seconds: float) -> Iterator[None]:
+    """Pin how long the in-process nodes' generation steps gather tokens. The node asks
+    for receipts at the end of a step, so where it asks depends on where steps end; with the
+    scripted backend that is the machine's speed unless pinned (``ONE_TOKEN_STEPS`` or
+    ``WHOLE_STEPS``)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(connection, "_BATCH_SECONDS", seconds)
+        yield
 
 
 def serve_model(

@@ -11,10 +11,13 @@ import pytest
 from eth_account import Account
 from eth_utils import keccak
 from node_support import (
+    ONE_TOKEN_STEPS,
+    WHOLE_STEPS,
     NodeFactory,
     NodeFrames,
     challenge_domain,
     expect,
+    generation_steps,
     open_sealed,
     read_session,
     serve_model,
@@ -82,9 +85,24 @@ def test_session_streams_and_receipts_every_interval(
         check_receipt_signature(node.domain, receipt, r.signature, signer.address)
 
 
-def test_receipts_are_asked_every_half_window_between_bundles(
-    world: DevWorld, scripted: Backend, start_node: NodeFactory
+@pytest.mark.parametrize(
+    ("steps", "asked_at"),
+    [
+        (ONE_TOKEN_STEPS, (5, 10, 15, 20, 23)),  # as a model computes: every half window
+        (WHOLE_STEPS, (10, 20, 23)),  # all that may be sent at once: once per step
+    ],
+    ids=["one-token-steps", "whole-steps"],
+)
+def test_receipts_are_asked_every_half_window_or_once_per_step(
+    world: DevWorld,
+    scripted: Backend,
+    start_node: NodeFactory,
+    steps: float,
+    asked_at: tuple[int, ...],
 ) -> None:
+    """A receipt is asked at the end of a generation step once half the window was served
+    since the last request: a one-token step is the pipelined half window (the client signs
+    while the next half streams), a step of many tokens gets one request for all of them."""
     model_id = serve_model(world, scripted, keccak(text="scripted"))
     session_id, signer = open_session(world, model_id=model_id, proof_interval=1000)
     node, server = start_node(scripted, max_unreceipted_tokens=10)
@@ -99,10 +117,11 @@ def test_receipts_are_asked_every_half_window_between_bundles(
         return [(r.input_tokens, r.tokens) for r in client.receipts]
 
     billed = prompt_tokens(scripted)
-    signed = asyncio.run(run())
-    # Every 5 tokens (half of max_unreceipted_tokens) and at the end; before the session's
-    # first bundle a receipt names the zero proof hash, and the end-of-reply bundle covers all.
-    assert signed == [(billed, n) for n in (5, 10, 15, 20, 23)]
+    with generation_steps(steps):
+        signed = asyncio.run(run())
+    # Before the session's first bundle a receipt names the zero proof hash, and the
+    # end-of-reply bundle covers all.
+    assert signed == [(billed, n) for n in asked_at]
     receipts = node.state.receipts(session_id)
     assert [r.counts for r in receipts] == [Counts(*c) for c in signed]
     assert {r.proof_hash for r in receipts[:-1]} == {bytes(32)}
@@ -529,7 +548,8 @@ def test_a_client_that_left_owing_its_last_receipt_is_asked_again_on_resume(
         await again.close()
         return first, again
 
-    first, again = asyncio.run(run())
+    with generation_steps(ONE_TOKEN_STEPS):  # receipts at 16, then 20 at the end
+        first, again = asyncio.run(run())
     assert [r.tokens for r in first.receipts] == [16]
     assert (again.ready.receipted_output_tokens, again.ready.served_output_tokens) == (16, 20)
     assert [(r.input_tokens, r.tokens) for r in again.receipts] == [
@@ -571,8 +591,9 @@ def _last_index(frame: dict[str, Any]) -> int:
 def test_frames_ready_together_go_in_one_message(
     world: DevWorld, scripted: Backend, start_node: NodeFactory
 ) -> None:
-    """The node's per-receipt cost is its messages: a receipt request goes with the tokens
-    it covers, and the ack of a receipt with the tokens the receipt lets out."""
+    """The node's per-receipt cost is its messages: tokens computed together go out in one
+    message with one receipt request that covers them all, and the ack of a receipt with
+    the tokens the receipt lets out."""
     model_id = serve_model(world, scripted, keccak(text="scripted"))
     session_id, signer = open_session(world, model_id=model_id, proof_interval=1000)
     _node, server = start_node(scripted, max_unreceipted_tokens=32)  # a request every 16
@@ -591,7 +612,8 @@ def test_frames_ready_together_go_in_one_message(
         raw = await RawClient.open(server.ws_url)
         assert (await raw.login(session_id, signer.key))["type"] == "session_ready"
         await raw.send({"type": "prompt", "request_id": "a", "messages": HELLO, "max_tokens": 60})
-        # Not signing: the node streams 32 tokens, asking at 16 and 32, and pauses.
+        # Not signing: the node streams the 32 tokens of its first step, asks for them all
+        # at once, and pauses.
         before = await messages_until(raw, 32)
         (request,) = [f for f in before[-1] if f["type"] == "receipt_request"]
         await raw.send(signed_receipt(request, session_id, signer.key, raw.domain))
@@ -610,16 +632,15 @@ def test_frames_ready_together_go_in_one_message(
         await raw.ws.close()
         return before, after
 
-    before, after = asyncio.run(asyncio.wait_for(run(), 60))
-    first = before[0]
-    assert first[0]["type"] == "reply_start"  # with the reply's first tokens
-    assert first[1]["type"] in ("token", "tokens") and first[1]["index"] == 1
-    for output_tokens in (16, 32):
-        (message,) = [m for m in before if any(f.get("output_tokens") == output_tokens for f in m)]
-        # The request is the message's last frame, right after the tokens it covers.
-        assert message[-1]["type"] == "receipt_request"
-        assert message[-2]["type"] in ("token", "tokens")
-        assert _last_index(message[-2]) == output_tokens
+    with generation_steps(WHOLE_STEPS):
+        before, after = asyncio.run(asyncio.wait_for(run(), 60))
+    # One message: the reply's start, its first 32 tokens, and the request for them last.
+    (message,) = before
+    assert message[0]["type"] == "reply_start"
+    assert message[1]["type"] in ("token", "tokens") and message[1]["index"] == 1
+    assert message[-1]["type"] == "receipt_request" and message[-1]["output_tokens"] == 32
+    assert [f["type"] for f in message[1:-1]] == ["tokens"]
+    assert _last_index(message[-2]) == 32
     # The signed receipt's ack and the tokens it let out, in the one message that followed.
     assert after[0]["type"] == "receipt_ack" and after[0]["output_tokens"] == 32
     assert after[1]["type"] in ("token", "tokens") and after[1]["index"] == 33

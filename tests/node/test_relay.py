@@ -114,7 +114,9 @@ def test_a_passive_relay_sees_no_prompt_token_or_salt(
     assert [json.loads(m)["type"] for m in plain_from_node] == ["challenge"]
     assert [json.loads(m)["type"] for m in plain_from_client] == ["key_share"]
     sealed = [m for m in relay.seen_by_client + relay.seen_by_node if isinstance(m, bytes)]
-    assert len(sealed) > 30  # the tokens, receipts and settlement went through the relay
+    # The tokens, receipts and settlement went through the relay: with a window of 8, at
+    # least 4 receipt requests one way and 4 receipts the other, besides login and end.
+    assert len(sealed) > 10
     salt = user_salt(world, session_id, signer.key)
     secrets = [SECRET.encode(), text.encode(), text[:12].encode(), salt, salt.hex().encode()]
     for frame in sealed + [m.encode() for m in plain_from_node + plain_from_client]:

@@ -855,12 +855,13 @@ class Connection:
                         reason = stopped
                         finished = True
                         break
-                    # The reply's last token is receipted with its bundle, not before it.
-                    last = count + 1 >= params.max_tokens
-                    await self._serve_token(prompt.request_id, event, last=last)
+                    await self._serve_token(prompt.request_id, event)
                     count += 1
                     if count == 1:
                         node.metrics.time_to_first_token.observe(time.monotonic() - received)
+                # The reply's last token is receipted with its bundle, not before it.
+                if not finished and count < params.max_tokens:
+                    await self._ask_if_due()
                 await self.flush()  # the tokens of this step go out together
         finally:
             await steps.close()  # before the slot goes: a step may still be computing
@@ -880,9 +881,9 @@ class Connection:
             return "budget"
         return None
 
-    async def _serve_token(self, request_id: str, token: Token, *, last: bool = False) -> None:
+    async def _serve_token(self, request_id: str, token: Token) -> None:
         """Count a token as served and queue it (sent with the others ready, at the next
-        write); ask for a checkpoint or a receipt when one is due."""
+        write); build a checkpoint when one is due."""
         assert self.info is not None and self.transcript is not None and self.trace is not None
         assert self.meter is not None
         index = self.meter.token_sent(token.token_id, token.text)
@@ -893,7 +894,15 @@ class Connection:
             self.checkpoint_due = True
         if self.checkpoint_due:
             await self._checkpoint_when_ready()
-        if not last and not self.checkpoint_due and self.meter.receipt_due(self.receipt_every):
+
+    async def _ask_if_due(self) -> None:
+        """At the end of a generation step: ask for a receipt once ``receipt_every`` tokens
+        were served since the last request. Per step, not per token: a backend that computes
+        one token a step is asked at every ``receipt_every``-th (the client signs while the
+        next half window streams), while the tokens of a step computed together go out with
+        one request that covers them all, not one per half window sent an instant apart."""
+        assert self.meter is not None
+        if not self.checkpoint_due and self.meter.receipt_due(self.receipt_every):
             await self._ask_receipt(self.last_bundle)
 
     async def _wait_for_window(self) -> None:

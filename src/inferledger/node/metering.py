@@ -53,7 +53,7 @@ class MeterRefusal(Exception):
         self.message = message
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Counts:
     """Cumulative input (prompt) and output (reply) tokens of a session."""
 
@@ -103,7 +103,7 @@ class ReceiptRequest:
     checkpoint: object = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SentToken:
     """A reply token sent after the last receipt; replayed to a resuming client."""
 
@@ -134,6 +134,9 @@ class Meter:
     pending: list[ReceiptRequest] = field(default_factory=list)
     tail: list[SentToken] = field(default_factory=list)
     abandoned: int = 0
+    # (served.input, the output cap it leaves): the cap is asked for several times a token,
+    # and only a new prompt changes it.
+    _cap: tuple[int, int] = field(default=(-1, 0), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.max_unreceipted < 1:
@@ -159,13 +162,20 @@ class Meter:
 
     def output_left(self) -> int:
         """Reply tokens the deposit still pays for, after what was served."""
-        price = self.terms.output_price_per_mtok
-        room = (
-            (self.terms.deposit + 1) * MTOK
-            - 1
-            - self.served.input * self.terms.input_price_per_mtok
-        )
-        return max(0, room // price - self.served.output)
+        return max(0, self._output_cap() - self.served.output)
+
+    def _output_cap(self) -> int:
+        """The most reply tokens in all that the deposit pays for beside the prompt tokens
+        served (rounded down once, as the contract charges)."""
+        served_input, cap = self._cap
+        if served_input != self.served.input:
+            served_input = self.served.input
+            room = (
+                (self.terms.deposit + 1) * MTOK - 1 - served_input * self.terms.input_price_per_mtok
+            )
+            cap = room // self.terms.output_price_per_mtok
+            self._cap = (served_input, cap)
+        return cap
 
     def may_send(self) -> bool:
         """Whether one more reply token may be sent now (else: wait for a receipt, or stop)."""
@@ -230,9 +240,10 @@ class Meter:
         """Count one reply token as sent (only allowed when ``may_send``); its index."""
         if not self.may_send():
             raise RuntimeError(f"no token may be sent now ({self.phase}, {self.served})")
-        self.served = Counts(self.served.input, self.served.output + 1)
-        self.tail.append(SentToken(self.served.output, token_id, text))
-        return self.served.output
+        index = self.served.output + 1
+        self.served = Counts(self.served.input, index)
+        self.tail.append(SentToken(index, token_id, text))
+        return index
 
     def end_reply(self) -> None:
         """The reply finished or was stopped (a closing session stays closing)."""
@@ -284,7 +295,11 @@ class Meter:
         counts = request.counts
         self.receipted = counts
         self.pending = [r for r in self.pending if not counts.covers(r.counts)]
-        self.tail = [t for t in self.tail if t.index > counts.output]
+        # The tail runs in index order: drop the tokens the receipt covers from its front.
+        tail, covered = self.tail, 0
+        while covered < len(tail) and tail[covered].index <= counts.output:
+            covered += 1
+        self.tail = tail[covered:]  # a new list: a writer thread may hold the old one
 
     def begin_close(self) -> None:
         """A settlement is due: stop serving; the final receipt may still arrive."""
